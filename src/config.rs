@@ -1,0 +1,1418 @@
+//! Turns argv, the environment and an optional env file into a validated `Config`, so that nothing starts
+//! on bad input and every mistake is reported once, with its fix, before any connection is made.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+
+/// The version printed by `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A credential. Its `Debug` and `Display` print `<redacted>` so that it never reaches a log line or an
+/// error message by accident; call `expose` at the one place that sends it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+/// How much the daemon logs. The order is the order of verbosity, so `level <= configured` decides whether
+/// a line is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Everything the daemon needs to start, already validated and normalised.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Base URL without a trailing slash or `/api/v4`, like `https://chat.example.com`.
+    pub mattermost_url: String,
+    pub mattermost_token: Secret,
+    /// Lowercased username without the leading `@`, or a 26-character user id.
+    pub owner: String,
+    /// Base URL without a trailing slash, like `http://127.0.0.1:4096`.
+    pub opencode_url: String,
+    pub opencode_username: String,
+    pub opencode_password: Option<Secret>,
+    pub state_dir: PathBuf,
+    pub command_prefix: String,
+    pub log_level: LogLevel,
+}
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Invocation {
+    Run(Config),
+    Help,
+    Version,
+}
+
+/// A configuration or usage error. The caller prints it and exits with code 2.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub message: String,
+}
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses the arguments (without argv[0]) and the environment into an `Invocation`.
+///
+/// `--help` and `--version` win wherever they appear, even after a bad flag. The only IO is reading the
+/// file named by `--env-file` and the one named by `MATTERMOST_TOKEN_FILE`.
+pub fn parse(
+    args: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Invocation, ConfigError> {
+    let command_line = parse_args(args);
+    match command_line.early_exit {
+        Some(EarlyExit::Help) => return Ok(Invocation::Help),
+        Some(EarlyExit::Version) => return Ok(Invocation::Version),
+        None => {}
+    }
+    if let Some(error) = command_line.error {
+        return Err(error);
+    }
+    let env_file = match &command_line.env_file {
+        Some(path) => Some(EnvFile::load(path)?),
+        None => None,
+    };
+    let sources = Sources {
+        flags: &command_line.flags,
+        env,
+        env_file: env_file.as_ref(),
+    };
+    build_config(&sources).map(Invocation::Run)
+}
+
+/// The text printed by `--help`.
+pub fn help_text() -> String {
+    let mut text = format!(
+        "opencode-mattermost {VERSION}\n\
+         Drive OpenCode sessions from Mattermost direct messages, one thread per session.\n\
+         \n\
+         USAGE:\n    opencode-mattermost [run] [OPTIONS]\n\
+         \n\
+         SUBCOMMANDS:\n    run              Connect to Mattermost and OpenCode and serve the owner (the default)\n\
+         \n\
+         OPTIONS:\n    --env-file PATH  Read KEY=VALUE lines (systemd EnvironmentFile syntax) from PATH\n    \
+         -h, --help       Print this help and exit\n    -V, --version    Print the version and exit\n\
+         \n\
+         VARIABLES (a flag beats the environment, which beats the env file; an empty value counts as unset):\n"
+    );
+    for var in ALL_VARS {
+        text.push_str(&format!(
+            "    {:<28} {} {}\n        {}",
+            var.name, var.flag, var.placeholder, var.about
+        ));
+        if let Some(default) = var.default {
+            text.push_str(&format!(" [default: {default}]"));
+        }
+        text.push('\n');
+    }
+    text.push_str(
+        "\nEXIT CODES:\n    0    clean stop (SIGINT or SIGTERM)\n    1    fatal runtime error\n    \
+         2    configuration or usage error\n",
+    );
+    text
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Private: the variable table, argument parsing, sources and validation.
+// ---------------------------------------------------------------------------------------------------------
+
+/// One setting: its environment variable, its flag and the words `--help` uses for it.
+struct Var {
+    name: &'static str,
+    flag: &'static str,
+    placeholder: &'static str,
+    about: &'static str,
+    default: Option<&'static str>,
+}
+
+const MATTERMOST_URL: Var = Var {
+    name: "MATTERMOST_URL",
+    flag: "--mattermost-url",
+    placeholder: "URL",
+    about: "Mattermost base URL, like https://chat.example.com (required)",
+    default: None,
+};
+const MATTERMOST_TOKEN: Var = Var {
+    name: "MATTERMOST_TOKEN",
+    flag: "--mattermost-token",
+    placeholder: "TOKEN",
+    about: "access token of the bot or user the daemon posts as (this or MATTERMOST_TOKEN_FILE is required)",
+    default: None,
+};
+const MATTERMOST_TOKEN_FILE: Var = Var {
+    name: "MATTERMOST_TOKEN_FILE",
+    flag: "--mattermost-token-file",
+    placeholder: "PATH",
+    about: "file holding the access token, instead of MATTERMOST_TOKEN",
+    default: None,
+};
+const MATTERMOST_OWNER: Var = Var {
+    name: "MATTERMOST_OWNER",
+    flag: "--mattermost-owner",
+    placeholder: "USER",
+    about: "the only Mattermost user the daemon obeys: @username or user id (required)",
+    default: None,
+};
+const OPENCODE_URL: Var = Var {
+    name: "OPENCODE_URL",
+    flag: "--opencode-url",
+    placeholder: "URL",
+    about: "base URL of `opencode serve`",
+    default: Some(DEFAULT_OPENCODE_URL),
+};
+const OPENCODE_SERVER_USERNAME: Var = Var {
+    name: "OPENCODE_SERVER_USERNAME",
+    flag: "--opencode-username",
+    placeholder: "NAME",
+    about: "basic-auth user name for `opencode serve`",
+    default: Some(DEFAULT_OPENCODE_USERNAME),
+};
+const OPENCODE_SERVER_PASSWORD: Var = Var {
+    name: "OPENCODE_SERVER_PASSWORD",
+    flag: "--opencode-password",
+    placeholder: "PASSWORD",
+    about: "basic-auth password for `opencode serve`; unset means no authentication",
+    default: None,
+};
+const OPENCODE_MM_STATE_DIR: Var = Var {
+    name: "OPENCODE_MM_STATE_DIR",
+    flag: "--state-dir",
+    placeholder: "DIR",
+    about: "absolute directory for the daemon's state",
+    default: Some("$XDG_STATE_HOME/opencode-mattermost or $HOME/.local/state/opencode-mattermost"),
+};
+const OPENCODE_MM_COMMAND_PREFIX: Var = Var {
+    name: "OPENCODE_MM_COMMAND_PREFIX",
+    flag: "--command-prefix",
+    placeholder: "PREFIX",
+    about: "what starts a command in a message: 1 to 8 characters, no whitespace",
+    default: Some(DEFAULT_COMMAND_PREFIX),
+};
+const OPENCODE_MM_LOG: Var = Var {
+    name: "OPENCODE_MM_LOG",
+    flag: "--log",
+    placeholder: "LEVEL",
+    about: "log level: error, warn, info, debug or trace",
+    default: Some("info"),
+};
+
+const ALL_VARS: [&Var; 10] = [
+    &MATTERMOST_URL,
+    &MATTERMOST_TOKEN,
+    &MATTERMOST_TOKEN_FILE,
+    &MATTERMOST_OWNER,
+    &OPENCODE_URL,
+    &OPENCODE_SERVER_USERNAME,
+    &OPENCODE_SERVER_PASSWORD,
+    &OPENCODE_MM_STATE_DIR,
+    &OPENCODE_MM_COMMAND_PREFIX,
+    &OPENCODE_MM_LOG,
+];
+
+const DEFAULT_OPENCODE_URL: &str = "http://127.0.0.1:4096";
+const DEFAULT_OPENCODE_USERNAME: &str = "opencode";
+const DEFAULT_COMMAND_PREFIX: &str = "!";
+const STATE_SUBDIR: &str = "opencode-mattermost";
+const SEE_HELP: &str = "see opencode-mattermost --help";
+
+enum EarlyExit {
+    Help,
+    Version,
+}
+
+/// The command line after the first pass. A usage error is kept rather than returned at once, so that a
+/// later `--help` still prints help.
+struct CommandLine {
+    early_exit: Option<EarlyExit>,
+    error: Option<ConfigError>,
+    /// Flag values by variable name.
+    flags: HashMap<&'static str, String>,
+    env_file: Option<String>,
+}
+
+/// Where a value came from, for messages that must tell the user which one to remove.
+enum Origin {
+    Flag(&'static str),
+    Environment,
+    EnvFile(String),
+}
+
+/// The result of looking a variable up in all sources.
+enum Lookup {
+    Value(String, Origin),
+    /// Set somewhere, but only to an empty value.
+    Empty,
+    Unset,
+}
+
+struct Sources<'a> {
+    flags: &'a HashMap<&'static str, String>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    env_file: Option<&'a EnvFile>,
+}
+
+/// The parsed `--env-file`: its path (for messages) and its assignments, the last one winning.
+struct EnvFile {
+    path: String,
+    values: HashMap<String, String>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag(flag) => f.write_str(flag),
+            Origin::Environment => f.write_str("the environment"),
+            Origin::EnvFile(path) => write!(f, "--env-file {path}"),
+        }
+    }
+}
+
+impl Sources<'_> {
+    /// Looks `var` up by precedence: flag, then environment, then env file. An empty value counts as
+    /// unset and falls through to the next source. `trim` strips surrounding whitespace first; passwords
+    /// are taken as they are.
+    fn lookup(&self, var: &Var, trim: bool) -> Lookup {
+        let candidates = [
+            (self.flags.get(var.name).cloned(), Origin::Flag(var.flag)),
+            ((self.env)(var.name), Origin::Environment),
+            (
+                self.env_file.and_then(|file| file.values.get(var.name).cloned()),
+                Origin::EnvFile(self.env_file.map(|file| file.path.clone()).unwrap_or_default()),
+            ),
+        ];
+        let mut seen_empty = false;
+        for (value, origin) in candidates {
+            let Some(value) = value else { continue };
+            let value = if trim { value.trim().to_string() } else { value };
+            if value.is_empty() {
+                seen_empty = true;
+            } else {
+                return Lookup::Value(value, origin);
+            }
+        }
+        if seen_empty {
+            Lookup::Empty
+        } else {
+            Lookup::Unset
+        }
+    }
+
+    fn optional(&self, var: &Var) -> Option<String> {
+        match self.lookup(var, true) {
+            Lookup::Value(value, _) => Some(value),
+            Lookup::Empty | Lookup::Unset => None,
+        }
+    }
+
+    /// A required variable; `what` describes a good value for the message, like "the Mattermost base
+    /// URL, like https://chat.example.com".
+    fn required(&self, var: &Var, what: &str) -> Result<String, ConfigError> {
+        match self.lookup(var, true) {
+            Lookup::Value(value, _) => Ok(value),
+            Lookup::Empty => Err(error(format!("{} is empty; set it to {what}", var.name))),
+            Lookup::Unset => Err(error(format!(
+                "{} is not set; set it (or pass {}) to {what}",
+                var.name, var.flag
+            ))),
+        }
+    }
+}
+
+impl EnvFile {
+    fn load(path: &str) -> Result<EnvFile, ConfigError> {
+        let contents = std::fs::read_to_string(path).map_err(|err| {
+            error(format!(
+                "--env-file: cannot read {path:?}: {err}; check the path and its permissions"
+            ))
+        })?;
+        let mut values = HashMap::new();
+        for (index, line) in contents.lines().enumerate() {
+            let line_error = |problem: &str| {
+                error(format!("--env-file {path:?} line {}: {problem}", index + 1))
+            };
+            if let Some((key, value)) = parse_env_line(line).map_err(|p| line_error(&p))? {
+                values.insert(key, value);
+            }
+        }
+        Ok(EnvFile {
+            path: path.to_string(),
+            values,
+        })
+    }
+}
+
+fn error(message: String) -> ConfigError {
+    ConfigError { message }
+}
+
+fn usage_error(problem: String) -> ConfigError {
+    error(format!("{problem}; {SEE_HELP}"))
+}
+
+fn parse_args(args: &[String]) -> CommandLine {
+    let mut command_line = CommandLine {
+        early_exit: None,
+        error: None,
+        flags: HashMap::new(),
+        env_file: None,
+    };
+    let mut subcommand_seen = false;
+    let mut index = 0;
+    while index < args.len() {
+        let arg = args[index].as_str();
+        index += 1;
+        let problem = match arg {
+            "-h" | "--help" => {
+                command_line.early_exit.get_or_insert(EarlyExit::Help);
+                None
+            }
+            "-V" | "--version" => {
+                command_line.early_exit.get_or_insert(EarlyExit::Version);
+                None
+            }
+            _ if arg.starts_with("--") => {
+                let (flag, inline_value) = match arg.split_once('=') {
+                    Some((flag, value)) => (flag, Some(value.to_string())),
+                    None => (arg, None),
+                };
+                let target = if flag == "--env-file" {
+                    Some(None)
+                } else {
+                    ALL_VARS.iter().find(|var| var.flag == flag).map(|var| Some(var.name))
+                };
+                match target {
+                    None => Some(format!("unknown flag {flag:?}")),
+                    Some(target) => {
+                        let value = match inline_value {
+                            Some(value) => Some(value),
+                            // The next argument is the value, unless it asks for help or the version:
+                            // `--log --help` should print help rather than complain about the level.
+                            None => match args.get(index) {
+                                Some(next) if !is_early_exit_flag(next) => {
+                                    index += 1;
+                                    Some(next.clone())
+                                }
+                                _ => None,
+                            },
+                        };
+                        match (value, target) {
+                            (None, _) => Some(format!("{flag} needs a value")),
+                            (Some(value), Some(name)) => {
+                                command_line.flags.insert(name, value);
+                                None
+                            }
+                            (Some(value), None) => {
+                                command_line.env_file = Some(value);
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+            _ if arg.starts_with('-') && arg != "-" => Some(format!("unknown flag {arg:?}")),
+            "run" if !subcommand_seen => {
+                subcommand_seen = true;
+                None
+            }
+            _ if subcommand_seen => Some(format!("unexpected argument {arg:?}")),
+            _ => Some(format!("unknown subcommand {arg:?}")),
+        };
+        if let Some(problem) = problem {
+            command_line.error.get_or_insert(usage_error(problem));
+        }
+    }
+    command_line
+}
+
+fn is_early_exit_flag(arg: &str) -> bool {
+    matches!(arg, "-h" | "--help" | "-V" | "--version")
+}
+
+/// Parses one line of a systemd EnvironmentFile: `KEY=VALUE`, with whitespace around `=` ignored, the
+/// value optionally in single quotes (taken literally) or double quotes (where a backslash escapes `"`,
+/// `\`, `$` and `` ` ``). Comments start with `#` or `;`. Returns `None` for comments and blank lines.
+/// The problem never quotes the value, because the value may be a token.
+fn parse_env_line(line: &str) -> Result<Option<(String, String)>, String> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+        return Ok(None);
+    }
+    let Some((key, value)) = line.split_once('=') else {
+        return Err("expected KEY=VALUE; fix the line or comment it out with #".to_string());
+    };
+    let key = key.trim();
+    let key_is_valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !key_is_valid {
+        return Err(format!(
+            "{key:?} is not a valid variable name; use letters, digits and _ as in MATTERMOST_URL=…"
+        ));
+    }
+    let value = value.trim();
+    let value = match value.chars().next() {
+        Some(quote @ ('"' | '\'')) => unquote(&value[1..], quote)?,
+        _ => value.to_string(),
+    };
+    Ok(Some((key.to_string(), value)))
+}
+
+/// Reads a quoted value whose opening quote has been removed; only whitespace may follow the closing one.
+fn unquote(rest: &str, quote: char) -> Result<String, String> {
+    let mut value = String::new();
+    let mut chars = rest.char_indices();
+    while let Some((index, c)) = chars.next() {
+        if c == quote {
+            let after = &rest[index + c.len_utf8()..];
+            if !after.trim().is_empty() {
+                return Err(format!(
+                    "unexpected text after the closing {quote}; quote the whole value"
+                ));
+            }
+            return Ok(value);
+        }
+        if c == '\\' && quote == '"' {
+            match chars.next() {
+                Some((_, escaped @ ('"' | '\\' | '$' | '`'))) => value.push(escaped),
+                Some((_, other)) => {
+                    value.push('\\');
+                    value.push(other);
+                }
+                None => value.push('\\'),
+            }
+            continue;
+        }
+        value.push(c);
+    }
+    Err(format!(
+        "missing closing {quote}; values cannot span lines, so close the quote on the same line"
+    ))
+}
+
+fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
+    let mattermost_url = sources.required(
+        &MATTERMOST_URL,
+        "the Mattermost base URL, like https://chat.example.com",
+    )?;
+    let mattermost_url = normalize_url(MATTERMOST_URL.name, &mattermost_url, true)?;
+    let mattermost_token = mattermost_token(sources)?;
+    let owner = sources.required(
+        &MATTERMOST_OWNER,
+        "the Mattermost username the daemon obeys, like @alice",
+    )?;
+    let owner = validate_owner(&owner)?;
+    let opencode_url = sources
+        .optional(&OPENCODE_URL)
+        .unwrap_or_else(|| DEFAULT_OPENCODE_URL.to_string());
+    let opencode_url = normalize_url(OPENCODE_URL.name, &opencode_url, false)?;
+    let opencode_username = sources
+        .optional(&OPENCODE_SERVER_USERNAME)
+        .unwrap_or_else(|| DEFAULT_OPENCODE_USERNAME.to_string());
+    if opencode_username.contains(':') {
+        return Err(error(format!(
+            "{}: {opencode_username:?} contains ':'; basic-auth user names cannot contain a colon",
+            OPENCODE_SERVER_USERNAME.name
+        )));
+    }
+    let opencode_password = match sources.lookup(&OPENCODE_SERVER_PASSWORD, false) {
+        Lookup::Value(password, _) => Some(Secret::new(password)),
+        Lookup::Empty | Lookup::Unset => None,
+    };
+    let state_dir = state_dir(sources)?;
+    let command_prefix = sources
+        .optional(&OPENCODE_MM_COMMAND_PREFIX)
+        .unwrap_or_else(|| DEFAULT_COMMAND_PREFIX.to_string());
+    validate_command_prefix(&command_prefix)?;
+    let log_level = match sources.optional(&OPENCODE_MM_LOG) {
+        Some(level) => parse_log_level(&level)?,
+        None => LogLevel::Info,
+    };
+    Ok(Config {
+        mattermost_url,
+        mattermost_token,
+        owner,
+        opencode_url,
+        opencode_username,
+        opencode_password,
+        state_dir,
+        command_prefix,
+        log_level,
+    })
+}
+
+/// Checks a base URL and normalises it: lowercase scheme, no trailing slashes, and (for Mattermost,
+/// `strip_api`) no trailing `/api/v4`.
+fn normalize_url(name: &str, raw: &str, strip_api: bool) -> Result<String, ConfigError> {
+    // Mattermost is usually behind TLS; `opencode serve` usually listens on plain HTTP locally.
+    let (suggested_scheme, example) = if strip_api {
+        ("https", "https://chat.example.com")
+    } else {
+        ("http", DEFAULT_OPENCODE_URL)
+    };
+    // Look for credentials before quoting the value anywhere, since they must not reach the terminal.
+    let after_scheme = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        let fix = if strip_api {
+            "put the token in MATTERMOST_TOKEN instead"
+        } else {
+            "use OPENCODE_SERVER_USERNAME and OPENCODE_SERVER_PASSWORD instead"
+        };
+        return Err(error(format!(
+            "{name} must not contain a user name or password; {fix}"
+        )));
+    }
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(error(format!(
+            "{name}: {raw:?} contains whitespace; use a URL like {example}"
+        )));
+    }
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        let suggestion = format!("{suggested_scheme}://{}", raw.trim_end_matches('/'));
+        return Err(error(format!(
+            "{name}: {raw:?} has no scheme; use {suggestion}"
+        )));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(error(format!(
+            "{name}: {raw:?} has scheme {scheme:?}; use http:// or https://, like {example}"
+        )));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(error(format!(
+            "{name}: {raw:?} has a query or fragment; use only the base URL, like {example}"
+        )));
+    }
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        match bracketed.split_once(']') {
+            Some((address, after)) if !address.is_empty() => {
+                let port = match after.strip_prefix(':') {
+                    Some(port) => Some(port),
+                    None if after.is_empty() => None,
+                    None => Some(after),
+                };
+                (address, port)
+            }
+            _ => ("", None),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(error(format!(
+            "{name}: {raw:?} has no host; use a URL like {example}"
+        )));
+    }
+    let host_is_valid = host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+    if !host_is_valid || (host.contains(':') && !authority.starts_with('[')) {
+        return Err(error(format!(
+            "{name}: {raw:?} has an invalid host {host:?}; use a URL like {example}"
+        )));
+    }
+    if let Some(port) = port
+        && !matches!(port.parse::<u16>(), Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(error(format!(
+            "{name}: {raw:?} has an invalid port {port:?}; use a number from 1 to 65535"
+        )));
+    }
+    let mut path = path.trim_end_matches('/');
+    if strip_api {
+        path = path.strip_suffix("/api/v4").unwrap_or(path);
+        path = path.trim_end_matches('/');
+    }
+    Ok(format!("{scheme}://{authority}{path}"))
+}
+
+fn mattermost_token(sources: &Sources<'_>) -> Result<Secret, ConfigError> {
+    let token = sources.lookup(&MATTERMOST_TOKEN, true);
+    let token_file = sources.lookup(&MATTERMOST_TOKEN_FILE, true);
+    match (token, token_file) {
+        (Lookup::Value(_, token_origin), Lookup::Value(_, file_origin)) => Err(error(format!(
+            "MATTERMOST_TOKEN (from {token_origin}) and MATTERMOST_TOKEN_FILE (from {file_origin}) \
+             are both set; set only one of them"
+        ))),
+        (Lookup::Value(token, _), _) => {
+            if has_whitespace_or_control(&token) {
+                return Err(error(
+                    "MATTERMOST_TOKEN contains whitespace or control characters; set it to the \
+                     access token alone"
+                        .to_string(),
+                ));
+            }
+            Ok(Secret::new(token))
+        }
+        (_, Lookup::Value(path, _)) => read_token_file(&path),
+        (Lookup::Empty, _) => Err(error(
+            "MATTERMOST_TOKEN is empty; set it to the access token, or set MATTERMOST_TOKEN_FILE \
+             to a file holding it"
+                .to_string(),
+        )),
+        (_, Lookup::Empty) => Err(error(
+            "MATTERMOST_TOKEN_FILE is empty; set it to the path of a file holding the access token"
+                .to_string(),
+        )),
+        (Lookup::Unset, Lookup::Unset) => Err(error(
+            "MATTERMOST_TOKEN is not set; set it (or pass --mattermost-token) to the access token, \
+             or set MATTERMOST_TOKEN_FILE (or pass --mattermost-token-file) to a file holding it"
+                .to_string(),
+        )),
+    }
+}
+
+fn read_token_file(path: &str) -> Result<Secret, ConfigError> {
+    let contents = std::fs::read_to_string(path).map_err(|err| {
+        error(format!(
+            "MATTERMOST_TOKEN_FILE: cannot read {path:?}: {err}; check the path and its permissions"
+        ))
+    })?;
+    let token = contents.trim();
+    if token.is_empty() {
+        return Err(error(format!(
+            "MATTERMOST_TOKEN_FILE: {path:?} is empty; put the access token in it"
+        )));
+    }
+    if has_whitespace_or_control(token) {
+        return Err(error(format!(
+            "MATTERMOST_TOKEN_FILE: {path:?} holds more than the token; put only the access token in it"
+        )));
+    }
+    Ok(Secret::new(token.to_string()))
+}
+
+fn has_whitespace_or_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Mattermost usernames are 1 to 64 of `a-z 0-9 . - _`; user ids (26 lowercase alphanumerics) fit the
+/// same rule. Uppercase is accepted because Mattermost compares usernames case-insensitively.
+fn validate_owner(raw: &str) -> Result<String, ConfigError> {
+    let owner = raw.strip_prefix('@').unwrap_or(raw).to_lowercase();
+    let fix = "use the owner's Mattermost username, like @alice, or their 26-character user id";
+    if owner.is_empty() {
+        return Err(error(format!("MATTERMOST_OWNER is empty; {fix}")));
+    }
+    if owner.chars().count() > 64 {
+        return Err(error(format!(
+            "MATTERMOST_OWNER: {raw:?} is longer than 64 characters; {fix}"
+        )));
+    }
+    let is_valid = owner
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
+    if !is_valid {
+        return Err(error(format!(
+            "MATTERMOST_OWNER: {raw:?} is not a valid username; {fix}"
+        )));
+    }
+    Ok(owner)
+}
+
+fn state_dir(sources: &Sources<'_>) -> Result<PathBuf, ConfigError> {
+    let home = (sources.env)("HOME").filter(|home| !home.is_empty());
+    let path = match sources.optional(&OPENCODE_MM_STATE_DIR) {
+        Some(dir) => match dir.strip_prefix('~') {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => match &home {
+                Some(home) => format!("{}{rest}", home.trim_end_matches('/')),
+                None => {
+                    return Err(error(format!(
+                        "OPENCODE_MM_STATE_DIR: {dir:?} starts with ~ but HOME is not set; use an \
+                         absolute path"
+                    )));
+                }
+            },
+            _ => dir,
+        },
+        None => {
+            // The XDG base directory spec says to ignore a relative XDG_STATE_HOME.
+            let xdg_state_home = (sources.env)("XDG_STATE_HOME")
+                .filter(|dir| !dir.is_empty() && dir.starts_with('/'));
+            match (xdg_state_home, &home) {
+                (Some(xdg), _) => format!("{}/{STATE_SUBDIR}", xdg.trim_end_matches('/')),
+                (None, Some(home)) => {
+                    format!("{}/.local/state/{STATE_SUBDIR}", home.trim_end_matches('/'))
+                }
+                (None, None) => {
+                    return Err(error(
+                        "OPENCODE_MM_STATE_DIR is not set and neither XDG_STATE_HOME nor HOME is set; \
+                         set OPENCODE_MM_STATE_DIR (or pass --state-dir) to an absolute directory"
+                            .to_string(),
+                    ));
+                }
+            }
+        }
+    };
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(error(format!(
+            "OPENCODE_MM_STATE_DIR: {:?} is not an absolute path; use one like \
+             /var/lib/opencode-mattermost",
+            path.display().to_string()
+        )));
+    }
+    Ok(path)
+}
+
+fn validate_command_prefix(prefix: &str) -> Result<(), ConfigError> {
+    let fix = "use 1 to 8 characters without whitespace, like !";
+    if prefix.chars().any(char::is_whitespace) {
+        return Err(error(format!(
+            "OPENCODE_MM_COMMAND_PREFIX: {prefix:?} contains whitespace; {fix}"
+        )));
+    }
+    if prefix.chars().count() > 8 {
+        return Err(error(format!(
+            "OPENCODE_MM_COMMAND_PREFIX: {prefix:?} is longer than 8 characters; {fix}"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_log_level(raw: &str) -> Result<LogLevel, ConfigError> {
+    match raw.to_ascii_lowercase().as_str() {
+        "error" => Ok(LogLevel::Error),
+        "warn" => Ok(LogLevel::Warn),
+        "info" => Ok(LogLevel::Info),
+        "debug" => Ok(LogLevel::Debug),
+        "trace" => Ok(LogLevel::Trace),
+        _ => Err(error(format!(
+            "OPENCODE_MM_LOG: {raw:?} is not a log level; use error, warn, info, debug or trace"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "s3cr3ttokenvalue0123456789";
+
+    /// A scratch directory per test, so that tests running in parallel do not share files.
+    fn scratch_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "opencode-mattermost-config-{}-{test}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_file(test: &str, name: &str, contents: &str) -> String {
+        let path = scratch_dir(test).join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.display().to_string()
+    }
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The smallest valid environment changed by `extra`: `Some` sets a variable, `None` removes it.
+    fn env_with(extra: &[(&str, Option<&str>)]) -> HashMap<String, String> {
+        let mut env: HashMap<String, String> = [
+            ("MATTERMOST_URL", "https://chat.example.com"),
+            ("MATTERMOST_TOKEN", TOKEN),
+            ("MATTERMOST_OWNER", "alice"),
+            ("HOME", "/home/alice"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (key, value) in extra {
+            match value {
+                Some(value) => env.insert(key.to_string(), value.to_string()),
+                None => env.remove(*key),
+            };
+        }
+        env
+    }
+
+    fn run(argv: &[&str], env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let lookup = |name: &str| env.get(name).cloned();
+        match parse(&args(argv), &lookup)? {
+            Invocation::Run(config) => Ok(config),
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    fn run_ok(argv: &[&str], env: &HashMap<String, String>) -> Config {
+        match run(argv, env) {
+            Ok(config) => config,
+            Err(err) => panic!("unexpected error: {err}"),
+        }
+    }
+
+    /// Checks the exact message of the error that `argv` and `env` produce.
+    fn check_error(argv: &[&str], env: &HashMap<String, String>, expected: &str) {
+        match run(argv, env) {
+            Ok(config) => panic!("expected {expected:?}, got {config:?}"),
+            Err(err) => {
+                assert_eq!(err.to_string(), expected);
+                assert!(!err.to_string().contains(TOKEN));
+                assert!(!format!("{err:?}").contains(TOKEN));
+            }
+        }
+    }
+
+    fn check_error_env(extra: &[(&str, Option<&str>)], expected: &str) {
+        check_error(&[], &env_with(extra), expected);
+    }
+
+    #[test]
+    fn defaults() {
+        let config = run_ok(&[], &env_with(&[]));
+        assert_eq!(config.mattermost_url, "https://chat.example.com");
+        assert_eq!(config.mattermost_token.expose(), TOKEN);
+        assert_eq!(config.owner, "alice");
+        assert_eq!(config.opencode_url, "http://127.0.0.1:4096");
+        assert_eq!(config.opencode_username, "opencode");
+        assert!(config.opencode_password.is_none());
+        assert_eq!(
+            config.state_dir,
+            PathBuf::from("/home/alice/.local/state/opencode-mattermost")
+        );
+        assert_eq!(config.command_prefix, "!");
+        assert_eq!(config.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn every_variable_from_the_environment() {
+        let env = env_with(&[
+            ("MATTERMOST_URL", Some("http://127.0.0.1:8065/")),
+            ("MATTERMOST_OWNER", Some("@Bob.Smith")),
+            ("OPENCODE_URL", Some("http://10.0.0.2:5000/")),
+            ("OPENCODE_SERVER_USERNAME", Some("me")),
+            ("OPENCODE_SERVER_PASSWORD", Some(" pass word ")),
+            ("OPENCODE_MM_STATE_DIR", Some("/var/lib/ocmm")),
+            ("OPENCODE_MM_COMMAND_PREFIX", Some("..")),
+            ("OPENCODE_MM_LOG", Some("TRACE")),
+        ]);
+        let config = run_ok(&[], &env);
+        assert_eq!(config.mattermost_url, "http://127.0.0.1:8065");
+        assert_eq!(config.owner, "bob.smith");
+        assert_eq!(config.opencode_url, "http://10.0.0.2:5000");
+        assert_eq!(config.opencode_username, "me");
+        assert_eq!(
+            config.opencode_password.as_ref().map(Secret::expose),
+            Some(" pass word ")
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/ocmm"));
+        assert_eq!(config.command_prefix, "..");
+        assert_eq!(config.log_level, LogLevel::Trace);
+    }
+
+    #[test]
+    fn every_flag_in_both_forms() {
+        let env = env_with(&[
+            ("MATTERMOST_URL", None),
+            ("MATTERMOST_TOKEN", None),
+            ("MATTERMOST_OWNER", None),
+        ]);
+        let config = run_ok(
+            &[
+                "run",
+                "--mattermost-url",
+                "https://mm.example.org/api/v4",
+                "--mattermost-token=tok",
+                "--mattermost-owner",
+                "carol",
+                "--opencode-url=https://oc.example.org",
+                "--opencode-username",
+                "u",
+                "--opencode-password=p",
+                "--state-dir",
+                "/srv/state",
+                "--command-prefix=/",
+                "--log",
+                "debug",
+            ],
+            &env,
+        );
+        assert_eq!(config.mattermost_url, "https://mm.example.org");
+        assert_eq!(config.mattermost_token.expose(), "tok");
+        assert_eq!(config.owner, "carol");
+        assert_eq!(config.opencode_url, "https://oc.example.org");
+        assert_eq!(config.opencode_username, "u");
+        assert_eq!(config.opencode_password.as_ref().map(Secret::expose), Some("p"));
+        assert_eq!(config.state_dir, PathBuf::from("/srv/state"));
+        assert_eq!(config.command_prefix, "/");
+        assert_eq!(config.log_level, LogLevel::Debug);
+    }
+
+    #[test]
+    fn precedence_is_flag_then_environment_then_file() {
+        let file = write_file(
+            "precedence",
+            "env",
+            "OPENCODE_MM_LOG=trace\nOPENCODE_MM_COMMAND_PREFIX=%\nOPENCODE_SERVER_USERNAME=from-file\n",
+        );
+        let env = env_with(&[
+            ("OPENCODE_MM_LOG", Some("warn")),
+            ("OPENCODE_MM_COMMAND_PREFIX", Some("$")),
+        ]);
+        let config = run_ok(&["--env-file", &file, "--log", "error"], &env);
+        assert_eq!(config.log_level, LogLevel::Error, "flag beats environment");
+        assert_eq!(config.command_prefix, "$", "environment beats file");
+        assert_eq!(config.opencode_username, "from-file", "file beats default");
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let file = write_file("empty-unset", "env", "OPENCODE_MM_LOG=debug\n");
+        let env = env_with(&[
+            ("OPENCODE_MM_LOG", Some("")),
+            ("OPENCODE_URL", Some("  ")),
+            ("OPENCODE_SERVER_PASSWORD", Some("")),
+        ]);
+        let config = run_ok(&["--env-file", &file, "--command-prefix="], &env);
+        assert_eq!(config.log_level, LogLevel::Debug, "empty falls through to the file");
+        assert_eq!(config.opencode_url, "http://127.0.0.1:4096");
+        assert!(config.opencode_password.is_none());
+        assert_eq!(config.command_prefix, "!");
+    }
+
+    #[test]
+    fn required_variables_missing_or_empty() {
+        check_error_env(
+            &[("MATTERMOST_URL", None)],
+            "MATTERMOST_URL is not set; set it (or pass --mattermost-url) to the Mattermost base URL, \
+             like https://chat.example.com",
+        );
+        check_error_env(
+            &[("MATTERMOST_URL", Some(" "))],
+            "MATTERMOST_URL is empty; set it to the Mattermost base URL, like https://chat.example.com",
+        );
+        check_error_env(
+            &[("MATTERMOST_OWNER", None)],
+            "MATTERMOST_OWNER is not set; set it (or pass --mattermost-owner) to the Mattermost \
+             username the daemon obeys, like @alice",
+        );
+        check_error_env(
+            &[("MATTERMOST_OWNER", Some("@"))],
+            "MATTERMOST_OWNER is empty; use the owner's Mattermost username, like @alice, or their \
+             26-character user id",
+        );
+        check_error_env(
+            &[("MATTERMOST_TOKEN", None)],
+            "MATTERMOST_TOKEN is not set; set it (or pass --mattermost-token) to the access token, or \
+             set MATTERMOST_TOKEN_FILE (or pass --mattermost-token-file) to a file holding it",
+        );
+        check_error_env(
+            &[("MATTERMOST_TOKEN", Some(""))],
+            "MATTERMOST_TOKEN is empty; set it to the access token, or set MATTERMOST_TOKEN_FILE to a \
+             file holding it",
+        );
+    }
+
+    #[test]
+    fn mattermost_url_normalisation() {
+        let check = |input: &str, expected: &str| {
+            let config = run_ok(&["--mattermost-url", input], &env_with(&[]));
+            assert_eq!(config.mattermost_url, expected, "input {input:?}");
+        };
+        check("https://chat.example.com", "https://chat.example.com");
+        check("https://chat.example.com/", "https://chat.example.com");
+        check("https://chat.example.com//", "https://chat.example.com");
+        check("https://chat.example.com/api/v4", "https://chat.example.com");
+        check("https://chat.example.com/api/v4/", "https://chat.example.com");
+        check("HTTPS://chat.example.com/mm/api/v4/", "https://chat.example.com/mm");
+        check("http://127.0.0.1:8065", "http://127.0.0.1:8065");
+        check("http://[::1]:8065/", "http://[::1]:8065");
+        check("  http://localhost  ", "http://localhost");
+    }
+
+    #[test]
+    fn opencode_url_keeps_api_paths() {
+        let env = env_with(&[("OPENCODE_URL", Some("http://oc.local/api/v4/"))]);
+        assert_eq!(run_ok(&[], &env).opencode_url, "http://oc.local/api/v4");
+    }
+
+    #[test]
+    fn url_errors() {
+        let check = |url: &str, expected: &str| {
+            check_error_env(&[("MATTERMOST_URL", Some(url))], expected);
+        };
+        check(
+            "chat.example.com",
+            r#"MATTERMOST_URL: "chat.example.com" has no scheme; use https://chat.example.com"#,
+        );
+        check(
+            "ftp://chat.example.com",
+            r#"MATTERMOST_URL: "ftp://chat.example.com" has scheme "ftp"; use http:// or https://, like https://chat.example.com"#,
+        );
+        check(
+            "https://",
+            r#"MATTERMOST_URL: "https://" has no host; use a URL like https://chat.example.com"#,
+        );
+        check(
+            "https://chat.example.com:99999",
+            r#"MATTERMOST_URL: "https://chat.example.com:99999" has an invalid port "99999"; use a number from 1 to 65535"#,
+        );
+        check(
+            "https://chat.example.com/?x=1",
+            r#"MATTERMOST_URL: "https://chat.example.com/?x=1" has a query or fragment; use only the base URL, like https://chat.example.com"#,
+        );
+        check(
+            "https://chat example.com",
+            r#"MATTERMOST_URL: "https://chat example.com" contains whitespace; use a URL like https://chat.example.com"#,
+        );
+        check(
+            "https://bob:hunter2@chat.example.com",
+            "MATTERMOST_URL must not contain a user name or password; put the token in MATTERMOST_TOKEN instead",
+        );
+        check(
+            "https://ch*t.example.com",
+            r#"MATTERMOST_URL: "https://ch*t.example.com" has an invalid host "ch*t.example.com"; use a URL like https://chat.example.com"#,
+        );
+        check_error_env(
+            &[("OPENCODE_URL", Some("localhost:4096"))],
+            r#"OPENCODE_URL: "localhost:4096" has no scheme; use http://localhost:4096"#,
+        );
+    }
+
+    #[test]
+    fn token_from_file_is_trimmed() {
+        let path = write_file("token-file", "token", &format!("\n  {TOKEN}\n"));
+        let env = env_with(&[
+            ("MATTERMOST_TOKEN", None),
+            ("MATTERMOST_TOKEN_FILE", Some(&path)),
+        ]);
+        assert_eq!(run_ok(&[], &env).mattermost_token.expose(), TOKEN);
+    }
+
+    #[test]
+    fn token_file_errors() {
+        let empty = write_file("token-errors", "empty", " \n");
+        check_error_env(
+            &[("MATTERMOST_TOKEN", None), ("MATTERMOST_TOKEN_FILE", Some(&empty))],
+            &format!("MATTERMOST_TOKEN_FILE: {empty:?} is empty; put the access token in it"),
+        );
+        let two_words = write_file("token-errors", "two", &format!("{TOKEN} {TOKEN}\n"));
+        check_error_env(
+            &[("MATTERMOST_TOKEN", None), ("MATTERMOST_TOKEN_FILE", Some(&two_words))],
+            &format!(
+                "MATTERMOST_TOKEN_FILE: {two_words:?} holds more than the token; put only the access \
+                 token in it"
+            ),
+        );
+        let missing = "/nonexistent/opencode-mattermost/token";
+        let err = run(
+            &[],
+            &env_with(&[("MATTERMOST_TOKEN", None), ("MATTERMOST_TOKEN_FILE", Some(missing))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(&format!("MATTERMOST_TOKEN_FILE: cannot read {missing:?}: ")),
+            "{err}"
+        );
+        assert!(err.ends_with("; check the path and its permissions"), "{err}");
+    }
+
+    #[test]
+    fn both_tokens_is_an_error_naming_where_each_came_from() {
+        let path = write_file("both-tokens", "token", TOKEN);
+        check_error(
+            &["--mattermost-token-file", &path],
+            &env_with(&[]),
+            "MATTERMOST_TOKEN (from the environment) and MATTERMOST_TOKEN_FILE (from \
+             --mattermost-token-file) are both set; set only one of them",
+        );
+    }
+
+    #[test]
+    fn token_never_appears_in_errors_or_debug_output() {
+        check_error_env(
+            &[("MATTERMOST_TOKEN", Some(&format!("{TOKEN} x")))],
+            "MATTERMOST_TOKEN contains whitespace or control characters; set it to the access token alone",
+        );
+        let file = write_file(
+            "token-hidden",
+            "env",
+            &format!("MATTERMOST_TOKEN={TOKEN}\n{TOKEN}\n"),
+        );
+        check_error(
+            &["--env-file", &file],
+            &env_with(&[("MATTERMOST_TOKEN", None)]),
+            &format!(
+                "--env-file {file:?} line 2: expected KEY=VALUE; fix the line or comment it out with #"
+            ),
+        );
+        let config = run_ok(&["--opencode-password", "pw-secret"], &env_with(&[]));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(TOKEN), "{debug}");
+        assert!(!debug.contains("pw-secret"), "{debug}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+        assert_eq!(config.mattermost_token.to_string(), "<redacted>");
+    }
+
+    #[test]
+    fn env_file_syntax() {
+        let file = write_file(
+            "env-syntax",
+            "env",
+            "# a comment\n\
+             ; another comment\n\
+             \n\
+             MATTERMOST_URL = \"https://chat.example.com/api/v4/\"\n\
+             \tMATTERMOST_OWNER='@Dave'  \r\n\
+             OPENCODE_SERVER_PASSWORD=\"a \\\"quoted\\\" \\\\ pass # not a comment\"\n\
+             OPENCODE_MM_COMMAND_PREFIX=  #!  \n\
+             UNRELATED_VARIABLE=ignored\n",
+        );
+        let env = env_with(&[("MATTERMOST_URL", None), ("MATTERMOST_OWNER", None)]);
+        let config = run_ok(&["--env-file", &file], &env);
+        assert_eq!(config.mattermost_url, "https://chat.example.com");
+        assert_eq!(config.owner, "dave");
+        assert_eq!(
+            config.opencode_password.as_ref().map(Secret::expose),
+            Some(r#"a "quoted" \ pass # not a comment"#)
+        );
+        assert_eq!(config.command_prefix, "#!");
+    }
+
+    #[test]
+    fn env_file_line_parsing() {
+        let check = |line: &str, expected: Result<Option<(&str, &str)>, &str>| {
+            let actual = parse_env_line(line);
+            let expected = expected
+                .map(|kv| kv.map(|(k, v)| (k.to_string(), v.to_string())))
+                .map_err(str::to_string);
+            assert_eq!(actual, expected, "line {line:?}");
+        };
+        check("A=b", Ok(Some(("A", "b"))));
+        check("  A  =  b c  ", Ok(Some(("A", "b c"))));
+        check("A=", Ok(Some(("A", ""))));
+        check("A='it''s'", Err("unexpected text after the closing '; quote the whole value"));
+        check("A='$HOME \\n'", Ok(Some(("A", "$HOME \\n"))));
+        check("A=\"\\$x \\n\"", Ok(Some(("A", "$x \\n"))));
+        check("   # comment", Ok(None));
+        check(";comment", Ok(None));
+        check("", Ok(None));
+        check(
+            "A=\"open",
+            Err("missing closing \"; values cannot span lines, so close the quote on the same line"),
+        );
+        check(
+            "export A=b",
+            Err(r#""export A" is not a valid variable name; use letters, digits and _ as in MATTERMOST_URL=…"#),
+        );
+        check("1A=b", Err(r#""1A" is not a valid variable name; use letters, digits and _ as in MATTERMOST_URL=…"#));
+        check("just words", Err("expected KEY=VALUE; fix the line or comment it out with #"));
+    }
+
+    #[test]
+    fn env_file_errors_name_the_file_and_line() {
+        let file = write_file("env-errors", "env", "# ok\nA=1\nB='unterminated\n");
+        check_error(
+            &["--env-file", &file],
+            &env_with(&[]),
+            &format!(
+                "--env-file {file:?} line 3: missing closing '; values cannot span lines, so close the \
+                 quote on the same line"
+            ),
+        );
+        let err = run(&["--env-file=/nonexistent/x.env"], &env_with(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(r#"--env-file: cannot read "/nonexistent/x.env": "#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn owner_forms() {
+        let check = |input: &str, expected: &str| {
+            let config = run_ok(&["--mattermost-owner", input], &env_with(&[]));
+            assert_eq!(config.owner, expected);
+        };
+        check("@alice", "alice");
+        check("alice", "alice");
+        check("@Alice_B-2.x", "alice_b-2.x");
+        check("4xp9fdt3pbbhb8ed1ytmy5qd5e", "4xp9fdt3pbbhb8ed1ytmy5qd5e");
+        check_error_env(
+            &[("MATTERMOST_OWNER", Some("al ice"))],
+            r#"MATTERMOST_OWNER: "al ice" is not a valid username; use the owner's Mattermost username, like @alice, or their 26-character user id"#,
+        );
+        let long = "a".repeat(65);
+        check_error_env(
+            &[("MATTERMOST_OWNER", Some(&long))],
+            &format!(
+                "MATTERMOST_OWNER: {long:?} is longer than 64 characters; use the owner's Mattermost \
+                 username, like @alice, or their 26-character user id"
+            ),
+        );
+    }
+
+    #[test]
+    fn state_dir_defaults_and_errors() {
+        let check = |extra: &[(&str, Option<&str>)], expected: &str| {
+            assert_eq!(run_ok(&[], &env_with(extra)).state_dir, PathBuf::from(expected));
+        };
+        check(
+            &[("XDG_STATE_HOME", Some("/xdg/state/"))],
+            "/xdg/state/opencode-mattermost",
+        );
+        check(
+            &[("XDG_STATE_HOME", Some("relative"))],
+            "/home/alice/.local/state/opencode-mattermost",
+        );
+        check(
+            &[("OPENCODE_MM_STATE_DIR", Some("~/state"))],
+            "/home/alice/state",
+        );
+        check_error_env(
+            &[("HOME", None)],
+            "OPENCODE_MM_STATE_DIR is not set and neither XDG_STATE_HOME nor HOME is set; set \
+             OPENCODE_MM_STATE_DIR (or pass --state-dir) to an absolute directory",
+        );
+        check_error_env(
+            &[("OPENCODE_MM_STATE_DIR", Some("state"))],
+            r#"OPENCODE_MM_STATE_DIR: "state" is not an absolute path; use one like /var/lib/opencode-mattermost"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_STATE_DIR", Some("~/x")), ("HOME", None)],
+            r#"OPENCODE_MM_STATE_DIR: "~/x" starts with ~ but HOME is not set; use an absolute path"#,
+        );
+    }
+
+    #[test]
+    fn command_prefix_log_level_and_username_errors() {
+        check_error_env(
+            &[("OPENCODE_MM_COMMAND_PREFIX", Some("a b"))],
+            r#"OPENCODE_MM_COMMAND_PREFIX: "a b" contains whitespace; use 1 to 8 characters without whitespace, like !"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_COMMAND_PREFIX", Some("123456789"))],
+            r#"OPENCODE_MM_COMMAND_PREFIX: "123456789" is longer than 8 characters; use 1 to 8 characters without whitespace, like !"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_LOG", Some("verbose"))],
+            r#"OPENCODE_MM_LOG: "verbose" is not a log level; use error, warn, info, debug or trace"#,
+        );
+        check_error_env(
+            &[("OPENCODE_SERVER_USERNAME", Some("a:b"))],
+            r#"OPENCODE_SERVER_USERNAME: "a:b" contains ':'; basic-auth user names cannot contain a colon"#,
+        );
+    }
+
+    #[test]
+    fn log_levels_are_ordered_by_verbosity() {
+        assert!(LogLevel::Error < LogLevel::Warn);
+        assert!(LogLevel::Warn < LogLevel::Info);
+        assert!(LogLevel::Info < LogLevel::Debug);
+        assert!(LogLevel::Debug < LogLevel::Trace);
+    }
+
+    #[test]
+    fn help_and_version_win_anywhere() {
+        let env: HashMap<String, String> = HashMap::new();
+        let lookup = |name: &str| env.get(name).cloned();
+        let check = |argv: &[&str], expected: &str| {
+            let actual = match parse(&args(argv), &lookup) {
+                Ok(Invocation::Help) => "help".to_string(),
+                Ok(Invocation::Version) => "version".to_string(),
+                Ok(Invocation::Run(_)) => "run".to_string(),
+                Err(err) => err.to_string(),
+            };
+            assert_eq!(actual, expected, "argv {argv:?}");
+        };
+        check(&["--help"], "help");
+        check(&["-h"], "help");
+        check(&["run", "--bogus", "-h"], "help");
+        check(&["--log", "--help"], "help");
+        check(&["-V"], "version");
+        check(&["run", "--version"], "version");
+        check(&["--version", "--help"], "version");
+        check(
+            &["--bogus"],
+            r#"unknown flag "--bogus"; see opencode-mattermost --help"#,
+        );
+        check(
+            &["--bogus=secret"],
+            r#"unknown flag "--bogus"; see opencode-mattermost --help"#,
+        );
+        check(&["-x"], r#"unknown flag "-x"; see opencode-mattermost --help"#);
+        check(
+            &["serve"],
+            r#"unknown subcommand "serve"; see opencode-mattermost --help"#,
+        );
+        check(
+            &["run", "now"],
+            r#"unexpected argument "now"; see opencode-mattermost --help"#,
+        );
+        check(
+            &["--log"],
+            "--log needs a value; see opencode-mattermost --help",
+        );
+        check(
+            &["--env-file"],
+            "--env-file needs a value; see opencode-mattermost --help",
+        );
+    }
+
+    #[test]
+    fn help_text_lists_every_variable_flag_and_exit_code() {
+        let help = help_text();
+        for var in ALL_VARS {
+            assert!(help.contains(var.name), "{} missing", var.name);
+            assert!(help.contains(var.flag), "{} missing", var.flag);
+        }
+        for needle in [
+            "--env-file",
+            "--help",
+            "--version",
+            "run",
+            "[default: http://127.0.0.1:4096]",
+            "[default: opencode]",
+            "[default: !]",
+            "[default: info]",
+            "0    clean stop",
+            "1    fatal runtime error",
+            "2    configuration or usage error",
+        ] {
+            assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+        }
+    }
+}

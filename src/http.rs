@@ -1,0 +1,142 @@
+//! Small pieces both servers' clients share: the ureq agent settings, URL encoding, basic auth and
+//! reconnect backoff.
+
+use std::time::Duration;
+
+/// An agent that hands every status back to the caller, so JSON error bodies reach the message the
+/// user sees, and that keeps connections alive between calls.
+pub fn agent(call_timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_global(Some(call_timeout))
+        .user_agent(concat!("opencode-mattermost/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
+/// An agent for long-lived streams: no overall deadline, but a body read that stays silent for
+/// `idle` fails, which is how a dead stream is noticed.
+pub fn stream_agent(idle: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_recv_response(Some(idle))
+        .timeout_recv_body(Some(idle))
+        .user_agent(concat!("opencode-mattermost/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+pub fn basic_auth(username: &str, password: &str) -> String {
+    format!("Basic {}", base64(format!("{username}:{password}").as_bytes()))
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Exponential backoff with jitter, from `base` up to `cap`, forever.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next delay: full exponential step, then a random 50–100% of it so that many clients
+    /// restarting together do not retry in lockstep.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.base.saturating_mul(1 << self.attempt.min(16)).min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let jitter = 0.5 + 0.5 * random_unit();
+        step.mul_f64(jitter)
+    }
+}
+
+/// A number in [0, 1) that differs between calls and processes; good enough for jitter.
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_matches_rfc_7617_example() {
+        assert_eq!(
+            basic_auth("Aladdin", "open sesame"),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b""), "");
+    }
+
+    #[test]
+    fn percent_encoding_keeps_paths_readable() {
+        assert_eq!(percent_encode("/home/a b/ü"), "/home/a%20b/%C3%BC");
+        assert_eq!(percent_encode("a&b=c"), "a%26b%3Dc");
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(30)));
+        assert!(delays[7] >= Duration::from_secs(15));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,242 @@
+//! opencode-mattermost: drive OpenCode sessions from Mattermost direct messages, one thread per session.
+//!
+//! `run` wires the pieces together; ARCHITECTURE.md has the map of threads and channels.
+
+pub mod command;
+pub mod config;
+pub mod http;
+pub mod log;
+pub mod mattermost;
+pub mod opencode;
+pub mod ratelimit;
+pub mod render;
+pub mod reply;
+pub mod router;
+pub mod session;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use config::Config;
+use mattermost::Identity;
+use mattermost::rest::{MattermostClient, MmError};
+use opencode::rest::OpenCodeClient;
+use router::{Input, Router};
+use store::Store;
+
+/// Why the bridge stopped, mapped to an exit code in `main`.
+#[derive(Debug)]
+pub enum RunError {
+    /// A setting is wrong (bad token, unknown owner): exit code 2.
+    Config(String),
+    /// Another instance holds the state directory: exit code 3.
+    AlreadyRunning(String),
+    /// Anything else that stops the bridge: exit code 1.
+    Fatal(String),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Config(_) => 2,
+            RunError::AlreadyRunning(_) => 3,
+            RunError::Fatal(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Config(m) | RunError::AlreadyRunning(m) | RunError::Fatal(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Runs the bridge until `stop` receives a message or disconnects.
+pub fn run(config: Config, stop: Receiver<()>) -> Result<(), RunError> {
+    run_with_ready(config, stop, None)
+}
+
+/// `run`, telling `ready` once the Mattermost websocket and the OpenCode event stream are both up.
+pub fn run_with_ready(
+    config: Config,
+    stop: Receiver<()>,
+    ready: Option<crossbeam_channel::Sender<()>>,
+) -> Result<(), RunError> {
+    log::set_level(config.log_level);
+    let (store, state, notes) = Store::open(&config.state_dir, log::now_ms()).map_err(|e| match e {
+        store::StoreError::Locked { .. } => RunError::AlreadyRunning(e.to_string()),
+        store::StoreError::FutureVersion { .. } => RunError::Config(e.to_string()),
+        store::StoreError::Io { .. } => RunError::Fatal(e.to_string()),
+    })?;
+    for note in notes {
+        warn!("{note}");
+    }
+
+    let mattermost = Arc::new(MattermostClient::new(
+        &config.mattermost_url,
+        &config.mattermost_token,
+    ));
+    let Some(identity) = identify(&mattermost, &config, &stop)? else {
+        return Ok(());
+    };
+    info!(
+        "mattermost: bot @{} talks to @{} in channel {}",
+        identity.bot_username, identity.owner_username, identity.dm_channel_id
+    );
+
+    let opencode = Arc::new(OpenCodeClient::new(
+        &config.opencode_url,
+        &config.opencode_username,
+        config.opencode_password.as_ref(),
+    ));
+    match opencode.health() {
+        Ok(version) => info!("opencode {version} at {}", config.opencode_url),
+        Err(e) => warn!("{e}; will keep trying"),
+    }
+
+    let (inputs_tx, inputs) = crossbeam_channel::unbounded::<Input>();
+    // Readers stop when this sender is dropped, which happens when `run` returns.
+    let (_readers_stop, readers_stopped) = crossbeam_channel::bounded::<()>(0);
+
+    let ws_settings = mattermost::ws::WsSettings {
+        base_url: config.mattermost_url.clone(),
+        authorization: mattermost.authorization().to_string(),
+    };
+    spawn_named("mattermost-ws", {
+        let (out, stop) = (inputs_tx.clone(), readers_stopped.clone());
+        move || mattermost::ws::run(ws_settings, out, stop)
+    })?;
+    spawn_named("opencode-watch", {
+        let (client, out, stop) = (opencode.clone(), inputs_tx.clone(), readers_stopped.clone());
+        move || opencode::watch::run(client, out, stop)
+    })?;
+    spawn_named("stop-forwarder", {
+        let out = inputs_tx.clone();
+        move || {
+            let _ = stop.recv();
+            let _ = out.send(Input::Stop);
+        }
+    })?;
+
+    let mut servers = BTreeMap::new();
+    servers.insert(opencode.key.clone(), opencode);
+    let router = Router::new(
+        config.command_prefix.clone(),
+        mattermost,
+        identity,
+        servers,
+        store,
+        state,
+        inputs_tx,
+        ready,
+    );
+    router.run(inputs);
+    Ok(())
+}
+
+/// Finds the bot, the owner and their DM channel, waiting out a Mattermost that is not up yet.
+/// `Ok(None)` when asked to stop while waiting.
+fn identify(
+    client: &MattermostClient,
+    config: &Config,
+    stop: &Receiver<()>,
+) -> Result<Option<Identity>, RunError> {
+    let mut backoff = http::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        match try_identify(client, config) {
+            Ok(identity) => return Ok(Some(identity)),
+            Err(Identify::Fatal(e)) => return Err(e),
+            Err(Identify::Retry(e)) => {
+                let delay = backoff.next_delay();
+                warn!("{e}; retrying in {:.1}s", delay.as_secs_f64());
+                match stop.recv_timeout(delay) {
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    _ => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+enum Identify {
+    Retry(MmError),
+    Fatal(RunError),
+}
+
+fn try_identify(client: &MattermostClient, config: &Config) -> Result<Identity, Identify> {
+    let url = &config.mattermost_url;
+    let classify = |e: MmError| {
+        if e.is_retryable() {
+            Identify::Retry(e)
+        } else {
+            Identify::Fatal(RunError::Config(format!("{e}")))
+        }
+    };
+    let bot = client.me().map_err(|e| match e.status() {
+        Some(401) => Identify::Fatal(RunError::Config(format!(
+            "MATTERMOST_TOKEN: {url} rejected the token (401); create a new access token for the bot \
+             (System Console > Integrations > Bot Accounts) and set MATTERMOST_TOKEN or MATTERMOST_TOKEN_FILE"
+        ))),
+        _ => classify(e),
+    })?;
+    if !bot.is_bot {
+        warn!(
+            "@{} is a regular user account, not a bot; the bridge works, but a bot account is recommended",
+            bot.username
+        );
+    }
+    let owner_query = config.owner.trim_start_matches('@');
+    let by_id = if looks_like_id(owner_query) {
+        match client.user_by_id(owner_query) {
+            Ok(user) => Some(user),
+            Err(e) if e.is_retryable() => return Err(Identify::Retry(e)),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let owner = match by_id {
+        Some(user) => user,
+        None => client
+            .user_by_username(&owner_query.to_lowercase())
+            .map_err(|e| match e.status() {
+                Some(404) | Some(400) => Identify::Fatal(RunError::Config(format!(
+                    "MATTERMOST_OWNER: no user \"{owner_query}\" on {url}; set it to the owner's username or user id"
+                ))),
+                _ => classify(e),
+            })?,
+    };
+    if owner.id == bot.id {
+        return Err(Identify::Fatal(RunError::Config(format!(
+            "MATTERMOST_OWNER: \"{owner_query}\" is the bot itself; set it to the person who controls the sessions"
+        ))));
+    }
+    let dm_channel_id = client.direct_channel(&bot.id, &owner.id).map_err(classify)?;
+    Ok(Identity {
+        bot_user_id: bot.id,
+        bot_username: bot.username,
+        owner_user_id: owner.id,
+        owner_username: owner.username,
+        dm_channel_id,
+    })
+}
+
+/// Mattermost ids are 26 lowercase letters and digits.
+fn looks_like_id(text: &str) -> bool {
+    text.len() == 26 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunError> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .stack_size(256 * 1024)
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| RunError::Fatal(format!("cannot start thread {name}: {e}")))
+}

@@ -1,0 +1,41 @@
+//! The binary: parse the configuration, route signals to a stop channel, run, map the result to an exit code.
+
+use std::process::ExitCode;
+
+use opencode_mattermost::config::{self, Invocation};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match config::parse(&args, &|name| std::env::var(name).ok()) {
+        Ok(Invocation::Run(config)) => config,
+        Ok(Invocation::Help) => return print(&config::help_text()),
+        Ok(Invocation::Version) => return print(&format!("opencode-mattermost {}", config::VERSION)),
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    let (stop_tx, stop) = crossbeam_channel::bounded(1);
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
+    match signals {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    let _ = stop_tx.send(());
+                }
+            });
+        }
+        Err(e) => return fail(&format!("cannot install signal handlers: {e}"), 1),
+    }
+    match opencode_mattermost::run(config, stop) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), e.exit_code()),
+    }
+}
+
+fn print(text: &str) -> ExitCode {
+    println!("{text}");
+    ExitCode::SUCCESS
+}
+
+fn fail(message: &str, code: i32) -> ExitCode {
+    eprintln!("opencode-mattermost: {message}");
+    ExitCode::from(code as u8)
+}

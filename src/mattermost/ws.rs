@@ -1,0 +1,261 @@
+//! The thread that blocks on the Mattermost websocket. It authenticates, keeps the connection alive with
+//! pings, notices silence, resumes with `connection_id`/`sequence_number`, and reconnects with backoff
+//! forever. Decoded events go to the router; it never acts on them itself.
+
+use std::io::ErrorKind;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+use super::{WsEvent, decode_ws_frame};
+use crate::http::Backoff;
+
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEAD_AFTER: Duration = Duration::from_secs(60);
+/// A bad token in the header still upgrades, and then the server stays silent.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a blocked read wakes up to check the stop signal and the ping timer.
+const READ_TICK: Duration = Duration::from_millis(250);
+const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug)]
+pub enum WsUpdate {
+    /// Connected. `resumed` is false when the server started a fresh connection, so events may have
+    /// been missed and the caller should catch up over REST.
+    Connected {
+        resumed: bool,
+        server_version: String,
+    },
+    Event(WsEvent),
+    Disconnected(String),
+}
+
+pub struct WsSettings {
+    /// `http(s)://host[:port]`, as configured.
+    pub base_url: String,
+    pub authorization: String,
+}
+
+type Socket = WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+/// Runs until `stop` disconnects.
+pub fn run<T>(settings: WsSettings, out: Sender<T>, stop: Receiver<()>)
+where
+    T: From<WsUpdate> + Send + 'static,
+{
+    let send = |update: WsUpdate| out.send(T::from(update)).is_ok();
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut resume = Resume::default();
+    loop {
+        if stopped(&stop, Duration::ZERO) {
+            return;
+        }
+        let reason = match connect(&settings, &resume) {
+            Ok(socket) => match session(socket, &mut resume, &send, &stop, &mut backoff) {
+                End::Stopped => return,
+                End::Lost(reason) => reason,
+            },
+            Err(reason) => reason,
+        };
+        if !send(WsUpdate::Disconnected(reason)) {
+            return;
+        }
+        if stopped(&stop, backoff.next_delay()) {
+            return;
+        }
+    }
+}
+
+/// What a reconnect needs to ask the server for the events it missed.
+#[derive(Debug, Default)]
+struct Resume {
+    connection_id: String,
+    last_seq: Option<u64>,
+}
+
+enum End {
+    Stopped,
+    Lost(String),
+}
+
+fn connect(settings: &WsSettings, resume: &Resume) -> Result<Socket, String> {
+    let mut url = websocket_url(&settings.base_url);
+    if !resume.connection_id.is_empty()
+        && let Some(seq) = resume.last_seq
+    {
+        url.push_str(&format!(
+            "?connection_id={}&sequence_number={}",
+            resume.connection_id,
+            seq + 1
+        ));
+    }
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad websocket url: {e}"))?;
+    let authorization = settings
+        .authorization
+        .parse()
+        .map_err(|_| "the token contains characters not allowed in a header".to_string())?;
+    request.headers_mut().insert("Authorization", authorization);
+    let host = request.uri().host().unwrap_or_default().to_string();
+    let port = request
+        .uri()
+        .port_u16()
+        .unwrap_or(if url.starts_with("wss:") { 443 } else { 80 });
+    let address = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {host}"))?;
+    let stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
+        .map_err(|e| e.to_string())?;
+    let handle = stream.try_clone().map_err(|e| e.to_string())?;
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let (socket, _) = tungstenite::client_tls_with_config(request, stream, Some(config), None)
+        .map_err(|e| format!("websocket handshake failed: {e}"))?;
+    // The clone shares the socket, so this timeout applies to the websocket's reads from now on.
+    handle
+        .set_read_timeout(Some(READ_TICK))
+        .map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+fn session(
+    mut socket: Socket,
+    resume: &mut Resume,
+    send: &impl Fn(WsUpdate) -> bool,
+    stop: &Receiver<()>,
+    backoff: &mut Backoff,
+) -> End {
+    let opened = Instant::now();
+    let mut greeted = false;
+    let mut last_heard = Instant::now();
+    let mut last_ping = Instant::now();
+    loop {
+        if stopped(stop, Duration::ZERO) {
+            let _ = socket.close(None);
+            let _ = socket.flush();
+            return End::Stopped;
+        }
+        match socket.read() {
+            Ok(Message::Text(text)) => {
+                last_heard = Instant::now();
+                let decoded = match decode_ws_frame(text.as_str()) {
+                    Ok(Some(decoded)) => decoded,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        crate::warn!("{e}; frame skipped");
+                        continue;
+                    }
+                };
+                let (seq, event) = decoded;
+                if let WsEvent::Hello {
+                    connection_id,
+                    server_version,
+                } = &event
+                {
+                    // A hello means a new server-side connection: whatever was buffered is gone.
+                    let resumed = !resume.connection_id.is_empty()
+                        && *connection_id == resume.connection_id;
+                    resume.connection_id = connection_id.clone();
+                    resume.last_seq = seq;
+                    greeted = true;
+                    backoff.reset();
+                    if !send(WsUpdate::Connected {
+                        resumed,
+                        server_version: server_version.clone(),
+                    }) {
+                        return End::Stopped;
+                    }
+                    continue;
+                }
+                if !greeted {
+                    // The server resumed our connection and replays without a new hello.
+                    greeted = true;
+                    backoff.reset();
+                    if !send(WsUpdate::Connected {
+                        resumed: true,
+                        server_version: String::new(),
+                    }) {
+                        return End::Stopped;
+                    }
+                }
+                if let Some(seq) = seq {
+                    resume.last_seq = Some(seq);
+                }
+                if !send(WsUpdate::Event(event)) {
+                    return End::Stopped;
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                return End::Lost(format!("closed by the server ({frame:?})"));
+            }
+            Ok(_) => last_heard = Instant::now(),
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                if !greeted && opened.elapsed() >= HELLO_TIMEOUT {
+                    return End::Lost(
+                        "no hello within 5 s after connecting: the token was probably rejected"
+                            .into(),
+                    );
+                }
+                if last_heard.elapsed() >= DEAD_AFTER {
+                    return End::Lost(format!("silent for {}s", DEAD_AFTER.as_secs()));
+                }
+                if last_ping.elapsed() >= PING_INTERVAL {
+                    last_ping = Instant::now();
+                    if let Err(e) = socket.send(Message::Ping(Vec::new().into())) {
+                        return End::Lost(format!("ping failed: {e}"));
+                    }
+                }
+            }
+            Err(e) => return End::Lost(e.to_string()),
+        }
+    }
+}
+
+/// `https://chat.example.com` → `wss://chat.example.com/api/v4/websocket`.
+pub fn websocket_url(base_url: &str) -> String {
+    let rest = base_url
+        .strip_prefix("https://")
+        .map(|r| format!("wss://{r}"))
+        .or_else(|| base_url.strip_prefix("http://").map(|r| format!("ws://{r}")))
+        .unwrap_or_else(|| base_url.to_string());
+    format!("{rest}/api/v4/websocket")
+}
+
+fn stopped(stop: &Receiver<()>, wait: Duration) -> bool {
+    match stop.recv_timeout(wait) {
+        Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
+        Err(RecvTimeoutError::Timeout) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_url_follows_the_scheme() {
+        assert_eq!(
+            websocket_url("https://chat.example.com"),
+            "wss://chat.example.com/api/v4/websocket"
+        );
+        assert_eq!(
+            websocket_url("http://127.0.0.1:8065"),
+            "ws://127.0.0.1:8065/api/v4/websocket"
+        );
+    }
+}

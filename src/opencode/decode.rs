@@ -1,0 +1,317 @@
+//! Decoding of OpenCode's wire JSON (events, sessions, messages) into domain types.
+//!
+//! Decoding is tolerant: a missing optional field takes its default, an unknown event type becomes
+//! `Event::Other`, and only JSON that is not an event at all is an error.
+
+use serde_json::Value;
+
+use super::{
+    Envelope, Event, MessageInfo, Part, PartBody, Role, SessionInfo, Status, ToolCall, ToolStatus,
+    Tokens,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(pub String);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed opencode event: {}", self.0)
+    }
+}
+
+/// Decodes one `data:` payload of `GET /global/event`. `Ok(None)` for items that are not events
+/// (the `sync` items that stream also carries).
+pub fn decode_global_event(data: &str) -> Result<Option<Envelope>, DecodeError> {
+    let value: Value =
+        serde_json::from_str(data).map_err(|e| DecodeError(format!("not JSON ({e})")))?;
+    let Some(payload) = value.get("payload") else {
+        // `/event` sends the payload itself; accept it too.
+        return decode_payload(&value).map(|event| {
+            event.map(|event| Envelope {
+                directory: String::new(),
+                event,
+            })
+        });
+    };
+    let directory = str_at(&value, "directory");
+    Ok(decode_payload(payload)?.map(|event| Envelope { directory, event }))
+}
+
+fn decode_payload(payload: &Value) -> Result<Option<Event>, DecodeError> {
+    let kind = payload
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DecodeError("no \"type\" field".into()))?;
+    let empty = Value::Null;
+    let props = payload.get("properties").unwrap_or(&empty);
+    let session_id = || str_at(props, "sessionID");
+    let required_session = || {
+        let id = session_id();
+        if id.is_empty() {
+            Err(DecodeError(format!("{kind} without sessionID")))
+        } else {
+            Ok(id)
+        }
+    };
+    let event = match kind {
+        "sync" => return Ok(None),
+        "server.connected" => Event::Connected,
+        "server.heartbeat" => Event::Heartbeat,
+        "session.created" | "session.updated" => {
+            let info = props
+                .get("info")
+                .ok_or_else(|| DecodeError(format!("{kind} without info")))?;
+            let info = decode_session(info)?;
+            if kind == "session.created" {
+                Event::SessionCreated(info)
+            } else {
+                Event::SessionUpdated(info)
+            }
+        }
+        "session.deleted" => {
+            let mut id = session_id();
+            if id.is_empty() {
+                id = props.get("info").map(|i| str_at(i, "id")).unwrap_or_default();
+            }
+            if id.is_empty() {
+                return Err(DecodeError("session.deleted without a session id".into()));
+            }
+            Event::SessionDeleted { session_id: id }
+        }
+        "session.status" => Event::SessionStatus {
+            session_id: required_session()?,
+            status: decode_status(props.get("status").unwrap_or(&empty)),
+        },
+        "session.idle" => Event::SessionIdle {
+            session_id: required_session()?,
+        },
+        "session.error" => {
+            let error = props.get("error").unwrap_or(&empty);
+            let (name, message) = decode_error(error).unwrap_or_default();
+            Event::SessionError {
+                session_id: Some(session_id()).filter(|id| !id.is_empty()),
+                name,
+                message,
+            }
+        }
+        "message.updated" => {
+            let info = props
+                .get("info")
+                .ok_or_else(|| DecodeError("message.updated without info".into()))?;
+            let message = decode_message(info)?;
+            let mut id = session_id();
+            if id.is_empty() {
+                id = str_at(info, "sessionID");
+            }
+            Event::MessageUpdated {
+                session_id: id,
+                message,
+            }
+        }
+        "message.removed" => Event::MessageRemoved {
+            session_id: required_session()?,
+            message_id: str_at(props, "messageID"),
+        },
+        "message.part.updated" => {
+            let part = props
+                .get("part")
+                .ok_or_else(|| DecodeError("message.part.updated without part".into()))?;
+            let mut id = session_id();
+            if id.is_empty() {
+                id = str_at(part, "sessionID");
+            }
+            Event::PartUpdated {
+                session_id: id,
+                part: decode_part(part)?,
+            }
+        }
+        "message.part.delta" => Event::PartDelta {
+            session_id: required_session()?,
+            message_id: str_at(props, "messageID"),
+            part_id: str_at(props, "partID"),
+            field: str_at(props, "field"),
+            delta: str_at(props, "delta"),
+        },
+        "message.part.removed" => Event::PartRemoved {
+            session_id: required_session()?,
+            part_id: str_at(props, "partID"),
+        },
+        other => Event::Other {
+            session_id: Some(session_id()).filter(|id| !id.is_empty()),
+            kind: other.to_string(),
+        },
+    };
+    if let Some(id) = event.session_id()
+        && id.is_empty()
+    {
+        return Err(DecodeError(format!("{kind} without a session id")));
+    }
+    Ok(Some(event))
+}
+
+pub fn decode_session(info: &Value) -> Result<SessionInfo, DecodeError> {
+    let id = str_at(info, "id");
+    if id.is_empty() {
+        return Err(DecodeError("session without id".into()));
+    }
+    let time = info.get("time");
+    let project_name = info
+        .get("project")
+        .and_then(|p| p.get("name"))
+        .and_then(Value::as_str)
+        .filter(|name| !name.is_empty())
+        .map(str::to_string);
+    Ok(SessionInfo {
+        id,
+        slug: str_at(info, "slug"),
+        title: str_at(info, "title"),
+        directory: str_at(info, "directory"),
+        project_name,
+        parent_id: Some(str_at(info, "parentID")).filter(|p| !p.is_empty()),
+        created_ms: time.map(|t| u64_at(t, "created")).unwrap_or(0),
+        updated_ms: time.map(|t| u64_at(t, "updated")).unwrap_or(0),
+    })
+}
+
+pub fn decode_status(status: &Value) -> Status {
+    match status.get("type").and_then(Value::as_str) {
+        Some("busy") => Status::Busy,
+        Some("retry") => Status::Retry,
+        _ => Status::Idle,
+    }
+}
+
+pub fn decode_message(info: &Value) -> Result<MessageInfo, DecodeError> {
+    let id = str_at(info, "id");
+    if id.is_empty() {
+        return Err(DecodeError("message without id".into()));
+    }
+    let role = match info.get("role").and_then(Value::as_str) {
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        other => return Err(DecodeError(format!("message with role {other:?}"))),
+    };
+    let empty = Value::Null;
+    let tokens = info.get("tokens").unwrap_or(&empty);
+    let cache = tokens.get("cache").unwrap_or(&empty);
+    let time = info.get("time").unwrap_or(&empty);
+    let model = match (info.get("providerID"), info.get("modelID")) {
+        (Some(Value::String(p)), Some(Value::String(m))) => Some(format!("{p}/{m}")),
+        _ => None,
+    };
+    Ok(MessageInfo {
+        id,
+        role,
+        created_ms: u64_at(time, "created"),
+        completed_ms: time.get("completed").and_then(Value::as_f64).map(|t| t as u64),
+        tokens: Tokens {
+            input: u64_at(tokens, "input"),
+            output: u64_at(tokens, "output"),
+            reasoning: u64_at(tokens, "reasoning"),
+            cache_read: u64_at(cache, "read"),
+            cache_write: u64_at(cache, "write"),
+        },
+        cost: info.get("cost").and_then(Value::as_f64).unwrap_or(0.0),
+        error: info.get("error").and_then(decode_error),
+        model,
+    })
+}
+
+pub fn decode_part(part: &Value) -> Result<Part, DecodeError> {
+    let id = str_at(part, "id");
+    if id.is_empty() {
+        return Err(DecodeError("part without id".into()));
+    }
+    let kind = str_at(part, "type");
+    let body = match kind.as_str() {
+        "text" => {
+            // Synthetic and ignored text is context OpenCode adds for the model, not an answer.
+            let hidden = part.get("synthetic").and_then(Value::as_bool) == Some(true)
+                || part.get("ignored").and_then(Value::as_bool) == Some(true);
+            if hidden {
+                PartBody::Other(kind)
+            } else {
+                PartBody::Text(str_at(part, "text"))
+            }
+        }
+        "reasoning" => PartBody::Reasoning(str_at(part, "text")),
+        "tool" => PartBody::Tool(decode_tool(part)),
+        _ => PartBody::Other(kind),
+    };
+    Ok(Part {
+        id,
+        message_id: str_at(part, "messageID"),
+        body,
+    })
+}
+
+fn decode_tool(part: &Value) -> ToolCall {
+    let empty = Value::Null;
+    let state = part.get("state").unwrap_or(&empty);
+    let status = match state.get("status").and_then(Value::as_str) {
+        Some("running") => ToolStatus::Running,
+        Some("completed") => ToolStatus::Completed,
+        Some("error") => ToolStatus::Error,
+        _ => ToolStatus::Pending,
+    };
+    let tool = str_at(part, "tool");
+    let time = state.get("time").unwrap_or(&empty);
+    ToolCall {
+        main_argument: main_argument(&tool, state.get("input").unwrap_or(&empty)),
+        tool,
+        status,
+        title: str_at(state, "title"),
+        error: str_at(state, "error"),
+        started_ms: time.get("start").and_then(Value::as_f64).map(|t| t as u64),
+        ended_ms: time.get("end").and_then(Value::as_f64).map(|t| t as u64),
+    }
+}
+
+/// The input field that names what a tool call is about.
+fn main_argument(tool: &str, input: &Value) -> String {
+    let preferred: &[&str] = match tool {
+        "bash" => &["command"],
+        "read" | "write" | "edit" | "patch" => &["filePath", "path"],
+        "glob" | "grep" => &["pattern", "path"],
+        "list" => &["path"],
+        "webfetch" => &["url"],
+        "task" => &["description", "prompt"],
+        _ => &[],
+    };
+    let fallback = ["command", "filePath", "path", "pattern", "url", "query", "description"];
+    preferred
+        .iter()
+        .chain(fallback.iter())
+        .find_map(|key| input.get(*key).and_then(Value::as_str))
+        .or_else(|| input.as_object()?.values().find_map(Value::as_str))
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn decode_error(error: &Value) -> Option<(String, String)> {
+    let name = error.get("name").and_then(Value::as_str)?.to_string();
+    let message = error
+        .get("data")
+        .and_then(|d| d.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    Some((name, message))
+}
+
+fn str_at(value: &Value, key: &str) -> String {
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn u64_at(value: &Value, key: &str) -> u64 {
+    value
+        .get(key)
+        .and_then(Value::as_f64)
+        .filter(|n| *n >= 0.0)
+        .map(|n| n as u64)
+        .unwrap_or(0)
+}

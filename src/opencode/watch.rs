@@ -1,0 +1,175 @@
+//! The thread that watches one OpenCode server: its `/global/event` stream, and a slow poll of the
+//! session list that catches whatever the stream missed. It only reads and forwards; the router decides.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::rest::OpenCodeClient;
+use super::sse::SseParser;
+use super::{Envelope, ServerKey, SessionInfo, Status, decode_global_event};
+use crate::http::{self, Backoff};
+
+/// OpenCode sends a heartbeat about every 10 s; a stream silent for this long is dead.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const POLL_INTERVAL: Duration = Duration::from_secs(20);
+const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
+/// Directories whose sessions changed within this window get their busy/idle status polled.
+const RECENT_WINDOW_MS: u64 = 24 * 3600 * 1000;
+const MAX_POLLED_DIRECTORIES: usize = 32;
+
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// The event stream is open. Anything may have happened while it was not: reconcile.
+    StreamUp,
+    /// The stream ended or could not be opened.
+    StreamDown(String),
+    Event(Envelope),
+    /// The full session list and the status of recently active directories.
+    Snapshot {
+        sessions: Vec<SessionInfo>,
+        statuses: HashMap<String, Status>,
+    },
+    /// The list could not be read; the server is probably down.
+    PollFailed(String),
+}
+
+/// Runs until `stop` disconnects. Events go to `out` as `(server, event)`.
+pub fn run<T>(client: Arc<OpenCodeClient>, out: Sender<T>, stop: Receiver<()>)
+where
+    T: From<(ServerKey, WatchEvent)> + Send + 'static,
+{
+    let key = client.key.clone();
+    let send = |event: WatchEvent| out.send(T::from((key.clone(), event))).is_ok();
+    let stream_agent = http::stream_agent(STREAM_IDLE_TIMEOUT);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut next_poll = Instant::now();
+    loop {
+        if stopped(&stop, Duration::ZERO) {
+            return;
+        }
+        let url = format!("{}/global/event", client.base_url());
+        let mut request = stream_agent.get(&url).header("Accept", "text/event-stream");
+        if let Some(auth) = client.authorization() {
+            request = request.header("Authorization", auth);
+        }
+        let failure = match request.call() {
+            Ok(response) if response.status().is_success() => {
+                crate::debug!("event stream open on {}", key.0);
+                if !send(WatchEvent::StreamUp) {
+                    return;
+                }
+                backoff.reset();
+                let mut reader = response.into_body().into_reader();
+                match pump(&mut reader, &send, &client, &mut next_poll, &stop) {
+                    Pump::Stopped => return,
+                    Pump::Ended(reason) => reason,
+                }
+            }
+            Ok(response) => format!("event stream answered {}", response.status()),
+            Err(e) => e.to_string(),
+        };
+        if !send(WatchEvent::StreamDown(failure)) {
+            return;
+        }
+        // Keep polling while the stream is down: the poll is what notices the server came back.
+        let delay = backoff.next_delay();
+        let deadline = Instant::now() + delay;
+        while Instant::now() < deadline {
+            if Instant::now() >= next_poll {
+                poll(&client, &send);
+                next_poll = Instant::now() + POLL_INTERVAL;
+            }
+            let wait = deadline
+                .min(next_poll)
+                .saturating_duration_since(Instant::now());
+            if stopped(&stop, wait) {
+                return;
+            }
+        }
+    }
+}
+
+enum Pump {
+    Stopped,
+    Ended(String),
+}
+
+fn pump(
+    reader: &mut impl Read,
+    send: &impl Fn(WatchEvent) -> bool,
+    client: &OpenCodeClient,
+    next_poll: &mut Instant,
+    stop: &Receiver<()>,
+) -> Pump {
+    let mut parser = SseParser::new(MAX_EVENT_BYTES);
+    let mut buffer = vec![0u8; 16 * 1024];
+    // Reconcile at once after every (re)connect.
+    *next_poll = Instant::now();
+    loop {
+        if stopped(stop, Duration::ZERO) {
+            return Pump::Stopped;
+        }
+        if Instant::now() >= *next_poll {
+            poll(client, send);
+            *next_poll = Instant::now() + POLL_INTERVAL;
+        }
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => return Pump::Ended("event stream closed by the server".into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Pump::Ended(format!("event stream failed: {e}")),
+        };
+        for sse in parser.feed(&buffer[..read]) {
+            match decode_global_event(&sse.data) {
+                Ok(Some(envelope)) => {
+                    if !send(WatchEvent::Event(envelope)) {
+                        return Pump::Stopped;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => crate::warn!("{e}; skipped: {}", preview(&sse.data)),
+            }
+        }
+    }
+}
+
+fn poll(client: &OpenCodeClient, send: &impl Fn(WatchEvent) -> bool) {
+    let sessions = match client.list_sessions() {
+        Ok(sessions) => sessions,
+        Err(e) => {
+            send(WatchEvent::PollFailed(e.to_string()));
+            return;
+        }
+    };
+    let newest = sessions.iter().map(|s| s.updated_ms).max().unwrap_or(0);
+    let directories: BTreeSet<&str> = sessions
+        .iter()
+        .filter(|s| s.updated_ms + RECENT_WINDOW_MS >= newest)
+        .map(|s| s.directory.as_str())
+        .take(MAX_POLLED_DIRECTORIES)
+        .collect();
+    let mut statuses = HashMap::new();
+    for directory in directories {
+        match client.session_status(directory) {
+            Ok(found) => statuses.extend(found),
+            Err(e) => crate::debug!("status of {directory} unavailable: {e}"),
+        }
+    }
+    send(WatchEvent::Snapshot { sessions, statuses });
+}
+
+/// Waits up to `wait` for the stop signal; true once the bridge is stopping.
+fn stopped(stop: &Receiver<()>, wait: Duration) -> bool {
+    match stop.recv_timeout(wait) {
+        Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
+        Err(RecvTimeoutError::Timeout) => false,
+    }
+}
+
+fn preview(data: &str) -> String {
+    crate::render::truncate_chars(data, 200)
+}

@@ -1,0 +1,854 @@
+//! The router: the registry of sessions and threads, and the main loop over one closed `Input` enum.
+//! Readers and workers send it inputs; it decides which session a post or event belongs to, starts
+//! and stops session workers, answers main-DM commands, and is the only caller of `Store::save`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::command::{self, DmCommand, Resolution, SessionRef, short_id};
+use crate::mattermost::rest::MattermostClient;
+use crate::mattermost::ws::WsUpdate;
+use crate::mattermost::{Identity, Post, WsEvent};
+use crate::opencode::rest::{OcError, OpenCodeClient};
+use crate::opencode::watch::WatchEvent;
+use crate::opencode::{Event, ServerKey, SessionInfo, SessionKey, Status};
+use crate::render::{MAX_POST_CHARS, split_post, truncate_chars};
+use crate::reply::display_title;
+use crate::session::{self, Report, SessionHandle, SessionMsg};
+use crate::store::{State, Store, ThreadRecord};
+
+/// How long shutdown waits for session workers to finish what they are sending.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+const REMEMBERED_POSTS: usize = 2048;
+
+#[derive(Debug)]
+pub enum Input {
+    Mattermost(WsUpdate),
+    OpenCode(ServerKey, WatchEvent),
+    Session(Report),
+    Stop,
+}
+
+impl From<WsUpdate> for Input {
+    fn from(update: WsUpdate) -> Input {
+        Input::Mattermost(update)
+    }
+}
+
+impl From<(ServerKey, WatchEvent)> for Input {
+    fn from((server, event): (ServerKey, WatchEvent)) -> Input {
+        Input::OpenCode(server, event)
+    }
+}
+
+impl From<Report> for Input {
+    fn from(report: Report) -> Input {
+        Input::Session(report)
+    }
+}
+
+pub struct Router {
+    pub command_prefix: String,
+    pub mattermost: Arc<MattermostClient>,
+    pub identity: Identity,
+    pub servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
+    pub store: Store,
+    pub state: State,
+    /// Where workers send their reports: the router's own input channel.
+    pub inputs: Sender<Input>,
+    live: HashMap<SessionKey, Live>,
+    workers: HashMap<SessionKey, SessionHandle>,
+    by_root: HashMap<String, SessionKey>,
+    parents: HashMap<SessionKey, SessionKey>,
+    pending_attach: HashSet<SessionKey>,
+    seen_posts: SeenPosts,
+    stream_up: HashMap<ServerKey, bool>,
+    websocket_up: bool,
+    /// Told once, when both sides are first connected.
+    ready: Option<Sender<()>>,
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    info: SessionInfo,
+    status: Status,
+}
+
+impl Router {
+    pub fn new(
+        command_prefix: String,
+        mattermost: Arc<MattermostClient>,
+        identity: Identity,
+        servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
+        store: Store,
+        state: State,
+        inputs: Sender<Input>,
+        ready: Option<Sender<()>>,
+    ) -> Router {
+        let mut by_root = HashMap::new();
+        for (server, server_state) in &state.servers {
+            for (session_id, record) in &server_state.sessions {
+                by_root.insert(
+                    record.root_post_id.clone(),
+                    SessionKey {
+                        server: ServerKey(server.clone()),
+                        session_id: session_id.clone(),
+                    },
+                );
+            }
+        }
+        Router {
+            command_prefix,
+            mattermost,
+            identity,
+            servers,
+            store,
+            state,
+            inputs,
+            live: HashMap::new(),
+            workers: HashMap::new(),
+            by_root,
+            parents: HashMap::new(),
+            pending_attach: HashSet::new(),
+            seen_posts: SeenPosts::default(),
+            stream_up: HashMap::new(),
+            websocket_up: false,
+            ready,
+        }
+    }
+
+    pub fn run(mut self, inputs: Receiver<Input>) {
+        self.save();
+        while let Ok(input) = inputs.recv() {
+            match input {
+                Input::Stop => break,
+                Input::Mattermost(update) => self.on_mattermost(update),
+                Input::OpenCode(server, event) => self.on_opencode(server, event),
+                Input::Session(report) => self.on_report(report),
+            }
+        }
+        self.shutdown(&inputs);
+    }
+
+    fn shutdown(&mut self, inputs: &Receiver<Input>) {
+        crate::info!("stopping");
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        // Dropping a worker's sender ends its loop once it has sent what it was sending.
+        let mut running: HashMap<SessionKey, std::thread::JoinHandle<()>> = self
+            .workers
+            .drain()
+            .map(|(key, handle)| (key, handle.thread))
+            .collect();
+        while !running.is_empty() {
+            match inputs.recv_deadline(deadline) {
+                Ok(Input::Session(Report::Exited { key })) => {
+                    if let Some(thread) = running.remove(&key) {
+                        let _ = thread.join();
+                    }
+                }
+                Ok(Input::Session(report)) => self.on_report(report),
+                Ok(_) => {}
+                Err(_) => {
+                    crate::warn!(
+                        "{} session worker(s) still busy at shutdown; leaving them",
+                        running.len()
+                    );
+                    break;
+                }
+            }
+        }
+        self.save();
+    }
+
+    // ---- OpenCode ----
+
+    fn on_opencode(&mut self, server: ServerKey, event: WatchEvent) {
+        match event {
+            WatchEvent::StreamUp => {
+                crate::info!("opencode event stream connected: {}", server.0);
+                self.stream_up.insert(server, true);
+                self.check_ready();
+            }
+            WatchEvent::StreamDown(reason) => {
+                if self.stream_up.insert(server.clone(), false) != Some(false) {
+                    crate::warn!("opencode event stream lost ({}): {reason}", server.0);
+                } else {
+                    crate::debug!("opencode event stream still down: {reason}");
+                }
+            }
+            WatchEvent::PollFailed(reason) => crate::debug!("session poll failed: {reason}"),
+            WatchEvent::Event(envelope) => self.on_opencode_event(server, envelope.event),
+            WatchEvent::Snapshot { sessions, statuses } => {
+                self.reconcile(server, sessions, statuses)
+            }
+        }
+    }
+
+    fn on_opencode_event(&mut self, server: ServerKey, event: Event) {
+        let Some(session_id) = event.session_id().map(str::to_string) else {
+            return;
+        };
+        let key = SessionKey {
+            server,
+            session_id,
+        };
+        match &event {
+            Event::SessionCreated(info) | Event::SessionUpdated(info) => {
+                self.learn(&key, info.clone());
+                if matches!(event, Event::SessionCreated(_)) && self.wants_thread(&key) {
+                    self.start_thread(key.clone());
+                }
+            }
+            Event::SessionDeleted { .. } => {
+                self.session_ended(&key);
+                return;
+            }
+            Event::SessionStatus { status, .. } => self.set_status(&key, *status),
+            Event::SessionIdle { .. } => self.set_status(&key, Status::Idle),
+            _ => {}
+        }
+        if let Some(parent) = self.parents.get(&key).cloned() {
+            if let Some(inbox) = self.worker_for(&parent) {
+                let _ = inbox.send(SessionMsg::Child {
+                    child_id: key.session_id,
+                    event,
+                });
+            }
+            return;
+        }
+        if let Some(inbox) = self.worker_for(&key) {
+            let _ = inbox.send(SessionMsg::Event(event));
+        }
+    }
+
+    fn learn(&mut self, key: &SessionKey, mut info: SessionInfo) {
+        if let Some(parent_id) = &info.parent_id {
+            self.parents.insert(
+                key.clone(),
+                SessionKey {
+                    server: key.server.clone(),
+                    session_id: parent_id.clone(),
+                },
+            );
+        }
+        let status = self.live.get(key).map_or(Status::Idle, |l| l.status);
+        if let Some(old) = self.live.get(key)
+            && info.project_name.is_none()
+        {
+            info.project_name = old.info.project_name.clone();
+        }
+        if let Some(record) = self.record_mut(key)
+            && (record.title != info.title || record.slug != info.slug)
+        {
+            record.title = info.title.clone();
+            record.slug = info.slug.clone();
+        }
+        self.live.insert(key.clone(), Live { info, status });
+    }
+
+    fn set_status(&mut self, key: &SessionKey, status: Status) {
+        if let Some(live) = self.live.get_mut(key) {
+            live.status = status;
+        }
+    }
+
+    /// New top-level sessions created since the bridge first started get a thread automatically.
+    fn wants_thread(&self, key: &SessionKey) -> bool {
+        let Some(live) = self.live.get(key) else {
+            return false;
+        };
+        live.info.parent_id.is_none()
+            && live.info.created_ms >= self.state.first_started_ms
+            && self.record(key).is_none()
+            && !self.workers.contains_key(key)
+    }
+
+    fn start_thread(&mut self, key: SessionKey) {
+        let Some(live) = self.live.get(&key) else {
+            return;
+        };
+        let Some(client) = self.servers.get(&key.server).cloned() else {
+            return;
+        };
+        let setup = session::Setup {
+            key: key.clone(),
+            info: live.info.clone(),
+            channel_id: self.identity.dm_channel_id.clone(),
+            root_post_id: None,
+            mattermost: self.mattermost.clone(),
+            opencode: client,
+            command_prefix: self.command_prefix.clone(),
+        };
+        match session::spawn(setup, self.inputs.clone()) {
+            Ok(handle) => {
+                self.workers.insert(key, handle);
+            }
+            Err(e) => crate::error!("cannot start a session worker thread: {e}"),
+        }
+    }
+
+    /// The inbox of the session's worker, starting one if the session has a live thread.
+    fn worker_for(&mut self, key: &SessionKey) -> Option<Sender<SessionMsg>> {
+        if let Some(handle) = self.workers.get(key) {
+            return Some(handle.inbox.clone());
+        }
+        let record = self.record(key)?.clone();
+        if record.ended_ms.is_some() {
+            return None;
+        }
+        let client = self.servers.get(&key.server)?.clone();
+        let info = self
+            .live
+            .get(key)
+            .map(|l| l.info.clone())
+            .unwrap_or_else(|| SessionInfo {
+                id: key.session_id.clone(),
+                slug: record.slug.clone(),
+                title: record.title.clone(),
+                directory: record.directory.clone(),
+                created_ms: record.created_ms,
+                ..SessionInfo::default()
+            });
+        let setup = session::Setup {
+            key: key.clone(),
+            info,
+            channel_id: record.channel_id.clone(),
+            root_post_id: Some(record.root_post_id.clone()),
+            mattermost: self.mattermost.clone(),
+            opencode: client,
+            command_prefix: self.command_prefix.clone(),
+        };
+        match session::spawn(setup, self.inputs.clone()) {
+            Ok(handle) => {
+                let inbox = handle.inbox.clone();
+                self.workers.insert(key.clone(), handle);
+                Some(inbox)
+            }
+            Err(e) => {
+                crate::error!("cannot start a session worker thread: {e}");
+                None
+            }
+        }
+    }
+
+    fn session_ended(&mut self, key: &SessionKey) {
+        self.live.remove(key);
+        self.parents.remove(key);
+        let now = crate::log::now_ms();
+        let Some(record) = self.record_mut(key) else {
+            return;
+        };
+        if record.ended_ms.is_some() {
+            return;
+        }
+        record.ended_ms = Some(now);
+        self.save();
+        crate::info!("[{}] session ended", short_id(&key.session_id));
+        if let Some(inbox) = self.worker_for_ending(key) {
+            let _ = inbox.send(SessionMsg::Ended { ended_ms: now });
+        }
+    }
+
+    /// Like `worker_for`, for a session already marked ended: it still needs a worker to say so.
+    fn worker_for_ending(&mut self, key: &SessionKey) -> Option<Sender<SessionMsg>> {
+        if let Some(handle) = self.workers.get(key) {
+            return Some(handle.inbox.clone());
+        }
+        let ended = self.record_mut(key)?.ended_ms.take();
+        let inbox = self.worker_for(key);
+        if let Some(record) = self.record_mut(key) {
+            record.ended_ms = ended;
+        }
+        inbox
+    }
+
+    fn reconcile(
+        &mut self,
+        server: ServerKey,
+        sessions: Vec<SessionInfo>,
+        statuses: HashMap<String, Status>,
+    ) {
+        let mut present = HashSet::new();
+        for info in sessions {
+            let key = SessionKey {
+                server: server.clone(),
+                session_id: info.id.clone(),
+            };
+            present.insert(info.id.clone());
+            self.learn(&key, info);
+            if let Some(status) = statuses.get(&key.session_id) {
+                self.set_status(&key, *status);
+            }
+            if self.wants_thread(&key) {
+                crate::info!(
+                    "[{}] session found by the poll; creating its thread",
+                    short_id(&key.session_id)
+                );
+                self.start_thread(key);
+            }
+        }
+        let open_records: Vec<String> = self
+            .state
+            .servers
+            .get(&server.0)
+            .map(|s| {
+                s.sessions
+                    .iter()
+                    .filter(|(_, r)| r.ended_ms.is_none())
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for session_id in open_records {
+            let key = SessionKey {
+                server: server.clone(),
+                session_id,
+            };
+            if !present.contains(&key.session_id) {
+                self.confirm_gone(&key);
+                continue;
+            }
+            let status = statuses.get(&key.session_id).copied();
+            let has_worker = self.workers.contains_key(&key);
+            // A session that turned busy while the bridge was away gets a worker to follow it.
+            if let Some(status) = status
+                && (has_worker || status != Status::Idle)
+                && let Some(inbox) = self.worker_for(&key)
+            {
+                let _ = inbox.send(SessionMsg::Polled(status));
+            }
+        }
+    }
+
+    /// A session missing from the list may be archived rather than deleted: ask before ending it.
+    fn confirm_gone(&mut self, key: &SessionKey) {
+        let Some(client) = self.servers.get(&key.server).cloned() else {
+            return;
+        };
+        let directory = self
+            .record(key)
+            .map(|r| r.directory.clone())
+            .unwrap_or_default();
+        if let Err(OcError::SessionNotFound(_)) = client.get_session(&key.session_id, &directory) {
+            self.session_ended(key);
+        }
+    }
+
+    // ---- Mattermost ----
+
+    fn on_mattermost(&mut self, update: WsUpdate) {
+        match update {
+            WsUpdate::Connected {
+                resumed,
+                server_version,
+            } => {
+                crate::info!(
+                    "mattermost websocket connected (resumed: {resumed}, server {server_version})"
+                );
+                self.websocket_up = true;
+                self.check_ready();
+            }
+            WsUpdate::Disconnected(reason) if !self.websocket_up => {
+                crate::debug!("mattermost websocket still down: {reason}")
+            }
+            WsUpdate::Disconnected(reason) => {
+                self.websocket_up = false;
+                crate::warn!("mattermost websocket lost: {reason}")
+            }
+            WsUpdate::Event(WsEvent::Posted(post)) => self.on_post(post),
+            WsUpdate::Event(_) => {}
+        }
+    }
+
+    fn on_post(&mut self, post: Post) {
+        if post.user_id == self.identity.bot_user_id {
+            return;
+        }
+        if post.channel_id != self.identity.dm_channel_id {
+            // Never follow a post from another channel into a session.
+            crate::trace!("ignored a post in another channel");
+            return;
+        }
+        if post.user_id != self.identity.owner_user_id {
+            crate::warn!(
+                "ignored a post by user {} who is not the owner",
+                post.user_id
+            );
+            return;
+        }
+        if !post.post_type.is_empty() || !self.seen_posts.insert(&post.id) {
+            return;
+        }
+        if post.root_id.is_empty() {
+            self.on_dm_message(&post);
+        } else {
+            self.on_thread_reply(post);
+        }
+    }
+
+    fn on_thread_reply(&mut self, post: Post) {
+        let Some(key) = self.by_root.get(&post.root_id).cloned() else {
+            self.reply(
+                &post.root_id,
+                &format!(
+                    "ℹ️ This thread is not linked to any OpenCode session, so the message was not sent anywhere. \
+                     Each session has its own thread; `{}sessions` in the main DM lists them.",
+                    self.command_prefix
+                ),
+            );
+            return;
+        };
+        if self.record(&key).is_some_and(|r| r.ended_ms.is_some()) {
+            self.reply(
+                &post.root_id,
+                "⚠️ This session has ended, so the message was not sent. Start a new session to continue.",
+            );
+            return;
+        }
+        match self.worker_for(&key) {
+            Some(inbox) => {
+                let _ = inbox.send(SessionMsg::Prompt {
+                    post_id: post.id,
+                    text: post.message,
+                });
+            }
+            None => self.reply(
+                &post.root_id,
+                "⚠️ The message could not be handed to this session's worker; please send it again.",
+            ),
+        }
+    }
+
+    fn on_dm_message(&mut self, post: &Post) {
+        let prefix = self.command_prefix.clone();
+        let Some(command) = command::parse_dm(&post.message, &prefix) else {
+            self.reply(
+                "",
+                &format!(
+                    "Prompts go in a session's thread: reply there and the message goes to that session. \
+                     Start a session in a terminal (`opencode`, or `opencode attach <url>`) and its thread appears here; \
+                     `{prefix}attach <session>` gives an older session a thread, `{prefix}sessions` lists them, `{prefix}help` explains more."
+                ),
+            );
+            return;
+        };
+        match command {
+            DmCommand::Help => self.reply("", &help_message(&prefix)),
+            DmCommand::Sessions { all } => self.list_sessions(all),
+            DmCommand::Attach { query } => self.attach(&query),
+            DmCommand::Unknown { name } => self.reply(
+                "",
+                &format!("❓ Unknown command `{prefix}{name}`. `{prefix}help` lists the commands."),
+            ),
+            DmCommand::MissingArgument { command, usage } => self.reply(
+                "",
+                &format!("❓ `{prefix}{command}` needs an argument: `{prefix}{usage}`"),
+            ),
+            DmCommand::UnexpectedArgument {
+                command,
+                usage,
+                argument,
+            } => self.reply(
+                "",
+                &format!(
+                    "❓ `{prefix}{command}` does not take `{argument}`: `{prefix}{usage}`"
+                ),
+            ),
+        }
+    }
+
+    /// Top-level sessions of every server, freshly listed where the server answers.
+    fn all_sessions(&mut self) -> Vec<(SessionKey, SessionInfo)> {
+        let servers: Vec<(ServerKey, Arc<OpenCodeClient>)> = self
+            .servers
+            .iter()
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        for (server, client) in servers {
+            match client.list_sessions() {
+                Ok(sessions) => {
+                    for info in sessions {
+                        let key = SessionKey {
+                            server: server.clone(),
+                            session_id: info.id.clone(),
+                        };
+                        self.learn(&key, info);
+                    }
+                }
+                Err(e) => crate::warn!("cannot list sessions of {}: {e}", server.0),
+            }
+        }
+        let mut sessions: Vec<(SessionKey, SessionInfo)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.info.parent_id.is_none())
+            .map(|(k, l)| (k.clone(), l.info.clone()))
+            .collect();
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.1.updated_ms));
+        sessions
+    }
+
+    fn list_sessions(&mut self, all: bool) {
+        let sessions = self.all_sessions();
+        let prefix = self.command_prefix.clone();
+        let mut lines = Vec::new();
+        for (key, info) in &sessions {
+            let status = match self.live.get(key).map(|l| l.status) {
+                Some(Status::Busy | Status::Retry) => "busy",
+                _ => "idle",
+            };
+            let thread = match self.record(key) {
+                Some(record) => format!("[thread]({})", self.permalink(&record.root_post_id)),
+                None => format!("no thread: `{prefix}attach {}`", short_id(&key.session_id)),
+            };
+            lines.push(format!(
+                "- `{}` **{}** · `{}` · {status} · {thread}",
+                short_id(&key.session_id),
+                truncate_chars(&display_title(info), 60),
+                info.directory
+            ));
+        }
+        if all {
+            for (server, server_state) in &self.state.servers {
+                for (session_id, record) in &server_state.sessions {
+                    if record.ended_ms.is_none()
+                        || sessions.iter().any(|(k, _)| {
+                            k.session_id == *session_id && k.server.0 == *server
+                        })
+                    {
+                        continue;
+                    }
+                    lines.push(format!(
+                        "- `{}` **{}** · `{}` · ended · [thread]({})",
+                        short_id(session_id),
+                        truncate_chars(&record.title, 60),
+                        record.directory,
+                        self.permalink(&record.root_post_id)
+                    ));
+                }
+            }
+        }
+        let text = if lines.is_empty() {
+            "No sessions yet. Start one with `opencode` in a terminal; its thread appears here.".to_string()
+        } else {
+            let hint = if all {
+                String::new()
+            } else {
+                format!("\n\n_`{prefix}sessions all` includes ended sessions._")
+            };
+            format!("**Sessions** ({})\n{}{hint}", lines.len(), lines.join("\n"))
+        };
+        self.reply("", &text);
+    }
+
+    fn attach(&mut self, query: &str) {
+        let sessions = self.all_sessions();
+        let refs: Vec<SessionRef<'_>> = sessions
+            .iter()
+            .map(|(_, info)| SessionRef {
+                id: &info.id,
+                slug: &info.slug,
+            })
+            .collect();
+        let prefix = self.command_prefix.clone();
+        match command::resolve_session(query, &refs) {
+            Resolution::NotFound => self.reply(
+                "",
+                &format!("❓ No session matches `{query}`. `{prefix}sessions` lists them."),
+            ),
+            Resolution::Ambiguous(candidates) => {
+                let lines: Vec<String> = candidates
+                    .iter()
+                    .filter_map(|&i| sessions.get(i))
+                    .map(|(key, info)| {
+                        format!(
+                            "- `{}` `{}` **{}** · `{}`",
+                            short_id(&key.session_id),
+                            info.slug,
+                            truncate_chars(&display_title(info), 60),
+                            info.directory
+                        )
+                    })
+                    .collect();
+                self.reply(
+                    "",
+                    &format!(
+                        "❓ `{query}` matches {} sessions; use more of the id:\n{}",
+                        lines.len(),
+                        lines.join("\n")
+                    ),
+                );
+            }
+            Resolution::One(index) => {
+                let Some((key, info)) = sessions.get(index).cloned() else {
+                    return;
+                };
+                if let Some(record) = self.record(&key) {
+                    let link = self.permalink(&record.root_post_id);
+                    self.reply(
+                        "",
+                        &format!(
+                            "**{}** already has a thread: [open it]({link})",
+                            display_title(&info)
+                        ),
+                    );
+                    return;
+                }
+                if !self.workers.contains_key(&key) {
+                    self.start_thread(key.clone());
+                }
+                self.pending_attach.insert(key);
+            }
+        }
+    }
+
+    // ---- session workers ----
+
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::ThreadCreated {
+                key,
+                root_post_id,
+                channel_id,
+            } => {
+                let info = self
+                    .live
+                    .get(&key)
+                    .map(|l| l.info.clone())
+                    .unwrap_or_default();
+                self.by_root.insert(root_post_id.clone(), key.clone());
+                self.state
+                    .servers
+                    .entry(key.server.0.clone())
+                    .or_default()
+                    .sessions
+                    .insert(
+                        key.session_id.clone(),
+                        ThreadRecord {
+                            root_post_id: root_post_id.clone(),
+                            channel_id,
+                            directory: info.directory.clone(),
+                            title: info.title.clone(),
+                            slug: info.slug.clone(),
+                            created_ms: info.created_ms,
+                            ended_ms: None,
+                            parent_id: None,
+                        },
+                    );
+                self.save();
+                if self.pending_attach.remove(&key) {
+                    let link = self.permalink(&root_post_id);
+                    self.reply(
+                        "",
+                        &format!("🧵 **{}** is attached: [open its thread]({link})", display_title(&info)),
+                    );
+                }
+            }
+            Report::ThreadFailed { key, error } => {
+                self.workers.remove(&key);
+                if self.pending_attach.remove(&key) {
+                    self.reply("", &format!("⚠️ Could not create the thread: {error}"));
+                }
+            }
+            Report::Gone { key } => self.session_ended(&key),
+            Report::Exited { key } => {
+                if let Some(handle) = self.workers.remove(&key) {
+                    let _ = handle.thread.join();
+                }
+            }
+        }
+    }
+
+    // ---- helpers ----
+
+    fn check_ready(&mut self) {
+        let streams_up = self.servers.keys().all(|k| self.stream_up.get(k) == Some(&true));
+        if self.websocket_up && streams_up && let Some(ready) = self.ready.take() {
+            crate::info!(
+                "ready: owner @{}, {} thread(s) on record",
+                self.identity.owner_username,
+                self.by_root.len()
+            );
+            let _ = ready.send(());
+        }
+    }
+
+    fn record(&self, key: &SessionKey) -> Option<&ThreadRecord> {
+        self.state
+            .servers
+            .get(&key.server.0)?
+            .sessions
+            .get(&key.session_id)
+    }
+
+    fn record_mut(&mut self, key: &SessionKey) -> Option<&mut ThreadRecord> {
+        self.state
+            .servers
+            .get_mut(&key.server.0)?
+            .sessions
+            .get_mut(&key.session_id)
+    }
+
+    fn save(&mut self) {
+        if let Err(e) = self.store.save(&self.state) {
+            crate::error!("{e}");
+        }
+    }
+
+    fn permalink(&self, post_id: &str) -> String {
+        format!("{}/_redirect/pl/{post_id}", self.mattermost.base_url())
+    }
+
+    /// Posts in the owner DM: in a thread when `root_id` is set, else in the main DM.
+    fn reply(&self, root_id: &str, message: &str) {
+        for chunk in split_post(message, MAX_POST_CHARS) {
+            if let Err(e) =
+                self.mattermost
+                    .create_post(&self.identity.dm_channel_id, root_id, &chunk, None)
+            {
+                crate::error!("could not post a reply to the owner: {e}");
+                return;
+            }
+        }
+    }
+}
+
+pub fn help_message(prefix: &str) -> String {
+    format!(
+        "**opencode-mattermost** connects this DM to OpenCode. Every OpenCode session gets its own thread here.\n\n\
+         **In a session's thread:** write a reply and it goes to that session as a prompt, exactly as written. \
+         The answer streams back into the thread, with tool calls and a completion line. \
+         Messages sent while the session is busy are queued and sent in order.\n\n\
+         **In this main DM:**\n\
+         - `{prefix}sessions`: list sessions with their status and thread links (`{prefix}sessions all` includes ended ones)\n\
+         - `{prefix}attach <session>`: give an existing session a thread\n\
+         - `{prefix}help`: this message\n\n\
+         A session can be named by its full id, its short id (the last 8 characters), its slug (such as `neon-eagle`), \
+         or any unique start or end of its id."
+    )
+}
+
+/// Post ids already handled, so a post that arrives twice is handled once.
+#[derive(Default)]
+struct SeenPosts {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+impl SeenPosts {
+    fn insert(&mut self, id: &str) -> bool {
+        if !self.ids.insert(id.to_string()) {
+            return false;
+        }
+        self.order.push_back(id.to_string());
+        if self.order.len() > REMEMBERED_POSTS
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        true
+    }
+}
