@@ -244,7 +244,11 @@ mod tests {
             .iter()
             .map(|(id, slug)| SessionRef { id, slug })
             .collect();
-        assert_eq!(resolve_session(query, &sessions), expected, "query {query:?}");
+        assert_eq!(
+            resolve_session(query, &sessions),
+            expected,
+            "query {query:?}"
+        );
     }
 
     #[test]

@@ -170,7 +170,8 @@ const MATTERMOST_TOKEN: Var = Var {
     name: "MATTERMOST_TOKEN",
     flag: "--mattermost-token",
     placeholder: "TOKEN",
-    about: "access token of the bot or user the daemon posts as (this or MATTERMOST_TOKEN_FILE is required)",
+    about: "access token the daemon posts with; this or MATTERMOST_TOKEN_FILE is required, and both are \
+            safer than the flag, which other users can see in ps",
     default: None,
 };
 const MATTERMOST_TOKEN_FILE: Var = Var {
@@ -205,7 +206,8 @@ const OPENCODE_SERVER_PASSWORD: Var = Var {
     name: "OPENCODE_SERVER_PASSWORD",
     flag: "--opencode-password",
     placeholder: "PASSWORD",
-    about: "basic-auth password for `opencode serve`; unset means no authentication",
+    about: "basic-auth password for `opencode serve`; unset means none (prefer the environment to the \
+            flag, which other users can see in ps)",
     default: None,
 };
 const OPENCODE_MM_STATE_DIR: Var = Var {
@@ -213,7 +215,7 @@ const OPENCODE_MM_STATE_DIR: Var = Var {
     flag: "--state-dir",
     placeholder: "DIR",
     about: "absolute directory for the daemon's state",
-    default: Some("$XDG_STATE_HOME/opencode-mattermost or $HOME/.local/state/opencode-mattermost"),
+    default: Some("$XDG_STATE_HOME/opencode-mattermost, else ~/.local/state/opencode-mattermost"),
 };
 const OPENCODE_MM_COMMAND_PREFIX: Var = Var {
     name: "OPENCODE_MM_COMMAND_PREFIX",
@@ -310,14 +312,23 @@ impl Sources<'_> {
             (self.flags.get(var.name).cloned(), Origin::Flag(var.flag)),
             ((self.env)(var.name), Origin::Environment),
             (
-                self.env_file.and_then(|file| file.values.get(var.name).cloned()),
-                Origin::EnvFile(self.env_file.map(|file| file.path.clone()).unwrap_or_default()),
+                self.env_file
+                    .and_then(|file| file.values.get(var.name).cloned()),
+                Origin::EnvFile(
+                    self.env_file
+                        .map(|file| file.path.clone())
+                        .unwrap_or_default(),
+                ),
             ),
         ];
         let mut seen_empty = false;
         for (value, origin) in candidates {
             let Some(value) = value else { continue };
-            let value = if trim { value.trim().to_string() } else { value };
+            let value = if trim {
+                value.trim().to_string()
+            } else {
+                value
+            };
             if value.is_empty() {
                 seen_empty = true;
             } else {
@@ -361,9 +372,8 @@ impl EnvFile {
         })?;
         let mut values = HashMap::new();
         for (index, line) in contents.lines().enumerate() {
-            let line_error = |problem: &str| {
-                error(format!("--env-file {path:?} line {}: {problem}", index + 1))
-            };
+            let line_error =
+                |problem: &str| error(format!("--env-file {path:?} line {}: {problem}", index + 1));
             if let Some((key, value)) = parse_env_line(line).map_err(|p| line_error(&p))? {
                 values.insert(key, value);
             }
@@ -412,7 +422,10 @@ fn parse_args(args: &[String]) -> CommandLine {
                 let target = if flag == "--env-file" {
                     Some(None)
                 } else {
-                    ALL_VARS.iter().find(|var| var.flag == flag).map(|var| Some(var.name))
+                    ALL_VARS
+                        .iter()
+                        .find(|var| var.flag == flag)
+                        .map(|var| Some(var.name))
                 };
                 match target {
                     None => Some(format!("unknown flag {flag:?}")),
@@ -475,7 +488,10 @@ fn parse_env_line(line: &str) -> Result<Option<(String, String)>, String> {
         return Err("expected KEY=VALUE; fix the line or comment it out with #".to_string());
     };
     let key = key.trim();
-    let key_is_valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    let key_is_valid = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !key_is_valid {
         return Err(format!(
@@ -973,7 +989,10 @@ mod tests {
         assert_eq!(config.owner, "carol");
         assert_eq!(config.opencode_url, "https://oc.example.org");
         assert_eq!(config.opencode_username, "u");
-        assert_eq!(config.opencode_password.as_ref().map(Secret::expose), Some("p"));
+        assert_eq!(
+            config.opencode_password.as_ref().map(Secret::expose),
+            Some("p")
+        );
         assert_eq!(config.state_dir, PathBuf::from("/srv/state"));
         assert_eq!(config.command_prefix, "/");
         assert_eq!(config.log_level, LogLevel::Debug);
@@ -1005,7 +1024,11 @@ mod tests {
             ("OPENCODE_SERVER_PASSWORD", Some("")),
         ]);
         let config = run_ok(&["--env-file", &file, "--command-prefix="], &env);
-        assert_eq!(config.log_level, LogLevel::Debug, "empty falls through to the file");
+        assert_eq!(
+            config.log_level,
+            LogLevel::Debug,
+            "empty falls through to the file"
+        );
         assert_eq!(config.opencode_url, "http://127.0.0.1:4096");
         assert!(config.opencode_password.is_none());
         assert_eq!(config.command_prefix, "!");
@@ -1053,9 +1076,18 @@ mod tests {
         check("https://chat.example.com", "https://chat.example.com");
         check("https://chat.example.com/", "https://chat.example.com");
         check("https://chat.example.com//", "https://chat.example.com");
-        check("https://chat.example.com/api/v4", "https://chat.example.com");
-        check("https://chat.example.com/api/v4/", "https://chat.example.com");
-        check("HTTPS://chat.example.com/mm/api/v4/", "https://chat.example.com/mm");
+        check(
+            "https://chat.example.com/api/v4",
+            "https://chat.example.com",
+        );
+        check(
+            "https://chat.example.com/api/v4/",
+            "https://chat.example.com",
+        );
+        check(
+            "HTTPS://chat.example.com/mm/api/v4/",
+            "https://chat.example.com/mm",
+        );
         check("http://127.0.0.1:8065", "http://127.0.0.1:8065");
         check("http://[::1]:8065/", "http://[::1]:8065");
         check("  http://localhost  ", "http://localhost");
@@ -1124,12 +1156,18 @@ mod tests {
     fn token_file_errors() {
         let empty = write_file("token-errors", "empty", " \n");
         check_error_env(
-            &[("MATTERMOST_TOKEN", None), ("MATTERMOST_TOKEN_FILE", Some(&empty))],
+            &[
+                ("MATTERMOST_TOKEN", None),
+                ("MATTERMOST_TOKEN_FILE", Some(&empty)),
+            ],
             &format!("MATTERMOST_TOKEN_FILE: {empty:?} is empty; put the access token in it"),
         );
         let two_words = write_file("token-errors", "two", &format!("{TOKEN} {TOKEN}\n"));
         check_error_env(
-            &[("MATTERMOST_TOKEN", None), ("MATTERMOST_TOKEN_FILE", Some(&two_words))],
+            &[
+                ("MATTERMOST_TOKEN", None),
+                ("MATTERMOST_TOKEN_FILE", Some(&two_words)),
+            ],
             &format!(
                 "MATTERMOST_TOKEN_FILE: {two_words:?} holds more than the token; put only the access \
                  token in it"
@@ -1138,7 +1176,10 @@ mod tests {
         let missing = "/nonexistent/opencode-mattermost/token";
         let err = run(
             &[],
-            &env_with(&[("MATTERMOST_TOKEN", None), ("MATTERMOST_TOKEN_FILE", Some(missing))]),
+            &env_with(&[
+                ("MATTERMOST_TOKEN", None),
+                ("MATTERMOST_TOKEN_FILE", Some(missing)),
+            ]),
         )
         .unwrap_err()
         .to_string();
@@ -1146,7 +1187,10 @@ mod tests {
             err.starts_with(&format!("MATTERMOST_TOKEN_FILE: cannot read {missing:?}: ")),
             "{err}"
         );
-        assert!(err.ends_with("; check the path and its permissions"), "{err}");
+        assert!(
+            err.ends_with("; check the path and its permissions"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1223,7 +1267,10 @@ mod tests {
         check("A=b", Ok(Some(("A", "b"))));
         check("  A  =  b c  ", Ok(Some(("A", "b c"))));
         check("A=", Ok(Some(("A", ""))));
-        check("A='it''s'", Err("unexpected text after the closing '; quote the whole value"));
+        check(
+            "A='it''s'",
+            Err("unexpected text after the closing '; quote the whole value"),
+        );
         check("A='$HOME \\n'", Ok(Some(("A", "$HOME \\n"))));
         check("A=\"\\$x \\n\"", Ok(Some(("A", "$x \\n"))));
         check("   # comment", Ok(None));
@@ -1231,14 +1278,26 @@ mod tests {
         check("", Ok(None));
         check(
             "A=\"open",
-            Err("missing closing \"; values cannot span lines, so close the quote on the same line"),
+            Err(
+                "missing closing \"; values cannot span lines, so close the quote on the same line",
+            ),
         );
         check(
             "export A=b",
-            Err(r#""export A" is not a valid variable name; use letters, digits and _ as in MATTERMOST_URL=…"#),
+            Err(
+                r#""export A" is not a valid variable name; use letters, digits and _ as in MATTERMOST_URL=…"#,
+            ),
         );
-        check("1A=b", Err(r#""1A" is not a valid variable name; use letters, digits and _ as in MATTERMOST_URL=…"#));
-        check("just words", Err("expected KEY=VALUE; fix the line or comment it out with #"));
+        check(
+            "1A=b",
+            Err(
+                r#""1A" is not a valid variable name; use letters, digits and _ as in MATTERMOST_URL=…"#,
+            ),
+        );
+        check(
+            "just words",
+            Err("expected KEY=VALUE; fix the line or comment it out with #"),
+        );
     }
 
     #[test]
@@ -1288,7 +1347,10 @@ mod tests {
     #[test]
     fn state_dir_defaults_and_errors() {
         let check = |extra: &[(&str, Option<&str>)], expected: &str| {
-            assert_eq!(run_ok(&[], &env_with(extra)).state_dir, PathBuf::from(expected));
+            assert_eq!(
+                run_ok(&[], &env_with(extra)).state_dir,
+                PathBuf::from(expected)
+            );
         };
         check(
             &[("XDG_STATE_HOME", Some("/xdg/state/"))],
@@ -1373,7 +1435,10 @@ mod tests {
             &["--bogus=secret"],
             r#"unknown flag "--bogus"; see opencode-mattermost --help"#,
         );
-        check(&["-x"], r#"unknown flag "-x"; see opencode-mattermost --help"#);
+        check(
+            &["-x"],
+            r#"unknown flag "-x"; see opencode-mattermost --help"#,
+        );
         check(
             &["serve"],
             r#"unknown subcommand "serve"; see opencode-mattermost --help"#,
