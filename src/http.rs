@@ -42,7 +42,10 @@ pub fn percent_encode(text: &str) -> String {
 }
 
 pub fn basic_auth(username: &str, password: &str) -> String {
-    format!("Basic {}", base64(format!("{username}:{password}").as_bytes()))
+    format!(
+        "Basic {}",
+        base64(format!("{username}:{password}").as_bytes())
+    )
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -88,7 +91,10 @@ impl Backoff {
     /// The next delay: full exponential step, then a random 50–100% of it so that many clients
     /// restarting together do not retry in lockstep.
     pub fn next_delay(&mut self) -> Duration {
-        let step = self.base.saturating_mul(1 << self.attempt.min(16)).min(self.cap);
+        let step = self
+            .base
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
         let jitter = 0.5 + 0.5 * random_unit();
         step.mul_f64(jitter)

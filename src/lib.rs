@@ -52,7 +52,9 @@ impl RunError {
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RunError::Config(m) | RunError::AlreadyRunning(m) | RunError::Fatal(m) => f.write_str(m),
+            RunError::Config(m) | RunError::AlreadyRunning(m) | RunError::Fatal(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -69,11 +71,12 @@ pub fn run_with_ready(
     ready: Option<crossbeam_channel::Sender<()>>,
 ) -> Result<(), RunError> {
     log::set_level(config.log_level);
-    let (store, state, notes) = Store::open(&config.state_dir, log::now_ms()).map_err(|e| match e {
-        store::StoreError::Locked { .. } => RunError::AlreadyRunning(e.to_string()),
-        store::StoreError::FutureVersion { .. } => RunError::Config(e.to_string()),
-        store::StoreError::Io { .. } => RunError::Fatal(e.to_string()),
-    })?;
+    let (store, state, notes) =
+        Store::open(&config.state_dir, log::now_ms()).map_err(|e| match e {
+            store::StoreError::Locked { .. } => RunError::AlreadyRunning(e.to_string()),
+            store::StoreError::FutureVersion { .. } => RunError::Config(e.to_string()),
+            store::StoreError::Io { .. } => RunError::Fatal(e.to_string()),
+        })?;
     for note in notes {
         warn!("{note}");
     }
@@ -126,16 +129,16 @@ pub fn run_with_ready(
 
     let mut servers = BTreeMap::new();
     servers.insert(opencode.key.clone(), opencode);
-    let router = Router::new(
-        config.command_prefix.clone(),
+    let router = Router::new(router::Setup {
+        command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,
         servers,
         store,
         state,
-        inputs_tx,
+        inputs: inputs_tx,
         ready,
-    );
+    });
     router.run(inputs);
     Ok(())
 }
@@ -217,7 +220,9 @@ fn try_identify(client: &MattermostClient, config: &Config) -> Result<Identity, 
             "MATTERMOST_OWNER: \"{owner_query}\" is the bot itself; set it to the person who controls the sessions"
         ))));
     }
-    let dm_channel_id = client.direct_channel(&bot.id, &owner.id).map_err(classify)?;
+    let dm_channel_id = client
+        .direct_channel(&bot.id, &owner.id)
+        .map_err(classify)?;
     Ok(Identity {
         bot_user_id: bot.id,
         bot_username: bot.username,
@@ -229,7 +234,10 @@ fn try_identify(client: &MattermostClient, config: &Config) -> Result<Identity, 
 
 /// Mattermost ids are 26 lowercase letters and digits.
 fn looks_like_id(text: &str) -> bool {
-    text.len() == 26 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    text.len() == 26
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunError> {

@@ -26,7 +26,9 @@ pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
         LogLevel::Debug => "DEBUG",
         LogLevel::Trace => "TRACE",
     };
-    let module = module.strip_prefix("opencode_mattermost::").unwrap_or(module);
+    let module = module
+        .strip_prefix("opencode_mattermost::")
+        .unwrap_or(module);
     let line = format!("{} {label} {module}: {message}\n", utc_timestamp(now_ms()));
     // One write call per line keeps lines from different threads whole.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
@@ -54,7 +56,11 @@ pub fn utc_timestamp(ms: u64) -> String {
 /// `2026-11-22 06:34 UTC`, for people.
 pub fn utc_minute(ms: u64) -> String {
     let (date, secs_of_day) = utc_date(ms);
-    format!("{date} {:02}:{:02} UTC", secs_of_day / 3600, secs_of_day / 60 % 60)
+    format!(
+        "{date} {:02}:{:02} UTC",
+        secs_of_day / 3600,
+        secs_of_day / 60 % 60
+    )
 }
 
 fn utc_date(ms: u64) -> (String, u64) {

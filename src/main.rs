@@ -9,11 +9,16 @@ fn main() -> ExitCode {
     let config = match config::parse(&args, &|name| std::env::var(name).ok()) {
         Ok(Invocation::Run(config)) => config,
         Ok(Invocation::Help) => return print(&config::help_text()),
-        Ok(Invocation::Version) => return print(&format!("opencode-mattermost {}", config::VERSION)),
+        Ok(Invocation::Version) => {
+            return print(&format!("opencode-mattermost {}", config::VERSION));
+        }
         Err(e) => return fail(&e.to_string(), 2),
     };
     let (stop_tx, stop) = crossbeam_channel::bounded(1);
-    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]);
     match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {

@@ -235,7 +235,10 @@ mod tests {
     #[test]
     fn reply_shows_reasoning_tools_and_text_in_order() {
         let parts = [
-            part("a", PartBody::Reasoning("Let me think\nabout this carefully.".into())),
+            part(
+                "a",
+                PartBody::Reasoning("Let me think\nabout this carefully.".into()),
+            ),
             part("b", PartBody::Tool(bash(ToolStatus::Completed))),
             part("c", PartBody::Other("step-finish".into())),
             part("d", PartBody::Text("The answer is **42**.\n".into())),
@@ -258,7 +261,10 @@ mod tests {
 
     #[test]
     fn tool_lines_show_each_status() {
-        assert_eq!(tool_line(&bash(ToolStatus::Running)), "🔧 **bash** `echo hi there` · ⏳ running");
+        assert_eq!(
+            tool_line(&bash(ToolStatus::Running)),
+            "🔧 **bash** `echo hi there` · ⏳ running"
+        );
         let mut failed = bash(ToolStatus::Error);
         failed.ended_ms = Some(3_000);
         failed.error = "exit status 1".into();
@@ -268,7 +274,10 @@ mod tests {
         );
         let mut ticks = bash(ToolStatus::Pending);
         ticks.main_argument = "echo `date`".into();
-        assert_eq!(tool_line(&ticks), "🔧 **bash** `` echo `date` `` · ⋯ pending");
+        assert_eq!(
+            tool_line(&ticks),
+            "🔧 **bash** `` echo `date` `` · ⋯ pending"
+        );
     }
 
     #[test]

@@ -51,14 +51,13 @@ impl From<Report> for Input {
 }
 
 pub struct Router {
-    pub command_prefix: String,
-    pub mattermost: Arc<MattermostClient>,
-    pub identity: Identity,
-    pub servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
-    pub store: Store,
-    pub state: State,
-    /// Where workers send their reports: the router's own input channel.
-    pub inputs: Sender<Input>,
+    command_prefix: String,
+    mattermost: Arc<MattermostClient>,
+    identity: Identity,
+    servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
+    store: Store,
+    state: State,
+    inputs: Sender<Input>,
     live: HashMap<SessionKey, Live>,
     workers: HashMap<SessionKey, SessionHandle>,
     by_root: HashMap<String, SessionKey>,
@@ -77,17 +76,32 @@ struct Live {
     status: Status,
 }
 
+/// What the router is started with.
+pub struct Setup {
+    pub command_prefix: String,
+    pub mattermost: Arc<MattermostClient>,
+    pub identity: Identity,
+    pub servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
+    pub store: Store,
+    pub state: State,
+    /// Where workers send their reports: the router's own input channel.
+    pub inputs: Sender<Input>,
+    /// Told once, when both sides are first connected.
+    pub ready: Option<Sender<()>>,
+}
+
 impl Router {
-    pub fn new(
-        command_prefix: String,
-        mattermost: Arc<MattermostClient>,
-        identity: Identity,
-        servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
-        store: Store,
-        state: State,
-        inputs: Sender<Input>,
-        ready: Option<Sender<()>>,
-    ) -> Router {
+    pub fn new(setup: Setup) -> Router {
+        let Setup {
+            command_prefix,
+            mattermost,
+            identity,
+            servers,
+            store,
+            state,
+            inputs,
+            ready,
+        } = setup;
         let mut by_root = HashMap::new();
         for (server, server_state) in &state.servers {
             for (session_id, record) in &server_state.sessions {
@@ -191,10 +205,7 @@ impl Router {
         let Some(session_id) = event.session_id().map(str::to_string) else {
             return;
         };
-        let key = SessionKey {
-            server,
-            session_id,
-        };
+        let key = SessionKey { server, session_id };
         match &event {
             Event::SessionCreated(info) | Event::SessionUpdated(info) => {
                 self.learn(&key, info.clone());
@@ -553,9 +564,7 @@ impl Router {
                 argument,
             } => self.reply(
                 "",
-                &format!(
-                    "❓ `{prefix}{command}` does not take `{argument}`: `{prefix}{usage}`"
-                ),
+                &format!("❓ `{prefix}{command}` does not take `{argument}`: `{prefix}{usage}`"),
             ),
         }
     }
@@ -615,9 +624,9 @@ impl Router {
             for (server, server_state) in &self.state.servers {
                 for (session_id, record) in &server_state.sessions {
                     if record.ended_ms.is_none()
-                        || sessions.iter().any(|(k, _)| {
-                            k.session_id == *session_id && k.server.0 == *server
-                        })
+                        || sessions
+                            .iter()
+                            .any(|(k, _)| k.session_id == *session_id && k.server.0 == *server)
                     {
                         continue;
                     }
@@ -632,7 +641,8 @@ impl Router {
             }
         }
         let text = if lines.is_empty() {
-            "No sessions yet. Start one with `opencode` in a terminal; its thread appears here.".to_string()
+            "No sessions yet. Start one with `opencode` in a terminal; its thread appears here."
+                .to_string()
         } else {
             let hint = if all {
                 String::new()
@@ -743,7 +753,10 @@ impl Router {
                     let link = self.permalink(&root_post_id);
                     self.reply(
                         "",
-                        &format!("🧵 **{}** is attached: [open its thread]({link})", display_title(&info)),
+                        &format!(
+                            "🧵 **{}** is attached: [open its thread]({link})",
+                            display_title(&info)
+                        ),
                     );
                 }
             }
@@ -765,8 +778,14 @@ impl Router {
     // ---- helpers ----
 
     fn check_ready(&mut self) {
-        let streams_up = self.servers.keys().all(|k| self.stream_up.get(k) == Some(&true));
-        if self.websocket_up && streams_up && let Some(ready) = self.ready.take() {
+        let streams_up = self
+            .servers
+            .keys()
+            .all(|k| self.stream_up.get(k) == Some(&true));
+        if self.websocket_up
+            && streams_up
+            && let Some(ready) = self.ready.take()
+        {
             crate::info!(
                 "ready: owner @{}, {} thread(s) on record",
                 self.identity.owner_username,

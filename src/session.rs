@@ -59,8 +59,12 @@ pub enum Report {
         error: String,
     },
     /// OpenCode no longer knows the session.
-    Gone { key: SessionKey },
-    Exited { key: SessionKey },
+    Gone {
+        key: SessionKey,
+    },
+    Exited {
+        key: SessionKey,
+    },
 }
 
 pub struct Setup {
@@ -371,7 +375,10 @@ impl Worker {
         let root = reply::root_post(&self.info, &self.prefix);
         if root != self.root_text {
             self.root_text = root;
-            if let Err(e) = self.mattermost.patch_post(&self.root_post_id, &self.root_text) {
+            if let Err(e) = self
+                .mattermost
+                .patch_post(&self.root_post_id, &self.root_text)
+            {
                 crate::warn!("[{}] could not update the root post: {e}", self.short());
             }
         }
@@ -528,7 +535,10 @@ impl Worker {
         if !turn.dirty {
             return None;
         }
-        Some(turn.last_sent.map_or_else(Instant::now, |t| t + EDIT_INTERVAL))
+        Some(
+            turn.last_sent
+                .map_or_else(Instant::now, |t| t + EDIT_INTERVAL),
+        )
     }
 
     fn flush(&mut self, last: bool) {
@@ -550,15 +560,26 @@ impl Worker {
                 Some(sent) if sent.text == chunk => {}
                 Some(sent) => match self.mattermost.patch_post(&sent.id, &chunk) {
                     Ok(_) => sent.text = chunk,
-                    Err(e) => crate::warn!("[{}] reply edit failed: {e}", short_id(&self.key.session_id)),
+                    Err(e) => crate::warn!(
+                        "[{}] reply edit failed: {e}",
+                        short_id(&self.key.session_id)
+                    ),
                 },
-                None => match self.mattermost.create_post(&self.channel_id, &self.root_post_id, &chunk, None) {
+                None => match self.mattermost.create_post(
+                    &self.channel_id,
+                    &self.root_post_id,
+                    &chunk,
+                    None,
+                ) {
                     Ok(post) => turn.posts.push(SentPost {
                         id: post.id,
                         text: chunk,
                     }),
                     Err(e) => {
-                        crate::warn!("[{}] reply post failed: {e}", short_id(&self.key.session_id));
+                        crate::warn!(
+                            "[{}] reply post failed: {e}",
+                            short_id(&self.key.session_id)
+                        );
                         break;
                     }
                 },
@@ -569,7 +590,10 @@ impl Worker {
             let keep = split_post(&body, MAX_POST_CHARS).len();
             for stale in turn.posts.drain(keep.min(turn.posts.len())..) {
                 if let Err(e) = self.mattermost.delete_post(&stale.id) {
-                    crate::warn!("[{}] stale reply post not removed: {e}", short_id(&self.key.session_id));
+                    crate::warn!(
+                        "[{}] stale reply post not removed: {e}",
+                        short_id(&self.key.session_id)
+                    );
                 }
             }
         }
@@ -611,17 +635,17 @@ impl Worker {
 
     /// The stream may have dropped events; the server's stored messages are the truth for the final text.
     fn reload_final_parts(&mut self) {
-        let messages = match self.opencode.messages(
-            &self.key.session_id,
-            &self.info.directory,
-            FINAL_MESSAGES,
-        ) {
-            Ok(messages) => messages,
-            Err(e) => {
-                crate::warn!("[{}] final text not re-read: {e}", self.short());
-                return;
-            }
-        };
+        let messages =
+            match self
+                .opencode
+                .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
+            {
+                Ok(messages) => messages,
+                Err(e) => {
+                    crate::warn!("[{}] final text not re-read: {e}", self.short());
+                    return;
+                }
+            };
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
@@ -666,10 +690,7 @@ impl Worker {
         let dropped = if self.queue.is_empty() {
             String::new()
         } else {
-            format!(
-                " {} queued message(s) were not sent.",
-                self.queue.len()
-            )
+            format!(" {} queued message(s) were not sent.", self.queue.len())
         };
         self.post_notice(&format!(
             "🏁 This session ended after {} (deleted on the OpenCode server). Replies here are no longer delivered.{dropped}",

@@ -126,7 +126,8 @@ impl MattermostClient {
 
     /// The DM channel between two users; Mattermost creates it on first use and returns it after.
     pub fn direct_channel(&self, user_a: &str, user_b: &str) -> Result<String, MmError> {
-        let channel: Value = self.call_json("POST", "/channels/direct", Some(&json!([user_a, user_b])))?;
+        let channel: Value =
+            self.call_json("POST", "/channels/direct", Some(&json!([user_a, user_b])))?;
         channel
             .get("id")
             .and_then(Value::as_str)
@@ -158,8 +159,12 @@ impl MattermostClient {
     }
 
     pub fn delete_post(&self, post_id: &str) -> Result<(), MmError> {
-        self.call("DELETE", &format!("/posts/{}", percent_encode(post_id)), None)
-            .map(drop)
+        self.call(
+            "DELETE",
+            &format!("/posts/{}", percent_encode(post_id)),
+            None,
+        )
+        .map(drop)
     }
 
     pub fn get_post(&self, post_id: &str) -> Result<Post, MmError> {

@@ -166,8 +166,8 @@ fn session(
                 } = &event
                 {
                     // A hello means a new server-side connection: whatever was buffered is gone.
-                    let resumed = !resume.connection_id.is_empty()
-                        && *connection_id == resume.connection_id;
+                    let resumed =
+                        !resume.connection_id.is_empty() && *connection_id == resume.connection_id;
                     resume.connection_id = connection_id.clone();
                     resume.last_seq = seq;
                     greeted = true;
@@ -231,7 +231,11 @@ pub fn websocket_url(base_url: &str) -> String {
     let rest = base_url
         .strip_prefix("https://")
         .map(|r| format!("wss://{r}"))
-        .or_else(|| base_url.strip_prefix("http://").map(|r| format!("ws://{r}")))
+        .or_else(|| {
+            base_url
+                .strip_prefix("http://")
+                .map(|r| format!("ws://{r}"))
+        })
         .unwrap_or_else(|| base_url.to_string());
     format!("{rest}/api/v4/websocket")
 }

@@ -6,8 +6,8 @@
 use serde_json::Value;
 
 use super::{
-    Envelope, Event, MessageInfo, Part, PartBody, Role, SessionInfo, Status, ToolCall, ToolStatus,
-    Tokens,
+    Envelope, Event, MessageInfo, Part, PartBody, Role, SessionInfo, Status, Tokens, ToolCall,
+    ToolStatus,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +71,10 @@ fn decode_payload(payload: &Value) -> Result<Option<Event>, DecodeError> {
         "session.deleted" => {
             let mut id = session_id();
             if id.is_empty() {
-                id = props.get("info").map(|i| str_at(i, "id")).unwrap_or_default();
+                id = props
+                    .get("info")
+                    .map(|i| str_at(i, "id"))
+                    .unwrap_or_default();
             }
             if id.is_empty() {
                 return Err(DecodeError("session.deleted without a session id".into()));
@@ -203,7 +206,10 @@ pub fn decode_message(info: &Value) -> Result<MessageInfo, DecodeError> {
         id,
         role,
         created_ms: u64_at(time, "created"),
-        completed_ms: time.get("completed").and_then(Value::as_f64).map(|t| t as u64),
+        completed_ms: time
+            .get("completed")
+            .and_then(Value::as_f64)
+            .map(|t| t as u64),
         tokens: Tokens {
             input: u64_at(tokens, "input"),
             output: u64_at(tokens, "output"),
@@ -278,7 +284,15 @@ fn main_argument(tool: &str, input: &Value) -> String {
         "task" => &["description", "prompt"],
         _ => &[],
     };
-    let fallback = ["command", "filePath", "path", "pattern", "url", "query", "description"];
+    let fallback = [
+        "command",
+        "filePath",
+        "path",
+        "pattern",
+        "url",
+        "query",
+        "description",
+    ];
     preferred
         .iter()
         .chain(fallback.iter())

@@ -86,7 +86,10 @@ impl OpenCodeClient {
         let items = body
             .as_array()
             .ok_or_else(|| OcError::Decode("session list is not an array".into()))?;
-        Ok(items.iter().filter_map(|s| decode_session(s).ok()).collect())
+        Ok(items
+            .iter()
+            .filter_map(|s| decode_session(s).ok())
+            .collect())
     }
 
     pub fn get_session(&self, session_id: &str, directory: &str) -> Result<SessionInfo, OcError> {
