@@ -501,7 +501,8 @@ impl Router {
     }
 
     fn on_thread_reply(&mut self, post: Post) {
-        let Some(key) = self.by_root.get(&post.root_id).cloned() else {
+        let known = self.by_root.get(&post.root_id).cloned();
+        let Some(key) = known.or_else(|| self.adopt_root(&post.root_id)) else {
             self.reply(
                 &post.root_id,
                 &format!(
@@ -531,6 +532,45 @@ impl Router {
                 "⚠️ The message could not be handed to this session's worker; please send it again.",
             ),
         }
+    }
+
+    /// A root this router has no record of may still be a session thread: one whose creation report
+    /// has not arrived yet, or one posted just before a crash. The root's props say which session.
+    fn adopt_root(&mut self, root_id: &str) -> Option<SessionKey> {
+        let root = match self.mattermost.get_post(root_id) {
+            Ok(root) => root,
+            Err(e) => {
+                crate::debug!("thread root {root_id} not readable: {e}");
+                return None;
+            }
+        };
+        if root.user_id != self.identity.bot_user_id
+            || root.channel_id != self.identity.dm_channel_id
+        {
+            return None;
+        }
+        let session_id = root.props.get("opencode_session_id")?.as_str()?;
+        let server = ServerKey(root.props.get("opencode_server")?.as_str()?.to_string());
+        let key = SessionKey {
+            server,
+            session_id: session_id.to_string(),
+        };
+        let client = self.servers.get(&key.server)?.clone();
+        self.by_root.insert(root_id.to_string(), key.clone());
+        if self.record(&key).is_some() || self.workers.contains_key(&key) {
+            // Known, or its worker's report is on its way.
+            return Some(key);
+        }
+        let info = match self.live.get(&key) {
+            Some(live) => live.info.clone(),
+            None => client.get_session(&key.session_id, "").ok()?,
+        };
+        crate::info!(
+            "[{}] adopted existing thread root {root_id}",
+            short_id(&key.session_id)
+        );
+        self.record_thread(&key, root_id, &info);
+        Some(key)
     }
 
     fn on_dm_message(&mut self, post: &Post) {
@@ -729,26 +769,8 @@ impl Router {
                     .get(&key)
                     .map(|l| l.info.clone())
                     .unwrap_or_default();
-                self.by_root.insert(root_post_id.clone(), key.clone());
-                self.state
-                    .servers
-                    .entry(key.server.0.clone())
-                    .or_default()
-                    .sessions
-                    .insert(
-                        key.session_id.clone(),
-                        ThreadRecord {
-                            root_post_id: root_post_id.clone(),
-                            channel_id,
-                            directory: info.directory.clone(),
-                            title: info.title.clone(),
-                            slug: info.slug.clone(),
-                            created_ms: info.created_ms,
-                            ended_ms: None,
-                            parent_id: None,
-                        },
-                    );
-                self.save();
+                debug_assert_eq!(channel_id, self.identity.dm_channel_id);
+                self.record_thread(&key, &root_post_id, &info);
                 if self.pending_attach.remove(&key) {
                     let link = self.permalink(&root_post_id);
                     self.reply(
@@ -809,6 +831,29 @@ impl Router {
             .get_mut(&key.server.0)?
             .sessions
             .get_mut(&key.session_id)
+    }
+
+    fn record_thread(&mut self, key: &SessionKey, root_post_id: &str, info: &SessionInfo) {
+        self.by_root.insert(root_post_id.to_string(), key.clone());
+        self.state
+            .servers
+            .entry(key.server.0.clone())
+            .or_default()
+            .sessions
+            .insert(
+                key.session_id.clone(),
+                ThreadRecord {
+                    root_post_id: root_post_id.to_string(),
+                    channel_id: self.identity.dm_channel_id.clone(),
+                    directory: info.directory.clone(),
+                    title: info.title.clone(),
+                    slug: info.slug.clone(),
+                    created_ms: info.created_ms,
+                    ended_ms: None,
+                    parent_id: None,
+                },
+            );
+        self.save();
     }
 
     fn save(&mut self) {

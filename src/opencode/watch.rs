@@ -16,6 +16,7 @@ use crate::http::{self, Backoff};
 /// OpenCode sends a heartbeat about every 10 s; a stream silent for this long is dead.
 pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const POLL_INTERVAL: Duration = Duration::from_secs(20);
+const SUBSCRIBE_SETTLE: Duration = Duration::from_millis(500);
 const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
 /// Directories whose sessions changed within this window get their busy/idle status polled.
 const RECENT_WINDOW_MS: u64 = 24 * 3600 * 1000;
@@ -59,9 +60,6 @@ where
         let failure = match request.call() {
             Ok(response) if response.status().is_success() => {
                 crate::debug!("event stream open on {}", key.0);
-                if !send(WatchEvent::StreamUp) {
-                    return;
-                }
                 backoff.reset();
                 let mut reader = response.into_body().into_reader();
                 match pump(&mut reader, &send, &client, &mut next_poll, &stop) {
@@ -107,13 +105,13 @@ fn pump(
 ) -> Pump {
     let mut parser = SseParser::new(MAX_EVENT_BYTES);
     let mut buffer = vec![0u8; 16 * 1024];
-    // Reconcile at once after every (re)connect.
-    *next_poll = Instant::now();
+    // The stream counts as up at its first event (`server.connected`).
+    let mut subscribed = false;
     loop {
         if stopped(stop, Duration::ZERO) {
             return Pump::Stopped;
         }
-        if Instant::now() >= *next_poll {
+        if subscribed && Instant::now() >= *next_poll {
             poll(client, send);
             *next_poll = Instant::now() + POLL_INTERVAL;
         }
@@ -124,6 +122,20 @@ fn pump(
             Err(e) => return Pump::Ended(format!("event stream failed: {e}")),
         };
         for sse in parser.feed(&buffer[..read]) {
+            if !subscribed {
+                subscribed = true;
+                if !send(WatchEvent::StreamUp) {
+                    return Pump::Stopped;
+                }
+                // OpenCode 1.18 sends `server.connected` before it attaches the stream to its event
+                // bus, so events of the next moments can be lost. Reconcile once that has settled;
+                // meanwhile the stream's events wait in the socket buffer.
+                if stopped(stop, SUBSCRIBE_SETTLE) {
+                    return Pump::Stopped;
+                }
+                poll(client, send);
+                *next_poll = Instant::now() + POLL_INTERVAL;
+            }
             match decode_global_event(&sse.data) {
                 Ok(Some(envelope)) => {
                     if !send(WatchEvent::Event(envelope)) {

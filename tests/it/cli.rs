@@ -1,0 +1,246 @@
+//! The real binary: its command line, its start-up errors, and how it stops on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::support::TempDir;
+use crate::support::mattermost::FakeMattermost;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_opencode-mattermost");
+
+fn command(state: &TempDir) -> Command {
+    let mut command = Command::new(BINARY);
+    command.env_clear();
+    command.env("PATH", std::env::var("PATH").unwrap_or_default());
+    command.env("OPENCODE_MM_STATE_DIR", state.path());
+    command
+}
+
+/// A running binary whose stderr lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(mut command: Command) -> Running {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?}; stderr so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn terminate(&mut self) -> (i32, Duration) {
+        let sent = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = sent + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), sent.elapsed());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running 10 s after SIGTERM"
+            );
+            // Polling a child's exit has no blocking form with a deadline in std.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bridge_env(command: &mut Command, mattermost: &FakeMattermost, token: &str) {
+    command
+        .env("MATTERMOST_URL", mattermost.url())
+        .env("MATTERMOST_TOKEN", token)
+        .env(
+            "MATTERMOST_OWNER",
+            format!("@{}", mattermost.owner().username),
+        )
+        // Nothing listens there: the bridge must still run and keep retrying.
+        .env("OPENCODE_URL", "http://127.0.0.1:9")
+        .env("OPENCODE_MM_LOG", "debug");
+}
+
+#[test]
+fn help_and_version() {
+    let state = TempDir::new("cli");
+    let output = command(&state).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for variable in [
+        "MATTERMOST_URL",
+        "MATTERMOST_TOKEN",
+        "MATTERMOST_TOKEN_FILE",
+        "MATTERMOST_OWNER",
+        "OPENCODE_URL",
+        "OPENCODE_SERVER_USERNAME",
+        "OPENCODE_SERVER_PASSWORD",
+        "OPENCODE_MM_STATE_DIR",
+        "OPENCODE_MM_COMMAND_PREFIX",
+        "OPENCODE_MM_LOG",
+        "--env-file",
+    ] {
+        assert!(
+            help.contains(variable),
+            "--help does not mention {variable}"
+        );
+    }
+    let output = command(&state).arg("--version").output().unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn a_missing_or_malformed_setting_exits_2_naming_the_variable() {
+    let state = TempDir::new("cli");
+    let output = command(&state)
+        .env("MATTERMOST_TOKEN", "sekrit-token-value")
+        .env("MATTERMOST_OWNER", "alice")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("MATTERMOST_URL"), "{stderr}");
+    assert!(
+        !stderr.contains("sekrit-token-value"),
+        "the token was printed: {stderr}"
+    );
+
+    let output = command(&state)
+        .env("MATTERMOST_URL", "chat.example.com")
+        .env("MATTERMOST_TOKEN", "sekrit-token-value")
+        .env("MATTERMOST_OWNER", "alice")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("https://chat.example.com"), "{stderr}");
+    assert!(!stderr.contains("sekrit-token-value"));
+}
+
+#[test]
+fn a_rejected_token_exits_2_without_printing_it() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let mut command = command(&state);
+    bridge_env(&mut command, &mattermost, "wrong-token-1234567890");
+    let output = command.output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("MATTERMOST_TOKEN"), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(!stderr.contains("wrong-token-1234567890"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_owner_exits_2() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let mut command = command(&state);
+    bridge_env(&mut command, &mattermost, &mattermost.bot().token);
+    command.env("MATTERMOST_OWNER", "nobody-here");
+    let output = command.output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("MATTERMOST_OWNER") && stderr.contains("nobody-here"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_stops_within_two_seconds_with_exit_code_0() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let mut command = command(&state);
+    let token = mattermost.bot().token;
+    bridge_env(&mut command, &mattermost, &token);
+    let mut running = Running::start(command);
+    running.wait_for_line("mattermost websocket connected");
+    let (code, took) = running.terminate();
+    assert_eq!(code, 0, "stderr:\n{}", running.seen.join("\n"));
+    assert!(took < Duration::from_secs(2), "took {took:?} to stop");
+    assert!(
+        state.path().join("state.json").exists(),
+        "state not flushed"
+    );
+    let log: String = running
+        .lines
+        .try_iter()
+        .chain(running.seen.iter().cloned())
+        .collect();
+    assert!(!log.contains(&token), "the token appeared in the log");
+}
+
+#[test]
+fn a_corrupt_state_file_is_moved_aside_and_the_bridge_starts() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    std::fs::write(
+        state.path().join("state.json"),
+        "{\"version\":1,\"servers\":{\"x\":",
+    )
+    .unwrap();
+    let mut command = command(&state);
+    bridge_env(&mut command, &mattermost, &mattermost.bot().token);
+    let mut running = Running::start(command);
+    let warning = running.wait_for_line("state.json");
+    assert!(warning.contains("WARN"), "{warning}");
+    running.wait_for_line("mattermost websocket connected");
+    let moved: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|name| name.starts_with("state.json.corrupt-"))
+        .collect();
+    assert_eq!(moved.len(), 1, "corrupt file not kept aside");
+    let (code, _) = running.terminate();
+    assert_eq!(code, 0);
+}

@@ -1,0 +1,121 @@
+//! The bridge running in-process on a thread, pointed at the fake Mattermost and a real OpenCode.
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use opencode_mattermost::RunError;
+use opencode_mattermost::config::{Config, LogLevel, Secret};
+
+use super::mattermost::FakeMattermost;
+
+pub struct Bridge {
+    stop: Option<Sender<()>>,
+    done: Receiver<Result<(), RunError>>,
+    pub ready: Receiver<()>,
+    thread: Option<JoinHandle<()>>,
+    pub state_dir: PathBuf,
+}
+
+pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path) -> Config {
+    Config {
+        mattermost_url: mattermost.url(),
+        mattermost_token: Secret::new(mattermost.bot().token),
+        owner: mattermost.owner().username,
+        opencode_url: opencode_url.to_string(),
+        opencode_username: "opencode".into(),
+        opencode_password: None,
+        state_dir: state_dir.to_path_buf(),
+        command_prefix: "!".into(),
+        log_level: match std::env::var("TEST_LOG").as_deref() {
+            Ok("debug") => LogLevel::Debug,
+            Ok("trace") => LogLevel::Trace,
+            Ok("info") => LogLevel::Info,
+            _ => LogLevel::Warn,
+        },
+    }
+}
+
+impl Bridge {
+    pub fn start(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path) -> Bridge {
+        Bridge::start_with(config(mattermost, opencode_url, state_dir))
+    }
+
+    /// Starts the bridge and waits until it is connected to both sides.
+    pub fn start_with(config: Config) -> Bridge {
+        let bridge = Bridge::spawn(config);
+        crossbeam_channel::select! {
+            recv(bridge.ready) -> _ => {}
+            recv(crossbeam_channel::after(Duration::from_secs(30))) -> _ => panic!("the bridge was not ready within 30 s"),
+        }
+        bridge
+    }
+
+    /// Starts the bridge without waiting for it to connect.
+    pub fn spawn(config: Config) -> Bridge {
+        let (stop, stopped) = crossbeam_channel::bounded(1);
+        let (ready_tx, ready) = crossbeam_channel::bounded(1);
+        let state_dir = config.state_dir.clone();
+        let (result, done) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("bridge-under-test".into())
+            .spawn(move || {
+                let _ = result.send(opencode_mattermost::run_with_ready(
+                    config,
+                    stopped,
+                    Some(ready_tx),
+                ));
+            })
+            .expect("spawn bridge");
+        Bridge {
+            stop: Some(stop),
+            done,
+            ready,
+            thread: Some(thread),
+            state_dir,
+        }
+    }
+
+    /// Stops the bridge as SIGTERM would, and checks it stops promptly.
+    pub fn stop(mut self) -> Result<(), RunError> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), RunError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = self
+            .done
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the bridge did not stop within 5 s of being asked");
+        thread.join().expect("bridge thread panicked");
+        result
+    }
+
+    /// Waits for `run` to return on its own (start-up failures).
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<(), RunError> {
+        let result = self
+            .done
+            .recv_timeout(timeout)
+            .expect("the bridge kept running");
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("bridge thread panicked");
+        }
+        result
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if self.thread.is_some() && !std::thread::panicking() {
+            let _ = self.stop_inner();
+        } else if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
