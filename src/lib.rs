@@ -14,6 +14,7 @@ pub mod reply;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod turn;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

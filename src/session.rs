@@ -2,7 +2,7 @@
 //! its session's conversation: the running turn, the reply posts and their coalesced edits, the queue of
 //! prompts waiting for the session to go idle. A slow session only ever blocks its own thread.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,11 +13,10 @@ use serde_json::json;
 use crate::command::short_id;
 use crate::mattermost::rest::{MattermostClient, MmError};
 use crate::opencode::rest::{OcError, OpenCodeClient};
-use crate::opencode::{
-    Event, MessageInfo, Part, PartBody, Role, SessionInfo, SessionKey, Status, Tokens, ToolStatus,
-};
+use crate::opencode::{Event, SessionInfo, SessionKey, Status};
 use crate::render::{MAX_POST_CHARS, format_duration, split_post};
-use crate::reply::{self, ChildSummary, Outcome};
+use crate::reply;
+use crate::turn::{Change, Tracker};
 
 /// Edits of a streaming reply are coalesced to at most about two a second per session.
 pub const EDIT_INTERVAL: Duration = Duration::from_millis(500);
@@ -121,34 +120,18 @@ struct Worker {
     opencode: Arc<OpenCodeClient>,
     prefix: String,
     root_text: String,
-    busy: bool,
-    turn: Option<Turn>,
+    tracker: Tracker,
+    reply: ReplyPosts,
     queue: VecDeque<String>,
-    roles: HashMap<String, Role>,
 }
 
+/// The posts showing the running turn's reply, and when they were last edited.
 #[derive(Default)]
-struct Turn {
-    started: Option<Instant>,
-    parts: Vec<Part>,
-    index: HashMap<String, usize>,
-    /// Parts of messages whose role is not known yet, released when it is.
-    pending: HashMap<String, Vec<Part>>,
-    assistant: BTreeMap<String, MessageInfo>,
-    children: BTreeMap<String, ChildState>,
-    error: Option<(String, String)>,
-    /// Busy status or assistant output seen: an idle event now really ends this turn.
-    active: bool,
+struct ReplyPosts {
     posts: Vec<SentPost>,
     text_shown: bool,
     last_sent: Option<Instant>,
     dirty: bool,
-}
-
-#[derive(Default)]
-struct ChildState {
-    summary: ChildSummary,
-    tool_ids: HashSet<String>,
 }
 
 struct SentPost {
@@ -169,10 +152,9 @@ impl Worker {
             mattermost: setup.mattermost,
             opencode: setup.opencode,
             prefix: setup.command_prefix,
-            busy: false,
-            turn: None,
+            tracker: Tracker::default(),
+            reply: ReplyPosts::default(),
             queue: VecDeque::new(),
-            roles: HashMap::new(),
         }
     }
 
@@ -243,14 +225,27 @@ impl Worker {
 
     /// Returns false when the worker should stop.
     fn handle(&mut self, message: SessionMsg, report: ReportFn<'_>) -> bool {
-        match message {
+        let now = Instant::now();
+        let change = match message {
             SessionMsg::Prompt { post_id, text } => return self.prompt(post_id, text, report),
-            SessionMsg::Event(event) => self.on_event(event),
-            SessionMsg::Child { child_id, event } => self.on_child_event(child_id, event),
-            SessionMsg::Polled(status) => self.on_polled(status),
-            SessionMsg::Ended { .. } => {}
+            SessionMsg::Event(Event::SessionUpdated(info)) => {
+                self.on_info(info);
+                Change::Nothing
+            }
+            SessionMsg::Event(event) => self.tracker.apply(event, now),
+            SessionMsg::Child { child_id, event } => self.tracker.apply_child(child_id, event),
+            SessionMsg::Polled(status) => self.tracker.apply_polled(status, now, STALLED_TURN),
+            SessionMsg::Ended { .. } => Change::Nothing,
+        };
+        match change {
+            Change::Nothing => {}
+            Change::Reply => {
+                self.reply.dirty = true;
+                self.schedule();
+            }
+            Change::TurnEnded => self.finish_turn(),
         }
-        if self.turn.is_none() && !self.busy {
+        if !self.tracker.is_running() {
             return self.send_next(report);
         }
         true
@@ -258,8 +253,9 @@ impl Worker {
 
     fn prompt(&mut self, post_id: String, text: String, report: ReportFn<'_>) -> bool {
         crate::debug!("[{}] prompt from post {post_id}", self.short());
-        if self.busy || self.turn.is_some() || !self.queue.is_empty() {
-            self.queue.push_back(text);
+        let must_wait = self.tracker.is_running() || !self.queue.is_empty();
+        self.queue.push_back(text);
+        if must_wait {
             let ahead = self.queue.len() - 1;
             let position = if ahead == 0 {
                 "it is next".to_string()
@@ -271,7 +267,6 @@ impl Worker {
             ));
             return true;
         }
-        self.queue.push_back(text);
         self.send_next(report)
     }
 
@@ -286,10 +281,8 @@ impl Worker {
                 .prompt(&self.key.session_id, &self.info.directory, &text)
             {
                 Ok(()) => {
-                    self.turn = Some(Turn {
-                        started: Some(Instant::now()),
-                        ..Turn::default()
-                    });
+                    self.tracker.begin(Instant::now());
+                    self.reply = ReplyPosts::default();
                     return true;
                 }
                 Err(OcError::SessionNotFound(_)) => {
@@ -318,54 +311,6 @@ impl Worker {
         true
     }
 
-    fn on_event(&mut self, event: Event) {
-        match event {
-            Event::SessionUpdated(info) => self.on_info(info),
-            Event::SessionStatus { status, .. } => match status {
-                Status::Busy | Status::Retry => self.on_busy(),
-                Status::Idle => self.on_idle(),
-            },
-            Event::SessionIdle { .. } => self.on_idle(),
-            Event::SessionError { name, message, .. } => {
-                let turn = self.turn_mut();
-                turn.error = Some((name, message));
-                turn.active = true;
-            }
-            Event::MessageUpdated { message, .. } => self.on_message(message),
-            Event::PartUpdated { part, .. } => self.on_part(part),
-            Event::PartDelta {
-                message_id,
-                part_id,
-                field,
-                delta,
-                ..
-            } => self.on_delta(&message_id, &part_id, &field, &delta),
-            Event::PartRemoved { part_id, .. } => {
-                if let Some(turn) = self.turn.as_mut()
-                    && let Some(index) = turn.index.remove(&part_id)
-                {
-                    turn.parts.remove(index);
-                    turn.index = index_of(&turn.parts);
-                    turn.dirty = true;
-                }
-            }
-            Event::MessageRemoved { message_id, .. } => {
-                if let Some(turn) = self.turn.as_mut() {
-                    turn.parts.retain(|p| p.message_id != message_id);
-                    turn.index = index_of(&turn.parts);
-                    turn.assistant.remove(&message_id);
-                    turn.dirty = true;
-                }
-            }
-            Event::SessionCreated(_)
-            | Event::SessionDeleted { .. }
-            | Event::Connected
-            | Event::Heartbeat
-            | Event::Other { .. } => {}
-        }
-        self.schedule();
-    }
-
     fn on_info(&mut self, info: SessionInfo) {
         let mut info = info;
         if info.project_name.is_none() {
@@ -384,186 +329,62 @@ impl Worker {
         }
     }
 
-    fn on_busy(&mut self) {
-        self.busy = true;
-        self.turn_mut().active = true;
-    }
-
-    fn on_idle(&mut self) {
-        self.busy = false;
-        if self.turn.as_ref().is_some_and(|t| t.active) {
-            self.finish_turn();
-        }
-    }
-
-    fn on_polled(&mut self, status: Status) {
-        match status {
-            Status::Busy | Status::Retry => self.on_busy(),
-            Status::Idle => {
-                // The poll catches an idle event the stream lost, and a prompt that never started.
-                let stalled = self.turn.as_ref().is_some_and(|t| {
-                    !t.active && t.started.is_some_and(|s| s.elapsed() > STALLED_TURN)
-                });
-                self.busy = false;
-                if self.turn.as_ref().is_some_and(|t| t.active) || stalled {
-                    self.finish_turn();
-                }
-            }
-        }
-    }
-
-    fn on_message(&mut self, message: MessageInfo) {
-        self.roles.insert(message.id.clone(), message.role);
-        let turn = self.turn_mut();
-        let pending = turn.pending.remove(&message.id).unwrap_or_default();
-        if message.role != Role::Assistant {
-            return;
-        }
-        turn.active = true;
-        if let Some(error) = &message.error {
-            turn.error = Some(error.clone());
-        }
-        turn.assistant.insert(message.id.clone(), message);
-        for part in pending {
-            upsert(turn, part);
-        }
-        turn.dirty = true;
-    }
-
-    fn on_part(&mut self, part: Part) {
-        let role = self.roles.get(&part.message_id).copied();
-        let turn = self.turn_mut();
-        match role {
-            Some(Role::User) => {}
-            Some(Role::Assistant) => {
-                turn.active = true;
-                upsert(turn, part);
-            }
-            None => {
-                let pending = turn.pending.entry(part.message_id.clone()).or_default();
-                match pending.iter_mut().find(|p| p.id == part.id) {
-                    Some(existing) => *existing = part,
-                    None => pending.push(part),
-                }
-            }
-        }
-    }
-
-    fn on_delta(&mut self, message_id: &str, part_id: &str, field: &str, delta: &str) {
-        if field != "text" {
-            return;
-        }
-        let Some(turn) = self.turn.as_mut() else {
-            return;
-        };
-        let part = match turn.index.get(part_id) {
-            Some(&index) => turn.parts.get_mut(index),
-            None => turn
-                .pending
-                .get_mut(message_id)
-                .and_then(|parts| parts.iter_mut().find(|p| p.id == part_id)),
-        };
-        if let Some(part) = part {
-            match &mut part.body {
-                PartBody::Text(text) | PartBody::Reasoning(text) => text.push_str(delta),
-                PartBody::Tool(_) | PartBody::Other(_) => {}
-            }
-            turn.dirty = true;
-        }
-    }
-
-    fn on_child_event(&mut self, child_id: String, event: Event) {
-        let turn = self.turn_mut();
-        let child = turn.children.entry(child_id).or_default();
-        match event {
-            Event::SessionCreated(info) | Event::SessionUpdated(info) => {
-                child.summary.title = info.title;
-            }
-            Event::PartUpdated { part, .. } => {
-                if let PartBody::Tool(call) = part.body {
-                    child.tool_ids.insert(part.id);
-                    child.summary.tool_calls = child.tool_ids.len() as u32;
-                    child.summary.current_tool =
-                        matches!(call.status, ToolStatus::Pending | ToolStatus::Running)
-                            .then_some(call.tool);
-                }
-            }
-            Event::SessionStatus {
-                status: Status::Busy,
-                ..
-            } => child.summary.finished = false,
-            Event::SessionIdle { .. }
-            | Event::SessionStatus {
-                status: Status::Idle,
-                ..
-            } => {
-                child.summary.finished = true;
-                child.summary.current_tool = None;
-            }
-            _ => return,
-        }
-        turn.dirty = true;
-        self.schedule();
-    }
-
-    fn turn_mut(&mut self) -> &mut Turn {
-        self.turn.get_or_insert_with(|| Turn {
-            started: Some(Instant::now()),
-            ..Turn::default()
-        })
-    }
-
     /// Sends what changed: at once for the first visible output and the first text, else at most
     /// every EDIT_INTERVAL.
     fn schedule(&mut self) {
-        let Some(turn) = self.turn.as_ref() else {
+        let Some(turn) = self.tracker.turn.as_ref() else {
             return;
         };
-        if !turn.dirty {
+        if !self.reply.dirty {
             return;
         }
-        let urgent = turn.posts.is_empty()
-            || (!turn.text_shown && turn.parts.iter().any(is_visible_text))
-            || turn.last_sent.is_none_or(|t| t.elapsed() >= EDIT_INTERVAL);
+        let urgent = self.reply.posts.is_empty()
+            || (!self.reply.text_shown && turn.has_text())
+            || self
+                .reply
+                .last_sent
+                .is_none_or(|t| t.elapsed() >= EDIT_INTERVAL);
         if urgent {
             self.flush(false);
         }
     }
 
     fn flush_deadline(&self) -> Option<Instant> {
-        let turn = self.turn.as_ref()?;
-        if !turn.dirty {
+        if !self.reply.dirty || self.tracker.turn.is_none() {
             return None;
         }
         Some(
-            turn.last_sent
+            self.reply
+                .last_sent
                 .map_or_else(Instant::now, |t| t + EDIT_INTERVAL),
         )
     }
 
     fn flush(&mut self, last: bool) {
-        let Some(turn) = self.turn.as_mut() else {
+        let Some(turn) = self.tracker.turn.as_ref() else {
             return;
         };
-        turn.dirty = false;
-        let parts: Vec<&Part> = turn.parts.iter().collect();
-        let children: Vec<&ChildSummary> = turn.children.values().map(|c| &c.summary).collect();
-        let body = reply::reply_body(&parts, &children, (!last).then_some("working…"));
-        let visible = !parts.is_empty() || !children.is_empty();
-        if !visible && turn.posts.is_empty() {
+        self.reply.dirty = false;
+        if !turn.is_visible() && self.reply.posts.is_empty() {
             return;
         }
-        turn.text_shown |= parts.iter().any(|p| is_visible_text(p));
-        let chunks = split_post(&body, MAX_POST_CHARS);
+        let body = turn.body(!last);
+        self.reply.text_shown |= turn.has_text();
+        self.send_reply(&body, last);
+    }
+
+    /// Makes the reply posts show `body`: edits the posts that changed, adds continuation posts, and
+    /// at the end removes posts the final text no longer needs.
+    fn send_reply(&mut self, body: &str, last: bool) {
+        let short = short_id(&self.key.session_id).to_string();
+        let chunks = split_post(body, MAX_POST_CHARS);
+        let needed = chunks.len();
         for (index, chunk) in chunks.into_iter().enumerate() {
-            match turn.posts.get_mut(index) {
+            match self.reply.posts.get_mut(index) {
                 Some(sent) if sent.text == chunk => {}
                 Some(sent) => match self.mattermost.patch_post(&sent.id, &chunk) {
                     Ok(_) => sent.text = chunk,
-                    Err(e) => crate::warn!(
-                        "[{}] reply edit failed: {e}",
-                        short_id(&self.key.session_id)
-                    ),
+                    Err(e) => crate::warn!("[{short}] reply edit failed: {e}"),
                 },
                 None => match self.mattermost.create_post(
                     &self.channel_id,
@@ -571,120 +392,61 @@ impl Worker {
                     &chunk,
                     None,
                 ) {
-                    Ok(post) => turn.posts.push(SentPost {
+                    Ok(post) => self.reply.posts.push(SentPost {
                         id: post.id,
                         text: chunk,
                     }),
                     Err(e) => {
-                        crate::warn!(
-                            "[{}] reply post failed: {e}",
-                            short_id(&self.key.session_id)
-                        );
+                        crate::warn!("[{short}] reply post failed: {e}");
                         break;
                     }
                 },
             }
         }
-        // A reply that got shorter (the status line went away) leaves no stale post behind.
-        if last {
-            let keep = split_post(&body, MAX_POST_CHARS).len();
-            for stale in turn.posts.drain(keep.min(turn.posts.len())..) {
+        if last && self.reply.posts.len() > needed {
+            for stale in self.reply.posts.drain(needed..) {
                 if let Err(e) = self.mattermost.delete_post(&stale.id) {
-                    crate::warn!(
-                        "[{}] stale reply post not removed: {e}",
-                        short_id(&self.key.session_id)
-                    );
+                    crate::warn!("[{short}] stale reply post not removed: {e}");
                 }
             }
         }
-        turn.last_sent = Some(Instant::now());
+        self.reply.last_sent = Some(Instant::now());
     }
 
     fn finish_turn(&mut self) {
-        self.reload_final_parts();
-        self.flush(true);
-        let Some(turn) = self.turn.take() else {
-            return;
-        };
-        let elapsed = turn
-            .started
-            .map(|s| s.elapsed().as_millis() as u64)
-            .unwrap_or(0);
-        let mut tokens = Tokens::default();
-        let mut cost = 0.0;
-        for message in turn.assistant.values() {
-            tokens.input += message.tokens.input;
-            tokens.output += message.tokens.output;
-            tokens.reasoning += message.tokens.reasoning;
-            cost += message.cost;
-        }
-        let outcome = match &turn.error {
-            Some((name, _)) if name == "MessageAbortedError" => Outcome::Stopped,
-            Some((name, message)) => Outcome::Failed(if message.is_empty() {
-                name.clone()
-            } else {
-                message.clone()
-            }),
-            None => Outcome::Done,
-        };
-        let line = reply::completion_line(&outcome, elapsed, tokens, cost);
-        self.post_notice(&line);
-        // Roles are only needed within a turn; keep the map from growing over a long session.
-        self.roles.clear();
-    }
-
-    /// The stream may have dropped events; the server's stored messages are the truth for the final text.
-    fn reload_final_parts(&mut self) {
-        let messages =
+        // The stream may have dropped events; the server's stored messages are the final text.
+        let stored =
             match self
                 .opencode
                 .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
             {
-                Ok(messages) => messages,
+                Ok(messages) => Some(messages),
                 Err(e) => {
                     crate::warn!("[{}] final text not re-read: {e}", self.short());
-                    return;
+                    None
                 }
             };
-        let Some(turn) = self.turn.as_mut() else {
+        let Some((turn, summary)) = self.tracker.finish(stored.as_deref(), Instant::now()) else {
             return;
         };
-        let after_last_user = messages
-            .iter()
-            .rposition(|(info, _)| info.role == Role::User)
-            .map_or(0, |i| i + 1);
-        let from_server: Vec<&(MessageInfo, Vec<Part>)> = if after_last_user > 0 {
-            messages[after_last_user..].iter().collect()
-        } else {
-            messages
-                .iter()
-                .filter(|(info, _)| turn.assistant.contains_key(&info.id))
-                .collect()
-        };
-        if from_server.is_empty() {
-            return;
+        if turn.is_visible() || !self.reply.posts.is_empty() {
+            self.send_reply(&turn.body(false), true);
         }
-        let mut parts = Vec::new();
-        for (info, message_parts) in from_server {
-            if info.role != Role::Assistant {
-                continue;
-            }
-            if let Some(error) = &info.error {
-                turn.error = Some(error.clone());
-            }
-            turn.assistant.insert(info.id.clone(), info.clone());
-            parts.extend(message_parts.iter().cloned());
-        }
-        if !parts.is_empty() {
-            turn.index = index_of(&parts);
-            turn.parts = parts;
-        }
+        self.reply = ReplyPosts::default();
+        let line = reply::completion_line(
+            &summary.outcome,
+            summary.elapsed_ms,
+            summary.tokens,
+            summary.cost,
+        );
+        self.post_notice(&line);
     }
 
     fn end(&mut self, ended_ms: u64) {
-        if self.turn.is_some() {
-            self.flush(true);
-            self.turn = None;
+        if let Some((turn, _)) = self.tracker.finish(None, Instant::now())
+            && (turn.is_visible() || !self.reply.posts.is_empty())
+        {
+            self.send_reply(&turn.body(false), true);
         }
         let lived = ended_ms.saturating_sub(self.info.created_ms);
         let dropped = if self.queue.is_empty() {
@@ -709,30 +471,4 @@ impl Worker {
             .create_post(&self.channel_id, &self.root_post_id, message, None)
             .map(drop)
     }
-}
-
-fn upsert(turn: &mut Turn, part: Part) {
-    if matches!(part.body, PartBody::Other(_)) {
-        return;
-    }
-    match turn.index.get(&part.id) {
-        Some(&index) => turn.parts[index] = part,
-        None => {
-            turn.index.insert(part.id.clone(), turn.parts.len());
-            turn.parts.push(part);
-        }
-    }
-    turn.dirty = true;
-}
-
-fn index_of(parts: &[Part]) -> HashMap<String, usize> {
-    parts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.id.clone(), i))
-        .collect()
-}
-
-fn is_visible_text(part: &Part) -> bool {
-    matches!(&part.body, PartBody::Text(text) if !text.trim().is_empty())
 }

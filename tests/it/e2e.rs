@@ -279,6 +279,47 @@ fn prompt_round_trip_streams_the_answer_and_posts_a_completion_line() {
 }
 
 #[test]
+fn consecutive_prompts_in_one_thread_are_each_answered_at_once() {
+    let world = World::started();
+    let (id, _) = world.new_session("Conversation");
+    let root = world.wait_root(&id);
+    for round in 1..=3 {
+        world.owner_says(&root.id, &format!("round {round}"));
+        world.wait_bot_post(&root.id, "echo", |p| {
+            p.message.contains(&format!("echo: round {round}"))
+        });
+        let completions = |world: &World| {
+            world
+                .bot_posts_in_thread(&root.id)
+                .iter()
+                .filter(|p| p.message.starts_with("✅ Done"))
+                .count()
+        };
+        let bot = world.mattermost.bot().id;
+        world
+            .mattermost
+            .wait_until(SOON, |view| {
+                let done = view
+                    .thread(&root.id)
+                    .iter()
+                    .filter(|p| p.user_id == bot && p.message.starts_with("✅ Done"))
+                    .count();
+                (done == round).then_some(())
+            })
+            .unwrap_or_else(|| panic!("round {round}: {} completion lines", completions(&world)));
+    }
+    let posts = world.bot_posts_in_thread(&root.id);
+    assert!(
+        posts.iter().all(|p| !p.message.contains("Queued")),
+        "a prompt after a finished turn was queued: {posts:#?}"
+    );
+    assert_eq!(
+        world.prompts_seen_by_llm(),
+        vec!["round 1", "round 2", "round 3"]
+    );
+}
+
+#[test]
 fn tool_calls_get_a_one_line_summary() {
     let world = World::started();
     let (id, _) = world.new_session("Tools");
