@@ -101,6 +101,13 @@ pub fn run_with_ready(
     ));
     match opencode.health() {
         Ok(version) => info!("opencode {version} at {}", config.opencode_url),
+        Err(opencode::rest::OcError::Unauthorized) => {
+            return Err(RunError::Config(format!(
+                "OPENCODE_SERVER_PASSWORD: {} rejected the credentials (401); set OPENCODE_SERVER_USERNAME and \
+                 OPENCODE_SERVER_PASSWORD to the values `opencode serve` runs with",
+                config.opencode_url
+            )));
+        }
         Err(e) => warn!("{e}; will keep trying"),
     }
 

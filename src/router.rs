@@ -23,6 +23,8 @@ use crate::store::{State, Store, ThreadRecord};
 /// How long shutdown waits for session workers to finish what they are sending.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 const REMEMBERED_POSTS: usize = 2048;
+/// `!sessions` lists the most recently active ones; more would only bury the thread links.
+const MAX_LISTED_SESSIONS: usize = 50;
 
 #[derive(Debug)]
 pub enum Input {
@@ -644,7 +646,8 @@ impl Router {
         let sessions = self.all_sessions();
         let prefix = self.command_prefix.clone();
         let mut lines = Vec::new();
-        for (key, info) in &sessions {
+        let hidden = sessions.len().saturating_sub(MAX_LISTED_SESSIONS);
+        for (key, info) in sessions.iter().take(MAX_LISTED_SESSIONS) {
             let status = match self.live.get(key).map(|l| l.status) {
                 Some(Status::Busy | Status::Retry) => "busy",
                 _ => "idle",
@@ -684,12 +687,22 @@ impl Router {
             "No sessions yet. Start one with `opencode` in a terminal; its thread appears here."
                 .to_string()
         } else {
-            let hint = if all {
-                String::new()
-            } else {
-                format!("\n\n_`{prefix}sessions all` includes ended sessions._")
-            };
-            format!("**Sessions** ({})\n{}{hint}", lines.len(), lines.join("\n"))
+            let mut hint = String::new();
+            if hidden > 0 {
+                hint.push_str(&format!(
+                    "\n\n_…and {hidden} older session(s); `{prefix}attach <id>` works for them too._"
+                ));
+            }
+            if !all {
+                hint.push_str(&format!(
+                    "\n\n_`{prefix}sessions all` includes ended sessions._"
+                ));
+            }
+            format!(
+                "**Sessions** ({})\n{}{hint}",
+                lines.len() + hidden,
+                lines.join("\n")
+            )
         };
         self.reply("", &text);
     }

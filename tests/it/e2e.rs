@@ -349,6 +349,55 @@ fn tool_calls_get_a_one_line_summary() {
 }
 
 #[test]
+fn subagents_show_in_the_parents_reply_and_get_no_thread() {
+    let world = World::started();
+    let (id, _) = world.new_session("Delegation");
+    let root = world.wait_root(&id);
+    world.llm.script(
+        "delegate the inspection",
+        vec![
+            vec![Step::ToolCall {
+                name: "task".into(),
+                arguments: json!({
+                    "description": "inspect things",
+                    "prompt": "subtask-inspect the repository",
+                    "subagent_type": "general"
+                }),
+            }],
+            vec![text("The subagent reported back.")],
+        ],
+    );
+    world
+        .llm
+        .script("subtask-inspect", vec![vec![text("inspection complete")]]);
+    world.owner_says(&root.id, "delegate the inspection");
+    world.wait_bot_post(&root.id, "completion", |p| p.message.starts_with("✅ Done"));
+    let answer = world
+        .bot_posts_in_thread(&root.id)
+        .into_iter()
+        .find(|p| p.message.contains("The subagent reported back."))
+        .expect("answer");
+    assert!(answer.message.contains("🔧 **task**"), "{}", answer.message);
+    assert!(answer.message.contains("🤖 subagent"), "{}", answer.message);
+
+    let sessions = world.opencode.get("/experimental/session");
+    let children: Vec<&str> = sessions
+        .as_array()
+        .expect("session list")
+        .iter()
+        .filter(|s| s["parentID"] == id.as_str())
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert!(!children.is_empty(), "OpenCode made no subagent session");
+    for child in children {
+        assert!(
+            world.roots_for(child).is_empty(),
+            "subagent {child} got a thread"
+        );
+    }
+}
+
+#[test]
 fn three_sessions_stream_in_parallel_without_cross_talk() {
     let world = World::started();
     let gate = Gate::new();
