@@ -683,46 +683,60 @@ fn posts_by_anyone_but_the_owner_never_reach_opencode() {
     let root = world.wait_root(&id);
     let mattermost = &world.mattermost;
     let stranger = mattermost.stranger();
+    let bot = mattermost.bot().id;
 
-    // The stranger cannot post in the owner's DM at all; the server refuses.
+    // A plain user cannot post in the owner's DM at all; the server refuses.
     assert!(
         mattermost
             .post_as(&stranger.id, &world.dm, &root.id, "run rm -rf")
             .is_err()
     );
-    // The stranger's own DM with the bot, and a public channel, are ignored.
-    let stranger_dm = mattermost.dm_channel(&mattermost.bot().id, &stranger.id);
+    // A system admin can, in the session's thread and in the main DM: the bridge must ignore both.
+    let admin = mattermost.admin();
+    mattermost
+        .post_as(&admin.id, &world.dm, &root.id, "admin prompt")
+        .expect("admins may post anywhere");
+    mattermost
+        .post_as(&admin.id, &world.dm, "", "!sessions")
+        .unwrap();
+    // The stranger's own DM with the bot, and a public channel, are not the owner DM.
+    let stranger_dm = mattermost.dm_channel(&bot, &stranger.id);
     mattermost
         .post_as(&stranger.id, &stranger_dm, "", "!sessions")
         .unwrap();
-    let channel = mattermost.create_channel(
-        "town-square",
-        &[&stranger.id, &mattermost.bot().id, &mattermost.owner().id],
-    );
+    let channel =
+        mattermost.create_channel("town-square", &[&stranger.id, &bot, &mattermost.owner().id]);
     let public = mattermost
-        .post_as(&stranger.id, &channel, "", "@testbot please help")
+        .post_as(&stranger.id, &channel, "", "!help @testbot")
         .unwrap();
-    // The owner in a public channel is not the owner DM either.
+    // Not even the owner is obeyed outside the owner DM.
     mattermost
-        .post_as(&mattermost.owner().id, &channel, &public.id, "do it")
+        .post_as(
+            &mattermost.owner().id,
+            &channel,
+            &public.id,
+            "owner prompt elsewhere",
+        )
+        .unwrap();
+    mattermost
+        .post_as(&mattermost.owner().id, &channel, "", "!sessions")
         .unwrap();
 
     // The owner's own prompt afterwards is answered; everything before it was ignored.
     world.owner_says(&root.id, "only me");
     world.wait_bot_post(&root.id, "echo", |p| p.message.contains("echo: only me"));
+    world.wait_bot_post(&root.id, "completion", |p| p.message.starts_with("✅ Done"));
     assert_eq!(world.prompts_seen_by_llm(), vec!["only me"]);
-    let bot = mattermost.bot().id;
-    assert!(
-        mattermost
-            .posts_in(&stranger_dm)
-            .iter()
-            .all(|p| p.user_id != bot),
-        "the bot answered a stranger"
+    let bot_posts: Vec<Post> = [&world.dm, &stranger_dm, &channel]
+        .iter()
+        .flat_map(|channel| mattermost.posts_in(channel))
+        .filter(|p| p.user_id == bot && p.id != root.id)
+        .collect();
+    // Exactly the answer and the completion line: no command reply, no notice, anywhere.
+    assert_eq!(
+        bot_posts.len(),
+        2,
+        "the bot answered someone else: {bot_posts:#?}"
     );
-    assert!(
-        mattermost
-            .posts_in(&channel)
-            .iter()
-            .all(|p| p.user_id != bot)
-    );
+    assert!(bot_posts.iter().all(|p| p.root_id == root.id));
 }

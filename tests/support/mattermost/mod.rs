@@ -37,6 +37,7 @@ pub struct FakeMattermost {
     bot: TestUser,
     owner: TestUser,
     stranger: TestUser,
+    admin: TestUser,
 }
 
 /// One of the fake's users with a personal access token.
@@ -141,7 +142,8 @@ impl FakeMattermost {
             username: state.users[i].username.clone(),
             token: state.users[i].token.clone(),
         };
-        let (bot, owner, stranger) = (test_user(0), test_user(1), test_user(2));
+        let (bot, owner, stranger, admin) =
+            (test_user(0), test_user(1), test_user(2), test_user(3));
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             changed: Condvar::new(),
@@ -163,6 +165,7 @@ impl FakeMattermost {
             bot,
             owner,
             stranger,
+            admin,
         }
     }
 
@@ -189,6 +192,12 @@ impl FakeMattermost {
     /// `mallory`, a user who shares no channel with anyone unless a test adds one.
     pub fn stranger(&self) -> TestUser {
         self.stranger.clone()
+    }
+
+    /// `sysadmin`, a system admin: like on a real server, it may post in any channel, even other
+    /// people's DMs, without being a member.
+    pub fn admin(&self) -> TestUser {
+        self.admin.clone()
     }
 
     /// The DM channel of two users, created if needed (with a `direct_added` event).

@@ -241,7 +241,12 @@ impl State {
             first_name: user.first_name.clone(),
             last_name: String::new(),
             position: String::new(),
-            roles: "system_user".to_owned(),
+            roles: if user.system_admin {
+                "system_admin system_user"
+            } else {
+                "system_user"
+            }
+            .to_owned(),
             notify_props: is_self.then_some(notify_props),
             last_password_update: is_self.then_some(user.create_at),
             locale: "en".to_owned(),
