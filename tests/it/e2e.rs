@@ -284,10 +284,17 @@ fn consecutive_prompts_in_one_thread_are_each_answered_at_once() {
     let (id, _) = world.new_session("Conversation");
     let root = world.wait_root(&id);
     for round in 1..=3 {
+        let sent = Instant::now();
         world.owner_says(&root.id, &format!("round {round}"));
         world.wait_bot_post(&root.id, "echo", |p| {
             p.message.contains(&format!("echo: round {round}"))
         });
+        if round > 1 {
+            eprintln!(
+                "METRIC followup_prompt_to_text_ms={}",
+                sent.elapsed().as_millis()
+            );
+        }
         let completions = |world: &World| {
             world
                 .bot_posts_in_thread(&root.id)
