@@ -68,6 +68,7 @@ pub struct Router {
     seen_posts: SeenPosts,
     stream_up: HashMap<ServerKey, bool>,
     websocket_up: bool,
+    announced_ready: bool,
     /// Told once, when both sides are first connected.
     ready: Option<Sender<()>>,
 }
@@ -132,6 +133,7 @@ impl Router {
             seen_posts: SeenPosts::default(),
             stream_up: HashMap::new(),
             websocket_up: false,
+            announced_ready: false,
             ready,
         }
     }
@@ -817,15 +819,16 @@ impl Router {
             .servers
             .keys()
             .all(|k| self.stream_up.get(k) == Some(&true));
-        if self.websocket_up
-            && streams_up
-            && let Some(ready) = self.ready.take()
-        {
-            crate::info!(
-                "ready: owner @{}, {} thread(s) on record",
-                self.identity.owner_username,
-                self.by_root.len()
-            );
+        if self.announced_ready || !self.websocket_up || !streams_up {
+            return;
+        }
+        self.announced_ready = true;
+        crate::info!(
+            "ready: owner @{}, {} thread(s) on record",
+            self.identity.owner_username,
+            self.by_root.len()
+        );
+        if let Some(ready) = self.ready.take() {
             let _ = ready.send(());
         }
     }

@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 use crate::support::TempDir;
 use crate::support::mattermost::FakeMattermost;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_opencode-mattermost");
+pub const BINARY: &str = env!("CARGO_BIN_EXE_opencode-mattermost");
 
 fn command(state: &TempDir) -> Command {
     let mut command = Command::new(BINARY);
@@ -20,14 +20,14 @@ fn command(state: &TempDir) -> Command {
 }
 
 /// A running binary whose stderr lines arrive on a channel.
-struct Running {
-    child: Child,
+pub struct Running {
+    pub child: Child,
     lines: Receiver<String>,
-    seen: Vec<String>,
+    pub seen: Vec<String>,
 }
 
 impl Running {
-    fn start(mut command: Command) -> Running {
+    pub fn start(mut command: Command) -> Running {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -48,7 +48,7 @@ impl Running {
         }
     }
 
-    fn wait_for_line(&mut self, needle: &str) -> String {
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match self.lines.recv_deadline(deadline) {
@@ -66,7 +66,7 @@ impl Running {
         }
     }
 
-    fn terminate(&mut self) -> (i32, Duration) {
+    pub fn terminate(&mut self) -> (i32, Duration) {
         let sent = Instant::now();
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -85,6 +85,14 @@ impl Running {
             // Polling a child's exit has no blocking form with a deadline in std.
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+impl Running {
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
     }
 }
 

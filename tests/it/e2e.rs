@@ -684,6 +684,55 @@ fn restart_keeps_routing_and_creates_no_duplicate_threads() {
 }
 
 #[test]
+fn after_sigkill_threads_keep_routing_and_no_root_is_duplicated() {
+    let world = World::new();
+    let binary = || {
+        let mut command = std::process::Command::new(crate::cli::BINARY);
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MATTERMOST_URL", world.mattermost.url())
+            .env("MATTERMOST_TOKEN", world.mattermost.bot().token)
+            .env("MATTERMOST_OWNER", world.mattermost.owner().id)
+            .env("OPENCODE_URL", world.opencode.url())
+            .env("OPENCODE_MM_STATE_DIR", world.state.path())
+            .env("OPENCODE_MM_LOG", "info");
+        crate::cli::Running::start(command)
+    };
+    let mut bridge = binary();
+    bridge.wait_for_line("ready");
+    let (first, _) = world.new_session("Survives a kill");
+    let first_root = world.wait_root(&first);
+    world.owner_says(&first_root.id, "before the kill");
+    world.wait_bot_post(&first_root.id, "completion", |p| {
+        p.message.starts_with("✅ Done")
+    });
+    bridge.kill();
+
+    // Created while the bridge was dead: it gets a thread when the bridge is back, and only one.
+    let (second, _) = world.new_session("Born while dead");
+    let mut bridge = binary();
+    bridge.wait_for_line("ready");
+    let second_root = world.wait_root(&second);
+    world.owner_says(&first_root.id, "after the kill");
+    world.wait_bot_post(&first_root.id, "echo", |p| {
+        p.message.contains("echo: after the kill")
+    });
+    world.owner_says(&second_root.id, "new thread works");
+    world.wait_bot_post(&second_root.id, "echo", |p| {
+        p.message.contains("echo: new thread works")
+    });
+    let (code, _) = bridge.terminate();
+    assert_eq!(code, 0);
+    assert_eq!(world.roots_for(&first).len(), 1);
+    assert_eq!(world.roots_for(&second).len(), 1);
+    assert_eq!(
+        world.prompts_seen_by_llm(),
+        vec!["before the kill", "after the kill", "new thread works"]
+    );
+}
+
+#[test]
 fn posts_by_anyone_but_the_owner_never_reach_opencode() {
     let world = World::started();
     let (id, _) = world.new_session("Guarded");
