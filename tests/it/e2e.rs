@@ -327,6 +327,39 @@ fn consecutive_prompts_in_one_thread_are_each_answered_at_once() {
 }
 
 #[test]
+fn streamed_text_is_edited_in_place_at_most_about_twice_a_second() {
+    let world = World::started();
+    let (id, _) = world.new_session("Streaming");
+    let root = world.wait_root(&id);
+    // About 3 s of steady streaming: 30 pieces, 100 ms apart.
+    let mut steps = Vec::new();
+    for i in 0..30 {
+        steps.push(text(&format!("piece{i} ")));
+        steps.push(Step::Pause(Duration::from_millis(100)));
+    }
+    world.llm.script("stream slowly", vec![steps]);
+    let sent = Instant::now();
+    world.owner_says(&root.id, "stream slowly");
+    world.wait_bot_post(&root.id, "completion", |p| p.message.starts_with("✅ Done"));
+    let elapsed = sent.elapsed();
+    let answer = world
+        .bot_posts_in_thread(&root.id)
+        .into_iter()
+        .find(|p| p.message.contains("piece0"))
+        .expect("answer");
+    assert!(answer.message.contains("piece29"), "{}", answer.message);
+    // Edited in place while streaming, not just written once at the end...
+    assert!(answer.edit_count >= 3, "only {} edits", answer.edit_count);
+    // ...and never faster than about two edits a second (plus the final one).
+    let allowed = (elapsed.as_secs_f64() * 2.0).ceil() as u32 + 2;
+    assert!(
+        answer.edit_count <= allowed,
+        "{} edits in {elapsed:?}; at most {allowed} expected",
+        answer.edit_count
+    );
+}
+
+#[test]
 fn tool_calls_get_a_one_line_summary() {
     let world = World::started();
     let (id, _) = world.new_session("Tools");
