@@ -166,9 +166,8 @@ fn identify(
             Err(Identify::Retry(e)) => {
                 let delay = backoff.next_delay();
                 warn!("{e}; retrying in {:.1}s", delay.as_secs_f64());
-                match stop.recv_timeout(delay) {
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                    _ => return Ok(None),
+                if stopped(stop, delay) {
+                    return Ok(None);
                 }
             }
         }
@@ -246,6 +245,15 @@ fn looks_like_id(text: &str) -> bool {
         && text
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Waits up to `wait` for the stop signal; true once the bridge is stopping (the sender sent or
+/// was dropped).
+pub(crate) fn stopped(stop: &Receiver<()>, wait: Duration) -> bool {
+    match stop.recv_timeout(wait) {
+        Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => true,
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
+    }
 }
 
 fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunError> {

@@ -281,27 +281,11 @@ impl Router {
             && !self.workers.contains_key(key)
     }
 
+    /// Starts a worker that first posts the session's thread root.
     fn start_thread(&mut self, key: SessionKey) {
-        let Some(live) = self.live.get(&key) else {
-            return;
-        };
-        let Some(client) = self.servers.get(&key.server).cloned() else {
-            return;
-        };
-        let setup = session::Setup {
-            key: key.clone(),
-            info: live.info.clone(),
-            channel_id: self.identity.dm_channel_id.clone(),
-            root_post_id: None,
-            mattermost: self.mattermost.clone(),
-            opencode: client,
-            command_prefix: self.command_prefix.clone(),
-        };
-        match session::spawn(setup, self.inputs.clone()) {
-            Ok(handle) => {
-                self.workers.insert(key, handle);
-            }
-            Err(e) => crate::error!("cannot start a session worker thread: {e}"),
+        if let Some(info) = self.live.get(&key).map(|l| l.info.clone()) {
+            let channel_id = self.identity.dm_channel_id.clone();
+            self.spawn_worker(&key, info, channel_id, None);
         }
     }
 
@@ -310,11 +294,15 @@ impl Router {
         if let Some(handle) = self.workers.get(key) {
             return Some(handle.inbox.clone());
         }
-        let record = self.record(key)?.clone();
-        if record.ended_ms.is_some() {
+        if self.record(key)?.ended_ms.is_some() {
             return None;
         }
-        let client = self.servers.get(&key.server)?.clone();
+        self.spawn_recorded(key)
+    }
+
+    /// A worker for a session whose thread is on record, ended or not.
+    fn spawn_recorded(&mut self, key: &SessionKey) -> Option<Sender<SessionMsg>> {
+        let record = self.record(key)?.clone();
         let info = self
             .live
             .get(key)
@@ -327,11 +315,22 @@ impl Router {
                 created_ms: record.created_ms,
                 ..SessionInfo::default()
             });
+        self.spawn_worker(key, info, record.channel_id, Some(record.root_post_id))
+    }
+
+    fn spawn_worker(
+        &mut self,
+        key: &SessionKey,
+        info: SessionInfo,
+        channel_id: String,
+        root_post_id: Option<String>,
+    ) -> Option<Sender<SessionMsg>> {
+        let client = self.servers.get(&key.server)?.clone();
         let setup = session::Setup {
             key: key.clone(),
             info,
-            channel_id: record.channel_id.clone(),
-            root_post_id: Some(record.root_post_id.clone()),
+            channel_id,
+            root_post_id,
             mattermost: self.mattermost.clone(),
             opencode: client,
             command_prefix: self.command_prefix.clone(),
@@ -362,22 +361,14 @@ impl Router {
         record.ended_ms = Some(now);
         self.save();
         crate::info!("[{}] session ended", short_id(&key.session_id));
-        if let Some(inbox) = self.worker_for_ending(key) {
+        // Even an ended session needs its worker once more, to say so in the thread.
+        let inbox = match self.workers.get(key) {
+            Some(handle) => Some(handle.inbox.clone()),
+            None => self.spawn_recorded(key),
+        };
+        if let Some(inbox) = inbox {
             let _ = inbox.send(SessionMsg::Ended { ended_ms: now });
         }
-    }
-
-    /// Like `worker_for`, for a session already marked ended: it still needs a worker to say so.
-    fn worker_for_ending(&mut self, key: &SessionKey) -> Option<Sender<SessionMsg>> {
-        if let Some(handle) = self.workers.get(key) {
-            return Some(handle.inbox.clone());
-        }
-        let ended = self.record_mut(key)?.ended_ms.take();
-        let inbox = self.worker_for(key);
-        if let Some(record) = self.record_mut(key) {
-            record.ended_ms = ended;
-        }
-        inbox
     }
 
     fn reconcile(
@@ -774,17 +765,12 @@ impl Router {
 
     fn on_report(&mut self, report: Report) {
         match report {
-            Report::ThreadCreated {
-                key,
-                root_post_id,
-                channel_id,
-            } => {
+            Report::ThreadCreated { key, root_post_id } => {
                 let info = self
                     .live
                     .get(&key)
                     .map(|l| l.info.clone())
                     .unwrap_or_default();
-                debug_assert_eq!(channel_id, self.identity.dm_channel_id);
                 self.record_thread(&key, &root_post_id, &info);
                 if self.pending_attach.remove(&key) {
                     let link = self.permalink(&root_post_id);

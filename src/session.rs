@@ -51,7 +51,6 @@ pub enum Report {
     ThreadCreated {
         key: SessionKey,
         root_post_id: String,
-        channel_id: String,
     },
     ThreadFailed {
         key: SessionKey,
@@ -208,7 +207,6 @@ impl Worker {
                 report(Report::ThreadCreated {
                     key: self.key.clone(),
                     root_post_id: post.id,
-                    channel_id: self.channel_id.clone(),
                 });
                 true
             }

@@ -6,7 +6,9 @@ use std::io::ErrorKind;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::stopped;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
@@ -238,13 +240,6 @@ pub fn websocket_url(base_url: &str) -> String {
         })
         .unwrap_or_else(|| base_url.to_string());
     format!("{rest}/api/v4/websocket")
-}
-
-fn stopped(stop: &Receiver<()>, wait: Duration) -> bool {
-    match stop.recv_timeout(wait) {
-        Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
-        Err(RecvTimeoutError::Timeout) => false,
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::stopped;
 
 use super::rest::OpenCodeClient;
 use super::sse::SseParser;
@@ -172,14 +174,6 @@ fn poll(client: &OpenCodeClient, send: &impl Fn(WatchEvent) -> bool) {
         }
     }
     send(WatchEvent::Snapshot { sessions, statuses });
-}
-
-/// Waits up to `wait` for the stop signal; true once the bridge is stopping.
-fn stopped(stop: &Receiver<()>, wait: Duration) -> bool {
-    match stop.recv_timeout(wait) {
-        Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
-        Err(RecvTimeoutError::Timeout) => false,
-    }
 }
 
 fn preview(data: &str) -> String {
