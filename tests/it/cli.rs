@@ -252,3 +252,25 @@ fn a_corrupt_state_file_is_moved_aside_and_the_bridge_starts() {
     let (code, _) = running.terminate();
     assert_eq!(code, 0);
 }
+
+#[test]
+fn a_second_instance_on_the_same_state_directory_exits_3_naming_the_first() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let mut first = command(&state);
+    bridge_env(&mut first, &mattermost, &mattermost.bot().token);
+    let mut first = Running::start(first);
+    first.wait_for_line("mattermost websocket connected");
+
+    let mut second = command(&state);
+    bridge_env(&mut second, &mattermost, &mattermost.bot().token);
+    let output = second.output().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", first.child.id())),
+        "the running instance is not named: {stderr}"
+    );
+    let (code, _) = first.terminate();
+    assert_eq!(code, 0, "the first instance was disturbed");
+}
