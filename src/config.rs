@@ -371,10 +371,10 @@ impl EnvFile {
             ))
         })?;
         let mut values = HashMap::new();
-        for (index, line) in contents.lines().enumerate() {
+        for (number, line) in logical_lines(&contents) {
             let line_error =
-                |problem: &str| error(format!("--env-file {path:?} line {}: {problem}", index + 1));
-            if let Some((key, value)) = parse_env_line(line).map_err(|p| line_error(&p))? {
+                |problem: &str| error(format!("--env-file {path:?} line {number}: {problem}"));
+            if let Some((key, value)) = parse_env_line(&line).map_err(|p| line_error(&p))? {
                 values.insert(key, value);
             }
         }
@@ -434,8 +434,12 @@ fn parse_args(args: &[String]) -> CommandLine {
                             Some(value) => Some(value),
                             // The next argument is the value, unless it asks for help or the version:
                             // `--log --help` should print help rather than complain about the level.
+                            // A following flag is never taken as a value: `--mattermost-url
+                            // --mattermost-token T` must not turn the token into a stray argument.
                             None => match args.get(index) {
-                                Some(next) if !is_early_exit_flag(next) => {
+                                Some(next)
+                                    if !is_early_exit_flag(next) && !next.starts_with("--") =>
+                                {
                                     index += 1;
                                     Some(next.clone())
                                 }
@@ -461,14 +465,28 @@ fn parse_args(args: &[String]) -> CommandLine {
                 subcommand_seen = true;
                 None
             }
-            _ if subcommand_seen => Some(format!("unexpected argument {arg:?}")),
-            _ => Some(format!("unknown subcommand {arg:?}")),
+            // A stray argument may be a secret pasted in the wrong place: name it only if it looks
+            // like a word someone meant as a subcommand.
+            _ if subcommand_seen => Some(format!("unexpected argument {}", quote_if_word(arg))),
+            _ => Some(format!("unknown subcommand {}", quote_if_word(arg))),
         };
         if let Some(problem) = problem {
             command_line.error.get_or_insert(usage_error(problem));
         }
     }
     command_line
+}
+
+fn quote_if_word(arg: &str) -> String {
+    let word = arg.len() <= 16
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '-' || c == '_');
+    if word {
+        format!("{arg:?}")
+    } else {
+        "(not shown)".to_string()
+    }
 }
 
 fn is_early_exit_flag(arg: &str) -> bool {
@@ -501,9 +519,51 @@ fn parse_env_line(line: &str) -> Result<Option<(String, String)>, String> {
     let value = value.trim();
     let value = match value.chars().next() {
         Some(quote @ ('"' | '\'')) => unquote(&value[1..], quote)?,
-        _ => value.to_string(),
+        _ => unescape_unquoted(value),
     };
     Ok(Some((key.to_string(), value)))
+}
+
+/// As systemd reads an unquoted value: a backslash makes the next character literal.
+fn unescape_unquoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                out.push(next);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Physical lines joined where one ends in a backslash (systemd's line continuation), each with the
+/// number of its first physical line. Comment lines never continue.
+fn logical_lines(contents: &str) -> Vec<(usize, String)> {
+    let mut lines = Vec::new();
+    let mut pending: Option<(usize, String)> = None;
+    for (index, line) in contents.lines().enumerate() {
+        let (number, mut joined) = pending.take().unwrap_or((index + 1, String::new()));
+        let is_comment = joined.is_empty() && {
+            let trimmed = line.trim_start();
+            trimmed.starts_with('#') || trimmed.starts_with(';')
+        };
+        let trailing_backslashes = line.len() - line.trim_end_matches('\\').len();
+        if !is_comment && trailing_backslashes % 2 == 1 {
+            joined.push_str(&line[..line.len() - 1]);
+            pending = Some((number, joined));
+        } else {
+            joined.push_str(line);
+            lines.push((number, joined));
+        }
+    }
+    if let Some(last) = pending {
+        lines.push(last);
+    }
+    lines
 }
 
 /// Reads a quoted value whose opening quote has been removed; only whitespace may follow the closing one.
@@ -1222,6 +1282,21 @@ mod tests {
                 "--env-file {file:?} line 2: expected KEY=VALUE; fix the line or comment it out with #"
             ),
         );
+        // A flag missing its value does not swallow the next flag and strand the token.
+        let stranded = run(
+            &["--mattermost-url", "--mattermost-token", TOKEN],
+            &env_with(&[]),
+        )
+        .expect_err("a flag without a value");
+        assert!(!stranded.to_string().contains(TOKEN), "{stranded}");
+        assert!(
+            stranded
+                .to_string()
+                .contains("--mattermost-url needs a value"),
+            "{stranded}"
+        );
+        let pasted = run(&[TOKEN], &env_with(&[])).expect_err("a stray argument");
+        assert!(!pasted.to_string().contains(TOKEN), "{pasted}");
         let config = run_ok(&["--opencode-password", "pw-secret"], &env_with(&[]));
         let debug = format!("{config:?}");
         assert!(!debug.contains(TOKEN), "{debug}");
@@ -1253,6 +1328,26 @@ mod tests {
             Some(r#"a "quoted" \ pass # not a comment"#)
         );
         assert_eq!(config.command_prefix, "#!");
+    }
+
+    #[test]
+    fn env_file_backslashes_follow_systemd() {
+        let file = write_file(
+            "env-backslash",
+            "env",
+            "OPENCODE_SERVER_PASSWORD=pa\\ss\\\\word\n\
+             OPENCODE_SERVER_USERNAME=long\\\n\
+             name\n\
+             # a comment ending in a backslash \\\n\
+             OPENCODE_MM_COMMAND_PREFIX=?\n",
+        );
+        let config = run_ok(&["--env-file", &file], &env_with(&[]));
+        assert_eq!(
+            config.opencode_password.as_ref().map(Secret::expose),
+            Some("pass\\word")
+        );
+        assert_eq!(config.opencode_username, "longname");
+        assert_eq!(config.command_prefix, "?");
     }
 
     #[test]

@@ -72,6 +72,41 @@ pub fn run_with_ready(
     ready: Option<crossbeam_channel::Sender<()>>,
 ) -> Result<(), RunError> {
     log::set_level(config.log_level);
+    let (bridge_stop_tx, bridge_stop) = crossbeam_channel::bounded::<()>(1);
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("bridge".into())
+        .stack_size(1024 * 1024)
+        .spawn(move || {
+            let _ = done_tx.send(bridge(config, bridge_stop, ready));
+        })
+        .map_err(|e| RunError::Fatal(format!("cannot start the bridge thread: {e}")))?;
+    crossbeam_channel::select! {
+        recv(done) -> result => return result.unwrap_or(Ok(())),
+        recv(stop) -> _ => {}
+    }
+    let _ = bridge_stop_tx.send(());
+    // Everything is saved as it changes, so a bridge stuck in a slow network call can be left behind.
+    match done.recv_timeout(SHUTDOWN_DEADLINE) {
+        Ok(result) => result,
+        Err(_) => {
+            warn!(
+                "still busy {:.1}s after the stop signal (a slow network call); stopping anyway",
+                SHUTDOWN_DEADLINE.as_secs_f64()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// SIGTERM/SIGINT must stop the process within 2 s.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1800);
+
+fn bridge(
+    config: Config,
+    stop: Receiver<()>,
+    ready: Option<crossbeam_channel::Sender<()>>,
+) -> Result<(), RunError> {
     let (store, state, notes) =
         Store::open(&config.state_dir, log::now_ms()).map_err(|e| match e {
             store::StoreError::Locked { .. } => RunError::AlreadyRunning(e.to_string()),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, SendError, Sender};
 
 use crate::command::{self, DmCommand, Resolution, SessionRef, short_id};
 use crate::mattermost::rest::MattermostClient;
@@ -69,6 +69,7 @@ pub struct Router {
     stream_up: HashMap<ServerKey, bool>,
     websocket_up: bool,
     announced_ready: bool,
+    next_worker_id: u64,
     /// Told once, when both sides are first connected.
     ready: Option<Sender<()>>,
 }
@@ -134,6 +135,7 @@ impl Router {
             stream_up: HashMap::new(),
             websocket_up: false,
             announced_ready: false,
+            next_worker_id: 0,
             ready,
         }
     }
@@ -162,7 +164,7 @@ impl Router {
             .collect();
         while !running.is_empty() {
             match inputs.recv_deadline(deadline) {
-                Ok(Input::Session(Report::Exited { key })) => {
+                Ok(Input::Session(Report::Exited { key, .. })) => {
                     if let Some(thread) = running.remove(&key) {
                         let _ = thread.join();
                     }
@@ -226,17 +228,16 @@ impl Router {
             _ => {}
         }
         if let Some(parent) = self.parents.get(&key).cloned() {
-            if let Some(inbox) = self.worker_for(&parent) {
-                let _ = inbox.send(SessionMsg::Child {
+            self.deliver(
+                &parent,
+                SessionMsg::Child {
                     child_id: key.session_id,
                     event,
-                });
-            }
+                },
+            );
             return;
         }
-        if let Some(inbox) = self.worker_for(&key) {
-            let _ = inbox.send(SessionMsg::Event(event));
-        }
+        self.deliver(&key, SessionMsg::Event(event));
     }
 
     fn learn(&mut self, key: &SessionKey, mut info: SessionInfo) {
@@ -289,12 +290,13 @@ impl Router {
         }
     }
 
-    /// The inbox of the session's worker, starting one if the session has a live thread.
-    fn worker_for(&mut self, key: &SessionKey) -> Option<Sender<SessionMsg>> {
+    /// The inbox of the session's worker, starting one if the session has a live thread (or, with
+    /// `Ending::Allowed`, an ended one).
+    fn worker_for(&mut self, key: &SessionKey, ending: Ending) -> Option<Sender<SessionMsg>> {
         if let Some(handle) = self.workers.get(key) {
             return Some(handle.inbox.clone());
         }
-        if self.record(key)?.ended_ms.is_some() {
+        if self.record(key)?.ended_ms.is_some() && ending == Ending::Refused {
             return None;
         }
         self.spawn_recorded(key)
@@ -335,7 +337,8 @@ impl Router {
             opencode: client,
             command_prefix: self.command_prefix.clone(),
         };
-        match session::spawn(setup, self.inputs.clone()) {
+        self.next_worker_id += 1;
+        match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
             Ok(handle) => {
                 let inbox = handle.inbox.clone();
                 self.workers.insert(key.clone(), handle);
@@ -362,13 +365,7 @@ impl Router {
         self.save();
         crate::info!("[{}] session ended", short_id(&key.session_id));
         // Even an ended session needs its worker once more, to say so in the thread.
-        let inbox = match self.workers.get(key) {
-            Some(handle) => Some(handle.inbox.clone()),
-            None => self.spawn_recorded(key),
-        };
-        if let Some(inbox) = inbox {
-            let _ = inbox.send(SessionMsg::Ended { ended_ms: now });
-        }
+        self.deliver_to(key, SessionMsg::Ended { ended_ms: now }, Ending::Allowed);
     }
 
     fn reconcile(
@@ -422,9 +419,8 @@ impl Router {
             // A session that turned busy while the bridge was away gets a worker to follow it.
             if let Some(status) = status
                 && (has_worker || status != Status::Idle)
-                && let Some(inbox) = self.worker_for(&key)
             {
-                let _ = inbox.send(SessionMsg::Polled(status));
+                self.deliver(&key, SessionMsg::Polled(status));
             }
         }
     }
@@ -515,18 +511,35 @@ impl Router {
             );
             return;
         }
-        match self.worker_for(&key) {
-            Some(inbox) => {
-                let _ = inbox.send(SessionMsg::Prompt {
-                    post_id: post.id,
-                    text: post.message,
-                });
-            }
-            None => self.reply(
+        let prompt = SessionMsg::Prompt {
+            post_id: post.id,
+            text: post.message,
+        };
+        if !self.deliver(&key, prompt) {
+            self.reply(
                 &post.root_id,
                 "⚠️ The message could not be handed to this session's worker; please send it again.",
-            ),
+            );
         }
+    }
+
+    /// Hands a message to the session's worker, starting one if needed.
+    fn deliver(&mut self, key: &SessionKey, message: SessionMsg) -> bool {
+        self.deliver_to(key, message, Ending::Refused)
+    }
+
+    /// A worker that exited since the router last looked (its report still queued) is replaced, so
+    /// nothing sent is dropped.
+    fn deliver_to(&mut self, key: &SessionKey, message: SessionMsg, ending: Ending) -> bool {
+        let Some(inbox) = self.worker_for(key, ending) else {
+            return false;
+        };
+        let Err(SendError(message)) = inbox.send(message) else {
+            return true;
+        };
+        self.workers.remove(key);
+        self.worker_for(key, ending)
+            .is_some_and(|inbox| inbox.send(message).is_ok())
     }
 
     /// A root this router has no record of may still be a session thread: one whose creation report
@@ -551,14 +564,21 @@ impl Router {
             session_id: session_id.to_string(),
         };
         let client = self.servers.get(&key.server)?.clone();
-        self.by_root.insert(root_id.to_string(), key.clone());
         if self.record(&key).is_some() || self.workers.contains_key(&key) {
             // Known, or its worker's report is on its way.
+            self.by_root.insert(root_id.to_string(), key.clone());
             return Some(key);
         }
         let info = match self.live.get(&key) {
             Some(live) => live.info.clone(),
-            None => client.get_session(&key.session_id, "").ok()?,
+            // The list covers every directory; a lookup by id alone would only cover the default one.
+            None => match client.list_sessions() {
+                Ok(sessions) => sessions.into_iter().find(|s| s.id == key.session_id)?,
+                Err(e) => {
+                    crate::warn!("cannot look up the session of thread {root_id}: {e}");
+                    return None;
+                }
+            },
         };
         crate::info!(
             "[{}] adopted existing thread root {root_id}",
@@ -784,14 +804,19 @@ impl Router {
                 }
             }
             Report::ThreadFailed { key, error } => {
-                self.workers.remove(&key);
                 if self.pending_attach.remove(&key) {
                     self.reply("", &format!("⚠️ Could not create the thread: {error}"));
                 }
             }
             Report::Gone { key } => self.session_ended(&key),
-            Report::Exited { key } => {
-                if let Some(handle) = self.workers.remove(&key) {
+            Report::Exited { key, worker_id } => {
+                if self
+                    .workers
+                    .get(&key)
+                    .is_some_and(|h| h.worker_id == worker_id)
+                    && let Some(handle) = self.workers.remove(&key)
+                {
+                    drop(handle.inbox);
                     let _ = handle.thread.join();
                 }
             }
@@ -895,6 +920,13 @@ pub fn help_message(prefix: &str) -> String {
          A session can be named by its full id, its short id (the last 8 characters), its slug (such as `neon-eagle`), \
          or any unique start or end of its id."
     )
+}
+
+/// Whether a worker may be started for a session whose thread has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Refused,
+    Allowed,
 }
 
 /// Post ids already handled, so a post that arrives twice is handled once.

@@ -60,8 +60,10 @@ pub enum Report {
     Gone {
         key: SessionKey,
     },
+    /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
         key: SessionKey,
+        worker_id: u64,
     },
 }
 
@@ -77,11 +79,12 @@ pub struct Setup {
 }
 
 pub struct SessionHandle {
+    pub worker_id: u64,
     pub inbox: Sender<SessionMsg>,
     pub thread: JoinHandle<()>,
 }
 
-pub fn spawn<T>(setup: Setup, reports: Sender<T>) -> std::io::Result<SessionHandle>
+pub fn spawn<T>(setup: Setup, worker_id: u64, reports: Sender<T>) -> std::io::Result<SessionHandle>
 where
     T: From<Report> + Send + 'static,
 {
@@ -105,9 +108,13 @@ where
                     short_id(&key.session_id)
                 );
             }
-            let _ = reports.send(T::from(Report::Exited { key }));
+            let _ = reports.send(T::from(Report::Exited { key, worker_id }));
         })?;
-    Ok(SessionHandle { inbox, thread })
+    Ok(SessionHandle {
+        worker_id,
+        inbox,
+        thread,
+    })
 }
 
 struct Worker {
@@ -284,18 +291,31 @@ impl Worker {
                     return true;
                 }
                 Err(OcError::SessionNotFound(_)) => {
-                    self.post_notice(
-                        "⚠️ This session no longer exists on the OpenCode server; the message was not sent.",
-                    );
+                    let dropped = match self.queue.len() {
+                        0 => String::new(),
+                        n => format!(" {n} more queued message(s) were not sent either."),
+                    };
+                    self.post_notice(&format!(
+                        "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{dropped}"
+                    ));
                     report(Report::Gone {
                         key: self.key.clone(),
                     });
                     return false;
                 }
-                Err(e @ OcError::Unreachable(_)) if attempt < 4 => {
+                // Only a request that never left is retried: a prompt sent twice would run twice.
+                Err(e @ OcError::NotSent(_)) if attempt < 4 => {
                     crate::warn!("[{}] prompt not delivered yet: {e}", self.short());
                     std::thread::sleep(delay);
                     delay *= 2;
+                }
+                Err(e @ OcError::Unreachable(_)) => {
+                    crate::error!("[{}] prompt may not have been delivered: {e}", self.short());
+                    self.post_notice(&format!(
+                        "⚠️ OpenCode stopped answering while your message was being sent ({e}), so it may not have arrived. \
+                         If no answer follows, send it again."
+                    ));
+                    return true;
                 }
                 Err(e) => {
                     crate::error!("[{}] prompt not delivered: {e}", self.short());

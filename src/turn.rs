@@ -364,18 +364,19 @@ impl Tracker {
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
-        // The turn is what follows the last user message; if that is out of the window, the
-        // assistant messages this turn has seen.
-        let from_server: Vec<&(MessageInfo, Vec<Part>)> = match messages
+        // The turn is every assistant message from the first one it saw on the stream (a prompt
+        // queued in OpenCode mid-turn adds a second answer to the same turn); if it saw none, what
+        // follows the last user message.
+        let first_seen = messages
             .iter()
-            .rposition(|(info, _)| info.role == Role::User)
-        {
-            Some(last_user) => messages[last_user + 1..].iter().collect(),
-            None => messages
+            .position(|(info, _)| turn.assistant.contains_key(&info.id));
+        let start = first_seen.unwrap_or_else(|| {
+            messages
                 .iter()
-                .filter(|(info, _)| turn.assistant.contains_key(&info.id))
-                .collect(),
-        };
+                .rposition(|(info, _)| info.role == Role::User)
+                .map_or(messages.len(), |i| i + 1)
+        });
+        let from_server = &messages[start..];
         let mut parts = Vec::new();
         for (info, message_parts) in from_server {
             if info.role != Role::Assistant || self.finished.contains(&info.id) {
@@ -538,6 +539,60 @@ mod tests {
             ),
             Change::TurnEnded
         );
+    }
+
+    fn message(id: &str, role: Role) -> MessageInfo {
+        MessageInfo {
+            id: id.into(),
+            role,
+            created_ms: 0,
+            completed_ms: None,
+            tokens: Tokens::default(),
+            cost: 0.0,
+            error: None,
+            model: None,
+        }
+    }
+
+    fn text_part(id: &str, message_id: &str, text: &str) -> Part {
+        Part {
+            id: id.into(),
+            message_id: message_id.into(),
+            body: PartBody::Text(text.into()),
+        }
+    }
+
+    #[test]
+    fn the_final_reread_keeps_every_answer_of_the_turn() {
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        tracker.begin(now);
+        let assistant_event = |id: &str| Event::MessageUpdated {
+            session_id: "s".into(),
+            message: message(id, Role::Assistant),
+        };
+        tracker.apply(assistant_event("a1"), now);
+        // The server: an old answer, then this turn's first answer, a prompt queued in OpenCode
+        // mid-turn (say from the terminal), and its answer, all before one idle.
+        let stored = vec![
+            (message("u0", Role::User), vec![]),
+            (
+                message("a0", Role::Assistant),
+                vec![text_part("p0", "a0", "old answer")],
+            ),
+            (message("u1", Role::User), vec![]),
+            (
+                message("a1", Role::Assistant),
+                vec![text_part("p1", "a1", "first answer")],
+            ),
+            (message("u2", Role::User), vec![]),
+            (
+                message("a2", Role::Assistant),
+                vec![text_part("p2", "a2", "second answer")],
+            ),
+        ];
+        let (turn, _) = tracker.finish(Some(&stored), now).expect("turn");
+        assert_eq!(turn.body(false), "first answer\n\nsecond answer");
     }
 
     #[test]

@@ -83,9 +83,15 @@ enum End {
     Lost(String),
 }
 
+impl Resume {
+    fn can_resume(&self) -> bool {
+        !self.connection_id.is_empty() && self.last_seq.is_some()
+    }
+}
+
 fn connect(settings: &WsSettings, resume: &Resume) -> Result<Socket, String> {
     let mut url = websocket_url(&settings.base_url);
-    if !resume.connection_id.is_empty()
+    if resume.can_resume()
         && let Some(seq) = resume.last_seq
     {
         url.push_str(&format!(
@@ -142,6 +148,18 @@ fn session(
 ) -> End {
     let opened = Instant::now();
     let mut greeted = false;
+    // A resumed connection gets no new hello: the upgrade itself is the server's yes. A fresh hello
+    // arriving later means the resume was refused, and is reported as a new connection.
+    if resume.can_resume() {
+        greeted = true;
+        backoff.reset();
+        if !send(WsUpdate::Connected {
+            resumed: true,
+            server_version: String::new(),
+        }) {
+            return End::Stopped;
+        }
+    }
     let mut last_heard = Instant::now();
     let mut last_ping = Instant::now();
     loop {
@@ -183,15 +201,7 @@ fn session(
                     continue;
                 }
                 if !greeted {
-                    // The server resumed our connection and replays without a new hello.
-                    greeted = true;
-                    backoff.reset();
-                    if !send(WsUpdate::Connected {
-                        resumed: true,
-                        server_version: String::new(),
-                    }) {
-                        return End::Stopped;
-                    }
+                    return End::Lost("an event arrived before the hello".into());
                 }
                 if let Some(seq) = seq {
                     resume.last_seq = Some(seq);

@@ -12,7 +12,9 @@ use crate::http::{self, percent_encode};
 
 #[derive(Debug)]
 pub enum OcError {
-    /// The server could not be reached or did not answer in time: retry later.
+    /// The request never left: no connection could be made. Safe to retry, even a prompt.
+    NotSent(String),
+    /// The exchange failed part way: the server may or may not have acted on it.
     Unreachable(String),
     /// The session is gone (404): the thread should be marked ended.
     SessionNotFound(String),
@@ -27,7 +29,7 @@ pub enum OcError {
 impl std::fmt::Display for OcError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            OcError::Unreachable(e) => write!(f, "opencode unreachable: {e}"),
+            OcError::NotSent(e) | OcError::Unreachable(e) => write!(f, "opencode unreachable: {e}"),
             OcError::SessionNotFound(m) => write!(f, "session not found: {m}"),
             OcError::Unauthorized => write!(
                 f,
@@ -41,7 +43,19 @@ impl std::fmt::Display for OcError {
 
 impl From<ureq::Error> for OcError {
     fn from(error: ureq::Error) -> OcError {
-        OcError::Unreachable(error.to_string())
+        use ureq::{Error, Timeout};
+        let never_sent = match &error {
+            Error::HostNotFound
+            | Error::ConnectionFailed
+            | Error::Timeout(Timeout::Resolve | Timeout::Connect) => true,
+            Error::Io(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+            _ => false,
+        };
+        if never_sent {
+            OcError::NotSent(error.to_string())
+        } else {
+            OcError::Unreachable(error.to_string())
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The thread that watches one OpenCode server: its `/global/event` stream, and a slow poll of the
 //! session list that catches whatever the stream missed. It only reads and forwards; the router decides.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +31,8 @@ pub enum WatchEvent {
     /// The stream ended or could not be opened.
     StreamDown(String),
     Event(Envelope),
-    /// The full session list and the status of recently active directories.
+    /// The full session list, and the status of every session in recently active directories
+    /// (sessions of other directories are absent from `statuses`).
     Snapshot {
         sessions: Vec<SessionInfo>,
         statuses: HashMap<String, Status>,
@@ -160,16 +161,28 @@ fn poll(client: &OpenCodeClient, send: &impl Fn(WatchEvent) -> bool) {
         }
     };
     let newest = sessions.iter().map(|s| s.updated_ms).max().unwrap_or(0);
-    let directories: BTreeSet<&str> = sessions
+    let mut directories: Vec<&str> = Vec::new();
+    for session in sessions
         .iter()
         .filter(|s| s.updated_ms + RECENT_WINDOW_MS >= newest)
-        .map(|s| s.directory.as_str())
-        .take(MAX_POLLED_DIRECTORIES)
-        .collect();
+    {
+        if directories.len() == MAX_POLLED_DIRECTORIES {
+            break;
+        }
+        if !directories.contains(&session.directory.as_str()) {
+            directories.push(&session.directory);
+        }
+    }
     let mut statuses = HashMap::new();
     for directory in directories {
         match client.session_status(directory) {
-            Ok(found) => statuses.extend(found),
+            Ok(busy) => {
+                // The answer lists only busy and retrying sessions; the rest of the directory is idle.
+                for session in sessions.iter().filter(|s| s.directory == directory) {
+                    statuses.insert(session.id.clone(), Status::Idle);
+                }
+                statuses.extend(busy);
+            }
             Err(e) => crate::debug!("status of {directory} unavailable: {e}"),
         }
     }
