@@ -176,19 +176,50 @@ fn poll(client: &OpenCodeClient, send: &impl Fn(WatchEvent) -> bool) {
     let mut statuses = HashMap::new();
     for directory in directories {
         match client.session_status(directory) {
-            Ok(busy) => {
-                // The answer lists only busy and retrying sessions; the rest of the directory is idle.
-                for session in sessions.iter().filter(|s| s.directory == directory) {
-                    statuses.insert(session.id.clone(), Status::Idle);
-                }
-                statuses.extend(busy);
-            }
+            Ok(busy) => statuses.extend(directory_statuses(&sessions, directory, busy)),
             Err(e) => crate::debug!("status of {directory} unavailable: {e}"),
         }
     }
     send(WatchEvent::Snapshot { sessions, statuses });
 }
 
+/// `GET /session/status` lists only busy and retrying sessions: every other session of the
+/// directory is idle.
+fn directory_statuses(
+    sessions: &[SessionInfo],
+    directory: &str,
+    busy: HashMap<String, Status>,
+) -> HashMap<String, Status> {
+    let mut statuses: HashMap<String, Status> = sessions
+        .iter()
+        .filter(|s| s.directory == directory)
+        .map(|s| (s.id.clone(), Status::Idle))
+        .collect();
+    statuses.extend(busy);
+    statuses
+}
+
 fn preview(data: &str) -> String {
     crate::render::truncate_chars(data, 200)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_missing_from_the_status_answer_are_idle() {
+        let session = |id: &str, directory: &str| SessionInfo {
+            id: id.into(),
+            directory: directory.into(),
+            ..SessionInfo::default()
+        };
+        let sessions = [session("a", "/p"), session("b", "/p"), session("c", "/q")];
+        let busy = HashMap::from([("b".to_string(), Status::Busy)]);
+        let statuses = directory_statuses(&sessions, "/p", busy);
+        assert_eq!(statuses.get("a"), Some(&Status::Idle));
+        assert_eq!(statuses.get("b"), Some(&Status::Busy));
+        // Another directory's session is not known from this answer.
+        assert_eq!(statuses.get("c"), None);
+    }
 }

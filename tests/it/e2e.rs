@@ -766,6 +766,46 @@ fn after_sigkill_threads_keep_routing_and_no_root_is_duplicated() {
 }
 
 #[test]
+fn a_dropped_websocket_resumes_and_replays_what_was_missed() {
+    let world = World::started();
+    let (id, _) = world.new_session("Resume");
+    let root = world.wait_root(&id);
+    let upgrades = |view: &[crate::support::mattermost::Request]| {
+        view.iter().filter(|r| r.status == 101).count()
+    };
+    let wait_reconnect = |before: usize| {
+        world
+            .mattermost
+            .wait_until(SOON, |view| {
+                (upgrades(view.requests()) > before).then_some(())
+            })
+            .expect("the bridge never reconnected");
+    };
+
+    // A resumed connection gets no new hello. Staying quiet past the 5 s hello deadline is the
+    // scenario itself: the bridge must not take it for a rejected token and reconnect.
+    let before = upgrades(&world.mattermost.requests());
+    world.mattermost.drop_websockets();
+    wait_reconnect(before);
+    let resumed = upgrades(&world.mattermost.requests());
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        upgrades(&world.mattermost.requests()),
+        resumed,
+        "a quiet resumed websocket was dropped"
+    );
+
+    // Posted while the bridge is disconnected: the resumed connection replays it.
+    world.mattermost.drop_websockets();
+    world.owner_says(&root.id, "sent during the gap");
+    wait_reconnect(resumed);
+    world.wait_bot_post(&root.id, "echo", |p| {
+        p.message.contains("echo: sent during the gap")
+    });
+    assert_eq!(world.prompts_seen_by_llm(), vec!["sent during the gap"]);
+}
+
+#[test]
 fn posts_by_anyone_but_the_owner_never_reach_opencode() {
     let world = World::started();
     let (id, _) = world.new_session("Guarded");
