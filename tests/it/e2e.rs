@@ -755,6 +755,18 @@ fn after_sigkill_threads_keep_routing_and_no_root_is_duplicated() {
     world.wait_bot_post(&second_root.id, "echo", |p| {
         p.message.contains("echo: new thread works")
     });
+    // Figures for the record, not assertions: the benchmark is where resource use is judged.
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", bridge.child.id())).unwrap_or_default();
+    for (field, name) in [("VmRSS:", "debug_build_rss_kb"), ("Threads:", "threads")] {
+        if let Some(value) = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+        {
+            eprintln!("METRIC {name}={value}");
+        }
+    }
     let (code, _) = bridge.terminate();
     assert_eq!(code, 0);
     assert_eq!(world.roots_for(&first).len(), 1);
