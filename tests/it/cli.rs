@@ -103,6 +103,32 @@ impl Drop for Running {
     }
 }
 
+/// `Command::output` with a deadline: a binary that should exit but hangs fails the test.
+trait Finish {
+    fn finish(&mut self) -> std::process::Output;
+}
+
+impl Finish for Command {
+    fn finish(&mut self) -> std::process::Output {
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the binary");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("the binary did not exit within 20 s");
+            }
+            // Polling a child's exit has no blocking form with a deadline in std.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.wait_with_output().expect("collect output")
+    }
+}
+
 fn bridge_env(command: &mut Command, mattermost: &FakeMattermost, token: &str) {
     command
         .env("MATTERMOST_URL", mattermost.url())
@@ -119,7 +145,7 @@ fn bridge_env(command: &mut Command, mattermost: &FakeMattermost, token: &str) {
 #[test]
 fn help_and_version() {
     let state = TempDir::new("cli");
-    let output = command(&state).arg("--help").output().unwrap();
+    let output = command(&state).arg("--help").finish();
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
     for variable in [
@@ -140,7 +166,7 @@ fn help_and_version() {
             "--help does not mention {variable}"
         );
     }
-    let output = command(&state).arg("--version").output().unwrap();
+    let output = command(&state).arg("--version").finish();
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
@@ -151,8 +177,7 @@ fn a_missing_or_malformed_setting_exits_2_naming_the_variable() {
     let output = command(&state)
         .env("MATTERMOST_TOKEN", "sekrit-token-value")
         .env("MATTERMOST_OWNER", "alice")
-        .output()
-        .unwrap();
+        .finish();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("MATTERMOST_URL"), "{stderr}");
@@ -165,8 +190,7 @@ fn a_missing_or_malformed_setting_exits_2_naming_the_variable() {
         .env("MATTERMOST_URL", "chat.example.com")
         .env("MATTERMOST_TOKEN", "sekrit-token-value")
         .env("MATTERMOST_OWNER", "alice")
-        .output()
-        .unwrap();
+        .finish();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("https://chat.example.com"), "{stderr}");
@@ -179,7 +203,7 @@ fn a_rejected_token_exits_2_without_printing_it() {
     let state = TempDir::new("cli");
     let mut command = command(&state);
     bridge_env(&mut command, &mattermost, "wrong-token-1234567890");
-    let output = command.output().unwrap();
+    let output = command.finish();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("MATTERMOST_TOKEN"), "{stderr}");
@@ -194,7 +218,7 @@ fn an_unknown_owner_exits_2() {
     let mut command = command(&state);
     bridge_env(&mut command, &mattermost, &mattermost.bot().token);
     command.env("MATTERMOST_OWNER", "nobody-here");
-    let output = command.output().unwrap();
+    let output = command.finish();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -264,7 +288,7 @@ fn a_second_instance_on_the_same_state_directory_exits_3_naming_the_first() {
 
     let mut second = command(&state);
     bridge_env(&mut second, &mattermost, &mattermost.bot().token);
-    let output = second.output().unwrap();
+    let output = second.finish();
     assert_eq!(output.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
