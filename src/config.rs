@@ -141,7 +141,8 @@ pub fn help_text() -> String {
     }
     text.push_str(
         "\nEXIT CODES:\n    0    clean stop (SIGINT or SIGTERM)\n    1    fatal runtime error\n    \
-         2    configuration or usage error\n",
+         2    configuration or usage error\n    \
+         3    another opencode-mattermost already runs on the state directory\n",
     );
     text
 }
@@ -1571,6 +1572,7 @@ mod tests {
             "0    clean stop",
             "1    fatal runtime error",
             "2    configuration or usage error",
+            "3    another opencode-mattermost already runs",
         ] {
             assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
         }
