@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::bridge::Bridge;
+use opencode_mattermost::RunError;
+use opencode_mattermost::config::Secret;
+
+use crate::support::bridge::{self, Bridge};
 use crate::support::llm::{FakeLlm, Gate, Step};
 use crate::support::mattermost::{FakeMattermost, Post};
 use crate::support::opencode::OpenCode;
@@ -25,6 +28,10 @@ impl World {
     fn new() -> World {
         let llm = FakeLlm::start();
         let opencode = OpenCode::start(&llm, json!({}));
+        World::with(llm, opencode)
+    }
+
+    fn with(llm: FakeLlm, opencode: OpenCode) -> World {
         let mattermost = FakeMattermost::start();
         let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
         World {
@@ -164,6 +171,32 @@ fn post_json(url: &str, body: Value) -> Value {
 
 fn text(s: &str) -> Step {
     Step::Text(s.to_string())
+}
+
+#[test]
+fn a_password_protected_opencode_works_and_a_wrong_password_stops_start_up() {
+    let llm = FakeLlm::start();
+    let opencode = OpenCode::start_with_password(&llm, json!({}), "open-sesame-1");
+    let mut world = World::with(llm, opencode);
+    let mut config = bridge::config(&world.mattermost, &world.opencode.url(), world.state.path());
+
+    config.opencode_password = Some(Secret::new("wrong-password-2".into()));
+    match Bridge::spawn(config.clone()).wait_exit(SOON) {
+        Err(RunError::Config(message)) => {
+            assert!(message.contains("OPENCODE_SERVER_PASSWORD"), "{message}");
+            assert!(!message.contains("wrong-password-2"), "{message}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+
+    config.opencode_password = Some(Secret::new("open-sesame-1".into()));
+    world.bridge = Some(Bridge::start_with(config));
+    let (id, _) = world.new_session("Behind a password");
+    let root = world.wait_root(&id);
+    world.owner_says(&root.id, "authenticated hello");
+    world.wait_bot_post(&root.id, "echo", |p| {
+        p.message.contains("echo: authenticated hello")
+    });
 }
 
 #[test]

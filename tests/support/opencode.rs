@@ -32,6 +32,8 @@ pub struct OpenCode {
     project_dir: PathBuf,
     config: Value,
     agent: ureq::Agent,
+    /// `Authorization` for every request, when the server was started with a password.
+    authorization: Option<String>,
     /// Declared last so it is removed after the server is dead.
     _temp: TempDir,
 }
@@ -40,6 +42,17 @@ impl OpenCode {
     /// Starts a server in a fresh git-initialised project whose `opencode.json` points at `llm`, with
     /// `extra_config` merged in, for example `{"permission":{"bash":"ask"}}`.
     pub fn start(llm: &FakeLlm, extra_config: Value) -> OpenCode {
+        OpenCode::launch(llm, extra_config, None)
+    }
+
+    /// Like `start`, with `OPENCODE_SERVER_PASSWORD` set, so every request needs basic auth as user
+    /// `opencode`.
+    pub fn start_with_password(llm: &FakeLlm, extra_config: Value, password: &str) -> OpenCode {
+        OpenCode::launch(llm, extra_config, Some(password))
+    }
+
+    fn launch(llm: &FakeLlm, extra_config: Value, password: Option<&str>) -> OpenCode {
+        let authorization = password.map(|p| opencode_mattermost::http::basic_auth("opencode", p));
         let binary = opencode_binary();
         let temp = TempDir::new("opencode");
         let root = temp
@@ -82,9 +95,9 @@ impl OpenCode {
         for attempt in 1..=START_ATTEMPTS {
             let log = root.join(format!("server-{attempt}.log"));
             let port = free_port();
-            let mut child = spawn_server(&binary, &root, &project_dir, port, &log);
+            let mut child = spawn_server(&binary, &root, &project_dir, port, &log, password);
             let url = format!("http://127.0.0.1:{port}");
-            match wait_until_ready(&agent, &url, &mut child) {
+            match wait_until_ready(&agent, &url, &mut child, authorization.as_deref()) {
                 Ok(()) => {
                     return OpenCode {
                         child,
@@ -94,6 +107,7 @@ impl OpenCode {
                         project_dir,
                         config,
                         agent,
+                        authorization,
                     };
                 }
                 Err(problem) => {
@@ -169,15 +183,14 @@ impl OpenCode {
 
     fn call(&self, method: &str, path_and_query: &str, body: Option<Value>) -> Value {
         let url = format!("{}{}", self.url, path_and_query);
+        let auth = self.authorization.as_deref();
         let result = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            ("POST", Some(body)) => self
-                .agent
-                .post(&url)
+            ("GET", _) => authed(self.agent.get(&url), auth).call(),
+            ("DELETE", _) => authed(self.agent.delete(&url), auth).call(),
+            ("POST", Some(body)) => authed(self.agent.post(&url), auth)
                 .header("content-type", "application/json")
                 .send(body.to_string()),
-            ("POST", None) => self.agent.post(&url).send_empty(),
+            ("POST", None) => authed(self.agent.post(&url), auth).send_empty(),
             _ => panic!("opencode harness: unsupported method {method}"),
         };
         let mut response = result.unwrap_or_else(|error| panic!("{method} {url}: {error}"));
@@ -233,7 +246,24 @@ pub fn opencode_binary() -> PathBuf {
     binary
 }
 
-fn spawn_server(binary: &Path, root: &Path, project_dir: &Path, port: u16, log: &Path) -> Child {
+fn authed<B>(
+    request: ureq::RequestBuilder<B>,
+    authorization: Option<&str>,
+) -> ureq::RequestBuilder<B> {
+    match authorization {
+        Some(value) => request.header("authorization", value),
+        None => request,
+    }
+}
+
+fn spawn_server(
+    binary: &Path,
+    root: &Path,
+    project_dir: &Path,
+    port: u16,
+    log: &Path,
+    password: Option<&str>,
+) -> Child {
     let stdout = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
     let stderr = stdout.try_clone().expect("clone log file handle");
     let mut command = Command::new(binary);
@@ -266,6 +296,9 @@ fn spawn_server(binary: &Path, root: &Path, project_dir: &Path, port: u16, log: 
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
+    if let Some(password) = password {
+        command.env("OPENCODE_SERVER_PASSWORD", password);
+    }
     // A process group of its own lets Drop kill the tools and servers OpenCode spawns along with it.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     command
@@ -273,15 +306,19 @@ fn spawn_server(binary: &Path, root: &Path, project_dir: &Path, port: u16, log: 
         .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()))
 }
 
-fn wait_until_ready(agent: &ureq::Agent, url: &str, child: &mut Child) -> Result<(), String> {
+fn wait_until_ready(
+    agent: &ureq::Agent,
+    url: &str,
+    child: &mut Child,
+    authorization: Option<&str>,
+) -> Result<(), String> {
     let deadline = Instant::now() + READY_DEADLINE;
     let probe = format!("{url}/session");
     loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             return Err(format!("the server exited with {status}"));
         }
-        let answer = agent
-            .get(&probe)
+        let answer = authed(agent.get(&probe), authorization)
             .config()
             .timeout_global(Some(Duration::from_secs(2)))
             .build()
