@@ -177,11 +177,11 @@ impl Worker {
                 Some(deadline) => match inbox.recv_deadline(deadline) {
                     Ok(message) => Some(message),
                     Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
                 },
                 None => match inbox.recv() {
                     Ok(message) => Some(message),
-                    Err(_) => return,
+                    Err(_) => return self.stop(),
                 },
             };
             match message {
@@ -458,6 +458,21 @@ impl Worker {
             summary.cost,
         );
         self.post_notice(&line);
+    }
+
+    /// The bridge is stopping: a reply still streaming says so instead of "working…" forever.
+    fn stop(&mut self) {
+        let Some(turn) = self.tracker.turn.as_ref() else {
+            return;
+        };
+        if self.reply.posts.is_empty() {
+            return;
+        }
+        let body = format!(
+            "{}\n\n_⏸️ opencode-mattermost stopped while this reply was streaming; the session goes on in OpenCode._",
+            turn.body(false)
+        );
+        self.send_reply(&body, true);
     }
 
     fn end(&mut self, ended_ms: u64) {

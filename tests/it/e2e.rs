@@ -515,6 +515,43 @@ fn three_sessions_stream_in_parallel_without_cross_talk() {
 }
 
 #[test]
+fn a_reply_streaming_when_the_bridge_stops_says_so() {
+    let mut world = World::started();
+    let (id, _) = world.new_session("Interrupted");
+    let root = world.wait_root(&id);
+    let gate = Gate::new();
+    world.llm.script(
+        "long job",
+        vec![vec![
+            text("halfway there. "),
+            Step::Gate(gate.clone()),
+            text("done."),
+        ]],
+    );
+    world.owner_says(&root.id, "long job");
+    let streaming = world.wait_bot_post(&root.id, "first text", |p| {
+        p.message.contains("halfway there")
+    });
+    assert!(streaming.message.contains("⏳"), "{}", streaming.message);
+    world.stop_bridge();
+    gate.open();
+    let after = world.mattermost.post(&streaming.id).expect("reply post");
+    assert!(!after.message.contains("⏳"), "{}", after.message);
+    assert!(
+        after.message.contains("halfway there."),
+        "{}",
+        after.message
+    );
+    assert!(
+        after
+            .message
+            .contains("stopped while this reply was streaming"),
+        "{}",
+        after.message
+    );
+}
+
+#[test]
 fn a_message_sent_while_busy_is_queued_and_sent_after() {
     let world = World::started();
     let (id, _) = world.new_session("Queue");
