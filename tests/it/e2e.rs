@@ -777,13 +777,24 @@ fn restart_keeps_routing_and_creates_no_duplicate_threads() {
     });
 
     world.stop_bridge();
+    // Deleted while the bridge was stopped: its thread says so when the bridge is back.
+    world
+        .opencode
+        .delete_session(&second, world.opencode.project_dir());
     world.start_bridge();
+    world.wait_bot_post(&second_root.id, "end notice", |p| {
+        p.message.contains("This session ended after")
+    });
     let (third, _) = world.new_session("After second restart");
     world.wait_root(&third);
     assert_eq!(world.roots_for(&first).len(), 1);
     assert_eq!(world.roots_for(&second).len(), 1);
     let state = std::fs::read_to_string(world.state.path().join("state.json")).unwrap();
     assert!(state.contains(&first_root.id) && state.contains(&second_root.id));
+    world.owner_says(&first_root.id, "first still works");
+    world.wait_bot_post(&first_root.id, "echo", |p| {
+        p.message.contains("echo: first still works")
+    });
 }
 
 #[test]
