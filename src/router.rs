@@ -181,6 +181,13 @@ impl Router {
             }
         }
         self.save();
+        let calls = self.mattermost.stats();
+        crate::info!(
+            "stopped: {} mattermost calls, {} retried, {} rate-limited",
+            calls.calls,
+            calls.retries,
+            calls.rate_limited
+        );
     }
 
     // ---- OpenCode ----

@@ -11,12 +11,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::json;
 
 use crate::command::short_id;
-use crate::mattermost::rest::{MattermostClient, MmError};
+use crate::mattermost::rest::MattermostClient;
 use crate::opencode::rest::{OcError, OpenCodeClient};
 use crate::opencode::{Event, SessionInfo, SessionKey, Status};
 use crate::render::{MAX_POST_CHARS, format_duration, split_post};
 use crate::reply;
-use crate::turn::{Change, Tracker};
+use crate::turn::{Change, Tracker, Turn};
 
 /// Edits of a streaming reply are coalesced to at most about two a second per session.
 pub const EDIT_INTERVAL: Duration = Duration::from_millis(500);
@@ -185,7 +185,7 @@ impl Worker {
                 },
             };
             match message {
-                None => self.flush(false),
+                None => self.flush(),
                 Some(SessionMsg::Ended { ended_ms }) => {
                     self.end(ended_ms);
                     return;
@@ -291,12 +291,9 @@ impl Worker {
                     return true;
                 }
                 Err(OcError::SessionNotFound(_)) => {
-                    let dropped = match self.queue.len() {
-                        0 => String::new(),
-                        n => format!(" {n} more queued message(s) were not sent either."),
-                    };
                     self.post_notice(&format!(
-                        "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{dropped}"
+                        "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{}",
+                        self.unsent_queue_note()
                     ));
                     report(Report::Gone {
                         key: self.key.clone(),
@@ -363,7 +360,7 @@ impl Worker {
                 .last_sent
                 .is_none_or(|t| t.elapsed() >= EDIT_INTERVAL);
         if urgent {
-            self.flush(false);
+            self.flush();
         }
     }
 
@@ -378,7 +375,8 @@ impl Worker {
         )
     }
 
-    fn flush(&mut self, last: bool) {
+    /// Sends the running turn's reply as it stands, with its "working…" status line.
+    fn flush(&mut self) {
         let Some(turn) = self.tracker.turn.as_ref() else {
             return;
         };
@@ -386,9 +384,16 @@ impl Worker {
         if !turn.is_visible() && self.reply.posts.is_empty() {
             return;
         }
-        let body = turn.body(!last);
+        let body = turn.body(true);
         self.reply.text_shown |= turn.has_text();
-        self.send_reply(&body, last);
+        self.send_reply(&body, false);
+    }
+
+    /// Sends a finished turn's clean reply, without the status line.
+    fn show_final(&mut self, turn: &Turn) {
+        if turn.is_visible() || !self.reply.posts.is_empty() {
+            self.send_reply(&turn.body(false), true);
+        }
     }
 
     /// Makes the reply posts show `body`: edits the posts that changed, adds continuation posts, and
@@ -447,9 +452,7 @@ impl Worker {
         let Some((turn, summary)) = self.tracker.finish(stored.as_deref(), Instant::now()) else {
             return;
         };
-        if turn.is_visible() || !self.reply.posts.is_empty() {
-            self.send_reply(&turn.body(false), true);
-        }
+        self.show_final(&turn);
         self.reply = ReplyPosts::default();
         let line = reply::completion_line(
             &summary.outcome,
@@ -476,32 +479,31 @@ impl Worker {
     }
 
     fn end(&mut self, ended_ms: u64) {
-        if let Some((turn, _)) = self.tracker.finish(None, Instant::now())
-            && (turn.is_visible() || !self.reply.posts.is_empty())
-        {
-            self.send_reply(&turn.body(false), true);
+        if let Some((turn, _)) = self.tracker.finish(None, Instant::now()) {
+            self.show_final(&turn);
         }
         let lived = ended_ms.saturating_sub(self.info.created_ms);
-        let dropped = if self.queue.is_empty() {
-            String::new()
-        } else {
-            format!(" {} queued message(s) were not sent.", self.queue.len())
-        };
         self.post_notice(&format!(
-            "🏁 This session ended after {} (deleted on the OpenCode server). Replies here are no longer delivered.{dropped}",
-            format_duration(lived)
+            "🏁 This session ended after {} (deleted on the OpenCode server). Replies here are no longer delivered.{}",
+            format_duration(lived),
+            self.unsent_queue_note()
         ));
     }
 
-    fn post_notice(&self, message: &str) {
-        if let Err(e) = self.post_reply(message) {
-            crate::warn!("[{}] notice not posted: {e}", self.short());
+    /// Said when the session is gone with prompts still waiting, so none vanish silently.
+    fn unsent_queue_note(&self) -> String {
+        match self.queue.len() {
+            0 => String::new(),
+            n => format!(" {n} queued message(s) were not sent."),
         }
     }
 
-    fn post_reply(&self, message: &str) -> Result<(), MmError> {
-        self.mattermost
-            .create_post(&self.channel_id, &self.root_post_id, message, None)
-            .map(drop)
+    fn post_notice(&self, message: &str) {
+        let posted =
+            self.mattermost
+                .create_post(&self.channel_id, &self.root_post_id, message, None);
+        if let Err(e) = posted {
+            crate::warn!("[{}] notice not posted: {e}", self.short());
+        }
     }
 }

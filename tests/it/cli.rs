@@ -73,18 +73,25 @@ impl Running {
             .status()
             .expect("kill");
         assert!(status.success());
-        let deadline = sent + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code().unwrap_or(-1), sent.elapsed());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running 10 s after SIGTERM"
-            );
-            // Polling a child's exit has no blocking form with a deadline in std.
-            std::thread::sleep(Duration::from_millis(5));
+        let status = exit_within(&mut self.child, Duration::from_secs(10))
+            .expect("still running 10 s after SIGTERM");
+        (status.code().unwrap_or(-1), sent.elapsed())
+    }
+}
+
+/// The child's exit status, or `None` (and the child killed) if it is still running after `limit`.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the binary") {
+            return Some(status);
         }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return None;
+        }
+        // Polling a child's exit has no blocking form with a deadline in std.
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -116,15 +123,8 @@ impl Finish for Command {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the binary");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("the binary did not exit within 20 s");
-            }
-            // Polling a child's exit has no blocking form with a deadline in std.
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        exit_within(&mut child, Duration::from_secs(20))
+            .expect("the binary did not exit within 20 s");
         child.wait_with_output().expect("collect output")
     }
 }

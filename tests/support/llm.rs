@@ -7,7 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -72,6 +72,9 @@ struct Reply {
     prompt_tokens: u64,
 }
 
+/// Longer than any test waits for anything (`support::SOON`).
+const GATE_LIMIT: Duration = Duration::from_secs(120);
+
 impl Gate {
     pub fn new() -> Gate {
         Gate::default()
@@ -82,14 +85,22 @@ impl Gate {
         self.0.changed.notify_all();
     }
 
+    /// Blocks until the test opens the gate, or for at most `GATE_LIMIT`, so a test that fails before
+    /// opening it does not leave the stream's thread blocked forever.
     fn wait(&self) {
+        let deadline = Instant::now() + GATE_LIMIT;
         let mut open = lock(&self.0.open);
         while !*open {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
             open = self
                 .0
                 .changed
-                .wait(open)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(open, left)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 }
