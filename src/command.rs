@@ -10,6 +10,12 @@ pub enum DmCommand {
     Sessions { all: bool },
     /// `attach <session>`: open a thread for an existing session.
     Attach { query: String },
+    /// `new <directory> [title]`, and any lines after the first as the first prompt.
+    New {
+        directory: String,
+        title: Option<String>,
+        prompt: Option<String>,
+    },
     /// The word after the prefix is not a command. `name` is as typed, for the reply.
     Unknown { name: String },
     /// A command that needs an argument came without one. `usage` has no prefix, like
@@ -25,6 +31,66 @@ pub enum DmCommand {
         usage: &'static str,
         argument: String,
     },
+}
+
+/// A command typed as a reply in a session's thread.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ThreadCommand {
+    /// `allow`: allow the oldest pending permission request once.
+    Allow,
+    /// `always`: allow it, and its pattern from now on in this session.
+    Always,
+    /// `deny [message]`: reject it; a message is passed on to the agent.
+    Deny { message: Option<String> },
+    /// `skip`: reject the pending question.
+    Skip,
+    /// `stop`: abort the session's current run.
+    Stop,
+    /// `status`.
+    Status,
+    /// `model [provider/model]`: list, or choose for this session's next prompts.
+    Model { choice: Option<String> },
+    /// `agent [name]`: list, or choose.
+    Agent { name: Option<String> },
+    /// `todo`.
+    Todo,
+    /// `compact`: summarise the session.
+    Compact,
+    /// `rename <title>`.
+    Rename { title: String },
+    /// `diff`: the session's current changes.
+    Diff,
+    /// `file <path>`: attach a file from the session's directory.
+    File { path: String },
+    /// `help`.
+    Help,
+    Unknown { name: String },
+    MissingArgument {
+        command: &'static str,
+        usage: &'static str,
+    },
+    UnexpectedArgument {
+        command: &'static str,
+        usage: &'static str,
+        argument: String,
+    },
+}
+
+/// What an owner's reaction means, wherever it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReactionMeaning {
+    /// `white_check_mark`, `+1`.
+    Allow,
+    /// `unlock`.
+    Always,
+    /// `x`, `-1`.
+    Reject,
+    /// `octagonal_sign`.
+    Stop,
+    /// `repeat`.
+    Retry,
+    /// `one` … `nine`: an option number, 1-based.
+    Choice(u8),
 }
 
 /// A session as `resolve_session` sees it.

@@ -612,6 +612,7 @@ impl Router {
             DmCommand::Help => self.reply("", &help_message(&prefix)),
             DmCommand::Sessions { all } => self.list_sessions(all),
             DmCommand::Attach { query } => self.attach(&query),
+            DmCommand::New { .. } => self.reply("", "`new` is not available yet."),
             DmCommand::Unknown { name } => self.reply(
                 "",
                 &format!("❓ Unknown command `{prefix}{name}`. `{prefix}help` lists the commands."),

@@ -169,6 +169,12 @@ impl Tracker {
             | Event::SessionDeleted { .. }
             | Event::Connected
             | Event::Heartbeat
+            | Event::PermissionAsked(_)
+            | Event::PermissionReplied { .. }
+            | Event::QuestionAsked(_)
+            | Event::QuestionReplied { .. }
+            | Event::QuestionRejected { .. }
+            | Event::TodoUpdated { .. }
             | Event::Other { .. } => Change::Nothing,
         }
     }

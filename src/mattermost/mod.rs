@@ -56,6 +56,30 @@ pub struct Reaction {
     pub emoji_name: String,
 }
 
+/// A file's metadata (`GET /api/v4/files/{id}/info`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct FileInfo {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub mime_type: String,
+    #[serde(default)]
+    pub extension: String,
+}
+
+/// Something the bridge sends over the websocket rather than REST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsAction {
+    /// `user_typing` in a channel; `parent_id` makes it show in that thread.
+    Typing {
+        channel_id: String,
+        parent_id: String,
+    },
+}
+
 /// One websocket event, decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WsEvent {

@@ -154,6 +154,31 @@ pub enum Event {
         session_id: String,
         part_id: String,
     },
+    /// `permission.asked`: the agent waits for the owner to allow or reject a tool call.
+    PermissionAsked(PermissionRequest),
+    /// `permission.replied`: answered, by the bridge or anywhere else (the TUI, another client).
+    PermissionReplied {
+        session_id: String,
+        request_id: String,
+        reply: PermissionReply,
+    },
+    /// `question.asked`: the question tool waits for the owner's choice.
+    QuestionAsked(QuestionRequest),
+    /// `question.replied`.
+    QuestionReplied {
+        session_id: String,
+        request_id: String,
+    },
+    /// `question.rejected`.
+    QuestionRejected {
+        session_id: String,
+        request_id: String,
+    },
+    /// `todo.updated`: the session's whole todo list as it now stands.
+    TodoUpdated {
+        session_id: String,
+        todos: Vec<Todo>,
+    },
     /// A type the bridge does not act on (yet): kept so its session still sees activity.
     Other {
         session_id: Option<String>,
@@ -176,7 +201,121 @@ impl Event {
             | Event::MessageRemoved { session_id, .. }
             | Event::PartUpdated { session_id, .. }
             | Event::PartDelta { session_id, .. }
-            | Event::PartRemoved { session_id, .. } => Some(session_id),
+            | Event::PartRemoved { session_id, .. }
+            | Event::PermissionReplied { session_id, .. }
+            | Event::QuestionReplied { session_id, .. }
+            | Event::QuestionRejected { session_id, .. }
+            | Event::TodoUpdated { session_id, .. } => Some(session_id),
+            Event::PermissionAsked(request) => Some(&request.session_id),
+            Event::QuestionAsked(request) => Some(&request.session_id),
         }
     }
+}
+
+/// A pending permission request (`permission.asked`, `GET /permission`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PermissionRequest {
+    pub id: String,
+    pub session_id: String,
+    /// What is asked for: the tool kind, such as `bash`, `edit`, `webfetch`, `external_directory`.
+    pub permission: String,
+    /// The concrete patterns this call needs, such as the command line or the file paths.
+    pub patterns: Vec<String>,
+    /// The patterns an "always" answer would allow from now on, such as `echo *`.
+    pub always: Vec<String>,
+    /// The string-valued fields of the request's metadata (`command`, `filepath`, …), in wire order.
+    pub metadata: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PermissionReply {
+    Once,
+    Always,
+    Reject,
+}
+
+/// A pending question request (`question.asked`, `GET /question`): one or more questions, answered together.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QuestionRequest {
+    pub id: String,
+    pub session_id: String,
+    pub questions: Vec<Question>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Question {
+    pub question: String,
+    pub header: String,
+    pub options: Vec<QuestionOption>,
+    /// More than one option may be chosen.
+    pub multiple: bool,
+    /// A typed answer that is not one of the options is accepted (OpenCode's default is true).
+    pub custom: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QuestionOption {
+    pub label: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Todo {
+    pub id: String,
+    pub content: String,
+    /// `pending`, `in_progress`, `completed` or `cancelled`.
+    pub status: String,
+    /// `high`, `medium` or `low`.
+    pub priority: String,
+}
+
+/// A model as OpenCode names it in a prompt: `provider/model`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelRef {
+    pub provider_id: String,
+    pub model_id: String,
+}
+
+/// A model the server offers (`!model`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelChoice {
+    pub model: ModelRef,
+    pub name: String,
+    /// The provider's default model, as the server reports it.
+    pub is_default: bool,
+}
+
+/// An agent the server offers (`!agent`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AgentChoice {
+    pub name: String,
+    pub description: String,
+    /// `primary`, `subagent` or `all`: only primary-capable agents can run a prompt.
+    pub mode: String,
+}
+
+/// A file sent along with a prompt, as an OpenCode file part.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FileAttachment {
+    pub filename: String,
+    pub mime: String,
+    /// A `data:` URL carrying the bytes.
+    pub url: String,
+}
+
+/// Everything one prompt carries.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PromptInput {
+    pub text: String,
+    pub files: Vec<FileAttachment>,
+    /// None: the session's own choice.
+    pub model: Option<ModelRef>,
+    pub agent: Option<String>,
+}
+
+/// A file read from a session's directory through the server (`!file`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FileContent {
+    pub bytes: Vec<u8>,
+    pub mime: String,
 }
