@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, SendError, Sender};
 
-use crate::command::{self, DmCommand, Resolution, SessionRef, short_id};
+use crate::command::{self, DmCommand, ReactionMeaning, Resolution, SessionRef, short_id};
 use crate::mattermost::rest::MattermostClient;
 use crate::mattermost::ws::WsUpdate;
-use crate::mattermost::{Identity, Post, WsEvent};
+use crate::mattermost::{Identity, Post, Reaction, WsAction, WsEvent};
 use crate::opencode::rest::{OcError, OpenCodeClient};
 use crate::opencode::watch::WatchEvent;
 use crate::opencode::{Event, ServerKey, SessionInfo, SessionKey, Status};
@@ -65,7 +65,11 @@ pub struct Router {
     by_root: HashMap<String, SessionKey>,
     parents: HashMap<SessionKey, SessionKey>,
     pending_attach: HashSet<SessionKey>,
+    /// Sessions made with `new`, waiting for their thread; with the first prompt, if one was given.
+    pending_new: HashMap<SessionKey, Option<(String, String)>>,
     seen_posts: SeenPosts,
+    typing: Sender<WsAction>,
+    max_file_size: u64,
     stream_up: HashMap<ServerKey, bool>,
     websocket_up: bool,
     announced_ready: bool,
@@ -92,6 +96,9 @@ pub struct Setup {
     pub inputs: Sender<Input>,
     /// Told once, when both sides are first connected.
     pub ready: Option<Sender<()>>,
+    /// Websocket actions for the workers (typing).
+    pub typing: Sender<WsAction>,
+    pub max_file_size: u64,
 }
 
 impl Router {
@@ -105,6 +112,8 @@ impl Router {
             state,
             inputs,
             ready,
+            typing,
+            max_file_size,
         } = setup;
         let mut by_root = HashMap::new();
         for (server, server_state) in &state.servers {
@@ -131,7 +140,10 @@ impl Router {
             by_root,
             parents: HashMap::new(),
             pending_attach: HashSet::new(),
+            pending_new: HashMap::new(),
             seen_posts: SeenPosts::default(),
+            typing,
+            max_file_size,
             stream_up: HashMap::new(),
             websocket_up: false,
             announced_ready: false,
@@ -343,6 +355,8 @@ impl Router {
             mattermost: self.mattermost.clone(),
             opencode: client,
             command_prefix: self.command_prefix.clone(),
+            typing: self.typing.clone(),
+            max_file_size: self.max_file_size,
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
@@ -468,6 +482,7 @@ impl Router {
                 crate::warn!("mattermost websocket lost: {reason}")
             }
             WsUpdate::Event(WsEvent::Posted(post)) => self.on_post(post),
+            WsUpdate::Event(WsEvent::ReactionAdded(reaction)) => self.on_reaction(reaction),
             WsUpdate::Event(_) => {}
         }
     }
@@ -518,16 +533,78 @@ impl Router {
             );
             return;
         }
-        let prompt = SessionMsg::Prompt {
-            post_id: post.id,
-            text: post.message,
+        let message = match command::parse_thread(&post.message, &self.command_prefix) {
+            Some(command) => SessionMsg::Command {
+                post_id: post.id,
+                command,
+            },
+            None => SessionMsg::Prompt {
+                post_id: post.id,
+                text: post.message,
+                file_ids: post.file_ids.unwrap_or_default(),
+            },
         };
-        if !self.deliver(&key, prompt) {
+        if !self.deliver(&key, message) {
             self.reply(
                 &post.root_id,
                 "⚠️ The message could not be handed to this session's worker; please send it again.",
             );
         }
+    }
+
+    /// The owner's reactions answer permission requests and questions, stop a run (🛑) or resend a
+    /// prompt (🔁). Which session a post belongs to is read from the post itself.
+    fn on_reaction(&mut self, reaction: Reaction) {
+        if reaction.user_id != self.identity.owner_user_id {
+            return;
+        }
+        let Some(meaning) = command::reaction_meaning(&reaction.emoji_name) else {
+            return;
+        };
+        let post = match self.mattermost.get_post(&reaction.post_id) {
+            Ok(post) => post,
+            Err(e) => {
+                crate::debug!("reacted post {} not readable: {e}", reaction.post_id);
+                return;
+            }
+        };
+        if post.channel_id != self.identity.dm_channel_id {
+            return;
+        }
+        let root_id = if post.root_id.is_empty() {
+            post.id.clone()
+        } else {
+            post.root_id.clone()
+        };
+        let known = self.by_root.get(&root_id).cloned();
+        let Some(key) = known.or_else(|| self.adopt_root(&root_id)) else {
+            return;
+        };
+        if self.record(&key).is_some_and(|r| r.ended_ms.is_some()) {
+            return;
+        }
+        let message = match meaning {
+            ReactionMeaning::Retry => {
+                // Only the owner's own prompts are resent; a command is not a prompt.
+                if post.user_id != self.identity.owner_user_id
+                    || post.root_id.is_empty()
+                    || command::parse_thread(&post.message, &self.command_prefix).is_some()
+                {
+                    return;
+                }
+                crate::info!("[{}] prompt {} resent", short_id(&key.session_id), post.id);
+                SessionMsg::Prompt {
+                    post_id: post.id,
+                    text: post.message,
+                    file_ids: post.file_ids.unwrap_or_default(),
+                }
+            }
+            meaning => SessionMsg::Reaction {
+                post_id: post.id,
+                meaning,
+            },
+        };
+        self.deliver(&key, message);
     }
 
     /// Hands a message to the session's worker, starting one if needed.
@@ -612,7 +689,11 @@ impl Router {
             DmCommand::Help => self.reply("", &help_message(&prefix)),
             DmCommand::Sessions { all } => self.list_sessions(all),
             DmCommand::Attach { query } => self.attach(&query),
-            DmCommand::New { .. } => self.reply("", "`new` is not available yet."),
+            DmCommand::New {
+                directory,
+                title,
+                prompt,
+            } => self.new_session(&post.id, &directory, title.as_deref(), prompt),
             DmCommand::Unknown { name } => self.reply(
                 "",
                 &format!("❓ Unknown command `{prefix}{name}`. `{prefix}help` lists the commands."),
@@ -728,6 +809,118 @@ impl Router {
         self.reply("", &text);
     }
 
+    /// `new <directory> [title]`: creates the session on the server; its thread follows, linked in a
+    /// reply, and the first prompt (if any) goes there once the thread exists.
+    fn new_session(
+        &mut self,
+        post_id: &str,
+        directory: &str,
+        title: Option<&str>,
+        prompt: Option<String>,
+    ) {
+        let prefix = self.command_prefix.clone();
+        if !directory.starts_with('/') {
+            self.reply(
+                "",
+                &format!(
+                    "❓ `{directory}` is not an absolute path. Give the session's directory as the server sees it,                      like `{prefix}new /home/me/project`."
+                ),
+            );
+            return;
+        }
+        let Some((server, client)) = self
+            .servers
+            .iter()
+            .next()
+            .map(|(k, c)| (k.clone(), c.clone()))
+        else {
+            return;
+        };
+        match client.directory_exists(directory) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.reply(
+                    "",
+                    &format!(
+                        "❓ `{directory}` does not exist on the OpenCode server, so no session was created.                          Check the path, or create the directory first."
+                    ),
+                );
+                return;
+            }
+            Err(e) => {
+                self.reply(
+                    "",
+                    &format!("⚠️ Could not check `{directory}` on the OpenCode server: {e}"),
+                );
+                return;
+            }
+        }
+        let info = match client.create_session(directory, title) {
+            Ok(info) => info,
+            Err(e) => {
+                self.reply("", &format!("⚠️ Could not create the session: {e}"));
+                return;
+            }
+        };
+        let key = SessionKey {
+            server,
+            session_id: info.id.clone(),
+        };
+        crate::info!(
+            "[{}] session created from Mattermost in {directory}",
+            short_id(&key.session_id)
+        );
+        self.learn(&key, info);
+        let first_prompt = prompt.map(|text| (post_id.to_string(), text));
+        match self.record(&key).map(|r| r.root_post_id.clone()) {
+            // The event stream was faster: the thread is already there.
+            Some(root_post_id) => self.announce_new(&key, &root_post_id, first_prompt),
+            None => {
+                self.pending_new.insert(key.clone(), first_prompt);
+                if !self.workers.contains_key(&key) {
+                    self.start_thread(key);
+                }
+            }
+        }
+    }
+
+    fn announce_new(
+        &mut self,
+        key: &SessionKey,
+        root_post_id: &str,
+        first_prompt: Option<(String, String)>,
+    ) {
+        let info = self
+            .live
+            .get(key)
+            .map(|l| l.info.clone())
+            .unwrap_or_default();
+        let link = self.permalink(root_post_id);
+        let sending = if first_prompt.is_some() {
+            " Your first message is on its way there."
+        } else {
+            " Reply in it to send the first prompt."
+        };
+        self.reply(
+            "",
+            &format!(
+                "🆕 **{}** started in `{}`: [open its thread]({link}).{sending}",
+                display_title(&info),
+                info.directory
+            ),
+        );
+        if let Some((post_id, text)) = first_prompt {
+            self.deliver(
+                key,
+                SessionMsg::Prompt {
+                    post_id,
+                    text,
+                    file_ids: Vec::new(),
+                },
+            );
+        }
+    }
+
     fn attach(&mut self, query: &str) {
         let sessions = self.all_sessions();
         let refs: Vec<SessionRef<'_>> = sessions
@@ -800,6 +993,9 @@ impl Router {
                     .map(|l| l.info.clone())
                     .unwrap_or_default();
                 self.record_thread(&key, &root_post_id, &info);
+                if let Some(first_prompt) = self.pending_new.remove(&key) {
+                    self.announce_new(&key, &root_post_id, first_prompt);
+                }
                 if self.pending_attach.remove(&key) {
                     let link = self.permalink(&root_post_id);
                     self.reply(
@@ -812,6 +1008,12 @@ impl Router {
                 }
             }
             Report::ThreadFailed { key, error } => {
+                if self.pending_new.remove(&key).is_some() {
+                    self.reply(
+                        "",
+                        &format!("⚠️ The session was created, but its thread could not be: {error}. `{}attach {}` tries again.", self.command_prefix, short_id(&key.session_id)),
+                    );
+                }
                 if self.pending_attach.remove(&key) {
                     self.reply("", &format!("⚠️ Could not create the thread: {error}"));
                 }
@@ -924,6 +1126,7 @@ pub fn help_message(prefix: &str) -> String {
          **In this main DM:**\n\
          - `{prefix}sessions`: list sessions with their status and thread links (`{prefix}sessions all` includes ended ones)\n\
          - `{prefix}attach <session>`: give an existing session a thread\n\
+         - `{prefix}new <directory> [title]`: start a session in that directory (lines after the first are its first prompt)\n\
          - `{prefix}help`: this message\n\n\
          A session can be named by its full id, its short id (the last 8 characters), its slug (such as `neon-eagle`), \
          or any unique start or end of its id."

@@ -102,6 +102,23 @@ impl Turn {
             .any(|p| matches!(&p.body, PartBody::Text(t) if !t.trim().is_empty()))
     }
 
+    /// The tool call running now, as `` `bash` (npm test) ``, for `!status`.
+    pub fn current_tool(&self) -> Option<String> {
+        self.parts.iter().rev().find_map(|p| match &p.body {
+            PartBody::Tool(call)
+                if matches!(call.status, ToolStatus::Running | ToolStatus::Pending) =>
+            {
+                let argument = crate::render::truncate_chars(&call.main_argument, 80);
+                Some(if argument.is_empty() {
+                    format!("`{}`", call.tool)
+                } else {
+                    format!("`{}` ({argument})", call.tool)
+                })
+            }
+            _ => None,
+        })
+    }
+
     pub fn is_visible(&self) -> bool {
         !self.parts.is_empty() || !self.children.is_empty()
     }

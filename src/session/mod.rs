@@ -1,6 +1,13 @@
 //! The per-session worker: one OS thread per session thread, fed by a channel. It owns everything about
 //! its session's conversation: the running turn, the reply posts and their coalesced edits, the queue of
 //! prompts waiting for the session to go idle. A slow session only ever blocks its own thread.
+//!
+//! `pending.rs` holds what waits on the owner (permission requests, questions), `commands.rs` the thread
+//! commands, `attachments.rs` the files that come with a prompt.
+
+mod attachments;
+mod commands;
+mod pending;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,10 +17,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::json;
 
-use crate::command::short_id;
+use crate::command::{ReactionMeaning, ThreadCommand, short_id};
+use crate::mattermost::WsAction;
 use crate::mattermost::rest::MattermostClient;
 use crate::opencode::rest::{OcError, OpenCodeClient};
-use crate::opencode::{Event, SessionInfo, SessionKey, Status};
+use crate::opencode::{Event, ModelRef, PromptInput, SessionInfo, SessionKey, Status};
 use crate::render::{MAX_POST_CHARS, format_duration, split_post};
 use crate::reply;
 use crate::turn::{Change, Tracker, Turn};
@@ -25,6 +33,8 @@ const WORKER_STACK_BYTES: usize = 256 * 1024;
 const FINAL_MESSAGES: usize = 50;
 /// A prompt that OpenCode accepted but never started is given up on after this much silence.
 const STALLED_TURN: Duration = Duration::from_secs(15);
+/// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
+const TYPING_INTERVAL: Duration = Duration::from_secs(4);
 
 #[derive(Debug)]
 pub enum SessionMsg {
@@ -37,6 +47,18 @@ pub enum SessionMsg {
     Prompt {
         post_id: String,
         text: String,
+        /// Files attached to the post, sent along as file parts.
+        file_ids: Vec<String>,
+    },
+    /// A thread command such as `!stop` or `!status`.
+    Command {
+        post_id: String,
+        command: ThreadCommand,
+    },
+    /// The owner reacted to a post in this session's thread.
+    Reaction {
+        post_id: String,
+        meaning: ReactionMeaning,
     },
     /// The reconciling poll's view of the session's status.
     Polled(Status),
@@ -76,6 +98,10 @@ pub struct Setup {
     pub mattermost: Arc<MattermostClient>,
     pub opencode: Arc<OpenCodeClient>,
     pub command_prefix: String,
+    /// Websocket actions (typing); dropped when the socket is down or the queue is full.
+    pub typing: Sender<WsAction>,
+    /// Most bytes of files one prompt may carry.
+    pub max_file_size: u64,
 }
 
 pub struct SessionHandle {
@@ -128,7 +154,16 @@ struct Worker {
     root_text: String,
     tracker: Tracker,
     reply: ReplyPosts,
-    queue: VecDeque<String>,
+    queue: VecDeque<PromptInput>,
+    typing: Sender<WsAction>,
+    last_typing: Option<Instant>,
+    max_file_size: u64,
+    /// Chosen with `!model` / `!agent`; None leaves the choice to OpenCode.
+    model: Option<ModelRef>,
+    agent: Option<String>,
+    waiting: pending::Waiting,
+    /// The todo list post of the running turn, edited as the list changes.
+    todo_post: Option<SentPost>,
 }
 
 /// The posts showing the running turn's reply, and when they were last edited.
@@ -161,6 +196,13 @@ impl Worker {
             tracker: Tracker::default(),
             reply: ReplyPosts::default(),
             queue: VecDeque::new(),
+            typing: setup.typing,
+            last_typing: None,
+            max_file_size: setup.max_file_size,
+            model: None,
+            agent: None,
+            waiting: pending::Waiting::default(),
+            todo_post: None,
         }
     }
 
@@ -172,8 +214,9 @@ impl Worker {
         if self.root_post_id.is_empty() && !self.create_root(report) {
             return;
         }
+        self.sync_waiting();
         loop {
-            let message = match self.flush_deadline() {
+            let message = match self.next_deadline() {
                 Some(deadline) => match inbox.recv_deadline(deadline) {
                     Ok(message) => Some(message),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -185,7 +228,7 @@ impl Worker {
                 },
             };
             match message {
-                None => self.flush(),
+                None => self.on_timer(),
                 Some(SessionMsg::Ended { ended_ms }) => {
                     self.end(ended_ms);
                     return;
@@ -232,9 +275,32 @@ impl Worker {
     fn handle(&mut self, message: SessionMsg, report: ReportFn<'_>) -> bool {
         let now = Instant::now();
         let change = match message {
-            SessionMsg::Prompt { post_id, text } => return self.prompt(post_id, text, report),
+            SessionMsg::Prompt {
+                post_id,
+                text,
+                file_ids,
+            } => return self.prompt(post_id, text, file_ids, report),
+            SessionMsg::Command { post_id, command } => {
+                crate::debug!("[{}] command from post {post_id}", self.short());
+                self.command(command);
+                Change::Nothing
+            }
+            SessionMsg::Reaction { post_id, meaning } => {
+                self.reaction(&post_id, meaning);
+                Change::Nothing
+            }
             SessionMsg::Event(Event::SessionUpdated(info)) => {
                 self.on_info(info);
+                Change::Nothing
+            }
+            SessionMsg::Event(event) | SessionMsg::Child { event, .. }
+                if pending::is_for_owner(&event) =>
+            {
+                self.on_owner_event(event);
+                Change::Nothing
+            }
+            SessionMsg::Event(Event::TodoUpdated { todos, .. }) => {
+                self.todos_changed(&todos);
                 Change::Nothing
             }
             SessionMsg::Event(event) => self.tracker.apply(event, now),
@@ -256,10 +322,33 @@ impl Worker {
         true
     }
 
-    fn prompt(&mut self, post_id: String, text: String, report: ReportFn<'_>) -> bool {
+    fn prompt(
+        &mut self,
+        post_id: String,
+        text: String,
+        file_ids: Vec<String>,
+        report: ReportFn<'_>,
+    ) -> bool {
         crate::debug!("[{}] prompt from post {post_id}", self.short());
+        // While a question waits, a plain reply is its answer, as in OpenCode's own UI.
+        if file_ids.is_empty() && self.waiting.has_question() {
+            self.answer_question_text(&text);
+            return true;
+        }
+        let files = match self.fetch_attachments(&file_ids) {
+            Ok(files) => files,
+            Err(problem) => {
+                self.post_notice(&problem);
+                return true;
+            }
+        };
         let must_wait = self.tracker.is_running() || !self.queue.is_empty();
-        self.queue.push_back(text);
+        self.queue.push_back(PromptInput {
+            text,
+            files,
+            model: None,
+            agent: None,
+        });
         if must_wait {
             let ahead = self.queue.len() - 1;
             let position = if ahead == 0 {
@@ -276,18 +365,22 @@ impl Worker {
     }
 
     fn send_next(&mut self, report: ReportFn<'_>) -> bool {
-        let Some(text) = self.queue.pop_front() else {
+        let Some(mut input) = self.queue.pop_front() else {
             return true;
         };
+        // The choices in force when the prompt is sent, not when it was queued.
+        input.model = self.model.clone();
+        input.agent = self.agent.clone();
         let mut delay = Duration::from_millis(500);
         for attempt in 1..=4 {
             match self
                 .opencode
-                .prompt(&self.key.session_id, &self.info.directory, &text)
+                .prompt_with(&self.key.session_id, &self.info.directory, &input)
             {
                 Ok(()) => {
                     self.tracker.begin(Instant::now());
                     self.reply = ReplyPosts::default();
+                    self.todo_post = None;
                     return true;
                 }
                 Err(OcError::SessionNotFound(_)) => {
@@ -362,6 +455,42 @@ impl Worker {
         if urgent {
             self.flush();
         }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match (self.flush_deadline(), self.typing_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_timer(&mut self) {
+        if self.flush_deadline().is_some_and(|d| d <= Instant::now()) {
+            self.flush();
+        }
+        if self.typing_deadline().is_some_and(|d| d <= Instant::now()) {
+            self.send_typing();
+        }
+    }
+
+    /// While the session works (and is not waiting on the owner), the bot shows as typing in the thread.
+    fn typing_deadline(&self) -> Option<Instant> {
+        if !self.tracker.is_running() || self.waiting.any() || self.root_post_id.is_empty() {
+            return None;
+        }
+        Some(
+            self.last_typing
+                .map_or_else(Instant::now, |t| t + TYPING_INTERVAL),
+        )
+    }
+
+    fn send_typing(&mut self) {
+        self.last_typing = Some(Instant::now());
+        // Typing is ephemeral: when the socket is down or behind, skipping one is right.
+        let _ = self.typing.try_send(WsAction::Typing {
+            channel_id: self.channel_id.clone(),
+            parent_id: self.root_post_id.clone(),
+        });
     }
 
     fn flush_deadline(&self) -> Option<Instant> {
@@ -454,6 +583,8 @@ impl Worker {
         };
         self.show_final(&turn);
         self.reply = ReplyPosts::default();
+        self.todo_post = None;
+        self.last_typing = None;
         let line = reply::completion_line(
             &summary.outcome,
             summary.elapsed_ms,
@@ -498,12 +629,33 @@ impl Worker {
         }
     }
 
-    fn post_notice(&self, message: &str) {
-        let posted =
-            self.mattermost
-                .create_post(&self.channel_id, &self.root_post_id, message, None);
-        if let Err(e) = posted {
-            crate::warn!("[{}] notice not posted: {e}", self.short());
+    /// Posts in the thread, split when long. Returns the id of the first post, if it was accepted.
+    fn post_notice(&self, message: &str) -> Option<String> {
+        let mut first = None;
+        for chunk in split_post(message, MAX_POST_CHARS) {
+            match self
+                .mattermost
+                .create_post(&self.channel_id, &self.root_post_id, &chunk, None)
+            {
+                Ok(post) => {
+                    first.get_or_insert(post.id);
+                }
+                Err(e) => {
+                    crate::warn!("[{}] notice not posted: {e}", self.short());
+                    break;
+                }
+            }
+        }
+        first
+    }
+
+    /// Replaces a post's text; a failure is logged, since the post's old text is still true enough.
+    fn edit_post(&self, post_id: &str, message: &str) {
+        if post_id.is_empty() {
+            return;
+        }
+        if let Err(e) = self.mattermost.patch_post(post_id, message) {
+            crate::warn!("[{}] post {post_id} not updated: {e}", self.short());
         }
     }
 }
