@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod config;
+pub mod files;
 pub mod http;
 pub mod log;
 pub mod mattermost;

@@ -574,6 +574,7 @@ mod tests {
             cost: 0.0,
             error: None,
             model: None,
+            agent: None,
         }
     }
 

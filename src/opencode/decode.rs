@@ -6,8 +6,9 @@
 use serde_json::Value;
 
 use super::{
-    Envelope, Event, MessageInfo, Part, PartBody, Role, SessionInfo, Status, Tokens, ToolCall,
-    ToolStatus,
+    AgentChoice, Envelope, Event, FileContent, MessageInfo, ModelChoice, ModelRef, Part, PartBody,
+    PermissionReply, PermissionRequest, Question, QuestionOption, QuestionRequest, Role,
+    SessionInfo, Status, Todo, Tokens, ToolCall, ToolStatus,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +140,36 @@ fn decode_payload(payload: &Value) -> Result<Option<Event>, DecodeError> {
             session_id: required_session()?,
             part_id: str_at(props, "partID"),
         },
+        "permission.asked" => Event::PermissionAsked(decode_permission_request(props)?),
+        "permission.replied" => Event::PermissionReplied {
+            session_id: required_session()?,
+            request_id: required_request(props, kind)?,
+            reply: match props.get("reply").and_then(Value::as_str) {
+                Some("once") => PermissionReply::Once,
+                Some("always") => PermissionReply::Always,
+                Some("reject") => PermissionReply::Reject,
+                other => return Err(DecodeError(format!("{kind} with reply {other:?}"))),
+            },
+        },
+        "question.asked" => Event::QuestionAsked(decode_question_request(props)?),
+        "question.replied" => Event::QuestionReplied {
+            session_id: required_session()?,
+            request_id: required_request(props, kind)?,
+        },
+        "question.rejected" => Event::QuestionRejected {
+            session_id: required_session()?,
+            request_id: required_request(props, kind)?,
+        },
+        "todo.updated" => Event::TodoUpdated {
+            session_id: required_session()?,
+            todos: props
+                .get("todos")
+                .and_then(Value::as_array)
+                .ok_or_else(|| DecodeError(format!("{kind} without todos")))?
+                .iter()
+                .map(decode_todo)
+                .collect(),
+        },
         other => Event::Other {
             session_id: Some(session_id()).filter(|id| !id.is_empty()),
             kind: other.to_string(),
@@ -174,6 +205,172 @@ pub fn decode_session(info: &Value) -> Result<SessionInfo, DecodeError> {
         created_ms: time.map(|t| u64_at(t, "created")).unwrap_or(0),
         updated_ms: time.map(|t| u64_at(t, "updated")).unwrap_or(0),
     })
+}
+
+/// A permission request, from `permission.asked` or `GET /permission`.
+pub fn decode_permission_request(value: &Value) -> Result<PermissionRequest, DecodeError> {
+    let (id, session_id) = request_ids(value, "permission request")?;
+    let metadata = value
+        .get("metadata")
+        .and_then(Value::as_object)
+        .map(|map| {
+            map.iter()
+                .filter_map(|(key, v)| Some((key.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(PermissionRequest {
+        id,
+        session_id,
+        permission: str_at(value, "permission"),
+        patterns: strings_at(value, "patterns"),
+        always: strings_at(value, "always"),
+        metadata,
+    })
+}
+
+/// A question request, from `question.asked` or `GET /question`.
+pub fn decode_question_request(value: &Value) -> Result<QuestionRequest, DecodeError> {
+    let (id, session_id) = request_ids(value, "question request")?;
+    let questions = value
+        .get("questions")
+        .and_then(Value::as_array)
+        .ok_or_else(|| DecodeError(format!("question request {id} without questions")))?
+        .iter()
+        .map(|q| Question {
+            question: str_at(q, "question"),
+            header: str_at(q, "header"),
+            options: q
+                .get("options")
+                .and_then(Value::as_array)
+                .map(|options| {
+                    options
+                        .iter()
+                        .map(|o| QuestionOption {
+                            label: str_at(o, "label"),
+                            description: str_at(o, "description"),
+                        })
+                        .filter(|o| !o.label.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            multiple: q.get("multiple").and_then(Value::as_bool).unwrap_or(false),
+            // OpenCode accepts a typed answer unless told otherwise.
+            custom: q.get("custom").and_then(Value::as_bool).unwrap_or(true),
+        })
+        .collect();
+    Ok(QuestionRequest {
+        id,
+        session_id,
+        questions,
+    })
+}
+
+pub fn decode_todo(value: &Value) -> Todo {
+    Todo {
+        id: str_at(value, "id"),
+        content: str_at(value, "content"),
+        status: str_at(value, "status"),
+        priority: str_at(value, "priority"),
+    }
+}
+
+/// One agent of `GET /agent`; `None` for hidden ones, which are OpenCode's internal helpers
+/// (title, summary, compaction).
+pub fn decode_agent(value: &Value) -> Option<AgentChoice> {
+    let name = str_at(value, "name");
+    if name.is_empty() || value.get("hidden").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
+    Some(AgentChoice {
+        name,
+        description: str_at(value, "description"),
+        mode: str_at(value, "mode"),
+    })
+}
+
+/// `GET /config/providers`: `{"providers":[{"id","models":{id:{"id","name"}}}],"default":{provider:model}}`.
+/// Providers in server order, each one's default model first, the rest by id.
+pub fn decode_models(value: &Value) -> Result<Vec<ModelChoice>, DecodeError> {
+    let providers = value
+        .get("providers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| DecodeError("provider list without providers".into()))?;
+    let empty = Value::Null;
+    let defaults = value.get("default").unwrap_or(&empty);
+    let mut choices = Vec::new();
+    for provider in providers {
+        let provider_id = str_at(provider, "id");
+        let Some(models) = provider.get("models").and_then(Value::as_object) else {
+            continue;
+        };
+        if provider_id.is_empty() {
+            continue;
+        }
+        let default = str_at(defaults, &provider_id);
+        let mut these: Vec<ModelChoice> = models
+            .iter()
+            .map(|(key, model)| {
+                let model_id = Some(str_at(model, "id"))
+                    .filter(|id| !id.is_empty())
+                    .unwrap_or_else(|| key.clone());
+                ModelChoice {
+                    is_default: model_id == default,
+                    name: Some(str_at(model, "name"))
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| model_id.clone()),
+                    model: ModelRef {
+                        provider_id: provider_id.clone(),
+                        model_id,
+                    },
+                }
+            })
+            .collect();
+        these.sort_by(|a, b| {
+            b.is_default
+                .cmp(&a.is_default)
+                .then_with(|| a.model.model_id.cmp(&b.model.model_id))
+        });
+        choices.extend(these);
+    }
+    Ok(choices)
+}
+
+/// `GET /session/{id}/diff`: a list of `{"file","patch","additions","deletions","status"}`, where
+/// `patch` is already a unified diff of one file. Joined into one text.
+pub fn decode_session_diff(value: &Value) -> Result<String, DecodeError> {
+    let files = value
+        .as_array()
+        .ok_or_else(|| DecodeError("session diff is not an array".into()))?;
+    let mut text = String::new();
+    for file in files {
+        let patch = str_at(file, "patch");
+        if patch.is_empty() {
+            continue;
+        }
+        text.push_str(&patch);
+        if !patch.ends_with('\n') {
+            text.push('\n');
+        }
+    }
+    Ok(text)
+}
+
+/// `GET /file/content`: `{"type":"text"|"binary","content","encoding"?:"base64","mimeType"?}`.
+pub fn decode_file_content(value: &Value, path: &str) -> Result<FileContent, DecodeError> {
+    let content = value
+        .get("content")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DecodeError(format!("file content of {path} without content")))?;
+    let bytes = match value.get("encoding").and_then(Value::as_str) {
+        Some("base64") => crate::files::base64_decode(content)
+            .ok_or_else(|| DecodeError(format!("file content of {path}: invalid base64")))?,
+        _ => content.as_bytes().to_vec(),
+    };
+    let mime = Some(str_at(value, "mimeType"))
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| crate::files::mime_for(path, &bytes));
+    Ok(FileContent { bytes, mime })
 }
 
 pub fn decode_status(status: &Value) -> Status {
@@ -220,6 +417,11 @@ pub fn decode_message(info: &Value) -> Result<MessageInfo, DecodeError> {
         cost: info.get("cost").and_then(Value::as_f64).unwrap_or(0.0),
         error: info.get("error").and_then(decode_error),
         model,
+        // Assistant messages carry `mode` as an older name of `agent`.
+        agent: ["agent", "mode"]
+            .iter()
+            .map(|key| str_at(info, key))
+            .find(|name| !name.is_empty()),
     })
 }
 
@@ -311,6 +513,37 @@ fn decode_error(error: &Value) -> Option<(String, String)> {
         .unwrap_or_default()
         .to_string();
     Some((name, message))
+}
+
+fn request_ids(value: &Value, what: &str) -> Result<(String, String), DecodeError> {
+    let id = str_at(value, "id");
+    let session_id = str_at(value, "sessionID");
+    if id.is_empty() || session_id.is_empty() {
+        return Err(DecodeError(format!("{what} without id or sessionID")));
+    }
+    Ok((id, session_id))
+}
+
+fn required_request(props: &Value, kind: &str) -> Result<String, DecodeError> {
+    let id = str_at(props, "requestID");
+    if id.is_empty() {
+        return Err(DecodeError(format!("{kind} without requestID")));
+    }
+    Ok(id)
+}
+
+fn strings_at(value: &Value, key: &str) -> Vec<String> {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn str_at(value: &Value, key: &str) -> String {

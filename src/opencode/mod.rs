@@ -65,6 +65,8 @@ pub struct MessageInfo {
     /// `(name, message)` of the error that ended the message, such as `MessageAbortedError`.
     pub error: Option<(String, String)>,
     pub model: Option<String>,
+    /// The agent that wrote (assistant) or is to answer (user) the message, such as `build`.
+    pub agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

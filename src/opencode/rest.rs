@@ -5,8 +5,14 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::decode::{decode_message, decode_part, decode_session, decode_status};
-use super::{MessageInfo, Part, ServerKey, SessionInfo, Status};
+use super::decode::{
+    decode_agent, decode_message, decode_part, decode_permission_request, decode_question_request,
+    decode_session, decode_status, decode_todo,
+};
+use super::{
+    AgentChoice, FileContent, MessageInfo, ModelChoice, ModelRef, Part, PermissionReply,
+    PermissionRequest, PromptInput, QuestionRequest, ServerKey, SessionInfo, Status, Todo,
+};
 use crate::config::Secret;
 use crate::http::{self, percent_encode};
 
@@ -18,6 +24,9 @@ pub enum OcError {
     Unreachable(String),
     /// The session is gone (404): the thread should be marked ended.
     SessionNotFound(String),
+    /// Something other than a session is gone (404): a permission or question already answered, a
+    /// file that does not exist. The session itself is fine.
+    NotFound(String),
     /// Wrong OPENCODE_SERVER_USERNAME/PASSWORD: retrying will not help.
     Unauthorized,
     /// Any other refusal, with the server's message.
@@ -31,6 +40,7 @@ impl std::fmt::Display for OcError {
         match self {
             OcError::NotSent(e) | OcError::Unreachable(e) => write!(f, "opencode unreachable: {e}"),
             OcError::SessionNotFound(m) => write!(f, "session not found: {m}"),
+            OcError::NotFound(m) => write!(f, "not found: {m}"),
             OcError::Unauthorized => write!(
                 f,
                 "opencode rejected the credentials (401); check OPENCODE_SERVER_USERNAME and OPENCODE_SERVER_PASSWORD"
@@ -125,13 +135,188 @@ impl OpenCodeClient {
 
     /// Sends the owner's text as-is; OpenCode runs the turn in the background.
     pub fn prompt(&self, session_id: &str, directory: &str, text: &str) -> Result<(), OcError> {
-        let body = json!({"parts": [{"type": "text", "text": text}]});
+        let input = PromptInput {
+            text: text.to_string(),
+            ..PromptInput::default()
+        };
+        self.prompt_with(session_id, directory, &input)
+    }
+
+    /// Sends a prompt with attachments and an optional model and agent; OpenCode runs the turn in the
+    /// background. `NotSent` means the prompt certainly did not arrive and may be sent again;
+    /// `Unreachable` means it may have arrived, so resending could run it twice.
+    pub fn prompt_with(
+        &self,
+        session_id: &str,
+        directory: &str,
+        input: &PromptInput,
+    ) -> Result<(), OcError> {
         self.send(
             "POST",
             &session_path(session_id, "/prompt_async", directory),
-            Some(&body),
+            Some(&prompt_body(input)),
         )
         .map(drop)
+    }
+
+    /// `POST /session`: a new session in `directory`.
+    pub fn create_session(
+        &self,
+        directory: &str,
+        title: Option<&str>,
+    ) -> Result<SessionInfo, OcError> {
+        let body = match title {
+            Some(title) => json!({"title": title}),
+            None => json!({}),
+        };
+        let answer = self.send("POST", &with_directory("/session", directory), Some(&body))?;
+        decode_session(&answer).map_err(|e| OcError::Decode(e.to_string()))
+    }
+
+    /// `PATCH /session/{id}`: a new title; the renamed session.
+    pub fn rename(
+        &self,
+        session_id: &str,
+        directory: &str,
+        title: &str,
+    ) -> Result<SessionInfo, OcError> {
+        let body = json!({"title": title});
+        let answer = self.send(
+            "PATCH",
+            &session_path(session_id, "", directory),
+            Some(&body),
+        )?;
+        decode_session(&answer).map_err(|e| OcError::Decode(e.to_string()))
+    }
+
+    /// `POST /session/{id}/abort`: stops the running turn; harmless when the session is idle.
+    pub fn abort(&self, session_id: &str, directory: &str) -> Result<(), OcError> {
+        self.send("POST", &session_path(session_id, "/abort", directory), None)
+            .map(drop)
+    }
+
+    /// `POST /session/{id}/summarize`: compacts the conversation with `model`. Returns when done.
+    pub fn summarize(
+        &self,
+        session_id: &str,
+        directory: &str,
+        model: &ModelRef,
+    ) -> Result<(), OcError> {
+        let body = json!({"providerID": model.provider_id, "modelID": model.model_id});
+        self.send_with_timeout(
+            "POST",
+            &session_path(session_id, "/summarize", directory),
+            Some(&body),
+            SLOW_CALL,
+        )
+        .map(drop)
+    }
+
+    /// Pending permission requests of one directory.
+    pub fn permissions(&self, directory: &str) -> Result<Vec<PermissionRequest>, OcError> {
+        let body = self.get(&with_directory("/permission", directory))?;
+        decode_list(&body, "permission list", |v| {
+            decode_permission_request(v).ok()
+        })
+    }
+
+    /// Answers a permission request. `message` only matters with `Reject`: the agent then gets it as
+    /// feedback and carries on instead of stopping. `NotFound` when it was already answered.
+    pub fn reply_permission(
+        &self,
+        request_id: &str,
+        directory: &str,
+        reply: PermissionReply,
+        message: Option<&str>,
+    ) -> Result<(), OcError> {
+        let mut body = json!({"reply": permission_reply_name(reply)});
+        if let Some(message) = message.filter(|m| !m.trim().is_empty()) {
+            body["message"] = json!(message);
+        }
+        let path = with_directory(
+            &format!("/permission/{}/reply", percent_encode(request_id)),
+            directory,
+        );
+        self.send("POST", &path, Some(&body))
+            .map(drop)
+            .map_err(not_found_is_request(request_id))
+    }
+
+    /// Pending questions of one directory.
+    pub fn questions(&self, directory: &str) -> Result<Vec<QuestionRequest>, OcError> {
+        let body = self.get(&with_directory("/question", directory))?;
+        decode_list(&body, "question list", |v| decode_question_request(v).ok())
+    }
+
+    /// Answers a question request: one list of chosen labels (or typed answers) per question, in order.
+    pub fn reply_question(
+        &self,
+        request_id: &str,
+        directory: &str,
+        answers: &[Vec<String>],
+    ) -> Result<(), OcError> {
+        let body = json!({"answers": answers});
+        let path = with_directory(
+            &format!("/question/{}/reply", percent_encode(request_id)),
+            directory,
+        );
+        self.send("POST", &path, Some(&body))
+            .map(drop)
+            .map_err(not_found_is_request(request_id))
+    }
+
+    /// Dismisses a question request; the question tool call fails and the turn stops.
+    pub fn reject_question(&self, request_id: &str, directory: &str) -> Result<(), OcError> {
+        let path = with_directory(
+            &format!("/question/{}/reject", percent_encode(request_id)),
+            directory,
+        );
+        self.send("POST", &path, None)
+            .map(drop)
+            .map_err(not_found_is_request(request_id))
+    }
+
+    /// The session's todo list.
+    pub fn todos(&self, session_id: &str, directory: &str) -> Result<Vec<Todo>, OcError> {
+        let body = self.get(&session_path(session_id, "/todo", directory))?;
+        decode_list(&body, "todo list", |v| Some(decode_todo(v)))
+    }
+
+    /// The agents the server offers, hidden ones left out.
+    pub fn agents(&self, directory: &str) -> Result<Vec<AgentChoice>, OcError> {
+        let body = self.get(&with_directory("/agent", directory))?;
+        decode_list(&body, "agent list", decode_agent)
+    }
+
+    /// The models of the configured providers, each provider's default first.
+    pub fn models(&self, directory: &str) -> Result<Vec<ModelChoice>, OcError> {
+        let body = self.get(&with_directory("/config/providers", directory))?;
+        super::decode::decode_models(&body).map_err(|e| OcError::Decode(e.to_string()))
+    }
+
+    /// The session's changes as one unified diff, empty when nothing changed.
+    pub fn diff(&self, session_id: &str, directory: &str) -> Result<String, OcError> {
+        let body = self.get(&session_path(session_id, "/diff", directory))?;
+        super::decode::decode_session_diff(&body).map_err(|e| OcError::Decode(e.to_string()))
+    }
+
+    /// A file of the session's directory, by a path relative to it. Check the path with
+    /// `files::resolve_inside` first: the server itself does not refuse paths outside the directory.
+    pub fn read_file(&self, directory: &str, relative_path: &str) -> Result<FileContent, OcError> {
+        let mut path = with_directory("/file/content", directory);
+        path.push_str(&format!("&path={}", percent_encode(relative_path)));
+        let body = self.get(&path)?;
+        super::decode::decode_file_content(&body, relative_path)
+            .map_err(|e| OcError::Decode(e.to_string()))
+    }
+
+    /// Whether `directory` exists on the server's host, asked of the server because the bridge may run
+    /// elsewhere.
+    pub fn directory_exists(&self, directory: &str) -> Result<bool, OcError> {
+        let _ = directory;
+        Err(OcError::Decode(
+            "directory_exists: not implemented yet".into(),
+        ))
     }
 
     /// The last `limit` messages of a session, oldest first.
@@ -167,14 +352,56 @@ impl OpenCodeClient {
     }
 
     fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, OcError> {
+        let (status, text) = self.exchange(method, path, body, None)?;
+        interpret(status, &text)
+    }
+
+    /// `send` for calls that take as long as a model turn.
+    fn send_with_timeout(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value, OcError> {
+        let (status, text) = self.exchange(method, path, body, Some(timeout))?;
+        interpret(status, &text)
+    }
+
+    /// One request; the status and the body text.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, String), OcError> {
         let url = format!("{}{}", self.base, path);
-        let mut response = match (method, body) {
-            ("GET", _) => self.with_auth_get(self.agent.get(&url)).call()?,
-            (_, body) => {
-                let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-                self.with_auth_post(self.agent.post(&url))
-                    .header("Content-Type", "application/json")
-                    .send(bytes.as_bytes())?
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut response = match method {
+            "GET" => {
+                let request = self.with_auth_get(self.agent.get(&url));
+                match timeout {
+                    Some(t) => request.config().timeout_global(Some(t)).build().call()?,
+                    None => request.call()?,
+                }
+            }
+            _ => {
+                let request = match method {
+                    "PATCH" => self.agent.patch(&url),
+                    _ => self.agent.post(&url),
+                };
+                let request = self
+                    .with_auth_post(request)
+                    .header("Content-Type", "application/json");
+                match timeout {
+                    Some(t) => request
+                        .config()
+                        .timeout_global(Some(t))
+                        .build()
+                        .send(bytes.as_bytes())?,
+                    None => request.send(bytes.as_bytes())?,
+                }
             }
         };
         let status = response.status().as_u16();
@@ -184,16 +411,7 @@ impl OpenCodeClient {
             .limit(64 * 1024 * 1024)
             .read_to_string()
             .map_err(|e| OcError::Unreachable(e.to_string()))?;
-        match status {
-            200..=299 if text.trim().is_empty() => Ok(Value::Null),
-            200..=299 => serde_json::from_str(&text).map_err(|e| OcError::Decode(e.to_string())),
-            401 => Err(OcError::Unauthorized),
-            404 => Err(OcError::SessionNotFound(error_message(&text))),
-            _ => Err(OcError::Http {
-                status,
-                message: error_message(&text),
-            }),
-        }
+        Ok((status, text))
     }
 
     fn with_auth_get(
@@ -215,6 +433,75 @@ impl OpenCodeClient {
             None => request,
         }
     }
+}
+
+fn interpret(status: u16, text: &str) -> Result<Value, OcError> {
+    match status {
+        200..=299 if text.trim().is_empty() => Ok(Value::Null),
+        200..=299 => serde_json::from_str(text).map_err(|e| OcError::Decode(e.to_string())),
+        401 => Err(OcError::Unauthorized),
+        404 => Err(OcError::SessionNotFound(error_message(text))),
+        _ => Err(OcError::Http {
+            status,
+            message: error_message(text),
+        }),
+    }
+}
+
+/// Summarizing runs a whole model turn.
+const SLOW_CALL: Duration = Duration::from_secs(300);
+
+fn prompt_body(input: &PromptInput) -> Value {
+    let mut parts = Vec::with_capacity(1 + input.files.len());
+    if !input.text.is_empty() || input.files.is_empty() {
+        parts.push(json!({"type": "text", "text": input.text}));
+    }
+    for file in &input.files {
+        parts.push(json!({
+            "type": "file",
+            "mime": file.mime,
+            "filename": file.filename,
+            "url": file.url,
+        }));
+    }
+    let mut body = json!({ "parts": parts });
+    if let Some(model) = &input.model {
+        body["model"] = json!({"providerID": model.provider_id, "modelID": model.model_id});
+    }
+    if let Some(agent) = &input.agent {
+        body["agent"] = json!(agent);
+    }
+    body
+}
+
+fn permission_reply_name(reply: PermissionReply) -> &'static str {
+    match reply {
+        PermissionReply::Once => "once",
+        PermissionReply::Always => "always",
+        PermissionReply::Reject => "reject",
+    }
+}
+
+/// A 404 on a permission or question id means the request was already answered, not that the
+/// session is gone.
+fn not_found_is_request(request_id: &str) -> impl Fn(OcError) -> OcError + '_ {
+    move |error| match error {
+        OcError::SessionNotFound(message) => OcError::NotFound(format!(
+            "request {request_id} is no longer pending ({message}); it was answered or its turn ended"
+        )),
+        other => other,
+    }
+}
+
+fn decode_list<T>(
+    body: &Value,
+    what: &str,
+    decode: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>, OcError> {
+    let items = body
+        .as_array()
+        .ok_or_else(|| OcError::Decode(format!("{what} is not an array")))?;
+    Ok(items.iter().filter_map(decode).collect())
 }
 
 fn session_path(session_id: &str, suffix: &str, directory: &str) -> String {

@@ -1,0 +1,391 @@
+//! Files going between a thread and a session: what kind a file is, how it travels in a prompt (a
+//! `data:` URL), and which paths `!file` may read. Pure apart from `resolve_inside`, which looks at
+//! the local disk when the session's directory is on this host.
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::opencode::FileAttachment;
+
+/// Why a path given to `!file` is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRefusal {
+    pub path: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for PathRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot read \"{}\": {}; give a path relative to the session's directory, such as src/main.rs",
+            self.path.escape_debug(),
+            self.reason
+        )
+    }
+}
+
+/// The MIME type of a file: by its extension, else by its first bytes, else `text/plain` for UTF-8
+/// text and `application/octet-stream` for anything else.
+pub fn mime_for(filename: &str, bytes: &[u8]) -> String {
+    let extension = Path::new(filename)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let by_extension = match extension.as_str() {
+        "png" => Some("image/png"),
+        "jpg" | "jpeg" => Some("image/jpeg"),
+        "gif" => Some("image/gif"),
+        "webp" => Some("image/webp"),
+        "pdf" => Some("application/pdf"),
+        "svg" => Some("image/svg+xml"),
+        "json" => Some("application/json"),
+        "md" | "markdown" => Some("text/markdown"),
+        "html" | "htm" => Some("text/html"),
+        "csv" => Some("text/csv"),
+        _ => None,
+    };
+    if let Some(mime) = by_extension {
+        return mime.to_string();
+    }
+    let by_magic = if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        Some("image/gif")
+    } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else if bytes.starts_with(b"%PDF-") {
+        Some("application/pdf")
+    } else {
+        None
+    };
+    match by_magic {
+        Some(mime) => mime.to_string(),
+        None if std::str::from_utf8(bytes).is_ok() => "text/plain".to_string(),
+        None => "application/octet-stream".to_string(),
+    }
+}
+
+/// Images and PDFs go to the model as they are (it can look at them); everything else is sent as text.
+pub fn is_inline_kind(mime: &str) -> bool {
+    (mime.starts_with("image/") && mime != "image/svg+xml") || mime == "application/pdf"
+}
+
+/// Whether a file can be sent to the model at all: an image, a PDF or UTF-8 text.
+pub fn is_sendable(mime: &str, bytes: &[u8]) -> bool {
+    is_inline_kind(mime) || std::str::from_utf8(bytes).is_ok()
+}
+
+/// `data:<mime>;base64,<bytes>`.
+pub fn data_url(mime: &str, bytes: &[u8]) -> String {
+    format!("data:{mime};base64,{}", base64_encode(bytes))
+}
+
+/// A file as a prompt attachment. Text of any kind is sent as `text/plain`, the one text type OpenCode
+/// unpacks into the prompt for the model (as if its read tool had read the file); other text types
+/// would reach the provider as opaque files.
+pub fn attachment(filename: &str, bytes: &[u8]) -> FileAttachment {
+    let detected = mime_for(filename, bytes);
+    let mime = if is_inline_kind(&detected) {
+        detected
+    } else {
+        "text/plain".to_string()
+    };
+    FileAttachment {
+        filename: filename.to_string(),
+        url: data_url(&mime, bytes),
+        mime,
+    }
+}
+
+/// Standard base64 with padding (RFC 4648 section 4).
+pub fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard or URL-safe base64, padded or not, ignoring whitespace. `None` when it is not base64.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let mut buffer = 0u32;
+    let mut bits = 0u32;
+    let mut padding = 0usize;
+    for byte in text.bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            b'=' => {
+                padding += 1;
+                continue;
+            }
+            b' ' | b'\n' | b'\r' | b'\t' => continue,
+            _ => return None,
+        };
+        if padding > 0 {
+            return None;
+        }
+        buffer = buffer << 6 | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    // Leftover bits must be zero padding of less than a byte; a lone sixth of a byte is not base64.
+    if bits >= 6 || buffer != 0 || padding > 2 {
+        return None;
+    }
+    Some(out)
+}
+
+/// Checks a path given to `!file`: relative, without `..`, NUL or control characters. Returns it with
+/// `.` components and repeated slashes removed.
+pub fn checked_relative_path(requested: &str) -> Result<String, PathRefusal> {
+    let refuse = |reason: &str| PathRefusal {
+        path: requested.to_string(),
+        reason: reason.to_string(),
+    };
+    let trimmed = requested.trim();
+    if trimmed.is_empty() {
+        return Err(refuse("the path is empty"));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(refuse("the path contains a control character"));
+    }
+    if trimmed.starts_with('/') || trimmed.starts_with('~') || trimmed.contains('\\') {
+        return Err(refuse(
+            "only paths inside the session's directory can be read, and this one is absolute",
+        ));
+    }
+    let mut parts = Vec::new();
+    for component in Path::new(trimmed).components() {
+        match component {
+            Component::Normal(part) => match part.to_str() {
+                Some(part) => parts.push(part),
+                None => return Err(refuse("the path is not valid UTF-8")),
+            },
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(refuse("\"..\" could leave the session's directory"));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refuse(
+                    "only paths inside the session's directory can be read, and this one is absolute",
+                ));
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err(refuse("the path names the directory itself, not a file"));
+    }
+    Ok(parts.join("/"))
+}
+
+/// `checked_relative_path`, plus a symlink check: OpenCode's file API follows symlinks, even to files
+/// outside the session's directory, so when that directory is on this host the bridge resolves the
+/// path itself and refuses one that ends up outside. When the directory is not on this host (the
+/// bridge talks to a remote OpenCode), only the textual check applies.
+pub fn resolve_inside(directory: &str, requested: &str) -> Result<String, PathRefusal> {
+    let relative = checked_relative_path(requested)?;
+    let Ok(root) = Path::new(directory).canonicalize() else {
+        return Ok(relative);
+    };
+    let target = deepest_existing(&root.join(&relative));
+    match target.canonicalize() {
+        Ok(resolved) if resolved.starts_with(&root) => Ok(relative),
+        Ok(_) => Err(PathRefusal {
+            path: requested.to_string(),
+            reason: "it is a symbolic link that leads outside the session's directory".into(),
+        }),
+        // Vanished between the two calls: let the server answer that it does not exist.
+        Err(_) => Ok(relative),
+    }
+}
+
+/// The path itself when it exists, else its nearest existing ancestor, so a symlinked parent
+/// directory is caught even when the file under it does not exist.
+fn deepest_existing(path: &Path) -> PathBuf {
+    let mut current = path.to_path_buf();
+    while current.symlink_metadata().is_err() {
+        if !current.pop() {
+            break;
+        }
+    }
+    current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors_both_ways() {
+        let vectors = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in vectors {
+            assert_eq!(base64_encode(plain.as_bytes()), encoded);
+            assert_eq!(base64_decode(encoded).as_deref(), Some(plain.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn base64_decode_accepts_unpadded_and_url_safe_and_refuses_garbage() {
+        assert_eq!(base64_decode("Zm8").as_deref(), Some(&b"fo"[..]));
+        assert_eq!(base64_decode("-_8=").as_deref(), Some(&[0xfb, 0xff][..]));
+        assert_eq!(base64_decode("+/8=").as_deref(), Some(&[0xfb, 0xff][..]));
+        assert_eq!(base64_decode("Zm9v\nYmFy").as_deref(), Some(&b"foobar"[..]));
+        assert_eq!(base64_decode("Zm9v!"), None);
+        assert_eq!(base64_decode("Z"), None);
+        assert_eq!(base64_decode("Zg==Zg"), None);
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(base64_decode(&base64_encode(&all)), Some(all));
+    }
+
+    #[test]
+    fn mime_comes_from_the_extension_then_the_bytes() {
+        let png = b"\x89PNG\r\n\x1a\n rest";
+        assert_eq!(mime_for("shot.PNG", b""), "image/png");
+        assert_eq!(mime_for("photo.jpeg", b""), "image/jpeg");
+        assert_eq!(mime_for("doc.pdf", b""), "application/pdf");
+        assert_eq!(mime_for("noext", png), "image/png");
+        assert_eq!(
+            mime_for("upload.bin", &[0xFF, 0xD8, 0xFF, 0xE0]),
+            "image/jpeg"
+        );
+        assert_eq!(mime_for("a", b"GIF89a...."), "image/gif");
+        assert_eq!(mime_for("a", b"RIFF\0\0\0\0WEBPVP8 "), "image/webp");
+        assert_eq!(mime_for("a", b"%PDF-1.7"), "application/pdf");
+        assert_eq!(
+            mime_for("main.rs", "fn main() {} // ü".as_bytes()),
+            "text/plain"
+        );
+        assert_eq!(
+            mime_for("blob", &[0, 159, 146, 150]),
+            "application/octet-stream"
+        );
+    }
+
+    #[test]
+    fn images_and_pdfs_go_inline_and_text_goes_as_text_plain() {
+        assert!(is_inline_kind("image/png"));
+        assert!(is_inline_kind("application/pdf"));
+        assert!(!is_inline_kind("image/svg+xml"));
+        assert!(!is_inline_kind("text/plain"));
+
+        let image = attachment("shot.png", b"\x89PNG\r\n\x1a\n");
+        assert_eq!(image.mime, "image/png");
+        assert_eq!(image.url, "data:image/png;base64,iVBORw0KGgo=");
+        let notes = attachment("notes.md", b"# Hi");
+        assert_eq!(notes.mime, "text/plain");
+        assert_eq!(notes.filename, "notes.md");
+        assert_eq!(notes.url, "data:text/plain;base64,IyBIaQ==");
+        assert!(is_sendable("text/plain", b"text"));
+        assert!(!is_sendable(
+            "application/octet-stream",
+            &[0xff, 0xfe, 0x00]
+        ));
+    }
+
+    #[test]
+    fn relative_paths_are_normalised() {
+        assert_eq!(
+            checked_relative_path("src/main.rs").as_deref(),
+            Ok("src/main.rs")
+        );
+        assert_eq!(
+            checked_relative_path("./src//main.rs").as_deref(),
+            Ok("src/main.rs")
+        );
+        assert_eq!(
+            checked_relative_path(" README.md ").as_deref(),
+            Ok("README.md")
+        );
+    }
+
+    #[test]
+    fn paths_leaving_the_directory_are_refused_with_the_reason() {
+        let cases = [
+            ("", "empty"),
+            ("/etc/passwd", "absolute"),
+            ("~/secrets", "absolute"),
+            ("../other/file", "\"..\""),
+            ("src/../../x", "\"..\""),
+            ("a\0b", "control character"),
+            ("a\\..\\b", "absolute"),
+            (".", "directory itself"),
+        ];
+        for (path, reason) in cases {
+            let refusal = checked_relative_path(path).expect_err(path);
+            let message = refusal.to_string();
+            assert!(message.contains(reason), "{path:?}: {message}");
+            assert!(
+                message.contains(&path.escape_debug().to_string()),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn symlinks_leading_outside_are_refused_when_the_directory_is_local() {
+        let base = std::env::temp_dir().join(format!("ocmm-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let project = base.join("project");
+        let outside = base.join("outside");
+        std::fs::create_dir_all(project.join("src")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret.txt"), "secret").unwrap();
+        std::fs::write(project.join("src/lib.rs"), "").unwrap();
+        std::os::unix::fs::symlink(outside.join("secret.txt"), project.join("leak.txt")).unwrap();
+        std::os::unix::fs::symlink(&outside, project.join("out")).unwrap();
+        std::os::unix::fs::symlink(project.join("src/lib.rs"), project.join("inner.rs")).unwrap();
+        let dir = project.to_str().unwrap();
+
+        assert_eq!(
+            resolve_inside(dir, "src/lib.rs").as_deref(),
+            Ok("src/lib.rs")
+        );
+        assert_eq!(resolve_inside(dir, "inner.rs").as_deref(), Ok("inner.rs"));
+        assert_eq!(
+            resolve_inside(dir, "src/missing.rs").as_deref(),
+            Ok("src/missing.rs")
+        );
+        for path in ["leak.txt", "out/secret.txt", "out/missing.txt"] {
+            let refusal = resolve_inside(dir, path).expect_err(path);
+            assert!(refusal.to_string().contains("symbolic link"), "{refusal}");
+        }
+        // A directory that is not on this host: only the textual check.
+        assert_eq!(
+            resolve_inside("/nonexistent/ocmm/project", "a/b.rs").as_deref(),
+            Ok("a/b.rs")
+        );
+        assert!(resolve_inside("/nonexistent/ocmm/project", "../b.rs").is_err());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
