@@ -41,7 +41,9 @@ pub enum ThreadCommand {
     /// `always`: allow it, and its pattern from now on in this session.
     Always,
     /// `deny [message]`: reject it; a message is passed on to the agent.
-    Deny { message: Option<String> },
+    Deny {
+        message: Option<String>,
+    },
     /// `skip`: reject the pending question.
     Skip,
     /// `stop`: abort the session's current run.
@@ -49,22 +51,32 @@ pub enum ThreadCommand {
     /// `status`.
     Status,
     /// `model [provider/model]`: list, or choose for this session's next prompts.
-    Model { choice: Option<String> },
+    Model {
+        choice: Option<String>,
+    },
     /// `agent [name]`: list, or choose.
-    Agent { name: Option<String> },
+    Agent {
+        name: Option<String>,
+    },
     /// `todo`.
     Todo,
     /// `compact`: summarise the session.
     Compact,
     /// `rename <title>`.
-    Rename { title: String },
+    Rename {
+        title: String,
+    },
     /// `diff`: the session's current changes.
     Diff,
     /// `file <path>`: attach a file from the session's directory.
-    File { path: String },
+    File {
+        path: String,
+    },
     /// `help`.
     Help,
-    Unknown { name: String },
+    Unknown {
+        name: String,
+    },
     MissingArgument {
         command: &'static str,
         usage: &'static str,
@@ -140,6 +152,18 @@ pub fn parse_dm(text: &str, prefix: &str) -> Option<DmCommand> {
         },
     };
     Some(command)
+}
+
+/// Parses a reply in a session's thread, with the same conventions as `parse_dm`.
+pub fn parse_thread(text: &str, prefix: &str) -> Option<ThreadCommand> {
+    let _ = (text, prefix);
+    None
+}
+
+/// What an emoji reaction means, by Mattermost's short name (`+1`, `white_check_mark`, `one`).
+pub fn reaction_meaning(emoji_name: &str) -> Option<ReactionMeaning> {
+    let _ = emoji_name;
+    None
 }
 
 /// Finds the session `query` names. Accepted, from most to least specific:
