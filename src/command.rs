@@ -154,6 +154,18 @@ pub fn parse_dm(text: &str, prefix: &str) -> Option<DmCommand> {
     Some(command)
 }
 
+/// Parses a reply in a session's thread, with the same conventions as `parse_dm`.
+pub fn parse_thread(text: &str, prefix: &str) -> Option<ThreadCommand> {
+    let _ = (text, prefix);
+    None
+}
+
+/// What an emoji reaction means, by Mattermost's short name (`+1`, `white_check_mark`, `one`).
+pub fn reaction_meaning(emoji_name: &str) -> Option<ReactionMeaning> {
+    let _ = emoji_name;
+    None
+}
+
 /// Finds the session `query` names. Accepted, from most to least specific:
 /// 1. the full id;
 /// 2. the short id (the last 8 characters of the id) or the slug (case-insensitive);

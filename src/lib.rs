@@ -2,6 +2,7 @@
 //!
 //! `run` wires the pieces together; ARCHITECTURE.md has the map of threads and channels.
 
+pub mod asks;
 pub mod command;
 pub mod config;
 pub mod files;
@@ -155,9 +156,12 @@ fn bridge(
         base_url: config.mattermost_url.clone(),
         authorization: mattermost.authorization().to_string(),
     };
+    // Typing indicators go out over the websocket; bounded because they are worthless once late.
+    // Send with `try_send`: a full queue means typing is already pending, so dropping is right.
+    let (_typing_actions, ws_actions) = crossbeam_channel::bounded::<mattermost::WsAction>(64);
     spawn_named("mattermost-ws", {
         let (out, stop) = (inputs_tx.clone(), readers_stopped.clone());
-        move || mattermost::ws::run(ws_settings, out, stop)
+        move || mattermost::ws::run(ws_settings, out, ws_actions, stop)
     })?;
     spawn_named("opencode-watch", {
         let (client, out, stop) = (opencode.clone(), inputs_tx.clone(), readers_stopped.clone());

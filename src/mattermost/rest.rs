@@ -5,10 +5,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{Post, User};
+use super::{FileInfo, Post, User};
 use crate::config::Secret;
 use crate::http::{self, Backoff, percent_encode};
 use crate::ratelimit::TokenBucket;
@@ -17,6 +18,8 @@ use crate::ratelimit::TokenBucket;
 const DEFAULT_PER_SECOND: f64 = 10.0;
 const DEFAULT_BURST: f64 = 100.0;
 const MAX_ATTEMPTS: u32 = 6;
+/// The most a JSON answer may be; posts are at most 16383 characters, so this is generous.
+const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug)]
 pub enum MmError {
@@ -31,6 +34,8 @@ pub enum MmError {
     },
     /// The answer was not what the API documents.
     Decode(String),
+    /// A download was larger than the caller allows; not retryable.
+    TooLarge { what: String, limit: u64 },
 }
 
 impl MmError {
@@ -38,7 +43,7 @@ impl MmError {
         match self {
             MmError::Unreachable(_) => true,
             MmError::Http { status, .. } => *status == 429 || *status >= 500,
-            MmError::Decode(_) => false,
+            MmError::Decode(_) | MmError::TooLarge { .. } => false,
         }
     }
 
@@ -65,6 +70,9 @@ impl std::fmt::Display for MmError {
                 message,
             } => write!(f, "mattermost answered {status}: {message} ({id})"),
             MmError::Decode(e) => write!(f, "unexpected answer from mattermost: {e}"),
+            MmError::TooLarge { what, limit } => {
+                write!(f, "{what} is larger than the {limit}-byte limit")
+            }
         }
     }
 }
@@ -171,6 +179,78 @@ impl MattermostClient {
         self.get_json(&format!("/posts/{}", percent_encode(post_id)))
     }
 
+    /// A file's name, size and type (`GET /files/{id}/info`).
+    pub fn file_info(&self, file_id: &str) -> Result<FileInfo, MmError> {
+        self.get_json(&format!("/files/{}/info", percent_encode(file_id)))
+    }
+
+    /// A file's bytes (`GET /files/{id}`). Refuses, without reading further, a file larger than
+    /// `max_bytes`.
+    pub fn download_file(&self, file_id: &str, max_bytes: u64) -> Result<Vec<u8>, MmError> {
+        let path = format!("/files/{}", percent_encode(file_id));
+        self.call_bytes("GET", &path, Body::None, max_bytes)
+            .map_err(|error| match error {
+                MmError::TooLarge { limit, .. } => MmError::TooLarge {
+                    what: format!("file {file_id}"),
+                    limit,
+                },
+                other => other,
+            })
+    }
+
+    /// Uploads one file into a channel (`POST /files`), to attach to a post with
+    /// `create_post_with_files`.
+    pub fn upload_file(
+        &self,
+        channel_id: &str,
+        filename: &str,
+        bytes: &[u8],
+    ) -> Result<FileInfo, MmError> {
+        let boundary = multipart_boundary(bytes);
+        let body = multipart_body(&boundary, channel_id, filename, bytes);
+        let text = self.call_body(
+            "POST",
+            "/files",
+            Body::Multipart {
+                boundary: &boundary,
+                bytes: &body,
+            },
+        )?;
+        let uploaded: UploadAnswer = serde_json::from_str(&text)
+            .map_err(|e| MmError::Decode(format!("POST /files: {e}")))?;
+        uploaded.file_infos.into_iter().next().ok_or_else(|| {
+            MmError::Decode("POST /files answered without a file_infos entry".into())
+        })
+    }
+
+    /// Creates a post with uploaded files attached; `root_id` empty for a root post.
+    pub fn create_post_with_files(
+        &self,
+        channel_id: &str,
+        root_id: &str,
+        message: &str,
+        file_ids: &[String],
+    ) -> Result<Post, MmError> {
+        let body = json!({
+            "channel_id": channel_id,
+            "root_id": root_id,
+            "message": message,
+            "file_ids": file_ids,
+        });
+        self.call_json("POST", "/posts", Some(&body))
+    }
+
+    /// Reacts to a post as `user_id` (the bot itself: a user can only react as themselves).
+    pub fn add_reaction(
+        &self,
+        user_id: &str,
+        post_id: &str,
+        emoji_name: &str,
+    ) -> Result<(), MmError> {
+        let body = json!({"user_id": user_id, "post_id": post_id, "emoji_name": emoji_name});
+        self.call("POST", "/reactions", Some(&body)).map(drop)
+    }
+
     fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, MmError> {
         self.call_json("GET", path, None)
     }
@@ -187,12 +267,37 @@ impl MattermostClient {
 
     /// One API call under the shared budget, retried on 429, 5xx and transport failures.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<String, MmError> {
+        let json;
+        let body = match body {
+            Some(value) => {
+                json = value.to_string();
+                Body::Json(&json)
+            }
+            None => Body::None,
+        };
+        self.call_body(method, path, body)
+    }
+
+    fn call_body(&self, method: &str, path: &str, body: Body<'_>) -> Result<String, MmError> {
+        let bytes = self.call_bytes(method, path, body, MAX_JSON_BYTES)?;
+        String::from_utf8(bytes)
+            .map_err(|_| MmError::Decode(format!("{method} {path}: the answer is not UTF-8")))
+    }
+
+    /// `call` for any body and answer: the answer's bytes, at most `max_bytes` of them.
+    fn call_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, MmError> {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(8));
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.wait_for_budget();
-            let error = match self.attempt(method, path, body) {
+            let error = match self.attempt(method, path, body, max_bytes) {
                 Ok(text) => return Ok(text),
                 Err(Attempt::RateLimited(wait)) => {
                     self.count(|s| s.rate_limited += 1);
@@ -233,7 +338,13 @@ impl MattermostClient {
         }
     }
 
-    fn attempt(&self, method: &str, path: &str, body: Option<&Value>) -> Result<String, Attempt> {
+    fn attempt(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, Attempt> {
         self.count(|s| s.calls += 1);
         let url = format!("{}/api/v4{}", self.base, path);
         let result = match (method, body) {
@@ -248,16 +359,26 @@ impl MattermostClient {
                 .header("Authorization", &self.authorization)
                 .call(),
             (_, body) => {
-                let bytes = body.map(Value::to_string).unwrap_or_default();
                 let request = if method == "PUT" {
                     self.agent.put(&url)
                 } else {
                     self.agent.post(&url)
                 };
-                request
-                    .header("Authorization", &self.authorization)
-                    .header("Content-Type", "application/json")
-                    .send(bytes.as_bytes())
+                let request = request.header("Authorization", &self.authorization);
+                match body {
+                    Body::None => request
+                        .header("Content-Type", "application/json")
+                        .send(&[][..]),
+                    Body::Json(json) => request
+                        .header("Content-Type", "application/json")
+                        .send(json.as_bytes()),
+                    Body::Multipart { boundary, bytes } => request
+                        .header(
+                            "Content-Type",
+                            &format!("multipart/form-data; boundary={boundary}"),
+                        )
+                        .send(bytes),
+                }
             }
         };
         let mut response =
@@ -283,15 +404,27 @@ impl MattermostClient {
             let wait = retry_after.or(reset).unwrap_or(1).clamp(1, 60);
             return Err(Attempt::RateLimited(Duration::from_secs(wait)));
         }
-        let text = response
+        // A declared length over the limit is refused before reading anything.
+        let declared = header("content-length").and_then(|v| v.parse::<u64>().ok());
+        if (200..300).contains(&status) && declared.is_some_and(|length| length > max_bytes) {
+            return Err(Attempt::Failed(too_large(method, path, max_bytes)));
+        }
+        let bytes = match response
             .body_mut()
             .with_config()
-            .limit(16 * 1024 * 1024)
-            .read_to_string()
-            .map_err(|e| Attempt::Failed(MmError::Unreachable(e.to_string())))?;
+            .limit(max_bytes)
+            .read_to_vec()
+        {
+            Ok(bytes) => bytes,
+            Err(ureq::Error::BodyExceedsLimit(_)) => {
+                return Err(Attempt::Failed(too_large(method, path, max_bytes)));
+            }
+            Err(e) => return Err(Attempt::Failed(MmError::Unreachable(e.to_string()))),
+        };
         if (200..300).contains(&status) {
-            return Ok(text);
+            return Ok(bytes);
         }
+        let text = String::from_utf8_lossy(&bytes);
         let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let field = |key: &str| {
             error
@@ -321,4 +454,159 @@ impl MattermostClient {
 enum Attempt {
     RateLimited(Duration),
     Failed(MmError),
+}
+
+#[derive(Clone, Copy)]
+enum Body<'a> {
+    None,
+    Json(&'a str),
+    Multipart { boundary: &'a str, bytes: &'a [u8] },
+}
+
+#[derive(Deserialize)]
+struct UploadAnswer {
+    #[serde(default)]
+    file_infos: Vec<FileInfo>,
+}
+
+fn too_large(method: &str, path: &str, limit: u64) -> MmError {
+    MmError::TooLarge {
+        what: format!("the answer to {method} {path}"),
+        limit,
+    }
+}
+
+/// A `multipart/form-data` body as `POST /files` reads it: `channel_id` first (the server needs it
+/// before any file), then the one `files` part.
+pub fn multipart_body(boundary: &str, channel_id: &str, filename: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(bytes.len() + 512);
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"channel_id\"\r\n\r\n{channel_id}\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{}\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n",
+            quoted_filename(filename)
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    body
+}
+
+/// A boundary that does not occur in `content`, so the body cannot be misread.
+pub fn multipart_boundary(content: &[u8]) -> String {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (0u64..)
+        .map(|n| {
+            format!(
+                "opencode-mattermost-{:016x}",
+                seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            )
+        })
+        .find(|boundary| !contains(content, boundary.as_bytes()))
+        .unwrap_or_default()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+/// The filename as a quoted-string: backslash and quote escaped, line breaks and other controls
+/// replaced so the header stays one line.
+fn quoted_filename(filename: &str) -> String {
+    let mut out = String::with_capacity(filename.len());
+    for c in filename.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push('_'),
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        "file".to_string()
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_parts(body: &[u8], boundary: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(body).into_owned();
+        text.split(&format!("--{boundary}"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn multipart_body_has_channel_then_file() {
+        let body = multipart_body("BOUND", "chan1", "notes.txt", b"hello\r\nworld");
+        let expected = "--BOUND\r\nContent-Disposition: form-data; name=\"channel_id\"\r\n\r\nchan1\r\n\
+            --BOUND\r\nContent-Disposition: form-data; name=\"files\"; filename=\"notes.txt\"\r\n\
+            Content-Type: application/octet-stream\r\n\r\nhello\r\nworld\r\n--BOUND--\r\n";
+        assert_eq!(String::from_utf8(body).unwrap(), expected);
+    }
+
+    #[test]
+    fn multipart_body_keeps_binary_content_intact() {
+        let content: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+        let boundary = multipart_boundary(&content);
+        let body = multipart_body(&boundary, "c", "bin", &content);
+        let start = body
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+            .and_then(|after_first| {
+                body[after_first..]
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|i| after_first + i + 4)
+            })
+            .unwrap();
+        let end = body.len() - format!("\r\n--{boundary}--\r\n").len();
+        assert_eq!(&body[start..end], &content[..]);
+        assert_eq!(
+            split_parts(&body, &boundary).len(),
+            4,
+            "preamble, two parts, closing"
+        );
+    }
+
+    #[test]
+    fn boundary_never_occurs_in_the_content() {
+        for _ in 0..50 {
+            let first = multipart_boundary(b"");
+            // Content that contains the boundary just chosen must get a different one.
+            let content = format!("x--{first}y");
+            let second = multipart_boundary(content.as_bytes());
+            assert!(!content.contains(&second), "{second} in {content}");
+            assert!(second.starts_with("opencode-mattermost-"));
+        }
+    }
+
+    #[test]
+    fn filenames_cannot_break_the_header() {
+        assert_eq!(quoted_filename("a\"b\\c.txt"), "a\\\"b\\\\c.txt");
+        assert_eq!(quoted_filename("evil\r\nX-Header: 1"), "evil__X-Header: 1");
+        assert_eq!(quoted_filename("résumé 📄.pdf"), "résumé 📄.pdf");
+        assert_eq!(quoted_filename(""), "file");
+        let body = multipart_body("B", "c", "x\"\r\n", b"");
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains("filename=\"x\\\"__\""), "{text}");
+    }
 }

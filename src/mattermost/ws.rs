@@ -12,7 +12,7 @@ use crate::stopped;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
-use super::{WsEvent, decode_ws_frame};
+use super::{WsAction, WsEvent, decode_ws_frame};
 use crate::http::Backoff;
 
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -43,8 +43,9 @@ pub struct WsSettings {
 
 type Socket = WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
 
-/// Runs until `stop` disconnects.
-pub fn run<T>(settings: WsSettings, out: Sender<T>, stop: Receiver<()>)
+/// Runs until `stop` disconnects. `actions` are sent while connected; those that arrive while
+/// disconnected are dropped, since typing is only worth showing now. Senders should use `try_send`.
+pub fn run<T>(settings: WsSettings, out: Sender<T>, actions: Receiver<WsAction>, stop: Receiver<()>)
 where
     T: From<WsUpdate> + Send + 'static,
 {
@@ -56,10 +57,12 @@ where
             return;
         }
         let reason = match connect(&settings, &resume) {
-            Ok(socket) => match session(socket, &mut resume, &send, &stop, &mut backoff) {
-                End::Stopped => return,
-                End::Lost(reason) => reason,
-            },
+            Ok(socket) => {
+                match session(socket, &mut resume, &send, &actions, &stop, &mut backoff) {
+                    End::Stopped => return,
+                    End::Lost(reason) => reason,
+                }
+            }
             Err(reason) => reason,
         };
         if !send(WsUpdate::Disconnected(reason)) {
@@ -143,11 +146,15 @@ fn session(
     mut socket: Socket,
     resume: &mut Resume,
     send: &impl Fn(WsUpdate) -> bool,
+    actions: &Receiver<WsAction>,
     stop: &Receiver<()>,
     backoff: &mut Backoff,
 ) -> End {
     let opened = Instant::now();
     let mut greeted = false;
+    // Whatever queued up while disconnected is stale.
+    let _ = actions.try_iter().count();
+    let mut action_seq = 0;
     // A resumed connection gets no new hello: the upgrade itself is the server's yes. A fresh hello
     // arriving later means the resume was refused, and is reported as a new connection.
     if resume.can_resume() {
@@ -167,6 +174,9 @@ fn session(
             let _ = socket.close(None);
             let _ = socket.flush();
             return End::Stopped;
+        }
+        if greeted && let Err(e) = send_actions(&mut socket, actions, &mut action_seq) {
+            return End::Lost(format!("sending a typing action failed: {e}"));
         }
         match socket.read() {
             Ok(Message::Text(text)) => {
@@ -238,6 +248,42 @@ fn session(
     }
 }
 
+/// Sends every pending action, each identical action once. `seq` counts the client's frames on this
+/// connection, from 1.
+fn send_actions(
+    socket: &mut Socket,
+    actions: &Receiver<WsAction>,
+    seq: &mut u64,
+) -> Result<(), tungstenite::Error> {
+    let mut pending: Vec<WsAction> = Vec::new();
+    for action in actions.try_iter() {
+        if !pending.contains(&action) {
+            pending.push(action);
+        }
+    }
+    for action in pending {
+        *seq += 1;
+        let frame = action_frame(&action, *seq);
+        socket.send(Message::Text(frame.into()))?;
+    }
+    Ok(())
+}
+
+/// The client frame for an action, as a Mattermost web client sends it.
+pub fn action_frame(action: &WsAction, seq: u64) -> String {
+    match action {
+        WsAction::Typing {
+            channel_id,
+            parent_id,
+        } => serde_json::json!({
+            "action": "user_typing",
+            "seq": seq,
+            "data": {"channel_id": channel_id, "parent_id": parent_id},
+        })
+        .to_string(),
+    }
+}
+
 /// `https://chat.example.com` → `wss://chat.example.com/api/v4/websocket`.
 pub fn websocket_url(base_url: &str) -> String {
     let rest = base_url
@@ -255,6 +301,22 @@ pub fn websocket_url(base_url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typing_frame_matches_the_protocol() {
+        let frame = action_frame(
+            &WsAction::Typing {
+                channel_id: "chan".into(),
+                parent_id: "root".into(),
+            },
+            7,
+        );
+        let value: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"action":"user_typing","seq":7,"data":{"channel_id":"chan","parent_id":"root"}})
+        );
+    }
 
     #[test]
     fn websocket_url_follows_the_scheme() {
