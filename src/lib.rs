@@ -158,7 +158,7 @@ fn bridge(
     };
     // Typing indicators go out over the websocket; bounded because they are worthless once late.
     // Send with `try_send`: a full queue means typing is already pending, so dropping is right.
-    let (_typing_actions, ws_actions) = crossbeam_channel::bounded::<mattermost::WsAction>(64);
+    let (typing_actions, ws_actions) = crossbeam_channel::bounded::<mattermost::WsAction>(64);
     spawn_named("mattermost-ws", {
         let (out, stop) = (inputs_tx.clone(), readers_stopped.clone());
         move || mattermost::ws::run(ws_settings, out, ws_actions, stop)
@@ -178,6 +178,9 @@ fn bridge(
     let mut servers = BTreeMap::new();
     servers.insert(opencode.key.clone(), opencode);
     let router = Router::new(router::Setup {
+        typing: typing_actions,
+        // Until the setting exists: OPENCODE_MM_MAX_FILE_SIZE's default.
+        max_file_size: 20 * 1024 * 1024,
         command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,

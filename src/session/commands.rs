@@ -90,9 +90,9 @@ impl Worker {
     }
 
     fn show_status(&mut self) {
-        let messages = self
-            .opencode
-            .messages(&self.key.session_id, &self.info.directory, STATUS_MESSAGES);
+        let messages =
+            self.opencode
+                .messages(&self.key.session_id, &self.info.directory, STATUS_MESSAGES);
         let assistant: Vec<MessageInfo> = match &messages {
             Ok(messages) => messages
                 .iter()
@@ -119,10 +119,9 @@ impl Worker {
         lines.push(format!("{state} · `{}`", self.info.directory));
         let last = assistant.last();
         let model = match (&self.model, last.and_then(|m| m.model.as_ref())) {
-            (Some(chosen), _) => format!(
-                "`{}/{}` (chosen here)",
-                chosen.provider_id, chosen.model_id
-            ),
+            (Some(chosen), _) => {
+                format!("`{}/{}` (chosen here)", chosen.provider_id, chosen.model_id)
+            }
             (None, Some(model)) => format!("`{model}`"),
             (None, None) => "the server's default".to_string(),
         };
@@ -158,7 +157,12 @@ impl Worker {
             let queued: Vec<String> = self
                 .queue
                 .iter()
-                .map(|p| format!("> {}", truncate_chars(p.text.lines().next().unwrap_or(""), 80)))
+                .map(|p| {
+                    format!(
+                        "> {}",
+                        truncate_chars(p.text.lines().next().unwrap_or(""), 80)
+                    )
+                })
                 .collect();
             lines.push(format!(
                 "Queued ({}):\n{}",
@@ -185,9 +189,7 @@ impl Worker {
             Ok(model) => {
                 let shown = format!("{}/{}", model.provider_id, model.model_id);
                 self.model = Some(model);
-                self.post_notice(&format!(
-                    "🧠 This session's next prompts use `{shown}`."
-                ));
+                self.post_notice(&format!("🧠 This session's next prompts use `{shown}`."));
             }
             Err(problem) => {
                 self.post_notice(&format!("❓ {problem}"));
@@ -221,7 +223,10 @@ impl Worker {
     }
 
     fn show_todos(&mut self) {
-        match self.opencode.todos(&self.key.session_id, &self.info.directory) {
+        match self
+            .opencode
+            .todos(&self.key.session_id, &self.info.directory)
+        {
             Ok(todos) if todos.is_empty() => {
                 self.post_notice("📋 This session has no todo list.");
             }
@@ -321,7 +326,10 @@ impl Worker {
     }
 
     fn show_diff(&mut self) {
-        let diff = match self.opencode.diff(&self.key.session_id, &self.info.directory) {
+        let diff = match self
+            .opencode
+            .diff(&self.key.session_id, &self.info.directory)
+        {
             Ok(diff) => diff,
             Err(e) => {
                 self.post_notice(&format!("⚠️ Could not read the session's diff: {e}"));
