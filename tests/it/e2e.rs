@@ -15,23 +15,23 @@ use crate::support::opencode::OpenCode;
 use crate::support::{SOON, TempDir};
 
 /// Fields drop in order: the bridge stops before the servers it talks to.
-struct World {
-    bridge: Option<Bridge>,
-    llm: FakeLlm,
-    opencode: OpenCode,
-    mattermost: FakeMattermost,
-    state: TempDir,
-    dm: String,
+pub(crate) struct World {
+    pub(crate) bridge: Option<Bridge>,
+    pub(crate) llm: FakeLlm,
+    pub(crate) opencode: OpenCode,
+    pub(crate) mattermost: FakeMattermost,
+    pub(crate) state: TempDir,
+    pub(crate) dm: String,
 }
 
 impl World {
-    fn new() -> World {
+    pub(crate) fn new() -> World {
         let llm = FakeLlm::start();
         let opencode = OpenCode::start(&llm, json!({}));
         World::with(llm, opencode)
     }
 
-    fn with(llm: FakeLlm, opencode: OpenCode) -> World {
+    pub(crate) fn with(llm: FakeLlm, opencode: OpenCode) -> World {
         let mattermost = FakeMattermost::start();
         let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
         World {
@@ -44,13 +44,13 @@ impl World {
         }
     }
 
-    fn started() -> World {
+    pub(crate) fn started() -> World {
         let mut world = World::new();
         world.start_bridge();
         world
     }
 
-    fn start_bridge(&mut self) {
+    pub(crate) fn start_bridge(&mut self) {
         assert!(self.bridge.is_none());
         self.bridge = Some(Bridge::start(
             &self.mattermost,
@@ -59,12 +59,12 @@ impl World {
         ));
     }
 
-    fn stop_bridge(&mut self) {
+    pub(crate) fn stop_bridge(&mut self) {
         let bridge = self.bridge.take().expect("bridge running");
         bridge.stop().expect("clean stop");
     }
 
-    fn new_session(&self, title: &str) -> (String, String) {
+    pub(crate) fn new_session(&self, title: &str) -> (String, String) {
         let session = self
             .opencode
             .create_session(self.opencode.project_dir(), Some(title));
@@ -74,7 +74,7 @@ impl World {
     }
 
     /// The root post of the session's thread, once the bridge has made it.
-    fn wait_root(&self, session_id: &str) -> Post {
+    pub(crate) fn wait_root(&self, session_id: &str) -> Post {
         let dm = self.dm.clone();
         self.mattermost
             .wait_until(SOON, |view| {
@@ -85,7 +85,7 @@ impl World {
             .unwrap_or_else(|| panic!("no thread root for {session_id}"))
     }
 
-    fn roots_for(&self, session_id: &str) -> Vec<Post> {
+    pub(crate) fn roots_for(&self, session_id: &str) -> Vec<Post> {
         self.mattermost
             .posts_in(&self.dm)
             .into_iter()
@@ -93,14 +93,14 @@ impl World {
             .collect()
     }
 
-    fn owner_says(&self, root_id: &str, message: &str) -> Post {
+    pub(crate) fn owner_says(&self, root_id: &str, message: &str) -> Post {
         self.mattermost
             .post_as(&self.mattermost.owner().id, &self.dm, root_id, message)
             .expect("owner post accepted")
     }
 
     /// Waits for a bot post in the thread (or the main DM for "") that satisfies `f`.
-    fn wait_bot_post(&self, root_id: &str, what: &str, f: impl Fn(&Post) -> bool) -> Post {
+    pub(crate) fn wait_bot_post(&self, root_id: &str, what: &str, f: impl Fn(&Post) -> bool) -> Post {
         let bot = self.mattermost.bot().id;
         let dm = self.dm.clone();
         self.mattermost
@@ -121,7 +121,7 @@ impl World {
             })
     }
 
-    fn bot_posts_in_thread(&self, root_id: &str) -> Vec<Post> {
+    pub(crate) fn bot_posts_in_thread(&self, root_id: &str) -> Vec<Post> {
         let bot = self.mattermost.bot().id;
         self.mattermost
             .thread(root_id)
@@ -131,7 +131,7 @@ impl World {
     }
 
     /// The user texts the LLM was sent, in order (title generation requests excluded).
-    fn prompts_seen_by_llm(&self) -> Vec<String> {
+    pub(crate) fn prompts_seen_by_llm(&self) -> Vec<String> {
         let mut prompts = Vec::new();
         for request in self.llm.requests() {
             if request["tools"].as_array().is_none_or(|t| t.is_empty()) {
@@ -145,7 +145,7 @@ impl World {
     }
 }
 
-fn last_user_text(request: &Value) -> Option<String> {
+pub(crate) fn last_user_text(request: &Value) -> Option<String> {
     let messages = request["messages"].as_array()?;
     let user = messages.iter().rev().find(|m| m["role"] == "user")?;
     match &user["content"] {
@@ -161,7 +161,7 @@ fn last_user_text(request: &Value) -> Option<String> {
     }
 }
 
-fn post_json(url: &str, body: Value) -> Value {
+pub(crate) fn post_json(url: &str, body: Value) -> Value {
     let mut response = ureq::post(url)
         .header("Content-Type", "application/json")
         .send(body.to_string().as_bytes())
@@ -169,7 +169,7 @@ fn post_json(url: &str, body: Value) -> Value {
     serde_json::from_str(&response.body_mut().read_to_string().unwrap()).expect("json")
 }
 
-fn text(s: &str) -> Step {
+pub(crate) fn text(s: &str) -> Step {
     Step::Text(s.to_string())
 }
 

@@ -5,4 +5,5 @@
 mod support;
 
 mod cli;
+mod control;
 mod e2e;
