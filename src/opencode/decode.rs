@@ -336,8 +336,8 @@ pub fn decode_models(value: &Value) -> Result<Vec<ModelChoice>, DecodeError> {
     Ok(choices)
 }
 
-/// `GET /session/{id}/diff`: a list of `{"file","patch","additions","deletions","status"}`, where
-/// `patch` is already a unified diff of one file. Joined into one text.
+/// `GET /vcs/diff` (and `GET /session/{id}/diff`): a list of `{"file","patch","additions",
+/// "deletions","status"}`, where `patch` is already a unified diff of one file. Joined into one text.
 pub fn decode_session_diff(value: &Value) -> Result<String, DecodeError> {
     let files = value
         .as_array()
