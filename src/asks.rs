@@ -207,8 +207,7 @@ pub fn question_answered(request: &QuestionRequest, index: usize, answer: &[Stri
 
 /// A question request once declined, by the owner or elsewhere.
 pub fn question_skipped(request: &QuestionRequest) -> String {
-    let mut post =
-        String::from("❓ ~~Question~~ ⏭️ **Skipped**: the agent was told it got no answer.");
+    let mut post = String::from("⏭️ **Question skipped**: the agent was told it got no answer.");
     for question in &request.questions {
         let header = one_line(&question.header);
         let text = one_line(&question.question);
@@ -397,25 +396,37 @@ pub fn model_list(choices: &[ModelChoice], current: Option<&ModelRef>) -> String
         "🧠 **Models** · now {current_text}\nChoose with the `model` command and a \
          `provider/model` or a model id."
     );
-    let mut provider = None;
+    // Providers in the order they first appear, each with all its models.
+    let mut providers: Vec<&str> = Vec::new();
     for choice in choices {
-        if provider != Some(choice.model.provider_id.as_str()) {
-            provider = Some(choice.model.provider_id.as_str());
-            post.push_str(&format!("\n\n**{}**", one_line(&choice.model.provider_id)));
+        if !providers.contains(&choice.model.provider_id.as_str()) {
+            providers.push(&choice.model.provider_id);
         }
-        post.push_str(&format!("\n- {}", inline_code(&model_name(&choice.model))));
-        let name = one_line(&choice.name);
-        if !name.is_empty() && name != choice.model.model_id {
-            post.push_str(&format!(" {name}"));
-        }
-        if choice.is_default {
-            post.push_str(" · default");
-        }
-        if current == Some(&choice.model) {
-            post.push_str(" · ✅ current");
+    }
+    for provider in providers {
+        post.push_str(&format!("\n\n**{}**", one_line(provider)));
+        for choice in choices.iter().filter(|c| c.model.provider_id == provider) {
+            post.push_str(&model_line(choice, current));
         }
     }
     post
+}
+
+/// One model as a list item: `provider/model`, its display name, and whether it is the default or
+/// the current choice.
+fn model_line(choice: &ModelChoice, current: Option<&ModelRef>) -> String {
+    let mut line = format!("\n- {}", inline_code(&model_name(&choice.model)));
+    let name = one_line(&choice.name);
+    if !name.is_empty() && name != choice.model.model_id {
+        line.push_str(&format!(" {name}"));
+    }
+    if choice.is_default {
+        line.push_str(" · default");
+    }
+    if current == Some(&choice.model) {
+        line.push_str(" · ✅ current");
+    }
+    line
 }
 
 /// The `!agent` listing: only agents that can run a prompt, the current one marked.
@@ -839,7 +850,7 @@ mod tests {
         );
         assert!(!post.contains("skip"), "{post}");
         let skipped = question_skipped(&several);
-        assert!(skipped.contains("**Skipped**"), "{skipped}");
+        assert!(skipped.starts_with("⏭️ **Question skipped**"), "{skipped}");
         assert_eq!(
             skipped.matches("> **Database** · Which database?").count(),
             2
@@ -992,6 +1003,11 @@ mod tests {
         );
         assert_eq!(post.matches("current").count(), 1, "{post}");
         assert!(model_list(&choices, None).contains("now the session's default"));
+        let mut mixed = choices.clone();
+        mixed.swap(1, 3);
+        let grouped = model_list(&mixed, None);
+        assert_eq!(grouped.matches("**anthropic**").count(), 1, "{grouped}");
+        assert!(grouped.contains("**anthropic**\n- `anthropic/claude-sonnet-4` Claude Sonnet 4 · default\n- `anthropic/claude-opus-4`"), "{grouped}");
         assert!(model_list(&[], None).contains("offers none"));
     }
 

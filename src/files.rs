@@ -201,10 +201,11 @@ pub fn checked_relative_path(requested: &str) -> Result<String, PathRefusal> {
     Ok(parts.join("/"))
 }
 
-/// `checked_relative_path`, plus a symlink check: OpenCode's file API follows symlinks, even to files
-/// outside the session's directory, so when that directory is on this host the bridge resolves the
-/// path itself and refuses one that ends up outside. When the directory is not on this host (the
-/// bridge talks to a remote OpenCode), only the textual check applies.
+/// `checked_relative_path`, plus a symlink check when the session's directory is on this host: a path
+/// that resolves outside it is refused with a clear reason. OpenCode 1.18.33 refuses such paths itself,
+/// but only as a bare 500 ("Path escapes the location" in its log), so this check is what gives the
+/// owner a message, and a guard should a server follow links. When the directory is not on this host
+/// (a remote OpenCode), only the textual check applies and the server's own refusal remains.
 pub fn resolve_inside(directory: &str, requested: &str) -> Result<String, PathRefusal> {
     let relative = checked_relative_path(requested)?;
     let Ok(root) = Path::new(directory).canonicalize() else {

@@ -2,6 +2,7 @@
 //! `MattermostClient::call`, which spends from one shared rate budget, learns the server's limit from its
 //! `X-Ratelimit-*` headers, honours 429s and retries transient failures.
 
+use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ const DEFAULT_BURST: f64 = 100.0;
 const MAX_ATTEMPTS: u32 = 6;
 /// The most a JSON answer may be; posts are at most 16383 characters, so this is generous.
 const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
+const MAX_ERROR_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug)]
 pub enum MmError {
@@ -404,50 +406,64 @@ impl MattermostClient {
             let wait = retry_after.or(reset).unwrap_or(1).clamp(1, 60);
             return Err(Attempt::RateLimited(Duration::from_secs(wait)));
         }
+        if !(200..300).contains(&status) {
+            return Err(Attempt::Failed(error_answer(status, &mut response)));
+        }
         // A declared length over the limit is refused before reading anything.
         let declared = header("content-length").and_then(|v| v.parse::<u64>().ok());
-        if (200..300).contains(&status) && declared.is_some_and(|length| length > max_bytes) {
+        if declared.is_some_and(|length| length > max_bytes) {
             return Err(Attempt::Failed(too_large(method, path, max_bytes)));
         }
-        let bytes = match response
+        // ureq fails a read that reaches its limit, even at the body's end: allow one byte more.
+        match response
             .body_mut()
             .with_config()
-            .limit(max_bytes)
+            .limit(max_bytes.saturating_add(1))
             .read_to_vec()
         {
-            Ok(bytes) => bytes,
-            Err(ureq::Error::BodyExceedsLimit(_)) => {
-                return Err(Attempt::Failed(too_large(method, path, max_bytes)));
+            Ok(bytes) if bytes.len() as u64 > max_bytes => {
+                Err(Attempt::Failed(too_large(method, path, max_bytes)))
             }
-            Err(e) => return Err(Attempt::Failed(MmError::Unreachable(e.to_string()))),
-        };
-        if (200..300).contains(&status) {
-            return Ok(bytes);
+            Ok(bytes) => Ok(bytes),
+            Err(ureq::Error::BodyExceedsLimit(_)) => {
+                Err(Attempt::Failed(too_large(method, path, max_bytes)))
+            }
+            Err(e) => Err(Attempt::Failed(MmError::Unreachable(e.to_string()))),
         }
-        let text = String::from_utf8_lossy(&bytes);
-        let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let field = |key: &str| {
-            error
-                .get(key)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let mut message = field("message");
-        if message.is_empty() {
-            message = crate::render::truncate_chars(text.trim(), 200);
-        }
-        Err(Attempt::Failed(MmError::Http {
-            status,
-            id: field("id"),
-            message,
-        }))
     }
 
     fn count(&self, update: impl FnOnce(&mut CallStats)) {
         if let Ok(mut stats) = self.stats.lock() {
             update(&mut stats);
         }
+    }
+}
+
+/// The error a non-2xx answer carries. Only its start is read: the message is cut to 200 chars.
+fn error_answer(status: u16, response: &mut ureq::http::Response<ureq::Body>) -> MmError {
+    let mut bytes = Vec::new();
+    let _ = response
+        .body_mut()
+        .as_reader()
+        .take(MAX_ERROR_BYTES)
+        .read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let field = |key: &str| {
+        error
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut message = field("message");
+    if message.is_empty() {
+        message = crate::render::truncate_chars(text.trim(), 200);
+    }
+    MmError::Http {
+        status,
+        id: field("id"),
+        message,
     }
 }
 
@@ -597,6 +613,70 @@ mod tests {
             assert!(!content.contains(&second), "{second} in {content}");
             assert!(second.starts_with("opencode-mattermost-"));
         }
+    }
+
+    /// A server that answers one request with `response` as raw bytes; its base URL.
+    fn serve_once(response: Vec<u8>) -> String {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                request.push(byte[0]);
+            }
+            let _ = stream.write_all(&response);
+        });
+        format!("http://{address}")
+    }
+
+    fn chunked(status: &str, body: &[u8]) -> Vec<u8> {
+        let mut response =
+            format!("HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+                .into_bytes();
+        for chunk in body.chunks(1000) {
+            response.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            response.extend_from_slice(chunk);
+            response.extend_from_slice(b"\r\n");
+        }
+        response.extend_from_slice(b"0\r\n\r\n");
+        response
+    }
+
+    fn client(base: &str) -> MattermostClient {
+        MattermostClient::new(base, &Secret::new("test-token".into()))
+    }
+
+    #[test]
+    fn a_download_without_a_length_stops_at_the_limit() {
+        let body = vec![b'z'; 5000];
+        let base = serve_once(chunked("200 OK", &body));
+        let error = client(&base).download_file("abc", 4999).unwrap_err();
+        assert!(
+            matches!(&error, MmError::TooLarge { what, limit: 4999 } if what == "file abc"),
+            "{error:?}"
+        );
+        assert!(!error.is_retryable());
+        let base = serve_once(chunked("200 OK", &body));
+        assert_eq!(client(&base).download_file("abc", 5000).unwrap(), body);
+    }
+
+    #[test]
+    fn an_error_answer_is_reported_whatever_the_download_limit() {
+        let body = br#"{"id":"app.file_info.get.app_error","message":"Unable to find the file.","status_code":404}"#;
+        let base = serve_once(chunked("404 Not Found", body));
+        let error = client(&base).download_file("abc", 10).unwrap_err();
+        assert_eq!(error.status(), Some(404), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "mattermost answered 404: Unable to find the file. (app.file_info.get.app_error)"
+        );
+        // A huge error body is read only in part, and still reported as the error it is.
+        let base = serve_once(chunked("403 Forbidden", &vec![b'e'; 300_000]));
+        let error = client(&base).file_info("abc").unwrap_err();
+        assert_eq!(error.status(), Some(403), "{error:?}");
     }
 
     #[test]

@@ -336,8 +336,8 @@ pub fn decode_models(value: &Value) -> Result<Vec<ModelChoice>, DecodeError> {
     Ok(choices)
 }
 
-/// `GET /session/{id}/diff`: a list of `{"file","patch","additions","deletions","status"}`, where
-/// `patch` is already a unified diff of one file. Joined into one text.
+/// `GET /vcs/diff` (and `GET /session/{id}/diff`): a list of `{"file","patch","additions",
+/// "deletions","status"}`, where `patch` is already a unified diff of one file. Joined into one text.
 pub fn decode_session_diff(value: &Value) -> Result<String, DecodeError> {
     let files = value
         .as_array()
@@ -561,4 +561,281 @@ fn u64_at(value: &Value, key: &str) -> u64 {
         .filter(|n| *n >= 0.0)
         .map(|n| n as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(payload: &str) -> Event {
+        decode_global_event(payload)
+            .expect("decodes")
+            .expect("is an event")
+            .event
+    }
+
+    /// Recorded from a real OpenCode 1.18.33 (`tests/fixtures/opencode-1.18.33/f-permission-ask.sse`).
+    #[test]
+    fn recorded_permission_events_decode() {
+        let fixture = include_str!("../../tests/fixtures/opencode-1.18.33/f-permission-ask.sse");
+        let events: Vec<Event> = fixture
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter_map(|data| decode_global_event(data).expect("fixture decodes"))
+            .map(|envelope| envelope.event)
+            .collect();
+        let asked = events
+            .iter()
+            .find_map(|e| match e {
+                Event::PermissionAsked(request) => Some(request.clone()),
+                _ => None,
+            })
+            .expect("a permission.asked event");
+        assert!(asked.id.starts_with("per_"), "{asked:?}");
+        assert!(asked.session_id.starts_with("ses_"), "{asked:?}");
+        assert_eq!(asked.permission, "bash");
+        assert!(!asked.patterns.is_empty() && !asked.always.is_empty());
+        assert!(asked.metadata.iter().any(|(k, _)| k == "command"));
+        let replied = events.iter().find_map(|e| match e {
+            Event::PermissionReplied {
+                session_id,
+                request_id,
+                reply,
+            } => Some((session_id.clone(), request_id.clone(), *reply)),
+            _ => None,
+        });
+        let (session_id, request_id, _) = replied.expect("a permission.replied event");
+        assert_eq!((session_id, request_id), (asked.session_id, asked.id));
+    }
+
+    #[test]
+    fn permission_events_decode() {
+        let asked = event(
+            r#"{"directory":"/p","payload":{"type":"permission.asked","properties":{"id":"per_1","sessionID":"ses_1","permission":"bash","patterns":["echo hi"],"metadata":{"command":"echo hi","timeout":5},"always":["echo *"],"tool":{"messageID":"msg_1","callID":"c1"}}}}"#,
+        );
+        assert_eq!(
+            asked,
+            Event::PermissionAsked(PermissionRequest {
+                id: "per_1".into(),
+                session_id: "ses_1".into(),
+                permission: "bash".into(),
+                patterns: vec!["echo hi".into()],
+                always: vec!["echo *".into()],
+                metadata: vec![("command".into(), "echo hi".into())],
+            })
+        );
+        for (wire, reply) in [
+            ("once", PermissionReply::Once),
+            ("always", PermissionReply::Always),
+            ("reject", PermissionReply::Reject),
+        ] {
+            let replied = event(&format!(
+                r#"{{"payload":{{"type":"permission.replied","properties":{{"sessionID":"ses_1","requestID":"per_1","reply":"{wire}"}}}}}}"#
+            ));
+            assert_eq!(
+                replied,
+                Event::PermissionReplied {
+                    session_id: "ses_1".into(),
+                    request_id: "per_1".into(),
+                    reply
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn question_events_decode_with_opencode_defaults() {
+        let asked = event(
+            r#"{"payload":{"type":"question.asked","properties":{"id":"que_1","sessionID":"ses_1","questions":[{"question":"Which?","header":"Pick","options":[{"label":"A","description":"first"},{"label":"B","description":"second"}],"multiple":true,"custom":false},{"question":"Free?","header":"Free","options":[]}]}}}"#,
+        );
+        let Event::QuestionAsked(request) = asked else {
+            panic!("not a question: {asked:?}");
+        };
+        assert_eq!(
+            (request.id.as_str(), request.session_id.as_str()),
+            ("que_1", "ses_1")
+        );
+        assert_eq!(request.questions.len(), 2);
+        let first = &request.questions[0];
+        assert_eq!(
+            (first.question.as_str(), first.header.as_str()),
+            ("Which?", "Pick")
+        );
+        assert_eq!(first.options[1].label, "B");
+        assert_eq!(first.options[1].description, "second");
+        assert!(first.multiple && !first.custom);
+        assert!(!request.questions[1].multiple && request.questions[1].custom);
+
+        let replied = event(
+            r#"{"payload":{"type":"question.replied","properties":{"sessionID":"ses_1","requestID":"que_1","answers":[["A"]]}}}"#,
+        );
+        assert_eq!(
+            replied,
+            Event::QuestionReplied {
+                session_id: "ses_1".into(),
+                request_id: "que_1".into()
+            }
+        );
+        let rejected = event(
+            r#"{"payload":{"type":"question.rejected","properties":{"sessionID":"ses_1","requestID":"que_1"}}}"#,
+        );
+        assert_eq!(
+            rejected,
+            Event::QuestionRejected {
+                session_id: "ses_1".into(),
+                request_id: "que_1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn todo_updates_decode() {
+        let updated = event(
+            r#"{"payload":{"type":"todo.updated","properties":{"sessionID":"ses_1","todos":[{"content":"write","status":"in_progress","priority":"high"},{"content":"ship","status":"pending","priority":"low","id":"t2"}]}}}"#,
+        );
+        assert_eq!(
+            updated,
+            Event::TodoUpdated {
+                session_id: "ses_1".into(),
+                todos: vec![
+                    Todo {
+                        id: String::new(),
+                        content: "write".into(),
+                        status: "in_progress".into(),
+                        priority: "high".into()
+                    },
+                    Todo {
+                        id: "t2".into(),
+                        content: "ship".into(),
+                        status: "pending".into(),
+                        priority: "low".into()
+                    },
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_control_events_are_errors_not_panics() {
+        let malformed = [
+            r#"{"payload":{"type":"permission.asked","properties":{"sessionID":"ses_1"}}}"#,
+            r#"{"payload":{"type":"permission.asked","properties":"nope"}}"#,
+            r#"{"payload":{"type":"permission.replied","properties":{"sessionID":"ses_1","requestID":"per_1","reply":"maybe"}}}"#,
+            r#"{"payload":{"type":"permission.replied","properties":{"sessionID":"ses_1","reply":"once"}}}"#,
+            r#"{"payload":{"type":"question.asked","properties":{"id":"que_1","sessionID":"ses_1"}}}"#,
+            r#"{"payload":{"type":"question.asked","properties":{"id":"que_1","questions":[]}}}"#,
+            r#"{"payload":{"type":"question.replied","properties":{"requestID":"que_1"}}}"#,
+            r#"{"payload":{"type":"question.rejected","properties":{"sessionID":"ses_1"}}}"#,
+            r#"{"payload":{"type":"todo.updated","properties":{"sessionID":"ses_1","todos":{}}}}"#,
+            r#"{"payload":{"type":"todo.updated","properties":{"todos":[]}}}"#,
+        ];
+        for data in malformed {
+            assert!(decode_global_event(data).is_err(), "{data}");
+        }
+        // Odd but harmless values inside a well-formed request are dropped, not fatal.
+        let asked = event(
+            r#"{"payload":{"type":"question.asked","properties":{"id":"que_1","sessionID":"ses_1","questions":[{"question":7,"options":[{"label":""},{"label":"ok"},3]}]}}}"#,
+        );
+        let Event::QuestionAsked(request) = asked else {
+            panic!("{asked:?}");
+        };
+        assert_eq!(request.questions[0].question, "");
+        assert_eq!(request.questions[0].options.len(), 1);
+    }
+
+    #[test]
+    fn message_agent_comes_from_agent_or_mode() {
+        let user = json!({"id":"msg_1","role":"user","agent":"plan","time":{"created":1}});
+        assert_eq!(
+            decode_message(&user).unwrap().agent.as_deref(),
+            Some("plan")
+        );
+        let old = json!({"id":"msg_2","role":"assistant","mode":"build","time":{"created":1}});
+        assert_eq!(
+            decode_message(&old).unwrap().agent.as_deref(),
+            Some("build")
+        );
+        let none = json!({"id":"msg_3","role":"assistant","time":{"created":1}});
+        assert_eq!(decode_message(&none).unwrap().agent, None);
+    }
+
+    #[test]
+    fn models_list_defaults_first_and_agents_skip_hidden() {
+        let providers = json!({
+            "providers": [{"id": "fake", "models": {
+                "b-model": {"id": "b-model", "name": "B"},
+                "a-model": {"id": "a-model", "name": "A"},
+                "z-default": {"id": "z-default", "name": "Z"},
+            }}, {"id": "", "models": {}}],
+            "default": {"fake": "z-default"},
+        });
+        let ids: Vec<(String, bool)> = decode_models(&providers)
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                (
+                    format!("{}/{}", m.model.provider_id, m.model.model_id),
+                    m.is_default,
+                )
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("fake/z-default".to_string(), true),
+                ("fake/a-model".to_string(), false),
+                ("fake/b-model".to_string(), false),
+            ]
+        );
+        assert!(decode_models(&json!([])).is_err());
+        assert!(
+            decode_agent(&json!({"name": "title", "mode": "primary", "hidden": true})).is_none()
+        );
+        assert_eq!(
+            decode_agent(&json!({"name": "plan", "mode": "primary", "description": "Plan"})),
+            Some(AgentChoice {
+                name: "plan".into(),
+                description: "Plan".into(),
+                mode: "primary".into()
+            })
+        );
+    }
+
+    #[test]
+    fn file_content_and_diff_decode() {
+        let text = decode_file_content(&json!({"type": "text", "content": "hi"}), "a.rs").unwrap();
+        assert_eq!(
+            (text.bytes.as_slice(), text.mime.as_str()),
+            (&b"hi"[..], "text/plain")
+        );
+        let binary = decode_file_content(
+            &json!({"type": "binary", "content": "iVBORw0KGgo=", "encoding": "base64", "mimeType": "image/png"}),
+            "p.png",
+        )
+        .unwrap();
+        assert_eq!(binary.bytes, b"\x89PNG\r\n\x1a\n");
+        assert_eq!(binary.mime, "image/png");
+        assert!(
+            decode_file_content(
+                &json!({"type":"binary","content":"!!","encoding":"base64"}),
+                "x"
+            )
+            .is_err()
+        );
+        assert!(decode_file_content(&json!({}), "x").is_err());
+
+        let diff = decode_session_diff(&json!([
+            {"file": "a", "patch": "--- a/a\n+++ b/a\n@@ -1 +1 @@\n-x\n+y\n"},
+            {"file": "b", "patch": "--- a/b\n+++ b/b\n@@ -1 +1 @@\n-p\n+q"},
+            {"file": "c", "additions": 0, "deletions": 0},
+        ]))
+        .unwrap();
+        assert_eq!(
+            diff,
+            "--- a/a\n+++ b/a\n@@ -1 +1 @@\n-x\n+y\n--- a/b\n+++ b/b\n@@ -1 +1 @@\n-p\n+q\n"
+        );
+        assert_eq!(decode_session_diff(&json!([])).unwrap(), "");
+        assert!(decode_session_diff(&json!({})).is_err());
+    }
 }

@@ -294,29 +294,69 @@ impl OpenCodeClient {
         super::decode::decode_models(&body).map_err(|e| OcError::Decode(e.to_string()))
     }
 
-    /// The session's changes as one unified diff, empty when nothing changed.
+    /// The uncommitted changes of the session's directory as one git-style unified diff (`--- a/…`,
+    /// `+++ b/…`, 3 lines of context), empty when nothing changed. OpenCode 1.18.33 has no diff of a
+    /// whole session: `GET /session/{id}/diff` answers `[]` without a `messageID`, and with one only
+    /// that turn's changes. So this asks git, through `GET /vcs/diff?mode=git`, which also shows
+    /// changes made outside the session; `session_id` is kept for when the server offers more.
     pub fn diff(&self, session_id: &str, directory: &str) -> Result<String, OcError> {
-        let body = self.get(&session_path(session_id, "/diff", directory))?;
+        let _ = session_id;
+        let body = self.get(&format!(
+            "{}&mode=git",
+            with_directory("/vcs/diff", directory)
+        ))?;
         super::decode::decode_session_diff(&body).map_err(|e| OcError::Decode(e.to_string()))
     }
 
-    /// A file of the session's directory, by a path relative to it. Check the path with
-    /// `files::resolve_inside` first: the server itself does not refuse paths outside the directory.
+    /// A file of the session's directory, by a path relative to it; check the path with
+    /// `files::resolve_inside` first. OpenCode 1.18.33 answers text files with their trailing
+    /// newline trimmed, binary ones base64-encoded (decoded here), a path leaving the directory with a
+    /// bare 500, and a missing file as empty text: an empty answer is therefore checked against the
+    /// listing of its directory and becomes `NotFound` when the file is not there.
     pub fn read_file(&self, directory: &str, relative_path: &str) -> Result<FileContent, OcError> {
         let mut path = with_directory("/file/content", directory);
         path.push_str(&format!("&path={}", percent_encode(relative_path)));
-        let body = self.get(&path)?;
-        super::decode::decode_file_content(&body, relative_path)
-            .map_err(|e| OcError::Decode(e.to_string()))
+        let body = self.get(&path).map_err(not_found_is_file(relative_path))?;
+        let content = super::decode::decode_file_content(&body, relative_path)
+            .map_err(|e| OcError::Decode(e.to_string()))?;
+        if content.bytes.is_empty() && !self.listed(directory, relative_path)? {
+            return Err(OcError::NotFound(format!(
+                "no file {relative_path} in {directory}; check the path (it is relative to the session's directory)"
+            )));
+        }
+        Ok(content)
     }
 
-    /// Whether `directory` exists on the server's host, asked of the server because the bridge may run
-    /// elsewhere.
+    /// Whether `directory` exists on the server's host. Asked of the server, because the bridge may
+    /// run elsewhere: listing a directory that does not exist (or is a file) fails with a 500.
     pub fn directory_exists(&self, directory: &str) -> Result<bool, OcError> {
-        let _ = directory;
-        Err(OcError::Decode(
-            "directory_exists: not implemented yet".into(),
-        ))
+        match self.get(&format!("{}&path=.", with_directory("/file", directory))) {
+            Ok(_) => Ok(true),
+            Err(OcError::Http { .. } | OcError::SessionNotFound(_)) => Ok(false),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Whether the server's listing of the file's directory names it. Listings leave out symlinks.
+    fn listed(&self, directory: &str, relative_path: &str) -> Result<bool, OcError> {
+        let parent = match relative_path.rsplit_once('/') {
+            Some((parent, _)) => parent,
+            None => ".",
+        };
+        let mut path = with_directory("/file", directory);
+        path.push_str(&format!("&path={}", percent_encode(parent)));
+        let listing = match self.get(&path) {
+            Ok(listing) => listing,
+            // The parent directory does not exist either.
+            Err(OcError::Http { .. }) => return Ok(false),
+            Err(other) => return Err(other),
+        };
+        Ok(listing.as_array().is_some_and(|entries| {
+            entries.iter().any(|entry| {
+                entry.get("path").and_then(Value::as_str) == Some(relative_path)
+                    && entry.get("type").and_then(Value::as_str) == Some("file")
+            })
+        }))
     }
 
     /// The last `limit` messages of a session, oldest first.
@@ -489,6 +529,15 @@ fn not_found_is_request(request_id: &str) -> impl Fn(OcError) -> OcError + '_ {
         OcError::SessionNotFound(message) => OcError::NotFound(format!(
             "request {request_id} is no longer pending ({message}); it was answered or its turn ended"
         )),
+        other => other,
+    }
+}
+
+fn not_found_is_file(relative_path: &str) -> impl Fn(OcError) -> OcError + '_ {
+    move |error| match error {
+        OcError::SessionNotFound(message) => {
+            OcError::NotFound(format!("file {relative_path}: {message}"))
+        }
         other => other,
     }
 }

@@ -365,7 +365,7 @@ impl Worker {
         };
         let content = match self.opencode.read_file(&self.info.directory, &relative) {
             Ok(content) => content,
-            Err(OcError::SessionNotFound(_)) => {
+            Err(OcError::NotFound(_)) => {
                 self.post_notice(&format!(
                     "❓ `{relative}` was not found in `{}`.",
                     self.info.directory

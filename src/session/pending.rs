@@ -154,7 +154,7 @@ impl Worker {
                 );
                 self.edit_post(&pending.post_id, &text);
             }
-            Err(OcError::SessionNotFound(_)) => {
+            Err(OcError::NotFound(_)) => {
                 // Answered or withdrawn meanwhile: OpenCode no longer has it.
                 let text = format!(
                     "{}\n\n_This request is no longer waiting; it was answered or withdrawn in OpenCode._",

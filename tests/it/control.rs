@@ -472,7 +472,11 @@ const PNG: &[u8] = &[
 
 #[test]
 fn attached_image_and_text_file_reach_the_model() {
-    let world = world_with("{}");
+    // The fake model declares image input, as a vision model does; OpenCode drops images otherwise.
+    let world = world_with(
+        r#"{"provider": {"fake": {"models": {"fake-model": {"attachment": true,
+            "modalities": {"input": ["text", "image", "pdf"], "output": ["text"]}}}}}}"#,
+    );
     let (id, _) = world.new_session("Attachments");
     let root = world.wait_root(&id);
     owner_posts_files(

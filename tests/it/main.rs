@@ -7,3 +7,5 @@ mod support;
 mod cli;
 mod control;
 mod e2e;
+mod mattermost_api;
+mod opencode_api;
