@@ -337,11 +337,18 @@ impl Worker {
             }
         };
         if diff.trim().is_empty() {
-            self.post_notice("📄 No changes in this session yet.");
+            self.post_notice(&format!(
+                "📄 No uncommitted changes in `{}`.",
+                self.info.directory
+            ));
             return;
         }
         let (files_changed, added, removed) = diff_stats(&diff);
-        let summary = format!("{files_changed} file(s) changed, +{added} −{removed}");
+        // OpenCode 1.18 reports the directory's uncommitted changes (git), not one session's.
+        let summary = format!(
+            "Uncommitted changes in `{}`: {files_changed} file(s), +{added} −{removed}",
+            self.info.directory
+        );
         if diff.chars().count() <= INLINE_DIFF_CHARS && diff.lines().count() <= INLINE_DIFF_LINES {
             let fence = fence_for(&diff);
             self.post_notice(&format!(
@@ -363,6 +370,27 @@ impl Worker {
                 return;
             }
         };
+        let local = std::path::Path::new(&self.info.directory).join(&relative);
+        if let Ok(meta) = std::fs::metadata(&local)
+            && meta.is_file()
+        {
+            // On this host (checked inside by `resolve_inside`): the exact bytes, which the server's
+            // file API does not give (it trims a text file's last newline).
+            if meta.len() > self.max_file_size {
+                self.refuse_large(&relative, meta.len());
+                return;
+            }
+            match std::fs::read(&local) {
+                Ok(bytes) => {
+                    let name = relative.rsplit('/').next().unwrap_or(&relative).to_string();
+                    self.attach(&name, &bytes, &format!("📎 `{relative}`"));
+                }
+                Err(e) => {
+                    self.post_notice(&format!("⚠️ Could not read `{relative}`: {e}"));
+                }
+            }
+            return;
+        }
         let content = match self.opencode.read_file(&self.info.directory, &relative) {
             Ok(content) => content,
             Err(OcError::NotFound(_)) => {
@@ -378,15 +406,18 @@ impl Worker {
             }
         };
         if content.bytes.len() as u64 > self.max_file_size {
-            self.post_notice(&format!(
-                "🚫 `{relative}` is {} bytes, over the {} byte limit (OPENCODE_MM_MAX_FILE_SIZE).",
-                content.bytes.len(),
-                self.max_file_size
-            ));
+            self.refuse_large(&relative, content.bytes.len() as u64);
             return;
         }
         let name = relative.rsplit('/').next().unwrap_or(&relative).to_string();
         self.attach(&name, &content.bytes, &format!("📎 `{relative}`"));
+    }
+
+    fn refuse_large(&self, relative: &str, size: u64) {
+        self.post_notice(&format!(
+            "🚫 `{relative}` is {size} bytes, over the {} byte limit (OPENCODE_MM_MAX_FILE_SIZE).",
+            self.max_file_size
+        ));
     }
 
     fn attach(&mut self, name: &str, bytes: &[u8], message: &str) {

@@ -120,7 +120,10 @@ fn permissions_are_answered_by_reactions() {
     // Allow once with ✅.
     world.llm.script(
         "first by reaction",
-        vec![vec![bash("printf 'ran-%s' once")], vec![text("It ran once.")]],
+        vec![
+            vec![bash("printf 'ran-%s' once")],
+            vec![text("It ran once.")],
+        ],
     );
     world.owner_says(&root.id, "first by reaction");
     let request = permission_post(&world, &root, "printf 'ran-%s' once");
@@ -144,7 +147,10 @@ fn permissions_are_answered_by_reactions() {
     // Reject with 👎: the command never runs, and the turn ends.
     world.llm.script(
         "second by reaction",
-        vec![vec![bash("printf 'ran-%s' twice")], vec![text("unreachable")]],
+        vec![
+            vec![bash("printf 'ran-%s' twice")],
+            vec![text("unreachable")],
+        ],
     );
     world.owner_says(&root.id, "second by reaction");
     let request2 = permission_post(&world, &root, "printf 'ran-%s' twice");
@@ -343,7 +349,10 @@ fn stop_by_command_and_by_reaction_aborts_the_run() {
     let gate = Gate::new();
     world.llm.script(
         "long job",
-        vec![vec![text("Starting the long job"), Step::Gate(gate.clone())]],
+        vec![vec![
+            text("Starting the long job"),
+            Step::Gate(gate.clone()),
+        ]],
     );
     world.owner_says(&root.id, "long job");
     world.wait_bot_post(&root.id, "streaming reply", |p| {
@@ -360,7 +369,10 @@ fn stop_by_command_and_by_reaction_aborts_the_run() {
     let gate2 = Gate::new();
     world.llm.script(
         "another long job",
-        vec![vec![text("Second long job running"), Step::Gate(gate2.clone())]],
+        vec![vec![
+            text("Second long job running"),
+            Step::Gate(gate2.clone()),
+        ]],
     );
     let prompt = world.owner_says(&root.id, "another long job");
     world.wait_bot_post(&root.id, "second streaming reply", |p| {
@@ -404,7 +416,9 @@ fn typing_shows_in_the_thread_while_the_session_works() {
             .mattermost
             .typing_events()
             .iter()
-            .any(|(user, channel, parent)| user == &bot && channel == &world.dm && parent == &root.id)
+            .any(|(user, channel, parent)| {
+                user == &bot && channel == &world.dm && parent == &root.id
+            })
     });
     gate.open();
     wait_completions(&world, &root, 1);
@@ -531,9 +545,7 @@ fn diff_and_file_commands_post_changes_and_refuse_paths_outside() {
     assert!(diff.message.contains("notes.md"), "{}", diff.message);
 
     world.owner_says(&root.id, "!file notes.md");
-    let attached = world.wait_bot_post(&root.id, "attached file", |p| {
-        !p.file_ids.is_empty()
-    });
+    let attached = world.wait_bot_post(&root.id, "attached file", |p| !p.file_ids.is_empty());
     let file_id = &attached.file_ids[0];
     let (name, bytes) = world.mattermost.file(file_id).expect("uploaded file");
     assert_eq!(name, "notes.md");
@@ -554,10 +566,9 @@ fn diff_and_file_commands_post_changes_and_refuse_paths_outside() {
     let leaked = world.bot_posts_in_thread(&root.id).iter().any(|p| {
         p.message.contains("top secret")
             || p.file_ids.iter().any(|id| {
-                world
-                    .mattermost
-                    .file(id)
-                    .is_some_and(|(_, bytes)| String::from_utf8_lossy(&bytes).contains("top secret"))
+                world.mattermost.file(id).is_some_and(|(_, bytes)| {
+                    String::from_utf8_lossy(&bytes).contains("top secret")
+                })
             })
     });
     assert!(!leaked, "a file outside the session's directory was sent");
@@ -692,14 +703,12 @@ fn the_todo_list_is_one_post_edited_as_it_changes() {
     let world = world_with("{}");
     let (id, _) = world.new_session("Todos");
     let root = world.wait_root(&id);
-    let todos = |second_done: &str| {
-        Step::ToolCall {
-            name: "todowrite".into(),
-            arguments: json!({"todos": [
-                {"id": "1", "content": "write the parser", "status": "completed", "priority": "high"},
-                {"id": "2", "content": "test the parser", "status": second_done, "priority": "medium"}
-            ]}),
-        }
+    let todos = |second_done: &str| Step::ToolCall {
+        name: "todowrite".into(),
+        arguments: json!({"todos": [
+            {"id": "1", "content": "write the parser", "status": "completed", "priority": "high"},
+            {"id": "2", "content": "test the parser", "status": second_done, "priority": "medium"}
+        ]}),
     };
     world.llm.script(
         "plan the work",

@@ -100,7 +100,12 @@ impl World {
     }
 
     /// Waits for a bot post in the thread (or the main DM for "") that satisfies `f`.
-    pub(crate) fn wait_bot_post(&self, root_id: &str, what: &str, f: impl Fn(&Post) -> bool) -> Post {
+    pub(crate) fn wait_bot_post(
+        &self,
+        root_id: &str,
+        what: &str,
+        f: impl Fn(&Post) -> bool,
+    ) -> Post {
         let bot = self.mattermost.bot().id;
         let dm = self.dm.clone();
         self.mattermost
