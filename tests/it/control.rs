@@ -605,7 +605,7 @@ fn new_creates_a_session_with_its_thread_and_first_prompt() {
         .to_string();
     let session = world
         .opencode
-        .get(&format!("/experimental/session"))
+        .get("/experimental/session")
         .as_array()
         .expect("sessions")
         .iter()
