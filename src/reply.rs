@@ -27,7 +27,7 @@ pub fn root_post(info: &SessionInfo, prefix: &str) -> String {
          {slug}id `{short}` · project **{project}**\n\
          📁 `{directory}`\n\
          🕒 started {started}\n\n\
-         _Replies in this thread go to this session. `{prefix}help` in the main DM lists the commands._",
+         _Replies in this thread go to this session. `{prefix}help` here lists the thread commands and reactions._",
         short = short_id(&info.id),
         directory = info.directory,
         started = crate::log::utc_minute(info.created_ms),
