@@ -20,6 +20,10 @@ use crate::reply::display_title;
 use crate::session::{self, Report, SessionHandle, SessionMsg};
 use crate::store::{State, Store, ThreadRecord};
 
+/// OpenCode unreachable for this long gets one notice in each active thread.
+const UNREACHABLE_NOTICE_AFTER: Duration = Duration::from_secs(10);
+/// How often the router checks its timers when no input arrives.
+const TICK: Duration = Duration::from_secs(1);
 /// How long shutdown waits for session workers to finish what they are sending.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 const REMEMBERED_POSTS: usize = 2048;
@@ -71,6 +75,12 @@ pub struct Router {
     typing: Sender<WsAction>,
     max_file_size: u64,
     stream_up: HashMap<ServerKey, bool>,
+    /// Servers whose event stream is down, since when.
+    down_since: HashMap<ServerKey, Instant>,
+    /// Servers whose threads were told they are unreachable.
+    told_down: HashSet<ServerKey>,
+    /// Servers whose next snapshot follows a (re)connect: threads catch up on what they missed.
+    catch_up_due: HashSet<ServerKey>,
     websocket_up: bool,
     announced_ready: bool,
     next_worker_id: u64,
@@ -145,6 +155,9 @@ impl Router {
             typing,
             max_file_size,
             stream_up: HashMap::new(),
+            down_since: HashMap::new(),
+            told_down: HashSet::new(),
+            catch_up_due: HashSet::new(),
             websocket_up: false,
             announced_ready: false,
             next_worker_id: 0,
@@ -154,13 +167,15 @@ impl Router {
 
     pub fn run(mut self, inputs: Receiver<Input>) {
         self.save();
-        while let Ok(input) = inputs.recv() {
-            match input {
-                Input::Stop => break,
-                Input::Mattermost(update) => self.on_mattermost(update),
-                Input::OpenCode(server, event) => self.on_opencode(server, event),
-                Input::Session(report) => self.on_report(report),
+        loop {
+            match inputs.recv_timeout(TICK) {
+                Ok(Input::Stop) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                Ok(Input::Mattermost(update)) => self.on_mattermost(update),
+                Ok(Input::OpenCode(server, event)) => self.on_opencode(server, event),
+                Ok(Input::Session(report)) => self.on_report(report),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             }
+            self.tick();
         }
         self.shutdown(&inputs);
     }
@@ -208,10 +223,22 @@ impl Router {
         match event {
             WatchEvent::StreamUp => {
                 crate::info!("opencode event stream connected: {}", server.0);
-                self.stream_up.insert(server, true);
+                self.stream_up.insert(server.clone(), true);
+                self.catch_up_due.insert(server.clone());
+                let reconnected = self.down_since.remove(&server).is_some();
+                let told = self.told_down.remove(&server);
+                if reconnected {
+                    // Requests still pending are posted again or re-bound; queued prompts go out.
+                    for key in self.workers_of(&server) {
+                        self.deliver(&key, SessionMsg::ServerUp { told });
+                    }
+                }
                 self.check_ready();
             }
             WatchEvent::StreamDown(reason) => {
+                self.down_since
+                    .entry(server.clone())
+                    .or_insert_with(Instant::now);
                 if self.stream_up.insert(server.clone(), false) != Some(false) {
                     crate::warn!("opencode event stream lost ({}): {reason}", server.0);
                 } else {
@@ -224,6 +251,39 @@ impl Router {
                 self.reconcile(server, sessions, statuses)
             }
         }
+    }
+
+    /// Timers: OpenCode unreachable for long enough is said once in every active thread.
+    fn tick(&mut self) {
+        let overdue: Vec<ServerKey> = self
+            .down_since
+            .iter()
+            .filter(|(server, since)| {
+                since.elapsed() >= UNREACHABLE_NOTICE_AFTER && !self.told_down.contains(*server)
+            })
+            .map(|(server, _)| server.clone())
+            .collect();
+        for server in overdue {
+            crate::warn!(
+                "opencode unreachable for {}s: {}",
+                UNREACHABLE_NOTICE_AFTER.as_secs(),
+                server.0
+            );
+            self.told_down.insert(server.clone());
+            for key in self.workers_of(&server) {
+                self.deliver(&key, SessionMsg::ServerDown);
+            }
+        }
+    }
+
+    /// Sessions of `server` with a running worker and a thread that has not ended.
+    fn workers_of(&self, server: &ServerKey) -> Vec<SessionKey> {
+        self.workers
+            .keys()
+            .filter(|k| &k.server == server)
+            .filter(|k| self.record(k).is_none_or(|r| r.ended_ms.is_none()))
+            .cloned()
+            .collect()
     }
 
     fn on_opencode_event(&mut self, server: ServerKey, event: Event) {
@@ -347,6 +407,17 @@ impl Router {
         root_post_id: Option<String>,
     ) -> Option<Sender<SessionMsg>> {
         let client = self.servers.get(&key.server)?.clone();
+        let delivery = match self.record(key) {
+            Some(record) => session::Delivery {
+                message_id: record.delivered_message_id.clone(),
+                since_ms: record.delivered_at_ms,
+                streaming_post_id: record.streaming_post_id.clone(),
+            },
+            None => session::Delivery {
+                since_ms: crate::log::now_ms(),
+                ..session::Delivery::default()
+            },
+        };
         let setup = session::Setup {
             key: key.clone(),
             info,
@@ -357,6 +428,7 @@ impl Router {
             command_prefix: self.command_prefix.clone(),
             typing: self.typing.clone(),
             max_file_size: self.max_file_size,
+            delivery,
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
@@ -395,6 +467,8 @@ impl Router {
         sessions: Vec<SessionInfo>,
         statuses: HashMap<String, Status>,
     ) {
+        let catching_up = self.catch_up_due.remove(&server);
+        let mut updated_ms = HashMap::new();
         let mut present = HashSet::new();
         for info in sessions {
             let key = SessionKey {
@@ -402,6 +476,7 @@ impl Router {
                 session_id: info.id.clone(),
             };
             present.insert(info.id.clone());
+            updated_ms.insert(info.id.clone(), info.updated_ms);
             self.learn(&key, info);
             if let Some(status) = statuses.get(&key.session_id) {
                 self.set_status(&key, *status);
@@ -443,6 +518,26 @@ impl Router {
             {
                 self.deliver(&key, SessionMsg::Polled(status));
             }
+            if catching_up && status.is_none_or(|s| s == Status::Idle) {
+                self.catch_up(&key, updated_ms.get(&key.session_id).copied());
+            }
+        }
+    }
+
+    /// An idle session that changed since its thread was last complete may have answered while
+    /// the bridge (or the stream) was away: its worker posts what is missing.
+    fn catch_up(&mut self, key: &SessionKey, updated_ms: Option<u64>) {
+        let Some(record) = self.record_mut(key) else {
+            return;
+        };
+        if record.delivered_at_ms == 0 {
+            // Recorded before delivery was tracked: start tracking now rather than repost history.
+            record.delivered_at_ms = crate::log::now_ms();
+            self.save();
+            return;
+        }
+        if updated_ms.is_some_and(|u| u > record.delivered_at_ms) {
+            self.deliver(key, SessionMsg::CatchUp);
         }
     }
 
@@ -1019,6 +1114,22 @@ impl Router {
                 }
             }
             Report::Gone { key } => self.session_ended(&key),
+            Report::ReplyStarted { key, post_id } => {
+                if let Some(record) = self.record_mut(&key) {
+                    record.streaming_post_id = Some(post_id);
+                    self.save();
+                }
+            }
+            Report::Delivered { key, message_id } => {
+                if let Some(record) = self.record_mut(&key) {
+                    record.streaming_post_id = None;
+                    record.delivered_at_ms = crate::log::now_ms();
+                    if message_id.is_some() {
+                        record.delivered_message_id = message_id;
+                    }
+                    self.save();
+                }
+            }
             Report::Exited { key, worker_id } => {
                 if self
                     .workers
@@ -1088,6 +1199,9 @@ impl Router {
                     created_ms: info.created_ms,
                     ended_ms: None,
                     parent_id: None,
+                    delivered_message_id: None,
+                    delivered_at_ms: crate::log::now_ms(),
+                    streaming_post_id: None,
                 },
             );
         self.save();

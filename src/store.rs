@@ -68,6 +68,15 @@ pub struct ThreadRecord {
     pub ended_ms: Option<u64>,
     #[serde(default)]
     pub parent_id: Option<String>,
+    /// The last assistant message whose final text is in the thread.
+    #[serde(default)]
+    pub delivered_message_id: Option<String>,
+    /// When the thread was last known complete (ms since epoch); 0 when never recorded.
+    #[serde(default)]
+    pub delivered_at_ms: u64,
+    /// The first post of a reply still streaming; a restart resumes it instead of starting another.
+    #[serde(default)]
+    pub streaming_post_id: Option<String>,
 }
 
 /// Owns the state directory for as long as it lives: holds the instance lock and writes
@@ -549,6 +558,9 @@ mod tests {
             created_ms: 5,
             ended_ms: None,
             parent_id: None,
+            delivered_message_id: Some("msg_1".to_string()),
+            delivered_at_ms: 7,
+            streaming_post_id: None,
         }
     }
 

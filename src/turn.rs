@@ -119,6 +119,11 @@ impl Turn {
         })
     }
 
+    /// The newest assistant message of the turn (ids sort by time).
+    pub fn last_assistant_id(&self) -> Option<&str> {
+        self.assistant.keys().next_back().map(String::as_str)
+    }
+
     pub fn is_visible(&self) -> bool {
         !self.parts.is_empty() || !self.children.is_empty()
     }

@@ -33,6 +33,8 @@ const WORKER_STACK_BYTES: usize = 256 * 1024;
 const FINAL_MESSAGES: usize = 50;
 /// A prompt that OpenCode accepted but never started is given up on after this much silence.
 const STALLED_TURN: Duration = Duration::from_secs(15);
+/// How often a queued prompt is tried again while OpenCode is unreachable.
+const PROMPT_RETRY: Duration = Duration::from_secs(3);
 /// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
 const TYPING_INTERVAL: Duration = Duration::from_secs(4);
 
@@ -66,6 +68,14 @@ pub enum SessionMsg {
     Ended {
         ended_ms: u64,
     },
+    /// OpenCode has been unreachable for a while: say so once in the thread.
+    ServerDown,
+    /// OpenCode is back (its event stream reconnected). `told`: the thread heard it was down.
+    ServerUp {
+        told: bool,
+    },
+    /// The bridge was away while the session moved on: post what it answered meanwhile.
+    CatchUp,
 }
 
 #[derive(Debug)]
@@ -81,6 +91,16 @@ pub enum Report {
     /// OpenCode no longer knows the session.
     Gone {
         key: SessionKey,
+    },
+    /// The first post of a reply went out; until `Delivered`, a restart resumes that post.
+    ReplyStarted {
+        key: SessionKey,
+        post_id: String,
+    },
+    /// A turn's final text and completion line are in the thread.
+    Delivered {
+        key: SessionKey,
+        message_id: Option<String>,
     },
     /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
@@ -102,6 +122,20 @@ pub struct Setup {
     pub typing: Sender<WsAction>,
     /// Most bytes of files one prompt may carry.
     pub max_file_size: u64,
+    /// What the thread already shows, as recorded in the state file.
+    pub delivery: Delivery,
+}
+
+/// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
+/// across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// The last assistant message whose final text is in the thread.
+    pub message_id: Option<String>,
+    /// When the thread was last known complete (ms since epoch): messages before it were shown.
+    pub since_ms: u64,
+    /// The first post of a reply that was still streaming when the bridge stopped.
+    pub streaming_post_id: Option<String>,
 }
 
 pub struct SessionHandle {
@@ -121,12 +155,15 @@ where
         .stack_size(WORKER_STACK_BYTES)
         .spawn(move || {
             let key = setup.key.clone();
-            let worker = Worker::new(setup);
             let reports_for_worker = reports.clone();
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                worker.run(messages, &move |r: Report| {
+            let worker = Worker::new(
+                setup,
+                Box::new(move |r: Report| {
                     let _ = reports_for_worker.send(T::from(r));
-                });
+                }),
+            );
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                worker.run(messages);
             }));
             if result.is_err() {
                 crate::error!(
@@ -164,6 +201,14 @@ struct Worker {
     waiting: pending::Waiting,
     /// The todo list post of the running turn, edited as the list changes.
     todo_post: Option<SentPost>,
+    report: Box<dyn Fn(Report) + Send>,
+    delivery: Delivery,
+    /// OpenCode could not be reached; queued prompts wait for it.
+    server_down: bool,
+    /// The thread was told OpenCode is unreachable (by the router's notice or a refused prompt).
+    told_down: bool,
+    /// When to try the queue again while OpenCode is unreachable.
+    retry_at: Option<Instant>,
 }
 
 /// The posts showing the running turn's reply, and when they were last edited.
@@ -180,11 +225,14 @@ struct SentPost {
     text: String,
 }
 
-type ReportFn<'a> = &'a dyn Fn(Report);
-
 impl Worker {
-    fn new(setup: Setup) -> Worker {
+    fn new(setup: Setup, report: Box<dyn Fn(Report) + Send>) -> Worker {
         Worker {
+            report,
+            delivery: setup.delivery,
+            server_down: false,
+            told_down: false,
+            retry_at: None,
             root_text: reply::root_post(&setup.info, &setup.command_prefix),
             key: setup.key,
             info: setup.info,
@@ -210,8 +258,8 @@ impl Worker {
         short_id(&self.key.session_id)
     }
 
-    fn run(mut self, inbox: Receiver<SessionMsg>, report: ReportFn<'_>) {
-        if self.root_post_id.is_empty() && !self.create_root(report) {
+    fn run(mut self, inbox: Receiver<SessionMsg>) {
+        if self.root_post_id.is_empty() && !self.create_root() {
             return;
         }
         self.sync_waiting();
@@ -234,7 +282,7 @@ impl Worker {
                     return;
                 }
                 Some(message) => {
-                    if !self.handle(message, report) {
+                    if !self.handle(message) {
                         return;
                     }
                 }
@@ -242,7 +290,7 @@ impl Worker {
         }
     }
 
-    fn create_root(&mut self, report: ReportFn<'_>) -> bool {
+    fn create_root(&mut self) -> bool {
         let props = json!({
             "opencode_session_id": self.key.session_id,
             "opencode_server": self.key.server.0,
@@ -254,7 +302,7 @@ impl Worker {
             Ok(post) => {
                 crate::info!("[{}] thread created: post {}", self.short(), post.id);
                 self.root_post_id = post.id.clone();
-                report(Report::ThreadCreated {
+                (self.report)(Report::ThreadCreated {
                     key: self.key.clone(),
                     root_post_id: post.id,
                 });
@@ -262,7 +310,7 @@ impl Worker {
             }
             Err(e) => {
                 crate::error!("[{}] could not create the thread: {e}", self.short());
-                report(Report::ThreadFailed {
+                (self.report)(Report::ThreadFailed {
                     key: self.key.clone(),
                     error: e.to_string(),
                 });
@@ -272,14 +320,14 @@ impl Worker {
     }
 
     /// Returns false when the worker should stop.
-    fn handle(&mut self, message: SessionMsg, report: ReportFn<'_>) -> bool {
+    fn handle(&mut self, message: SessionMsg) -> bool {
         let now = Instant::now();
         let change = match message {
             SessionMsg::Prompt {
                 post_id,
                 text,
                 file_ids,
-            } => return self.prompt(post_id, text, file_ids, report),
+            } => return self.prompt(post_id, text, file_ids),
             SessionMsg::Command { post_id, command } => {
                 crate::debug!("[{}] command from post {post_id}", self.short());
                 self.command(command);
@@ -287,6 +335,30 @@ impl Worker {
             }
             SessionMsg::Reaction { post_id, meaning } => {
                 self.reaction(&post_id, meaning);
+                Change::Nothing
+            }
+            SessionMsg::ServerDown => {
+                self.server_down = true;
+                if !self.told_down {
+                    self.told_down = true;
+                    self.post_notice(
+                        "⚠️ OpenCode is unreachable. Messages you send here are queued and delivered, in order, when it is back.",
+                    );
+                }
+                Change::Nothing
+            }
+            SessionMsg::ServerUp { told } => {
+                self.server_down = false;
+                self.retry_at = None;
+                if told || self.told_down {
+                    self.post_notice("✅ OpenCode is reachable again.");
+                }
+                self.told_down = false;
+                self.sync_waiting();
+                Change::Nothing
+            }
+            SessionMsg::CatchUp => {
+                self.catch_up();
                 Change::Nothing
             }
             SessionMsg::Event(Event::SessionUpdated(info)) => {
@@ -317,18 +389,12 @@ impl Worker {
             Change::TurnEnded => self.finish_turn(),
         }
         if !self.tracker.is_running() {
-            return self.send_next(report);
+            return self.send_next();
         }
         true
     }
 
-    fn prompt(
-        &mut self,
-        post_id: String,
-        text: String,
-        file_ids: Vec<String>,
-        report: ReportFn<'_>,
-    ) -> bool {
+    fn prompt(&mut self, post_id: String, text: String, file_ids: Vec<String>) -> bool {
         crate::debug!("[{}] prompt from post {post_id}", self.short());
         // While a question waits, a plain reply is its answer, as in OpenCode's own UI.
         if file_ids.is_empty() && self.waiting.has_question() {
@@ -342,13 +408,20 @@ impl Worker {
                 return true;
             }
         };
-        let must_wait = self.tracker.is_running() || !self.queue.is_empty();
+        let must_wait = self.tracker.is_running() || !self.queue.is_empty() || self.server_down;
         self.queue.push_back(PromptInput {
             text,
             files,
             model: None,
             agent: None,
         });
+        if self.server_down && !self.tracker.is_running() {
+            let ahead = self.queue.len() - 1;
+            self.post_notice(&format!(
+                "⏳ OpenCode is unreachable; your message is queued ({ahead} ahead of it) and will be sent when it is back."
+            ));
+            return true;
+        }
         if must_wait {
             let ahead = self.queue.len() - 1;
             let position = if ahead == 0 {
@@ -361,62 +434,77 @@ impl Worker {
             ));
             return true;
         }
-        self.send_next(report)
+        self.send_next()
     }
 
-    fn send_next(&mut self, report: ReportFn<'_>) -> bool {
+    fn send_next(&mut self) -> bool {
+        if self.server_down && self.retry_at.is_some_and(|t| t > Instant::now()) {
+            return true;
+        }
         let Some(mut input) = self.queue.pop_front() else {
             return true;
         };
         // The choices in force when the prompt is sent, not when it was queued.
         input.model = self.model.clone();
         input.agent = self.agent.clone();
-        let mut delay = Duration::from_millis(500);
-        for attempt in 1..=4 {
-            match self
-                .opencode
-                .prompt_with(&self.key.session_id, &self.info.directory, &input)
-            {
-                Ok(()) => {
-                    self.tracker.begin(Instant::now());
-                    self.reply = ReplyPosts::default();
-                    self.todo_post = None;
-                    return true;
+        match self
+            .opencode
+            .prompt_with(&self.key.session_id, &self.info.directory, &input)
+        {
+            Ok(()) => {
+                self.server_down = false;
+                self.retry_at = None;
+                self.tracker.begin(Instant::now());
+                self.reply = ReplyPosts::default();
+                self.todo_post = None;
+                true
+            }
+            Err(OcError::SessionNotFound(_)) => {
+                self.queue.push_front(input);
+                self.post_notice(&format!(
+                    "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{}",
+                    self.unsent_queue_note()
+                ));
+                (self.report)(Report::Gone {
+                    key: self.key.clone(),
+                });
+                false
+            }
+            // A request that certainly never left waits for the server, first in line; one that may
+            // have arrived is never resent, since a prompt sent twice would run twice.
+            Err(e @ OcError::NotSent(_)) => {
+                crate::warn!(
+                    "[{}] prompt not delivered yet, OpenCode unreachable: {e}",
+                    self.short()
+                );
+                self.queue.push_front(input);
+                self.server_down = true;
+                self.retry_at = Some(Instant::now() + PROMPT_RETRY);
+                if !self.told_down {
+                    self.told_down = true;
+                    self.post_notice(
+                        "⏳ OpenCode is unreachable; your message is queued and will be sent, in order, when it is back.",
+                    );
                 }
-                Err(OcError::SessionNotFound(_)) => {
-                    self.post_notice(&format!(
-                        "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{}",
-                        self.unsent_queue_note()
-                    ));
-                    report(Report::Gone {
-                        key: self.key.clone(),
-                    });
-                    return false;
-                }
-                // Only a request that never left is retried: a prompt sent twice would run twice.
-                Err(e @ OcError::NotSent(_)) if attempt < 4 => {
-                    crate::warn!("[{}] prompt not delivered yet: {e}", self.short());
-                    std::thread::sleep(delay);
-                    delay *= 2;
-                }
-                Err(e @ OcError::Unreachable(_)) => {
-                    crate::error!("[{}] prompt may not have been delivered: {e}", self.short());
-                    self.post_notice(&format!(
-                        "⚠️ OpenCode stopped answering while your message was being sent ({e}), so it may not have arrived. \
-                         If no answer follows, send it again."
-                    ));
-                    return true;
-                }
-                Err(e) => {
-                    crate::error!("[{}] prompt not delivered: {e}", self.short());
-                    self.post_notice(&format!(
-                        "⚠️ Could not deliver your message to OpenCode: {e}. Send it again once OpenCode is back."
-                    ));
-                    return true;
-                }
+                true
+            }
+            Err(e @ OcError::Unreachable(_)) => {
+                crate::error!("[{}] prompt may not have been delivered: {e}", self.short());
+                self.post_notice(&format!(
+                    "⚠️ OpenCode stopped answering while your message was being sent ({e}), so it may not have arrived. \
+                     If no answer follows, send it again."
+                ));
+                true
+            }
+            Err(e) => {
+                crate::error!("[{}] prompt not delivered: {e}", self.short());
+                self.post_notice(&format!(
+                    "⚠️ OpenCode refused your message: {e}. It was not sent; `{}status` shows the session.",
+                    self.prefix
+                ));
+                true
             }
         }
-        true
     }
 
     fn on_info(&mut self, info: SessionInfo) {
@@ -458,10 +546,11 @@ impl Worker {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        match (self.flush_deadline(), self.typing_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retry = self.retry_at.filter(|_| !self.queue.is_empty());
+        [self.flush_deadline(), self.typing_deadline(), retry]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn on_timer(&mut self) {
@@ -470,6 +559,10 @@ impl Worker {
         }
         if self.typing_deadline().is_some_and(|d| d <= Instant::now()) {
             self.send_typing();
+        }
+        if self.retry_at.is_some_and(|d| d <= Instant::now()) && !self.tracker.is_running() {
+            self.retry_at = None;
+            self.send_next();
         }
     }
 
@@ -529,6 +622,15 @@ impl Worker {
     /// at the end removes posts the final text no longer needs.
     fn send_reply(&mut self, body: &str, last: bool) {
         let short = short_id(&self.key.session_id).to_string();
+        if self.reply.posts.is_empty()
+            && let Some(id) = self.delivery.streaming_post_id.take()
+        {
+            // A reply cut off by a restart goes on in its own post.
+            self.reply.posts.push(SentPost {
+                id,
+                text: String::new(),
+            });
+        }
         let chunks = split_post(body, MAX_POST_CHARS);
         let needed = chunks.len();
         for (index, chunk) in chunks.into_iter().enumerate() {
@@ -536,6 +638,24 @@ impl Worker {
                 Some(sent) if sent.text == chunk => {}
                 Some(sent) => match self.mattermost.patch_post(&sent.id, &chunk) {
                     Ok(_) => sent.text = chunk,
+                    // Deleted meanwhile: the text goes in a new post instead.
+                    Err(e) if e.status() == Some(404) => {
+                        crate::warn!("[{short}] reply post {} is gone; posting anew", sent.id);
+                        match self.mattermost.create_post(
+                            &self.channel_id,
+                            &self.root_post_id,
+                            &chunk,
+                            None,
+                        ) {
+                            Ok(post) => {
+                                *sent = SentPost {
+                                    id: post.id,
+                                    text: chunk,
+                                }
+                            }
+                            Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
+                        }
+                    }
                     Err(e) => crate::warn!("[{short}] reply edit failed: {e}"),
                 },
                 None => match self.mattermost.create_post(
@@ -544,10 +664,18 @@ impl Worker {
                     &chunk,
                     None,
                 ) {
-                    Ok(post) => self.reply.posts.push(SentPost {
-                        id: post.id,
-                        text: chunk,
-                    }),
+                    Ok(post) => {
+                        if index == 0 {
+                            (self.report)(Report::ReplyStarted {
+                                key: self.key.clone(),
+                                post_id: post.id.clone(),
+                            });
+                        }
+                        self.reply.posts.push(SentPost {
+                            id: post.id,
+                            text: chunk,
+                        })
+                    }
                     Err(e) => {
                         crate::warn!("[{short}] reply post failed: {e}");
                         break;
@@ -578,20 +706,88 @@ impl Worker {
                     None
                 }
             };
-        let Some((turn, summary)) = self.tracker.finish(stored.as_deref(), Instant::now()) else {
+        self.complete_turn(stored.as_deref(), None);
+    }
+
+    /// Shows the turn's final text and its completion line, and records it as delivered.
+    /// `elapsed_ms` overrides the turn's own clock (a turn that ran while the bridge was away).
+    fn complete_turn(
+        &mut self,
+        stored: Option<&[(crate::opencode::MessageInfo, Vec<crate::opencode::Part>)]>,
+        elapsed_ms: Option<u64>,
+    ) {
+        let Some((turn, summary)) = self.tracker.finish(stored, Instant::now()) else {
             return;
         };
         self.show_final(&turn);
         self.reply = ReplyPosts::default();
         self.todo_post = None;
         self.last_typing = None;
-        let line = reply::completion_line(
+        let mut line = reply::completion_line(
             &summary.outcome,
-            summary.elapsed_ms,
+            elapsed_ms.unwrap_or(summary.elapsed_ms),
             summary.tokens,
             summary.cost,
         );
+        if elapsed_ms.is_some() {
+            line.push_str(" · _finished while opencode-mattermost was away_");
+        }
         self.post_notice(&line);
+        let message_id = turn.last_assistant_id().map(str::to_string);
+        self.delivery.message_id = message_id.clone();
+        self.delivery.streaming_post_id = None;
+        (self.report)(Report::Delivered {
+            key: self.key.clone(),
+            message_id,
+        });
+    }
+
+    /// After the bridge was away: the answers OpenCode finished meanwhile, shown as one reply.
+    fn catch_up(&mut self) {
+        if self.tracker.is_running() {
+            return;
+        }
+        let stored =
+            match self
+                .opencode
+                .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
+            {
+                Ok(messages) => messages,
+                Err(e) => {
+                    crate::warn!("[{}] missed answers not read: {e}", self.short());
+                    return;
+                }
+            };
+        let after_delivered = self.delivery.message_id.as_ref().and_then(|id| {
+            stored
+                .iter()
+                .position(|(info, _)| &info.id == id)
+                .map(|i| i + 1)
+        });
+        let start = after_delivered.unwrap_or_else(|| {
+            stored
+                .iter()
+                .position(|(info, _)| info.created_ms >= self.delivery.since_ms)
+                .unwrap_or(stored.len())
+        });
+        let missed = &stored[start..];
+        let finished = missed
+            .iter()
+            .filter(|(info, _)| info.role == crate::opencode::Role::Assistant)
+            .filter_map(|(info, _)| info.completed_ms)
+            .max();
+        let Some(finished_ms) = finished else {
+            return;
+        };
+        let began_ms = missed
+            .first()
+            .map_or(finished_ms, |(info, _)| info.created_ms);
+        crate::info!(
+            "[{}] posting an answer finished while the bridge was away",
+            self.short()
+        );
+        self.tracker.begin(Instant::now());
+        self.complete_turn(Some(missed), Some(finished_ms.saturating_sub(began_ms)));
     }
 
     /// The bridge is stopping: a reply still streaming says so instead of "working…" forever.

@@ -81,6 +81,8 @@ impl Worker {
         let directory = self.info.directory.clone();
         match self.opencode.permissions(&directory) {
             Ok(requests) => {
+                let ids: Vec<String> = requests.iter().map(|r| r.id.clone()).collect();
+                self.forget_permissions_not_in(&ids);
                 for request in requests {
                     if request.session_id == self.key.session_id {
                         self.permission_asked(request);
@@ -91,6 +93,17 @@ impl Worker {
         }
         match self.opencode.questions(&directory) {
             Ok(requests) => {
+                let ids: Vec<String> = requests.iter().map(|r| r.id.clone()).collect();
+                let gone: Vec<String> = self
+                    .waiting
+                    .questions
+                    .iter()
+                    .filter(|q| !ids.contains(&q.request.id))
+                    .map(|q| q.request.id.clone())
+                    .collect();
+                for id in gone {
+                    self.question_closed_elsewhere(&id, true);
+                }
                 for request in requests {
                     if request.session_id == self.key.session_id {
                         self.question_asked(request);
@@ -99,6 +112,33 @@ impl Worker {
             }
             Err(e) => crate::debug!("[{}] pending questions not read: {e}", self.short()),
         }
+    }
+
+    /// Requests this thread still shows as waiting that the server no longer has were answered
+    /// while the bridge could not see it.
+    fn forget_permissions_not_in(&mut self, pending_ids: &[String]) {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting.permissions)
+            .into_iter()
+            .partition(|p| !pending_ids.contains(&p.request.id));
+        self.waiting.permissions = kept;
+        for pending in gone {
+            self.show_no_longer_waiting(&pending);
+        }
+    }
+
+    fn show_no_longer_waiting(&self, pending: &PendingPermission) {
+        let first_line =
+            asks::permission_post(&pending.request, &self.info.directory, &self.prefix)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        self.edit_post(
+            &pending.post_id,
+            &format!(
+                "{first_line}\n\n_This request is no longer waiting; it was answered or withdrawn in OpenCode._"
+            ),
+        );
     }
 
     fn permission_asked(&mut self, request: PermissionRequest) {
@@ -154,17 +194,8 @@ impl Worker {
                 );
                 self.edit_post(&pending.post_id, &text);
             }
-            Err(OcError::NotFound(_)) => {
-                // Answered or withdrawn meanwhile: OpenCode no longer has it.
-                let text = format!(
-                    "{}\n\n_This request is no longer waiting; it was answered or withdrawn in OpenCode._",
-                    asks::permission_post(&pending.request, &directory, &self.prefix)
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                );
-                self.edit_post(&pending.post_id, &text);
-            }
+            // Answered or withdrawn meanwhile: OpenCode no longer has it.
+            Err(OcError::NotFound(_)) => self.show_no_longer_waiting(&pending),
             Err(e) => {
                 crate::warn!("[{}] permission answer not delivered: {e}", self.short());
                 self.post_notice(&format!(
