@@ -69,6 +69,8 @@ pub struct Router {
     by_root: HashMap<String, SessionKey>,
     parents: HashMap<SessionKey, SessionKey>,
     pending_attach: HashSet<SessionKey>,
+    /// Root intents left by an earlier run: their thread may exist unrecorded.
+    recovered_intents: HashMap<SessionKey, u64>,
     /// Sessions made with `new`, waiting for their thread; with the first prompt, if one was given.
     pending_new: HashMap<SessionKey, Option<(String, String)>>,
     seen_posts: SeenPosts,
@@ -126,7 +128,15 @@ impl Router {
             max_file_size,
         } = setup;
         let mut by_root = HashMap::new();
+        let mut recovered_intents = HashMap::new();
         for (server, server_state) in &state.servers {
+            for (session_id, since) in &server_state.root_intents {
+                let key = SessionKey {
+                    server: ServerKey(server.clone()),
+                    session_id: session_id.clone(),
+                };
+                recovered_intents.insert(key, *since);
+            }
             for (session_id, record) in &server_state.sessions {
                 by_root.insert(
                     record.root_post_id.clone(),
@@ -150,6 +160,7 @@ impl Router {
             by_root,
             parents: HashMap::new(),
             pending_attach: HashSet::new(),
+            recovered_intents,
             pending_new: HashMap::new(),
             seen_posts: SeenPosts::default(),
             typing,
@@ -363,9 +374,30 @@ impl Router {
 
     /// Starts a worker that first posts the session's thread root.
     fn start_thread(&mut self, key: SessionKey) {
-        if let Some(info) = self.live.get(&key).map(|l| l.info.clone()) {
-            let channel_id = self.identity.dm_channel_id.clone();
-            self.spawn_worker(&key, info, channel_id, None);
+        let Some(info) = self.live.get(&key).map(|l| l.info.clone()) else {
+            return;
+        };
+        // The intent is on disk before the root is posted, so a crash in between cannot lead to a
+        // second thread: the next run looks for the root first.
+        if !self.recovered_intents.contains_key(&key) {
+            self.state
+                .servers
+                .entry(key.server.0.clone())
+                .or_default()
+                .root_intents
+                .insert(key.session_id.clone(), crate::log::now_ms());
+            self.save();
+        }
+        let channel_id = self.identity.dm_channel_id.clone();
+        self.spawn_worker(&key, info, channel_id, None);
+    }
+
+    fn clear_intent(&mut self, key: &SessionKey) {
+        self.recovered_intents.remove(key);
+        if let Some(server) = self.state.servers.get_mut(&key.server.0)
+            && server.root_intents.remove(&key.session_id).is_some()
+        {
+            self.save();
         }
     }
 
@@ -429,6 +461,8 @@ impl Router {
             typing: self.typing.clone(),
             max_file_size: self.max_file_size,
             delivery,
+            bot_user_id: self.identity.bot_user_id.clone(),
+            find_root_since: self.recovered_intents.get(key).copied(),
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
@@ -445,6 +479,7 @@ impl Router {
     }
 
     fn session_ended(&mut self, key: &SessionKey) {
+        self.clear_intent(key);
         self.live.remove(key);
         self.parents.remove(key);
         let now = crate::log::now_ms();
@@ -1103,6 +1138,7 @@ impl Router {
                 }
             }
             Report::ThreadFailed { key, error } => {
+                self.clear_intent(&key);
                 if self.pending_new.remove(&key).is_some() {
                     self.reply(
                         "",
@@ -1183,6 +1219,10 @@ impl Router {
 
     fn record_thread(&mut self, key: &SessionKey, root_post_id: &str, info: &SessionInfo) {
         self.by_root.insert(root_post_id.to_string(), key.clone());
+        self.recovered_intents.remove(key);
+        if let Some(server) = self.state.servers.get_mut(&key.server.0) {
+            server.root_intents.remove(&key.session_id);
+        }
         self.state
             .servers
             .entry(key.server.0.clone())

@@ -53,6 +53,10 @@ pub struct MattermostCursor {
 pub struct ServerState {
     #[serde(default)]
     pub sessions: BTreeMap<String, ThreadRecord>,
+    /// Threads being created: session id → when (ms since epoch). Recorded before the root is posted,
+    /// so after a crash the bridge looks for that root instead of posting a second one.
+    #[serde(default)]
+    pub root_intents: BTreeMap<String, u64>,
 }
 
 /// The Mattermost thread that mirrors one OpenCode session.

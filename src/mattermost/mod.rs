@@ -2,6 +2,7 @@
 //! thread, and the decoding of wire events into the domain types below.
 
 pub mod rest;
+pub mod search;
 pub mod ws;
 
 use serde::Deserialize;

@@ -118,12 +118,17 @@ pub struct Setup {
     pub mattermost: Arc<MattermostClient>,
     pub opencode: Arc<OpenCodeClient>,
     pub command_prefix: String,
+    /// The bot's user id: the author of the thread roots.
+    pub bot_user_id: String,
     /// Websocket actions (typing); dropped when the socket is down or the queue is full.
     pub typing: Sender<WsAction>,
     /// Most bytes of files one prompt may carry.
     pub max_file_size: u64,
     /// What the thread already shows, as recorded in the state file.
     pub delivery: Delivery,
+    /// Set when a previous run began creating this thread's root and may have posted it: look for
+    /// a root made since then (ms since epoch) before posting one.
+    pub find_root_since: Option<u64>,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -188,6 +193,7 @@ struct Worker {
     mattermost: Arc<MattermostClient>,
     opencode: Arc<OpenCodeClient>,
     prefix: String,
+    bot_user_id: String,
     root_text: String,
     tracker: Tracker,
     reply: ReplyPosts,
@@ -202,6 +208,7 @@ struct Worker {
     /// The todo list post of the running turn, edited as the list changes.
     todo_post: Option<SentPost>,
     report: Box<dyn Fn(Report) + Send>,
+    find_root_since: Option<u64>,
     delivery: Delivery,
     /// OpenCode could not be reached; queued prompts wait for it.
     server_down: bool,
@@ -229,6 +236,7 @@ impl Worker {
     fn new(setup: Setup, report: Box<dyn Fn(Report) + Send>) -> Worker {
         Worker {
             report,
+            find_root_since: setup.find_root_since,
             delivery: setup.delivery,
             server_down: false,
             told_down: false,
@@ -241,6 +249,7 @@ impl Worker {
             mattermost: setup.mattermost,
             opencode: setup.opencode,
             prefix: setup.command_prefix,
+            bot_user_id: setup.bot_user_id,
             tracker: Tracker::default(),
             reply: ReplyPosts::default(),
             queue: VecDeque::new(),
@@ -291,6 +300,36 @@ impl Worker {
     }
 
     fn create_root(&mut self) -> bool {
+        if let Some(since_ms) = self.find_root_since.take() {
+            // A minute of slack for clocks that disagree between this host and Mattermost.
+            let since = since_ms.saturating_sub(60_000);
+            match crate::mattermost::search::find_thread_root(
+                &self.mattermost,
+                &self.channel_id,
+                &self.bot_user_id,
+                &self.key.session_id,
+                since,
+            ) {
+                Ok(Some(root)) => {
+                    crate::info!(
+                        "[{}] found the thread root posted before a restart: {}",
+                        self.short(),
+                        root.id
+                    );
+                    self.root_post_id = root.id.clone();
+                    (self.report)(Report::ThreadCreated {
+                        key: self.key.clone(),
+                        root_post_id: root.id,
+                    });
+                    return true;
+                }
+                Ok(None) => {}
+                Err(e) => crate::warn!(
+                    "[{}] could not look for an earlier thread root ({e}); posting one",
+                    self.short()
+                ),
+            }
+        }
         let props = json!({
             "opencode_session_id": self.key.session_id,
             "opencode_server": self.key.server.0,
