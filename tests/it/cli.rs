@@ -48,6 +48,14 @@ impl Running {
         }
     }
 
+    /// Every stderr line so far, for a failure message.
+    pub fn log_so_far(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
     pub fn wait_for_line(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

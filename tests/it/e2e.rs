@@ -59,6 +59,21 @@ impl World {
         ));
     }
 
+    /// The bridge as its own process (the built binary), so a test can SIGKILL it.
+    pub(crate) fn spawn_binary(&self) -> crate::cli::Running {
+        let mut command = std::process::Command::new(crate::cli::BINARY);
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MATTERMOST_URL", self.mattermost.url())
+            .env("MATTERMOST_TOKEN", self.mattermost.bot().token)
+            .env("MATTERMOST_OWNER", self.mattermost.owner().id)
+            .env("OPENCODE_URL", self.opencode.url())
+            .env("OPENCODE_MM_STATE_DIR", self.state.path())
+            .env("OPENCODE_MM_LOG", "info");
+        crate::cli::Running::start(command)
+    }
+
     pub(crate) fn stop_bridge(&mut self) {
         let bridge = self.bridge.take().expect("bridge running");
         bridge.stop().expect("clean stop");
@@ -805,19 +820,7 @@ fn restart_keeps_routing_and_creates_no_duplicate_threads() {
 #[test]
 fn after_sigkill_threads_keep_routing_and_no_root_is_duplicated() {
     let world = World::new();
-    let binary = || {
-        let mut command = std::process::Command::new(crate::cli::BINARY);
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("MATTERMOST_URL", world.mattermost.url())
-            .env("MATTERMOST_TOKEN", world.mattermost.bot().token)
-            .env("MATTERMOST_OWNER", world.mattermost.owner().id)
-            .env("OPENCODE_URL", world.opencode.url())
-            .env("OPENCODE_MM_STATE_DIR", world.state.path())
-            .env("OPENCODE_MM_LOG", "info");
-        crate::cli::Running::start(command)
-    };
+    let binary = || world.spawn_binary();
     let mut bridge = binary();
     bridge.wait_for_line("ready");
     let (first, _) = world.new_session("Survives a kill");

@@ -7,5 +7,6 @@ mod support;
 mod cli;
 mod control;
 mod e2e;
+mod faults;
 mod mattermost_api;
 mod opencode_api;

@@ -34,6 +34,9 @@ pub struct OpenCode {
     agent: ureq::Agent,
     /// `Authorization` for every request, when the server was started with a password.
     authorization: Option<String>,
+    password: Option<String>,
+    /// Killed by `kill` and not restarted: its pid is reaped and must not be signalled again.
+    killed: bool,
     /// Declared last so it is removed after the server is dead.
     _temp: TempDir,
 }
@@ -108,6 +111,8 @@ impl OpenCode {
                         config,
                         agent,
                         authorization,
+                        password: password.map(str::to_string),
+                        killed: false,
                     };
                 }
                 Err(problem) => {
@@ -211,10 +216,69 @@ impl OpenCode {
     }
 }
 
+impl OpenCode {
+    /// Kills the server (and what it spawned) at once, as a crash would; `restart` brings it back.
+    pub fn kill(&mut self) {
+        if !self.killed {
+            kill_tree(&mut self.child);
+            self.killed = true;
+        }
+    }
+
+    /// Starts the server again on the same port, project and data, as after a crash or an upgrade.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port: u16 = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the server url ends with its port");
+        let binary = opencode_binary();
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let log = self.root.join(format!("server-restart-{attempt}.log"));
+            let mut child = spawn_server(
+                &binary,
+                &self.root,
+                &self.project_dir,
+                port,
+                &log,
+                self.password.as_deref(),
+            );
+            match wait_until_ready(
+                &self.agent,
+                &self.url,
+                &mut child,
+                self.authorization.as_deref(),
+            ) {
+                Ok(()) => {
+                    self.child = child;
+                    self.killed = false;
+                    return;
+                }
+                Err(problem) => {
+                    kill_tree(&mut child);
+                    failures.push(format!(
+                        "attempt {attempt}: {problem}\n{}",
+                        tail(&log, 4000)
+                    ));
+                    // The port may still be held by the dying server for a moment.
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        panic!(
+            "opencode serve did not restart on port {port}:\n{}",
+            failures.join("\n")
+        );
+    }
+}
+
 impl Drop for OpenCode {
     fn drop(&mut self) {
         // The fields drop after this, so the temp dir goes once nothing writes to it any more.
-        kill_tree(&mut self.child);
+        self.kill();
     }
 }
 

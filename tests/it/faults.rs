@@ -1,0 +1,228 @@
+//! Fault injection, end to end: the bridge, OpenCode or Mattermost fails in the middle of real work,
+//! and afterwards nothing is lost, nothing is duplicated and no thread is left "working…".
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::e2e::{World, text};
+use crate::support::SOON;
+use crate::support::llm::{FakeLlm, Gate, Step};
+use crate::support::mattermost::Post;
+use crate::support::opencode::OpenCode;
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn bot_posts_containing(world: &World, root: &Post, needle: &str) -> Vec<Post> {
+    world
+        .bot_posts_in_thread(&root.id)
+        .into_iter()
+        .filter(|p| p.message.contains(needle))
+        .collect()
+}
+
+fn completion_lines(world: &World, root: &Post) -> Vec<Post> {
+    world
+        .bot_posts_in_thread(&root.id)
+        .into_iter()
+        .filter(|p| {
+            p.message.starts_with("✅ Done")
+                || p.message.starts_with("⏹️ Stopped")
+                || p.message.starts_with("⚠️ Failed")
+        })
+        .collect()
+}
+
+/// No post of the thread still says the session is working.
+fn assert_nothing_left_working(world: &World, root: &Post) {
+    let stuck: Vec<String> = world
+        .bot_posts_in_thread(&root.id)
+        .into_iter()
+        .filter(|p| p.message.contains("working…"))
+        .map(|p| p.message)
+        .collect();
+    assert!(stuck.is_empty(), "posts left working: {stuck:#?}");
+}
+
+#[test]
+fn a_bridge_killed_mid_turn_completes_the_same_reply_after_restart() {
+    let world = World::new();
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    let (id, _) = world.new_session("Killed mid-turn");
+    let root = world.wait_root(&id);
+    let gate = Gate::new();
+    world.llm.script(
+        "long answer",
+        vec![vec![
+            text("First half of the answer."),
+            Step::Gate(gate.clone()),
+            text(" Second half, written while the bridge was dead."),
+        ]],
+    );
+    world.owner_says(&root.id, "long answer");
+    let partial = world.wait_bot_post(&root.id, "partial reply", |p| {
+        p.message.contains("First half of the answer.")
+    });
+    bridge.kill();
+    // The turn ends while no bridge is running.
+    gate.open();
+    wait_for("the turn to end on the server", SOON, || {
+        world
+            .opencode
+            .messages(&id, world.opencode.project_dir())
+            .as_array()
+            .is_some_and(|m| {
+                m.iter().any(|m| {
+                    m["info"]["role"] == "assistant" && m["info"]["time"]["completed"].is_number()
+                })
+            })
+    });
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    wait_for("the cut-off reply to be completed", SOON, || {
+        world.mattermost.post(&partial.id).is_some_and(|p| {
+            p.message
+                .contains("Second half, written while the bridge was dead.")
+        })
+    });
+    wait_for("one completion line", SOON, || {
+        completion_lines(&world, &root).len() == 1
+    });
+    // Later prompts still route, and nothing was posted twice.
+    world.owner_says(&root.id, "after the restart");
+    world.wait_bot_post(&root.id, "echo", |p| {
+        p.message.contains("echo: after the restart")
+    });
+    let (code, _) = bridge.terminate();
+    assert_eq!(code, 0);
+    assert_eq!(world.roots_for(&id).len(), 1);
+    assert_eq!(
+        bot_posts_containing(&world, &root, "First half of the answer.").len(),
+        1,
+        "the reply was posted twice"
+    );
+    assert_eq!(completion_lines(&world, &root).len(), 2);
+    assert_nothing_left_working(&world, &root);
+}
+
+#[test]
+fn a_bridge_killed_while_streaming_resumes_the_same_post() {
+    let world = World::new();
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    let (id, _) = world.new_session("Killed while streaming");
+    let root = world.wait_root(&id);
+    let gate = Gate::new();
+    world.llm.script(
+        "streaming answer",
+        vec![vec![
+            text("Streaming part one."),
+            Step::Gate(gate.clone()),
+            text(" Streaming part two."),
+        ]],
+    );
+    world.owner_says(&root.id, "streaming answer");
+    let partial = world.wait_bot_post(&root.id, "partial reply", |p| {
+        p.message.contains("Streaming part one.")
+    });
+    bridge.kill();
+    // Back while the turn still runs: the same post goes on streaming.
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    std::thread::sleep(Duration::from_millis(500));
+    gate.open();
+    let finished = world.mattermost.wait_until(SOON, |view| {
+        view.post(&partial.id)
+            .filter(|p| p.message.contains("Streaming part two."))
+            .map(|_| ())
+    });
+    assert!(
+        finished.is_some(),
+        "the reply did not finish in its first post; thread: {:#?}\nbridge log:\n{}",
+        world
+            .bot_posts_in_thread(&root.id)
+            .iter()
+            .map(|p| (&p.id, &p.message))
+            .collect::<Vec<_>>(),
+        bridge.log_so_far()
+    );
+    wait_for("one completion line", SOON, || {
+        completion_lines(&world, &root).len() == 1
+    });
+    let (code, _) = bridge.terminate();
+    assert_eq!(code, 0);
+    assert_eq!(
+        bot_posts_containing(&world, &root, "Streaming part one.").len(),
+        1
+    );
+    assert_nothing_left_working(&world, &root);
+}
+
+#[test]
+fn opencode_restarted_mid_turn_gets_notices_and_queued_prompts_are_delivered() {
+    let llm = FakeLlm::start();
+    let opencode = OpenCode::start(&llm, json!({}));
+    let mut world = World::with(llm, opencode);
+    world.start_bridge();
+    let (id, _) = world.new_session("OpenCode restarts");
+    let root = world.wait_root(&id);
+    let gate = Gate::new();
+    world.llm.script(
+        "interrupted work",
+        vec![vec![text("Working on it"), Step::Gate(gate.clone())]],
+    );
+    world.owner_says(&root.id, "interrupted work");
+    world.wait_bot_post(&root.id, "partial reply", |p| {
+        p.message.contains("Working on it")
+    });
+
+    world.opencode.kill();
+    gate.open();
+    world.wait_bot_post(&root.id, "unreachable notice", |p| {
+        p.message.contains("OpenCode is unreachable")
+    });
+    // Sent while OpenCode is down: queued, then delivered once it is back.
+    world.owner_says(&root.id, "sent during the outage");
+    world.wait_bot_post(&root.id, "queued reply", |p| p.message.contains("queued"));
+    world.opencode.restart();
+    world.wait_bot_post(&root.id, "reconnected notice", |p| {
+        p.message.contains("OpenCode is reachable again")
+    });
+    world.wait_bot_post(&root.id, "the queued prompt's answer", |p| {
+        p.message.contains("echo: sent during the outage")
+    });
+    wait_for(
+        "the interrupted turn and the queued one to end",
+        SOON,
+        || completion_lines(&world, &root).len() >= 2,
+    );
+    assert_eq!(
+        bot_posts_containing(&world, &root, "OpenCode is unreachable").len(),
+        1,
+        "the outage was announced more than once"
+    );
+    assert_eq!(
+        bot_posts_containing(&world, &root, "OpenCode is reachable again").len(),
+        1
+    );
+    let prompts = world.prompts_seen_by_llm();
+    assert_eq!(
+        prompts
+            .iter()
+            .filter(|p| p.contains("sent during the outage"))
+            .count(),
+        1,
+        "{prompts:?}"
+    );
+    assert_nothing_left_working(&world, &root);
+}
