@@ -1,4 +1,5 @@
-//! The binary: parse the configuration, route signals to a stop channel, run, map the result to an exit code.
+//! The binary: parse the configuration, route signals to a stop channel, run (or check, or report the
+//! status), map the result to an exit code.
 
 use std::process::ExitCode;
 
@@ -8,6 +9,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config = match config::parse(&args, &|name| std::env::var(name).ok()) {
         Ok(Invocation::Run(config)) => config,
+        Ok(Invocation::Check(config)) => return check(&config),
+        Ok(Invocation::Status { state_dir, json }) => return status(&state_dir, json),
         Ok(Invocation::Help) => return print(&config::help_text()),
         Ok(Invocation::Version) => {
             return print(&format!("opencode-mattermost {}", config::VERSION));
@@ -32,6 +35,29 @@ fn main() -> ExitCode {
     match opencode_mattermost::run(config, stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), e.exit_code()),
+    }
+}
+
+fn check(config: &Result<config::Config, config::ConfigError>) -> ExitCode {
+    let code = opencode_mattermost::check::run(config, &mut |line| println!("{line}"));
+    ExitCode::from(code as u8)
+}
+
+fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
+    use opencode_mattermost::status;
+    let report = status::report(state_dir, opencode_mattermost::log::now_ms());
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => return fail(&format!("cannot encode the status: {e}"), 1),
+        }
+    } else {
+        print!("{}", status::render_text(&report));
+    }
+    if report.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
