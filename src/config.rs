@@ -1814,7 +1814,10 @@ mod tests {
             &["--json"],
             "--json goes with status only; see opencode-mattermost --help",
         );
-        check(&["status", "--json", "--state-dir", "/s"], "status json=true");
+        check(
+            &["status", "--json", "--state-dir", "/s"],
+            "status json=true",
+        );
         check(&["status", "--state-dir=/s"], "status json=false");
         check(
             &["--env-file"],

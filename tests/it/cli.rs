@@ -11,7 +11,7 @@ use crate::support::mattermost::FakeMattermost;
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_opencode-mattermost");
 
-fn command(state: &TempDir) -> Command {
+pub fn command(state: &TempDir) -> Command {
     let mut command = Command::new(BINARY);
     command.env_clear();
     command.env("PATH", std::env::var("PATH").unwrap_or_default());
@@ -22,7 +22,7 @@ fn command(state: &TempDir) -> Command {
 /// A running binary whose stderr lines arrive on a channel.
 pub struct Running {
     pub child: Child,
-    lines: Receiver<String>,
+    pub lines: Receiver<String>,
     pub seen: Vec<String>,
 }
 
@@ -111,7 +111,7 @@ impl Drop for Running {
 }
 
 /// `Command::output` with a deadline: a binary that should exit but hangs fails the test.
-trait Finish {
+pub trait Finish {
     fn finish(&mut self) -> std::process::Output;
 }
 
@@ -129,7 +129,7 @@ impl Finish for Command {
     }
 }
 
-fn bridge_env(command: &mut Command, mattermost: &FakeMattermost, token: &str) {
+pub fn bridge_env(command: &mut Command, mattermost: &FakeMattermost, token: &str) {
     command
         .env("MATTERMOST_URL", mattermost.url())
         .env("MATTERMOST_TOKEN", token)
@@ -297,4 +297,51 @@ fn a_second_instance_on_the_same_state_directory_exits_3_naming_the_first() {
     );
     let (code, _) = first.terminate();
     assert_eq!(code, 0, "the first instance was disturbed");
+}
+
+#[test]
+fn a_state_directory_that_cannot_be_created_exits_1() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let blocker = state.path().join("a-file");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let mut command = command(&state);
+    bridge_env(&mut command, &mattermost, &mattermost.bot().token);
+    command.env("OPENCODE_MM_STATE_DIR", blocker.join("state"));
+    let output = command.finish();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("OPENCODE_MM_STATE_DIR"), "{stderr}");
+}
+
+#[test]
+fn plain_http_to_another_host_exits_2_unless_allowed_with_a_warning() {
+    let state = TempDir::new("cli");
+    let mut refused = command(&state);
+    refused
+        .env("MATTERMOST_URL", "http://chat.example.com")
+        .env("MATTERMOST_TOKEN", "sekrit-token-value")
+        .env("MATTERMOST_OWNER", "alice");
+    let output = refused.finish();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("OPENCODE_MM_ALLOW_INSECURE_HTTP=1") && stderr.contains("https://"),
+        "{stderr}"
+    );
+
+    // 192.0.2.0/24 is reserved for documentation: nothing answers, and nothing needs to, since the
+    // warning comes before the first connection.
+    let mut allowed = command(&state);
+    allowed
+        .env("MATTERMOST_URL", "http://192.0.2.1:8065")
+        .env("MATTERMOST_TOKEN", "sekrit-token-value")
+        .env("MATTERMOST_OWNER", "alice")
+        .env("OPENCODE_URL", "http://127.0.0.1:9")
+        .env("OPENCODE_MM_ALLOW_INSECURE_HTTP", "1");
+    let mut running = Running::start(allowed);
+    let warning = running.wait_for_line("in clear");
+    assert!(warning.contains("WARN"), "{warning}");
+    let (code, _) = running.terminate();
+    assert_eq!(code, 0);
 }

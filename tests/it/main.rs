@@ -4,5 +4,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod check;
 mod cli;
 mod e2e;
+mod status;
+mod tls;
