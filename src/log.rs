@@ -52,9 +52,12 @@ pub fn enabled(level: LogLevel) -> bool {
 }
 
 pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
-    let module = module
-        .strip_prefix("opencode_mattermost::")
-        .unwrap_or(module);
+    // The crate root holds start-up (`run` and the bridge thread).
+    let module = match module.strip_prefix("opencode_mattermost::") {
+        Some(inner) => inner,
+        None if module == "opencode_mattermost" => "bridge",
+        None => module,
+    };
     let message = mask_secrets(message.to_string());
     let thread = std::thread::current();
     let line = format_line(
@@ -246,6 +249,35 @@ mod tests {
             "main",
             "ready",
             r#"{"level":"info","module":"session","msg":"ready","ts":"2026-11-22T06:34:05.123Z"}"#,
+        );
+    }
+
+    #[test]
+    fn registered_secrets_are_masked_even_inside_urls_and_headers() {
+        let args: Vec<String> = ["--mattermost-url", "https://chat.example.com"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let env = |name: &str| match name {
+            "MATTERMOST_TOKEN" => Some("tok-masked-0123456789".to_string()),
+            "MATTERMOST_OWNER" => Some("alice".to_string()),
+            "OPENCODE_SERVER_PASSWORD" => Some("pw-masked-42".to_string()),
+            "HOME" => Some("/home/alice".to_string()),
+            _ => None,
+        };
+        let Ok(crate::config::Invocation::Run(config)) = crate::config::parse(&args, &env) else {
+            panic!("a valid configuration");
+        };
+        redact_secrets(&config);
+        let basic = crate::http::basic_auth("opencode", "pw-masked-42");
+        let masked = mask_secrets(format!(
+            "GET https://x/?access_token=tok-masked-0123456789 failed; Authorization: {basic}; \
+             password pw-masked-42"
+        ));
+        assert_eq!(
+            masked,
+            "GET https://x/?access_token=<redacted> failed; Authorization: Basic <redacted>; \
+             password <redacted>"
         );
     }
 
