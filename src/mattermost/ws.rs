@@ -125,13 +125,22 @@ fn connect(settings: &WsSettings, resume: &Resume) -> Result<Socket, String> {
         .uri()
         .port_u16()
         .unwrap_or(if url.starts_with("wss:") { 443 } else { 80 });
-    let address = (host.as_str(), port)
+    // A name can resolve to several addresses (localhost: ::1 and 127.0.0.1); try each in turn.
+    let addresses = (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {host}"))?;
-    let stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let mut failure = format!("cannot resolve {host}");
+    let mut connected = None;
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+            Ok(stream) => {
+                connected = Some(stream);
+                break;
+            }
+            Err(e) => failure = format!("cannot connect to {host}:{port} ({address}): {e}"),
+        }
+    }
+    let stream = connected.ok_or(failure)?;
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
