@@ -7,5 +7,6 @@ mod support;
 mod check;
 mod cli;
 mod e2e;
+mod static_binary;
 mod status;
 mod tls;

@@ -12,7 +12,8 @@ use std::time::Duration;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// A certificate authority for one test, and a server certificate it issued for 127.0.0.1.
+/// A certificate authority for one test, and a server certificate it issued for 127.0.0.1 and
+/// localhost.
 pub struct TestCa {
     /// The CA certificate in PEM form, for OPENCODE_MM_CA_FILE.
     pub pem: String,
@@ -34,7 +35,8 @@ impl TestCa {
         ];
         let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
         let server_key = KeyPair::generate().expect("server key");
-        let server = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("server params");
+        let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("server params");
         let server_cert = server
             .signed_by(&server_key, &ca_cert, &ca_key)
             .expect("server certificate");
