@@ -1961,6 +1961,36 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_and_the_example_env_file_know_every_variable() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        let example = format!("{root}/contrib/opencode-mattermost.env.example");
+        let example_text = std::fs::read_to_string(&example).unwrap();
+        for var in ALL_VARS {
+            assert!(
+                readme.contains(&format!("| `{}`", var.name))
+                    || readme.contains(&format!("/ `{}`", var.name)),
+                "README.md has no table row for {}",
+                var.name
+            );
+            if var.name != SSL_CERT_FILE.name {
+                assert!(
+                    example_text.contains(var.name),
+                    "the example env file does not mention {}",
+                    var.name
+                );
+            }
+        }
+        // The example, as shipped, is a valid configuration.
+        let env: HashMap<String, String> = [("HOME".to_string(), "/home/dev".to_string())]
+            .into_iter()
+            .collect();
+        let config = run_ok(&["--env-file", &example], &env);
+        assert_eq!(config.mattermost_url, "https://chat.example.com");
+        assert_eq!(config.owner, "you");
+    }
+
+    #[test]
     fn help_text_lists_every_variable_flag_and_exit_code() {
         let help = help_text();
         for var in ALL_VARS {
