@@ -39,31 +39,28 @@ fn main() -> ExitCode {
 }
 
 fn check(config: &Result<config::Config, config::ConfigError>) -> ExitCode {
-    let code = opencode_mattermost::check::run(config, &mut |line| println!("{line}"));
+    let code = opencode_mattermost::check::run(config, &mut |line| out(&format!("{line}\n")));
     ExitCode::from(code as u8)
 }
 
 fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
-    use opencode_mattermost::status;
-    let report = status::report(state_dir, opencode_mattermost::log::now_ms());
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => return fail(&format!("cannot encode the status: {e}"), 1),
-        }
-    } else {
-        print!("{}", status::render_text(&report));
-    }
-    if report.healthy {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    let (text, code) = opencode_mattermost::status::show(state_dir, json);
+    out(&text);
+    ExitCode::from(code as u8)
 }
 
 fn print(text: &str) -> ExitCode {
-    println!("{text}");
+    out(&format!("{text}\n"));
     ExitCode::SUCCESS
+}
+
+/// Writes to stdout, ignoring a closed pipe (`--help | head`), which `println!` would panic on.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 fn fail(message: &str, code: i32) -> ExitCode {

@@ -121,6 +121,23 @@ pub fn report(state_dir: &Path, now_ms: u64) -> Report {
     }
 }
 
+/// What `status` prints (the text form, or JSON for scripts) and its exit code: 0 when a bridge
+/// runs and is healthy, 1 otherwise.
+pub fn show(state_dir: &Path, json: bool) -> (String, i32) {
+    let report = report(state_dir, crate::log::now_ms());
+    let code = if report.healthy { 0 } else { 1 };
+    if !json {
+        return (render_text(&report), code);
+    }
+    match serde_json::to_string_pretty(&report) {
+        Ok(text) => (text + "\n", code),
+        Err(e) => (
+            format!("{{\"error\": \"cannot encode the status: {e}\"}}\n"),
+            1,
+        ),
+    }
+}
+
 /// The human form of the report.
 pub fn render_text(report: &Report) -> String {
     let mut text = match (report.pid, report.healthy) {
