@@ -32,11 +32,16 @@ impl Tls {
         for path in ca_files {
             certificates.extend(read_ca_file(path)?);
         }
+        // A system bundle named by SSL_CERT_FILE can hold a certificate rustls cannot use as a
+        // root; skip those as OpenSSL would, and fail only when none is usable.
         let mut roots = rustls::RootCertStore::empty();
-        for certificate in &certificates {
-            roots.add(certificate.clone()).map_err(|e| {
-                format!("a certificate in the CA files is not usable as a trust root: {e}")
-            })?;
+        let (usable, _skipped) = roots.add_parsable_certificates(certificates.iter().cloned());
+        if usable == 0 {
+            return Err(
+                "no certificate in the CA files is usable as a trust root; use the PEM file of \
+                 the CA that signed the server's certificate"
+                    .to_string(),
+            );
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let for_websocket = rustls::ClientConfig::builder_with_provider(provider)
