@@ -4,7 +4,14 @@ CARGO ?= cargo
 # End-to-end tests mostly wait on servers, so more of them than cores can run at once.
 TEST_THREADS ?= 4
 
-.PHONY: build release test lint run opencode clean
+# `make static`: glibc linked statically (the machine has no musl Rust target). relocation-model=static
+# makes a plain static executable rather than a static PIE.
+STATIC_TARGET := x86_64-unknown-linux-gnu
+STATIC_BINARY := target/$(STATIC_TARGET)/release/opencode-mattermost
+STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
+OPENCODE_BIN_CMD = OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)"
+
+.PHONY: build release static static-check demo test lint run opencode clean
 
 build:
 	$(CARGO) build
@@ -14,8 +21,25 @@ release:
 
 # Installs the pinned OpenCode into ~/.cache when missing, then runs every test against it.
 test: opencode
-	OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)" \
-		$(CARGO) test --all-targets -- --test-threads $(TEST_THREADS)
+	$(OPENCODE_BIN_CMD) $(CARGO) test --all-targets -- --test-threads $(TEST_THREADS)
+
+# A fully static x86-64 binary, stripped; prints its size, `file` and `ldd`.
+static:
+	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --release --target $(STATIC_TARGET)
+	@ls -l $(STATIC_BINARY)
+	@file $(STATIC_BINARY)
+	@ldd $(STATIC_BINARY) || true
+
+# Builds the static binary, checks it is static and within budget, and starts it against the fakes
+# (https and a host name to resolve); prints its size and the median start-up time to "ready".
+static-check: static opencode
+	$(OPENCODE_BIN_CMD) STATIC_BINARY=$(STATIC_BINARY) \
+		$(CARGO) test --test it static_binary -- --ignored --nocapture
+
+# A scripted conversation through the fake Mattermost, a real `opencode serve` and the bridge,
+# printed as a reader would see it in Mattermost.
+demo: opencode
+	$(OPENCODE_BIN_CMD) $(CARGO) test --test demo
 
 opencode:
 	@bash tests/install-opencode.sh $(OPENCODE_VERSION) >/dev/null

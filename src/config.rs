@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The version printed by `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -24,6 +25,13 @@ pub enum LogLevel {
     Trace,
 }
 
+/// How log lines look: `text` for people, `json` (one object per line) for log collectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Everything the daemon needs to start, already validated and normalised.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -39,12 +47,30 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub command_prefix: String,
     pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    /// PEM files whose certificates are the trusted roots for https:// and wss:// (from
+    /// OPENCODE_MM_CA_FILE, then SSL_CERT_FILE). Empty means the bundled web PKI roots.
+    pub ca_files: Vec<PathBuf>,
+    /// OPENCODE_MM_ALLOW_INSECURE_HTTP=1: a plain http:// Mattermost URL to another host is allowed.
+    pub allow_insecure_http: bool,
+    /// The most bytes of attached files one post may carry in total.
+    pub max_file_size: u64,
+    /// Prompts recovered after downtime that are older than this are not run.
+    pub catchup_max_age: Duration,
 }
 
 /// What the command line asked for.
 #[derive(Debug)]
 pub enum Invocation {
     Run(Config),
+    /// `check`: the configuration is one of the things checked, so its error is reported as a
+    /// check line rather than ending the program.
+    Check(Result<Config, ConfigError>),
+    /// `status`: only the state directory is needed.
+    Status {
+        state_dir: PathBuf,
+        json: bool,
+    },
     Help,
     Version,
 }
@@ -111,7 +137,35 @@ pub fn parse(
         env,
         env_file: env_file.as_ref(),
     };
-    build_config(&sources).map(Invocation::Run)
+    match command_line.subcommand {
+        Subcommand::Run => build_config(&sources).map(Invocation::Run),
+        Subcommand::Check => Ok(Invocation::Check(build_config(&sources))),
+        Subcommand::Status => Ok(Invocation::Status {
+            state_dir: state_dir(&sources)?,
+            json: command_line.json,
+        }),
+    }
+}
+
+/// True when `url` is plain http:// to a host other than this machine, where a token would cross
+/// the network in clear.
+pub fn is_insecure_remote_http(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or(""),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 /// The text printed by `--help`.
@@ -120,27 +174,37 @@ pub fn help_text() -> String {
         "opencode-mattermost {VERSION}\n\
          Drive OpenCode sessions from Mattermost direct messages, one thread per session.\n\
          \n\
-         USAGE:\n    opencode-mattermost [run] [OPTIONS]\n\
+         USAGE:\n    opencode-mattermost [run|check|status] [OPTIONS]\n\
          \n\
-         SUBCOMMANDS:\n    run              Connect to Mattermost and OpenCode and serve the owner (the default)\n\
+         SUBCOMMANDS:\n    \
+         run              Connect to Mattermost and OpenCode and serve the owner (the default)\n    \
+         check            Check the configuration, both servers and the state directory, one line each\n    \
+         status           Show from the state directory whether a bridge runs, when it last heard\n                     \
+         from each side, and its sessions; exit 0 only if one runs and is healthy\n\
          \n\
          OPTIONS:\n    --env-file PATH  Read KEY=VALUE lines (systemd EnvironmentFile syntax) from PATH\n    \
+         --json           With status: print JSON for scripts\n    \
          -h, --help       Print this help and exit\n    -V, --version    Print the version and exit\n\
          \n\
          VARIABLES (a flag beats the environment, which beats the env file; an empty value counts as unset):\n"
     );
     for var in ALL_VARS {
-        text.push_str(&format!(
-            "    {:<28} {} {}\n        {}",
-            var.name, var.flag, var.placeholder, var.about
-        ));
+        if var.flag.is_empty() {
+            text.push_str(&format!("    {}\n        {}", var.name, var.about));
+        } else {
+            text.push_str(&format!(
+                "    {:<28} {} {}\n        {}",
+                var.name, var.flag, var.placeholder, var.about
+            ));
+        }
         if let Some(default) = var.default {
             text.push_str(&format!(" [default: {default}]"));
         }
         text.push('\n');
     }
     text.push_str(
-        "\nEXIT CODES:\n    0    clean stop (SIGINT or SIGTERM)\n    1    fatal runtime error\n    \
+        "\nEXIT CODES:\n    0    clean stop (SIGINT or SIGTERM); check: every check passed; status: running and healthy\n    \
+         1    fatal runtime error; check: a check failed; status: not running or not healthy\n    \
          2    configuration or usage error\n    \
          3    another opencode-mattermost already runs on the state directory\n",
     );
@@ -233,7 +297,55 @@ const OPENCODE_MM_LOG: Var = Var {
     default: Some("info"),
 };
 
-const ALL_VARS: [&Var; 10] = [
+const OPENCODE_MM_LOG_FORMAT: Var = Var {
+    name: "OPENCODE_MM_LOG_FORMAT",
+    flag: "--log-format",
+    placeholder: "FORMAT",
+    about: "log line format: text, or json for one JSON object per line",
+    default: Some("text"),
+};
+const OPENCODE_MM_CA_FILE: Var = Var {
+    name: "OPENCODE_MM_CA_FILE",
+    flag: "--ca-file",
+    placeholder: "PATH",
+    about: "PEM file of the CA certificates to trust for https:// and wss:// instead of the bundled \
+            web PKI roots (for a private CA)",
+    default: None,
+};
+const SSL_CERT_FILE: Var = Var {
+    name: "SSL_CERT_FILE",
+    flag: "",
+    placeholder: "",
+    about: "honoured like OpenSSL does: a PEM bundle to trust instead of the bundled web PKI roots; \
+            trusted together with OPENCODE_MM_CA_FILE when both are set",
+    default: None,
+};
+const OPENCODE_MM_ALLOW_INSECURE_HTTP: Var = Var {
+    name: "OPENCODE_MM_ALLOW_INSECURE_HTTP",
+    flag: "",
+    placeholder: "",
+    about: "set to 1 to allow a plain http:// MATTERMOST_URL to a host other than this machine, which \
+            sends the token in clear (a warning is logged)",
+    default: Some("0"),
+};
+const OPENCODE_MM_MAX_FILE_SIZE: Var = Var {
+    name: "OPENCODE_MM_MAX_FILE_SIZE",
+    flag: "--max-file-size",
+    placeholder: "SIZE",
+    about: "the most bytes of attached files one post may carry in total: bytes, or with K, M, G \
+            (or KiB, MiB, GiB) for units of 1024",
+    default: Some("20MiB"),
+};
+const OPENCODE_MM_CATCHUP_MAX_AGE: Var = Var {
+    name: "OPENCODE_MM_CATCHUP_MAX_AGE",
+    flag: "--catchup-max-age",
+    placeholder: "AGE",
+    about: "prompts posted while the bridge was down and older than this are not run: like 90s, 30m, \
+            24h or 2d",
+    default: Some("24h"),
+};
+
+const ALL_VARS: [&Var; 16] = [
     &MATTERMOST_URL,
     &MATTERMOST_TOKEN,
     &MATTERMOST_TOKEN_FILE,
@@ -244,6 +356,12 @@ const ALL_VARS: [&Var; 10] = [
     &OPENCODE_MM_STATE_DIR,
     &OPENCODE_MM_COMMAND_PREFIX,
     &OPENCODE_MM_LOG,
+    &OPENCODE_MM_LOG_FORMAT,
+    &OPENCODE_MM_CA_FILE,
+    &SSL_CERT_FILE,
+    &OPENCODE_MM_ALLOW_INSECURE_HTTP,
+    &OPENCODE_MM_MAX_FILE_SIZE,
+    &OPENCODE_MM_CATCHUP_MAX_AGE,
 ];
 
 const DEFAULT_OPENCODE_URL: &str = "http://127.0.0.1:4096";
@@ -251,10 +369,19 @@ const DEFAULT_OPENCODE_USERNAME: &str = "opencode";
 const DEFAULT_COMMAND_PREFIX: &str = "!";
 const STATE_SUBDIR: &str = "opencode-mattermost";
 const SEE_HELP: &str = "see opencode-mattermost --help";
+const DEFAULT_MAX_FILE_SIZE: u64 = 20 * 1024 * 1024;
+const DEFAULT_CATCHUP_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 enum EarlyExit {
     Help,
     Version,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Subcommand {
+    Run,
+    Check,
+    Status,
 }
 
 /// The command line after the first pass. A usage error is kept rather than returned at once, so that a
@@ -262,6 +389,9 @@ enum EarlyExit {
 struct CommandLine {
     early_exit: Option<EarlyExit>,
     error: Option<ConfigError>,
+    subcommand: Subcommand,
+    /// `--json`, for `status`.
+    json: bool,
     /// Flag values by variable name.
     flags: HashMap<&'static str, String>,
     env_file: Option<String>,
@@ -398,6 +528,8 @@ fn parse_args(args: &[String]) -> CommandLine {
     let mut command_line = CommandLine {
         early_exit: None,
         error: None,
+        subcommand: Subcommand::Run,
+        json: false,
         flags: HashMap::new(),
         env_file: None,
     };
@@ -415,6 +547,10 @@ fn parse_args(args: &[String]) -> CommandLine {
                 command_line.early_exit.get_or_insert(EarlyExit::Version);
                 None
             }
+            "--json" => {
+                command_line.json = true;
+                None
+            }
             _ if arg.starts_with("--") => {
                 let (flag, inline_value) = match arg.split_once('=') {
                     Some((flag, value)) => (flag, Some(value.to_string())),
@@ -425,7 +561,7 @@ fn parse_args(args: &[String]) -> CommandLine {
                 } else {
                     ALL_VARS
                         .iter()
-                        .find(|var| var.flag == flag)
+                        .find(|var| !var.flag.is_empty() && var.flag == flag)
                         .map(|var| Some(var.name))
                 };
                 match target {
@@ -462,8 +598,13 @@ fn parse_args(args: &[String]) -> CommandLine {
                 }
             }
             _ if arg.starts_with('-') && arg != "-" => Some(format!("unknown flag {arg:?}")),
-            "run" if !subcommand_seen => {
+            "run" | "check" | "status" if !subcommand_seen => {
                 subcommand_seen = true;
+                command_line.subcommand = match arg {
+                    "check" => Subcommand::Check,
+                    "status" => Subcommand::Status,
+                    _ => Subcommand::Run,
+                };
                 None
             }
             // A stray argument may be a secret pasted in the wrong place: name it only if it looks
@@ -474,6 +615,11 @@ fn parse_args(args: &[String]) -> CommandLine {
         if let Some(problem) = problem {
             command_line.error.get_or_insert(usage_error(problem));
         }
+    }
+    if command_line.json && command_line.subcommand != Subcommand::Status {
+        command_line
+            .error
+            .get_or_insert(usage_error("--json goes with status only".to_string()));
     }
     command_line
 }
@@ -637,6 +783,47 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         Some(level) => parse_log_level(&level)?,
         None => LogLevel::Info,
     };
+    let log_format = match sources.optional(&OPENCODE_MM_LOG_FORMAT) {
+        Some(format) => parse_log_format(&format)?,
+        None => LogFormat::Text,
+    };
+    let allow_insecure_http = match sources.optional(&OPENCODE_MM_ALLOW_INSECURE_HTTP) {
+        Some(value) => parse_flag_value(&OPENCODE_MM_ALLOW_INSECURE_HTTP, &value)?,
+        None => false,
+    };
+    if is_insecure_remote_http(&mattermost_url) && !allow_insecure_http {
+        return Err(error(format!(
+            "MATTERMOST_URL: {mattermost_url} is plain http to another host, so the token would cross \
+             the network in clear; use https://, or set OPENCODE_MM_ALLOW_INSECURE_HTTP=1 if the \
+             network is trusted"
+        )));
+    }
+    let mut ca_files = Vec::new();
+    for var in [&OPENCODE_MM_CA_FILE, &SSL_CERT_FILE] {
+        if let Some(path) = sources.optional(var) {
+            crate::http::read_ca_file(std::path::Path::new(&path))
+                .map_err(|problem| error(format!("{}: {problem}", var.name)))?;
+            ca_files.push(PathBuf::from(path));
+        }
+    }
+    let max_file_size = match sources.optional(&OPENCODE_MM_MAX_FILE_SIZE) {
+        Some(size) => parse_size(&size).map_err(|problem| {
+            error(format!(
+                "{}: {size:?} {problem}",
+                OPENCODE_MM_MAX_FILE_SIZE.name
+            ))
+        })?,
+        None => DEFAULT_MAX_FILE_SIZE,
+    };
+    let catchup_max_age = match sources.optional(&OPENCODE_MM_CATCHUP_MAX_AGE) {
+        Some(age) => parse_age(&age).map_err(|problem| {
+            error(format!(
+                "{}: {age:?} {problem}",
+                OPENCODE_MM_CATCHUP_MAX_AGE.name
+            ))
+        })?,
+        None => DEFAULT_CATCHUP_MAX_AGE,
+    };
     Ok(Config {
         mattermost_url,
         mattermost_token,
@@ -647,6 +834,11 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         state_dir,
         command_prefix,
         log_level,
+        log_format,
+        ca_files,
+        allow_insecure_http,
+        max_file_size,
+        catchup_max_age,
     })
 }
 
@@ -896,6 +1088,75 @@ fn parse_log_level(raw: &str) -> Result<LogLevel, ConfigError> {
             "OPENCODE_MM_LOG: {raw:?} is not a log level; use error, warn, info, debug or trace"
         ))),
     }
+}
+
+fn parse_log_format(raw: &str) -> Result<LogFormat, ConfigError> {
+    match raw.to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(error(format!(
+            "OPENCODE_MM_LOG_FORMAT: {raw:?} is not a log format; use text or json"
+        ))),
+    }
+}
+
+fn parse_flag_value(var: &Var, raw: &str) -> Result<bool, ConfigError> {
+    match raw.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(error(format!(
+            "{}: {raw:?} is not a yes/no value; use 1 or 0",
+            var.name
+        ))),
+    }
+}
+
+/// `1048576`, `512K`, `20M`, `1G`, `20MiB`, `20 MB`: the suffixes count in units of 1024, as file
+/// size limits usually do.
+fn parse_size(raw: &str) -> Result<u64, String> {
+    let fix = "is not a size; use bytes, or a number with K, M or G (or KiB, MiB, GiB), like 20MiB";
+    let text = raw.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| fix.to_string())?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        _ => return Err(fix.to_string()),
+    };
+    let bytes = number
+        .checked_mul(multiplier)
+        .ok_or_else(|| fix.to_string())?;
+    if bytes == 0 {
+        return Err("is zero; use a size like 20MiB".to_string());
+    }
+    Ok(bytes)
+}
+
+/// `90s`, `30m`, `24h`, `2d`; a bare number is seconds.
+fn parse_age(raw: &str) -> Result<Duration, String> {
+    let fix = "is not a duration; use a number with s, m, h or d, like 90s, 30m, 24h or 2d";
+    let text = raw.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| fix.to_string())?;
+    let seconds: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(fix.to_string()),
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| fix.to_string())
 }
 
 #[cfg(test)]
@@ -1512,6 +1773,8 @@ mod tests {
                 Ok(Invocation::Help) => "help".to_string(),
                 Ok(Invocation::Version) => "version".to_string(),
                 Ok(Invocation::Run(_)) => "run".to_string(),
+                Ok(Invocation::Check(_)) => "check".to_string(),
+                Ok(Invocation::Status { json, .. }) => format!("status json={json}"),
                 Err(err) => err.to_string(),
             };
             assert_eq!(actual, expected, "argv {argv:?}");
@@ -1548,9 +1811,183 @@ mod tests {
             "--log needs a value; see opencode-mattermost --help",
         );
         check(
+            &["--json"],
+            "--json goes with status only; see opencode-mattermost --help",
+        );
+        check(
+            &["status", "--json", "--state-dir", "/s"],
+            "status json=true",
+        );
+        check(&["status", "--state-dir=/s"], "status json=false");
+        check(
             &["--env-file"],
             "--env-file needs a value; see opencode-mattermost --help",
         );
+    }
+
+    #[test]
+    fn check_keeps_a_config_error_as_a_result_and_status_needs_only_the_state_dir() {
+        let lookup_none = |_: &str| None;
+        match parse(&args(&["check"]), &lookup_none) {
+            Ok(Invocation::Check(Err(err))) => {
+                assert!(
+                    err.to_string().starts_with("MATTERMOST_URL is not set"),
+                    "{err}"
+                )
+            }
+            other => panic!("expected a check with a config error, got {other:?}"),
+        }
+        let env = env_with(&[("MATTERMOST_URL", None), ("MATTERMOST_TOKEN", None)]);
+        let lookup = |name: &str| env.get(name).cloned();
+        match parse(&args(&["status", "--state-dir", "/srv/s"]), &lookup) {
+            Ok(Invocation::Status { state_dir, json }) => {
+                assert_eq!(state_dir, PathBuf::from("/srv/s"));
+                assert!(!json);
+            }
+            other => panic!("expected status, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn insecure_http_is_refused_for_other_hosts_unless_allowed() {
+        for local in [
+            "http://127.0.0.1:8065",
+            "http://localhost:8065",
+            "http://[::1]:8065",
+            "http://127.9.9.9",
+            "http://mm.localhost",
+        ] {
+            let config = run_ok(&[], &env_with(&[("MATTERMOST_URL", Some(local))]));
+            assert_eq!(config.mattermost_url, local);
+            assert!(!config.allow_insecure_http);
+        }
+        check_error_env(
+            &[("MATTERMOST_URL", Some("http://chat.example.com"))],
+            "MATTERMOST_URL: http://chat.example.com is plain http to another host, so the token \
+             would cross the network in clear; use https://, or set OPENCODE_MM_ALLOW_INSECURE_HTTP=1 \
+             if the network is trusted",
+        );
+        let allowed = run_ok(
+            &[],
+            &env_with(&[
+                ("MATTERMOST_URL", Some("http://10.1.2.3:8065")),
+                ("OPENCODE_MM_ALLOW_INSECURE_HTTP", Some("1")),
+            ]),
+        );
+        assert!(allowed.allow_insecure_http);
+        assert!(is_insecure_remote_http(&allowed.mattermost_url));
+        assert!(!is_insecure_remote_http("https://chat.example.com"));
+        check_error_env(
+            &[("OPENCODE_MM_ALLOW_INSECURE_HTTP", Some("maybe"))],
+            r#"OPENCODE_MM_ALLOW_INSECURE_HTTP: "maybe" is not a yes/no value; use 1 or 0"#,
+        );
+    }
+
+    #[test]
+    fn sizes_ages_and_log_format() {
+        let config = run_ok(&[], &env_with(&[]));
+        assert_eq!(config.max_file_size, 20 * 1024 * 1024);
+        assert_eq!(config.catchup_max_age, Duration::from_secs(86_400));
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert!(config.ca_files.is_empty());
+        for (raw, bytes) in [
+            ("1048576", 1_048_576),
+            ("512K", 512 * 1024),
+            ("20M", 20 * 1024 * 1024),
+            ("20MiB", 20 * 1024 * 1024),
+            ("1 GiB", 1024 * 1024 * 1024),
+            ("3kb", 3 * 1024),
+        ] {
+            assert_eq!(parse_size(raw), Ok(bytes), "{raw}");
+        }
+        for (raw, seconds) in [
+            ("90s", 90),
+            ("30m", 1800),
+            ("24h", 86_400),
+            ("2d", 172_800),
+            ("45", 45),
+        ] {
+            assert_eq!(parse_age(raw), Ok(Duration::from_secs(seconds)), "{raw}");
+        }
+        check_error_env(
+            &[("OPENCODE_MM_MAX_FILE_SIZE", Some("20 parsecs"))],
+            r#"OPENCODE_MM_MAX_FILE_SIZE: "20 parsecs" is not a size; use bytes, or a number with K, M or G (or KiB, MiB, GiB), like 20MiB"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_MAX_FILE_SIZE", Some("0"))],
+            r#"OPENCODE_MM_MAX_FILE_SIZE: "0" is zero; use a size like 20MiB"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_CATCHUP_MAX_AGE", Some("1w"))],
+            r#"OPENCODE_MM_CATCHUP_MAX_AGE: "1w" is not a duration; use a number with s, m, h or d, like 90s, 30m, 24h or 2d"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_LOG_FORMAT", Some("xml"))],
+            r#"OPENCODE_MM_LOG_FORMAT: "xml" is not a log format; use text or json"#,
+        );
+        let config = run_ok(
+            &[
+                "--max-file-size",
+                "5M",
+                "--catchup-max-age=2d",
+                "--log-format",
+                "JSON",
+            ],
+            &env_with(&[]),
+        );
+        assert_eq!(config.max_file_size, 5 * 1024 * 1024);
+        assert_eq!(config.catchup_max_age, Duration::from_secs(172_800));
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn ca_files_must_hold_certificates() {
+        let missing = "/nonexistent/ca.pem";
+        let err = run(&[], &env_with(&[("OPENCODE_MM_CA_FILE", Some(missing))]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("OPENCODE_MM_CA_FILE: cannot read /nonexistent/ca.pem: "),
+            "{err}"
+        );
+        let not_pem = write_file("ca-files", "not.pem", "hello\n");
+        check_error_env(
+            &[("SSL_CERT_FILE", Some(&not_pem))],
+            &format!(
+                "SSL_CERT_FILE: {not_pem} holds no certificate; use a PEM file with -----BEGIN \
+                 CERTIFICATE----- blocks"
+            ),
+        );
+    }
+
+    #[test]
+    fn the_readme_and_the_example_env_file_know_every_variable() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        let example = format!("{root}/contrib/opencode-mattermost.env.example");
+        let example_text = std::fs::read_to_string(&example).unwrap();
+        for var in ALL_VARS {
+            assert!(
+                readme.contains(&format!("| `{}`", var.name))
+                    || readme.contains(&format!("/ `{}`", var.name)),
+                "README.md has no table row for {}",
+                var.name
+            );
+            if var.name != SSL_CERT_FILE.name {
+                assert!(
+                    example_text.contains(var.name),
+                    "the example env file does not mention {}",
+                    var.name
+                );
+            }
+        }
+        // The example, as shipped, is a valid configuration.
+        let env: HashMap<String, String> = [("HOME".to_string(), "/home/dev".to_string())]
+            .into_iter()
+            .collect();
+        let config = run_ok(&["--env-file", &example], &env);
+        assert_eq!(config.mattermost_url, "https://chat.example.com");
+        assert_eq!(config.owner, "you");
     }
 
     #[test]
@@ -1569,6 +2006,11 @@ mod tests {
             "[default: opencode]",
             "[default: !]",
             "[default: info]",
+            "[default: 20MiB]",
+            "[default: 24h]",
+            "check",
+            "status",
+            "--json",
             "0    clean stop",
             "1    fatal runtime error",
             "2    configuration or usage error",

@@ -1,15 +1,131 @@
-//! Small pieces both servers' clients share: the ureq agent settings, URL encoding, basic auth and
-//! reconnect backoff.
+//! Small pieces both servers' clients share: the ureq agent settings, the TLS trust roots, URL
+//! encoding, basic auth and reconnect backoff.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// Which certificates https:// and wss:// trust: the bundled web PKI roots (the default), or the
+/// certificates of the configured PEM files. Cheap to clone; built once at start-up.
+#[derive(Clone, Default)]
+pub struct Tls {
+    custom: Option<CustomRoots>,
+}
+
+#[derive(Clone)]
+struct CustomRoots {
+    /// The same certificates twice: ureq takes its own type, tungstenite a rustls config.
+    for_ureq: Arc<Vec<ureq::tls::Certificate<'static>>>,
+    for_websocket: Arc<rustls::ClientConfig>,
+}
+
+impl Tls {
+    /// Trust exactly the certificates in `ca_files`; no files means the bundled web PKI roots.
+    pub fn from_files(ca_files: &[PathBuf]) -> Result<Tls, String> {
+        if ca_files.is_empty() {
+            return Ok(Tls::default());
+        }
+        let mut certificates = Vec::new();
+        for path in ca_files {
+            certificates.extend(read_ca_file(path)?);
+        }
+        // A system bundle named by SSL_CERT_FILE can hold a certificate rustls cannot use as a
+        // root; skip those as OpenSSL would, and fail only when none is usable.
+        let mut roots = rustls::RootCertStore::empty();
+        let (usable, _skipped) = roots.add_parsable_certificates(certificates.iter().cloned());
+        if usable == 0 {
+            return Err(
+                "no certificate in the CA files is usable as a trust root; use the PEM file of \
+                 the CA that signed the server's certificate"
+                    .to_string(),
+            );
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let for_websocket = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("cannot set up TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let for_ureq = certificates
+            .iter()
+            .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
+            .collect();
+        Ok(Tls {
+            custom: Some(CustomRoots {
+                for_ureq: Arc::new(for_ureq),
+                for_websocket: Arc::new(for_websocket),
+            }),
+        })
+    }
+
+    /// The connector for `tungstenite::client_tls_with_config`; `None` means its web PKI default.
+    pub fn websocket_connector(&self) -> Option<tungstenite::Connector> {
+        self.custom
+            .as_ref()
+            .map(|custom| tungstenite::Connector::Rustls(custom.for_websocket.clone()))
+    }
+
+    fn ureq_config(&self) -> ureq::tls::TlsConfig {
+        let roots = match &self.custom {
+            Some(custom) => ureq::tls::RootCerts::Specific(custom.for_ureq.clone()),
+            None => ureq::tls::RootCerts::WebPki,
+        };
+        ureq::tls::TlsConfig::builder().root_certs(roots).build()
+    }
+}
+
+/// Reads the certificates of a PEM file. The problem names the path and the fix.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read {shown}: {e}; check the path and its permissions"))?;
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            format!("{shown} is not a valid PEM file ({e}); use the CA certificate in PEM form")
+        })?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{shown} holds no certificate; use a PEM file with -----BEGIN CERTIFICATE----- blocks"
+        ));
+    }
+    Ok(certificates)
+}
+
+/// What to do about a TLS failure, to append to its message; `None` when `error` is not about TLS.
+pub fn tls_hint(error: &str) -> Option<&'static str> {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
+        Some(
+            "the server's certificate is not signed by a trusted CA; if it uses a private CA, set \
+             OPENCODE_MM_CA_FILE to that CA's PEM file",
+        )
+    } else if lower.contains("certificate") || lower.contains("tls") {
+        Some(
+            "the TLS handshake failed; check that the URL's host name matches the server's \
+             certificate and that the certificate has not expired",
+        )
+    } else {
+        None
+    }
+}
 
 /// An agent that hands every status back to the caller, so JSON error bodies reach the message the
 /// user sees, and that keeps connections alive between calls.
 pub fn agent(call_timeout: Duration) -> ureq::Agent {
+    agent_with_tls(call_timeout, &Tls::default())
+}
+
+/// `agent`, trusting `tls`'s roots for https://.
+pub fn agent_with_tls(call_timeout: Duration, tls: &Tls) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_global(Some(call_timeout))
+        .tls_config(tls.ureq_config())
         .user_agent(concat!("opencode-mattermost/", env!("CARGO_PKG_VERSION")))
         .build()
         .into()
@@ -18,11 +134,17 @@ pub fn agent(call_timeout: Duration) -> ureq::Agent {
 /// An agent for long-lived streams: no overall deadline, but a body read that stays silent for
 /// `idle` fails, which is how a dead stream is noticed.
 pub fn stream_agent(idle: Duration) -> ureq::Agent {
+    stream_agent_with_tls(idle, &Tls::default())
+}
+
+/// `stream_agent`, trusting `tls`'s roots for https://.
+pub fn stream_agent_with_tls(idle: Duration, tls: &Tls) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_recv_response(Some(idle))
         .timeout_recv_body(Some(idle))
+        .tls_config(tls.ureq_config())
         .user_agent(concat!("opencode-mattermost/", env!("CARGO_PKG_VERSION")))
         .build()
         .into()

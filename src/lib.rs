@@ -3,9 +3,11 @@
 //! `run` wires the pieces together; ARCHITECTURE.md has the map of threads and channels.
 
 pub mod asks;
+pub mod check;
 pub mod command;
 pub mod config;
 pub mod files;
+pub mod heartbeat;
 pub mod http;
 pub mod log;
 pub mod mattermost;
@@ -15,6 +17,7 @@ pub mod render;
 pub mod reply;
 pub mod router;
 pub mod session;
+pub mod status;
 pub mod store;
 pub mod turn;
 
@@ -74,6 +77,9 @@ pub fn run_with_ready(
     ready: Option<crossbeam_channel::Sender<()>>,
 ) -> Result<(), RunError> {
     log::set_level(config.log_level);
+    log::set_format(config.log_format);
+    log::redact_secrets(&config);
+    debug!("configuration: {config:?}");
     let (bridge_stop_tx, bridge_stop) = crossbeam_channel::bounded::<()>(1);
     let (done_tx, done) = crossbeam_channel::bounded(1);
     std::thread::Builder::new()
@@ -118,10 +124,40 @@ fn bridge(
     for note in notes {
         warn!("{note}");
     }
+    if config::is_insecure_remote_http(&config.mattermost_url) {
+        warn!(
+            "MATTERMOST_URL is plain http to another host (allowed by OPENCODE_MM_ALLOW_INSECURE_HTTP): \
+             the token crosses the network in clear; use https:// unless the network is trusted"
+        );
+    }
+    let tls = http::Tls::from_files(&config.ca_files).map_err(RunError::Config)?;
+    if !config.ca_files.is_empty() {
+        info!(
+            "tls: trusting the certificates in {}",
+            config
+                .ca_files
+                .iter()
+                .map(|path| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    // Readers and the heartbeat stop when this sender is dropped, which happens when `bridge` returns.
+    let (_readers_stop, readers_stopped) = crossbeam_channel::bounded::<()>(0);
+    let liveness = heartbeat::Liveness::default();
+    spawn_named("heartbeat", {
+        let (writer, liveness, stop) = (
+            store.heartbeat_writer(),
+            liveness.clone(),
+            readers_stopped.clone(),
+        );
+        move || heartbeat::run(writer, liveness, stop)
+    })?;
 
-    let mattermost = Arc::new(MattermostClient::new(
+    let mattermost = Arc::new(MattermostClient::with_tls(
         &config.mattermost_url,
         &config.mattermost_token,
+        &tls,
     ));
     let Some(identity) = identify(&mattermost, &config, &stop)? else {
         return Ok(());
@@ -131,10 +167,11 @@ fn bridge(
         identity.bot_username, identity.owner_username, identity.dm_channel_id
     );
 
-    let opencode = Arc::new(OpenCodeClient::new(
+    let opencode = Arc::new(OpenCodeClient::with_tls(
         &config.opencode_url,
         &config.opencode_username,
         config.opencode_password.as_ref(),
+        &tls,
     ));
     match opencode.health() {
         Ok(version) => info!("opencode {version} at {}", config.opencode_url),
@@ -149,12 +186,12 @@ fn bridge(
     }
 
     let (inputs_tx, inputs) = crossbeam_channel::unbounded::<Input>();
-    // Readers stop when this sender is dropped, which happens when `run` returns.
-    let (_readers_stop, readers_stopped) = crossbeam_channel::bounded::<()>(0);
 
     let ws_settings = mattermost::ws::WsSettings {
         base_url: config.mattermost_url.clone(),
         authorization: mattermost.authorization().to_string(),
+        tls,
+        heard: liveness.mattermost.clone(),
     };
     // Typing indicators go out over the websocket; bounded because they are worthless once late.
     // Send with `try_send`: a full queue means typing is already pending, so dropping is right.
@@ -165,7 +202,8 @@ fn bridge(
     })?;
     spawn_named("opencode-watch", {
         let (client, out, stop) = (opencode.clone(), inputs_tx.clone(), readers_stopped.clone());
-        move || opencode::watch::run(client, out, stop)
+        let heard = liveness.opencode.clone();
+        move || opencode::watch::run(client, out, stop, heard)
     })?;
     spawn_named("stop-forwarder", {
         let out = inputs_tx.clone();
@@ -179,8 +217,7 @@ fn bridge(
     servers.insert(opencode.key.clone(), opencode);
     let router = Router::new(router::Setup {
         typing: typing_actions,
-        // Until the setting exists: OPENCODE_MM_MAX_FILE_SIZE's default.
-        max_file_size: 20 * 1024 * 1024,
+        max_file_size: config.max_file_size,
         command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,
@@ -208,7 +245,10 @@ fn identify(
             Err(Identify::Fatal(e)) => return Err(e),
             Err(Identify::Retry(e)) => {
                 let delay = backoff.next_delay();
-                warn!("{e}; retrying in {:.1}s", delay.as_secs_f64());
+                let hint = http::tls_hint(&e.to_string())
+                    .map(|hint| format!("; {hint}"))
+                    .unwrap_or_default();
+                warn!("{e}{hint}; retrying in {:.1}s", delay.as_secs_f64());
                 if stopped(stop, delay) {
                     return Ok(None);
                 }
@@ -283,7 +323,7 @@ fn try_identify(client: &MattermostClient, config: &Config) -> Result<Identity, 
 }
 
 /// Mattermost ids are 26 lowercase letters and digits.
-fn looks_like_id(text: &str) -> bool {
+pub(crate) fn looks_like_id(text: &str) -> bool {
     text.len() == 26
         && text
             .bytes()

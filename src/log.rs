@@ -1,17 +1,50 @@
-//! Line-oriented logging to stderr: one event per line with a UTC timestamp, level and module.
+//! Line-oriented logging to stderr: one event per line with a UTC timestamp, level, module, the
+//! session's short id when the line is about one, and the message; as text or as JSON lines.
 //!
-//! The level is process-wide because stderr is; everything else that belongs to a connection lives in values.
+//! The level, the format and the secrets to mask are process-wide because stderr is; everything else
+//! that belongs to a connection lives in values.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::LogLevel;
+use crate::config::{Config, LogFormat, LogLevel};
 
 static LEVEL: AtomicU8 = AtomicU8::new(LogLevel::Info as u8);
+static JSON: AtomicBool = AtomicBool::new(false);
+/// Credentials that must never reach stderr, even through an error text that quotes a header or a
+/// URL: a last line of defence behind `Secret`'s redacting `Debug`.
+static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 pub fn set_level(level: LogLevel) {
     LEVEL.store(level as u8, Ordering::Relaxed);
+}
+
+pub fn set_format(format: LogFormat) {
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+}
+
+/// Masks the configuration's token and password (and the basic-auth header made from it) in every
+/// later log line.
+pub fn redact_secrets(config: &Config) {
+    let mut secrets = vec![config.mattermost_token.expose().to_string()];
+    if let Some(password) = &config.opencode_password {
+        secrets.push(password.expose().to_string());
+        let header = crate::http::basic_auth(&config.opencode_username, password.expose());
+        if let Some(encoded) = header.strip_prefix("Basic ") {
+            secrets.push(encoded.to_string());
+        }
+    }
+    let mut known = SECRETS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for secret in secrets {
+        // A very short password would mask ordinary words; such a password is its own problem.
+        if secret.len() >= 4 && !known.contains(&secret) {
+            known.push(secret);
+        }
+    }
 }
 
 pub fn enabled(level: LogLevel) -> bool {
@@ -19,6 +52,52 @@ pub fn enabled(level: LogLevel) -> bool {
 }
 
 pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
+    // The crate root holds start-up (`run` and the bridge thread).
+    let module = match module.strip_prefix("opencode_mattermost::") {
+        Some(inner) => inner,
+        None if module == "opencode_mattermost" => "bridge",
+        None => module,
+    };
+    let message = mask_secrets(message.to_string());
+    let thread = std::thread::current();
+    let line = format_line(
+        JSON.load(Ordering::Relaxed),
+        now_ms(),
+        level,
+        module,
+        thread.name().unwrap_or(""),
+        &message,
+    );
+    // One write call per line keeps lines from different threads whole.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// One log line with its newline. Session lines are recognised by their `[shortid] ` prefix or, for
+/// a line a session worker logs without one, by the worker's thread name `session-<shortid>`.
+pub fn format_line(
+    json: bool,
+    ms: u64,
+    level: LogLevel,
+    module: &str,
+    thread_name: &str,
+    message: &str,
+) -> String {
+    let (session, text) = match session_prefix(message) {
+        Some((session, rest)) => (Some(session), rest),
+        None => (thread_name.strip_prefix("session-"), message),
+    };
+    if json {
+        let mut object = serde_json::json!({
+            "ts": utc_timestamp(ms),
+            "level": level_name(level),
+            "module": module,
+            "msg": text,
+        });
+        if let Some(session) = session {
+            object["session"] = serde_json::Value::from(session);
+        }
+        return format!("{object}\n");
+    }
     let label = match level {
         LogLevel::Error => "ERROR",
         LogLevel::Warn => "WARN ",
@@ -26,12 +105,44 @@ pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
         LogLevel::Debug => "DEBUG",
         LogLevel::Trace => "TRACE",
     };
-    let module = module
-        .strip_prefix("opencode_mattermost::")
-        .unwrap_or(module);
-    let line = format!("{} {label} {module}: {message}\n", utc_timestamp(now_ms()));
-    // One write call per line keeps lines from different threads whole.
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    match session {
+        Some(session) => format!(
+            "{} {label} {module}: [{session}] {text}\n",
+            utc_timestamp(ms)
+        ),
+        None => format!("{} {label} {module}: {text}\n", utc_timestamp(ms)),
+    }
+}
+
+fn level_name(level: LogLevel) -> &'static str {
+    match level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    }
+}
+
+/// `[ab12cd34] rest` → `("ab12cd34", "rest")`.
+fn session_prefix(message: &str) -> Option<(&str, &str)> {
+    let rest = message.strip_prefix('[')?;
+    let (id, text) = rest.split_once("] ")?;
+    let looks_like_id =
+        !id.is_empty() && id.len() <= 16 && id.chars().all(|c| c.is_ascii_alphanumeric());
+    looks_like_id.then_some((id, text))
+}
+
+fn mask_secrets(mut message: String) -> String {
+    let secrets = SECRETS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for secret in secrets.iter() {
+        if message.contains(secret.as_str()) {
+            message = message.replace(secret.as_str(), "<redacted>");
+        }
+    }
+    message
 }
 
 pub fn now_ms() -> u64 {
@@ -101,6 +212,74 @@ macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_carry_time_level_module_and_session() {
+        let ms = 1_795_329_245_123;
+        let check = |json: bool, thread: &str, message: &str, expected: &str| {
+            let line = format_line(json, ms, LogLevel::Info, "session", thread, message);
+            assert_eq!(line, format!("{expected}\n"));
+        };
+        check(
+            false,
+            "bridge",
+            "[ab12cd34] thread created",
+            "2026-11-22T06:34:05.123Z INFO  session: [ab12cd34] thread created",
+        );
+        check(
+            false,
+            "session-ab12cd34",
+            "reply edit failed",
+            "2026-11-22T06:34:05.123Z INFO  session: [ab12cd34] reply edit failed",
+        );
+        check(
+            false,
+            "bridge",
+            "[not an id] x",
+            "2026-11-22T06:34:05.123Z INFO  session: [not an id] x",
+        );
+        check(
+            true,
+            "bridge",
+            "[ab12cd34] said \"hi\"",
+            r#"{"level":"info","module":"session","msg":"said \"hi\"","session":"ab12cd34","ts":"2026-11-22T06:34:05.123Z"}"#,
+        );
+        check(
+            true,
+            "main",
+            "ready",
+            r#"{"level":"info","module":"session","msg":"ready","ts":"2026-11-22T06:34:05.123Z"}"#,
+        );
+    }
+
+    #[test]
+    fn registered_secrets_are_masked_even_inside_urls_and_headers() {
+        let args: Vec<String> = ["--mattermost-url", "https://chat.example.com"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let env = |name: &str| match name {
+            "MATTERMOST_TOKEN" => Some("tok-masked-0123456789".to_string()),
+            "MATTERMOST_OWNER" => Some("alice".to_string()),
+            "OPENCODE_SERVER_PASSWORD" => Some("pw-masked-42".to_string()),
+            "HOME" => Some("/home/alice".to_string()),
+            _ => None,
+        };
+        let Ok(crate::config::Invocation::Run(config)) = crate::config::parse(&args, &env) else {
+            panic!("a valid configuration");
+        };
+        redact_secrets(&config);
+        let basic = crate::http::basic_auth("opencode", "pw-masked-42");
+        let masked = mask_secrets(format!(
+            "GET https://x/?access_token=tok-masked-0123456789 failed; Authorization: {basic}; \
+             password pw-masked-42"
+        ));
+        assert_eq!(
+            masked,
+            "GET https://x/?access_token=<redacted> failed; Authorization: Basic <redacted>; \
+             password <redacted>"
+        );
+    }
 
     #[test]
     fn timestamps_are_utc_calendar_dates() {

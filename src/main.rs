@@ -1,4 +1,5 @@
-//! The binary: parse the configuration, route signals to a stop channel, run, map the result to an exit code.
+//! The binary: parse the configuration, route signals to a stop channel, run (or check, or report the
+//! status), map the result to an exit code.
 
 use std::process::ExitCode;
 
@@ -8,6 +9,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config = match config::parse(&args, &|name| std::env::var(name).ok()) {
         Ok(Invocation::Run(config)) => config,
+        Ok(Invocation::Check(config)) => return check(&config),
+        Ok(Invocation::Status { state_dir, json }) => return status(&state_dir, json),
         Ok(Invocation::Help) => return print(&config::help_text()),
         Ok(Invocation::Version) => {
             return print(&format!("opencode-mattermost {}", config::VERSION));
@@ -35,9 +38,29 @@ fn main() -> ExitCode {
     }
 }
 
+fn check(config: &Result<config::Config, config::ConfigError>) -> ExitCode {
+    let code = opencode_mattermost::check::run(config, &mut |line| out(&format!("{line}\n")));
+    ExitCode::from(code as u8)
+}
+
+fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
+    let (text, code) = opencode_mattermost::status::show(state_dir, json);
+    out(&text);
+    ExitCode::from(code as u8)
+}
+
 fn print(text: &str) -> ExitCode {
-    println!("{text}");
+    out(&format!("{text}\n"));
     ExitCode::SUCCESS
+}
+
+/// Writes to stdout, ignoring a closed pipe (`--help | head`), which `println!` would panic on.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 fn fail(message: &str, code: i32) -> ExitCode {

@@ -21,6 +21,7 @@ pub const STATE_VERSION: u32 = 1;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
+const HEARTBEAT_FILE: &str = "heartbeat.json";
 /// Prefix of the temporary files a save writes before renaming; leftovers from a crash are removed
 /// on open.
 const TEMP_PREFIX: &str = "state.json.tmp";
@@ -106,6 +107,30 @@ pub enum StoreError {
     FutureVersion { path: PathBuf, found: u32 },
     /// Another process holds the instance lock on this state directory. Fatal.
     Locked { path: PathBuf, pid: Option<u32> },
+}
+
+/// What the running bridge writes to `heartbeat.json` every ~30 s, for `status` and watchdogs.
+/// Times are ms since the epoch; 0 means never.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Heartbeat {
+    pub pid: u32,
+    pub version: String,
+    pub started_ms: u64,
+    pub written_ms: u64,
+    /// Any websocket frame from Mattermost, pongs included.
+    pub mattermost_heard_ms: u64,
+    /// Any bytes of OpenCode's event stream (it sends a heartbeat every ~10 s), or a good poll.
+    pub opencode_heard_ms: u64,
+    /// Written as the bridge stops, so `status` does not report a dead bridge as recently alive.
+    pub stopped: bool,
+}
+
+/// Writes `heartbeat.json`. Only a [`Store`], which holds the instance lock, hands one out.
+#[derive(Debug, Clone)]
+pub struct HeartbeatWriter {
+    path: PathBuf,
+    temp_path: PathBuf,
 }
 
 /// Something the caller should report as a warning after a successful open.
@@ -204,6 +229,16 @@ impl Store {
         &self.state_path
     }
 
+    /// The writer of this directory's heartbeat file, for the heartbeat thread.
+    pub fn heartbeat_writer(&self) -> HeartbeatWriter {
+        HeartbeatWriter {
+            path: self.dir.join(HEARTBEAT_FILE),
+            temp_path: self
+                .dir
+                .join(format!("{HEARTBEAT_FILE}.tmp-{}", std::process::id())),
+        }
+    }
+
     fn write_atomically(&self, bytes: &[u8]) -> Result<(), StoreError> {
         let temp = &self.temp_path;
         let mut file = private_file_options()
@@ -253,6 +288,132 @@ impl Store {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+impl HeartbeatWriter {
+    /// Replaces the heartbeat file by renaming a fresh temporary file over it, so a reader never
+    /// sees half of one. Not fsynced: after a crash a stale heartbeat is what it should show anyway.
+    pub fn write(&self, heartbeat: &Heartbeat) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(heartbeat)
+            .map_err(|err| io_error(&self.path, io::Error::from(err)))?;
+        let result = private_file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.temp_path)
+            .and_then(|mut file| file.write_all(&bytes))
+            .and_then(|()| fs::rename(&self.temp_path, &self.path));
+        result.map_err(|err| {
+            let _ = fs::remove_file(&self.temp_path);
+            io_error(&self.path, err)
+        })
+    }
+}
+
+/// Reads `heartbeat.json`; `None` when there is none (no bridge ever ran here).
+pub fn read_heartbeat(dir: &Path) -> Result<Option<Heartbeat>, String> {
+    let path = dir.join(HEARTBEAT_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{} is not a heartbeat file: {e}", path.display())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(format!("cannot read {}: {err}", path.display())),
+    }
+}
+
+/// Reads `state.json` without the lock and without repairing anything: `None` when there is none.
+pub fn read_state(dir: &Path) -> Result<Option<State>, String> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(format!(
+                "cannot read {}: {err}; check that this user can read it",
+                path.display()
+            ));
+        }
+    };
+    match parse_state(&bytes, 0) {
+        Parsed::Valid(state) => Ok(Some(state)),
+        Parsed::Future(found) => Err(format!(
+            "{} has version {found}, newer than this build reads ({STATE_VERSION}); upgrade \
+             opencode-mattermost",
+            path.display()
+        )),
+        Parsed::Damaged { problem, .. } => Err(format!(
+            "{} is damaged ({problem}); the bridge moves it aside and keeps what it can on its \
+             next start",
+            path.display()
+        )),
+    }
+}
+
+/// Creates the state directory if needed and writes and removes a probe file in it, to prove the
+/// bridge could save there.
+pub fn probe_writable(dir: &Path) -> Result<(), StoreError> {
+    create_dir(dir)?;
+    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+    private_file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+        .and_then(|mut file| file.write_all(b"probe"))
+        .map_err(|err| io_error(&probe, err))?;
+    fs::remove_file(&probe).map_err(|err| io_error(&probe, err))
+}
+
+/// The PID of the bridge holding the instance lock on `dir`, or `None` when none does.
+///
+/// Reads `/proc/locks` rather than trying the lock, so that asking never makes a bridge that is
+/// starting at that moment think another one is running. Where `/proc/locks` cannot be read, a
+/// shared lock is tried and released at once.
+pub fn running_pid(dir: &Path) -> Result<Option<u32>, String> {
+    let path = dir.join(LOCK_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(format!("cannot read {}: {err}", path.display())),
+    };
+    let pid_in_file = fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata()
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+            .ino()
+    };
+    let held_by = match fs::read_to_string("/proc/locks") {
+        Ok(locks) => flock_holder(&locks, inode),
+        Err(_) => match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                None
+            }
+            Err(_) => Some(pid_in_file.unwrap_or(0)),
+        },
+    };
+    // The PID the holder wrote is the one to show: /proc/locks counts in the reader's PID namespace.
+    Ok(held_by.map(|holder| pid_in_file.unwrap_or(holder)))
+}
+
+/// The PID of the exclusive `flock` on the file with `inode`, from the text of `/proc/locks`, whose
+/// lines look like `1: FLOCK  ADVISORY  WRITE 1234 00:2a:56789 0 EOF` (waiters have `->` after the
+/// number).
+fn flock_holder(locks: &str, inode: u64) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&"->") {
+            return None;
+        }
+        let at = fields.iter().position(|field| *field == "FLOCK")?;
+        let (pid, device_inode) = (fields.get(at + 3)?, fields.get(at + 4)?);
+        let line_inode: u64 = device_inode.rsplit(':').next()?.parse().ok()?;
+        (line_inode == inode).then(|| pid.parse().ok()).flatten()
+    })
 }
 
 impl fmt::Display for StoreError {

@@ -97,10 +97,15 @@ pub struct MattermostClient {
 
 impl MattermostClient {
     pub fn new(base_url: &str, token: &Secret) -> MattermostClient {
+        MattermostClient::with_tls(base_url, token, &http::Tls::default())
+    }
+
+    /// `new`, trusting `tls`'s roots for https://.
+    pub fn with_tls(base_url: &str, token: &Secret, tls: &http::Tls) -> MattermostClient {
         MattermostClient {
             base: base_url.to_string(),
             authorization: format!("Bearer {}", token.expose()),
-            agent: http::agent(Duration::from_secs(30)),
+            agent: http::agent_with_tls(Duration::from_secs(30), tls),
             budget: Mutex::new(TokenBucket::new(
                 DEFAULT_PER_SECOND,
                 DEFAULT_BURST,

@@ -39,6 +39,10 @@ pub struct WsSettings {
     /// `http(s)://host[:port]`, as configured.
     pub base_url: String,
     pub authorization: String,
+    /// The trust roots for wss://.
+    pub tls: crate::http::Tls,
+    /// Stamped on every frame read, for the heartbeat.
+    pub heard: crate::heartbeat::Heard,
 }
 
 type Socket = WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
@@ -57,12 +61,18 @@ where
             return;
         }
         let reason = match connect(&settings, &resume) {
-            Ok(socket) => {
-                match session(socket, &mut resume, &send, &actions, &stop, &mut backoff) {
-                    End::Stopped => return,
-                    End::Lost(reason) => reason,
-                }
-            }
+            Ok(socket) => match session(
+                socket,
+                &mut resume,
+                &send,
+                &actions,
+                &stop,
+                &mut backoff,
+                &settings.heard,
+            ) {
+                End::Stopped => return,
+                End::Lost(reason) => reason,
+            },
             Err(reason) => reason,
         };
         if !send(WsUpdate::Disconnected(reason)) {
@@ -117,13 +127,22 @@ fn connect(settings: &WsSettings, resume: &Resume) -> Result<Socket, String> {
         .uri()
         .port_u16()
         .unwrap_or(if url.starts_with("wss:") { 443 } else { 80 });
-    let address = (host.as_str(), port)
+    // A name can resolve to several addresses (localhost: ::1 and 127.0.0.1); try each in turn.
+    let addresses = (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("cannot resolve {host}"))?;
-    let stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let mut failure = format!("cannot resolve {host}");
+    let mut connected = None;
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+            Ok(stream) => {
+                connected = Some(stream);
+                break;
+            }
+            Err(e) => failure = format!("cannot connect to {host}:{port} ({address}): {e}"),
+        }
+    }
+    let stream = connected.ok_or(failure)?;
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
@@ -133,8 +152,19 @@ fn connect(settings: &WsSettings, resume: &Resume) -> Result<Socket, String> {
     let config = tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
-    let (socket, _) = tungstenite::client_tls_with_config(request, stream, Some(config), None)
-        .map_err(|e| format!("websocket handshake failed: {e}"))?;
+    let (socket, _) = tungstenite::client_tls_with_config(
+        request,
+        stream,
+        Some(config),
+        settings.tls.websocket_connector(),
+    )
+    .map_err(|e| {
+        let problem = format!("websocket handshake failed: {e}");
+        match crate::http::tls_hint(&problem) {
+            Some(hint) => format!("{problem}; {hint}"),
+            None => problem,
+        }
+    })?;
     // The clone shares the socket, so this timeout applies to the websocket's reads from now on.
     handle
         .set_read_timeout(Some(READ_TICK))
@@ -149,6 +179,7 @@ fn session(
     actions: &Receiver<WsAction>,
     stop: &Receiver<()>,
     backoff: &mut Backoff,
+    heard: &crate::heartbeat::Heard,
 ) -> End {
     let opened = Instant::now();
     let mut greeted = false;
@@ -178,7 +209,11 @@ fn session(
         if greeted && let Err(e) = send_actions(&mut socket, actions, &mut action_seq) {
             return End::Lost(format!("sending a typing action failed: {e}"));
         }
-        match socket.read() {
+        let read = socket.read();
+        if read.is_ok() {
+            heard.now();
+        }
+        match read {
             Ok(Message::Text(text)) => {
                 last_heard = Instant::now();
                 let decoded = match decode_ws_frame(text.as_str()) {
@@ -282,6 +317,37 @@ pub fn action_frame(action: &WsAction, seq: u64) -> String {
         })
         .to_string(),
     }
+}
+
+/// Connects once and waits for the server's hello, for `check`: the server version, or why not.
+pub fn handshake(settings: &WsSettings) -> Result<String, String> {
+    let mut socket = connect(settings, &Resume::default())?;
+    let opened = Instant::now();
+    let outcome = loop {
+        match socket.read() {
+            Ok(Message::Text(text)) => match decode_ws_frame(text.as_str()) {
+                Ok(Some((_, WsEvent::Hello { server_version, .. }))) => break Ok(server_version),
+                Ok(_) => {}
+                Err(e) => break Err(e.to_string()),
+            },
+            Ok(Message::Close(frame)) => break Err(format!("closed by the server ({frame:?})")),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                if opened.elapsed() >= HELLO_TIMEOUT {
+                    break Err(
+                        "connected, but no hello within 5 s: the server probably rejected the token"
+                            .into(),
+                    );
+                }
+            }
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let _ = socket.close(None);
+    let _ = socket.flush();
+    outcome
 }
 
 /// `https://chat.example.com` → `wss://chat.example.com/api/v4/websocket`.

@@ -74,16 +74,33 @@ pub struct OpenCodeClient {
     base: String,
     authorization: Option<String>,
     agent: ureq::Agent,
+    tls: http::Tls,
 }
 
 impl OpenCodeClient {
     pub fn new(base_url: &str, username: &str, password: Option<&Secret>) -> OpenCodeClient {
+        OpenCodeClient::with_tls(base_url, username, password, &http::Tls::default())
+    }
+
+    /// `new`, trusting `tls`'s roots for https://.
+    pub fn with_tls(
+        base_url: &str,
+        username: &str,
+        password: Option<&Secret>,
+        tls: &http::Tls,
+    ) -> OpenCodeClient {
         OpenCodeClient {
             key: ServerKey(base_url.to_string()),
             base: base_url.to_string(),
             authorization: password.map(|p| http::basic_auth(username, p.expose())),
-            agent: http::agent(Duration::from_secs(30)),
+            agent: http::agent_with_tls(Duration::from_secs(30), tls),
+            tls: tls.clone(),
         }
+    }
+
+    /// An agent for this server's event stream, with the same trust roots as the client.
+    pub fn stream_agent(&self, idle: Duration) -> ureq::Agent {
+        http::stream_agent_with_tls(idle, &self.tls)
     }
 
     pub fn base_url(&self) -> &str {

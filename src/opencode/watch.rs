@@ -13,7 +13,7 @@ use crate::stopped;
 use super::rest::OpenCodeClient;
 use super::sse::SseParser;
 use super::{Envelope, ServerKey, SessionInfo, Status, decode_global_event};
-use crate::http::{self, Backoff};
+use crate::http::Backoff;
 
 /// OpenCode sends a heartbeat about every 10 s; a stream silent for this long is dead.
 pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,13 +42,17 @@ pub enum WatchEvent {
 }
 
 /// Runs until `stop` disconnects. Events go to `out` as `(server, event)`.
-pub fn run<T>(client: Arc<OpenCodeClient>, out: Sender<T>, stop: Receiver<()>)
-where
+pub fn run<T>(
+    client: Arc<OpenCodeClient>,
+    out: Sender<T>,
+    stop: Receiver<()>,
+    heard: crate::heartbeat::Heard,
+) where
     T: From<(ServerKey, WatchEvent)> + Send + 'static,
 {
     let key = client.key.clone();
     let send = |event: WatchEvent| out.send(T::from((key.clone(), event))).is_ok();
-    let stream_agent = http::stream_agent(STREAM_IDLE_TIMEOUT);
+    let stream_agent = client.stream_agent(STREAM_IDLE_TIMEOUT);
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut next_poll = Instant::now();
     loop {
@@ -65,7 +69,7 @@ where
                 crate::debug!("event stream open on {}", key.0);
                 backoff.reset();
                 let mut reader = response.into_body().into_reader();
-                match pump(&mut reader, &send, &client, &mut next_poll, &stop) {
+                match pump(&mut reader, &send, &client, &mut next_poll, &stop, &heard) {
                     Pump::Stopped => return,
                     Pump::Ended(reason) => reason,
                 }
@@ -105,6 +109,7 @@ fn pump(
     client: &OpenCodeClient,
     next_poll: &mut Instant,
     stop: &Receiver<()>,
+    heard: &crate::heartbeat::Heard,
 ) -> Pump {
     let mut parser = SseParser::new(MAX_EVENT_BYTES);
     let mut buffer = vec![0u8; 16 * 1024];
@@ -120,7 +125,10 @@ fn pump(
         }
         let read = match reader.read(&mut buffer) {
             Ok(0) => return Pump::Ended("event stream closed by the server".into()),
-            Ok(n) => n,
+            Ok(n) => {
+                heard.now();
+                n
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Pump::Ended(format!("event stream failed: {e}")),
         };

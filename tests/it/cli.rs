@@ -11,7 +11,7 @@ use crate::support::mattermost::FakeMattermost;
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_opencode-mattermost");
 
-fn command(state: &TempDir) -> Command {
+pub fn command(state: &TempDir) -> Command {
     let mut command = Command::new(BINARY);
     command.env_clear();
     command.env("PATH", std::env::var("PATH").unwrap_or_default());
@@ -22,7 +22,7 @@ fn command(state: &TempDir) -> Command {
 /// A running binary whose stderr lines arrive on a channel.
 pub struct Running {
     pub child: Child,
-    lines: Receiver<String>,
+    pub lines: Receiver<String>,
     pub seen: Vec<String>,
 }
 
@@ -119,7 +119,7 @@ impl Drop for Running {
 }
 
 /// `Command::output` with a deadline: a binary that should exit but hangs fails the test.
-trait Finish {
+pub trait Finish {
     fn finish(&mut self) -> std::process::Output;
 }
 
@@ -137,7 +137,7 @@ impl Finish for Command {
     }
 }
 
-fn bridge_env(command: &mut Command, mattermost: &FakeMattermost, token: &str) {
+pub fn bridge_env(command: &mut Command, mattermost: &FakeMattermost, token: &str) {
     command
         .env("MATTERMOST_URL", mattermost.url())
         .env("MATTERMOST_TOKEN", token)
@@ -305,4 +305,141 @@ fn a_second_instance_on_the_same_state_directory_exits_3_naming_the_first() {
     );
     let (code, _) = first.terminate();
     assert_eq!(code, 0, "the first instance was disturbed");
+}
+
+#[test]
+fn a_state_directory_that_cannot_be_created_exits_1() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let blocker = state.path().join("a-file");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let mut command = command(&state);
+    bridge_env(&mut command, &mattermost, &mattermost.bot().token);
+    command.env("OPENCODE_MM_STATE_DIR", blocker.join("state"));
+    let output = command.finish();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("OPENCODE_MM_STATE_DIR"), "{stderr}");
+}
+
+#[test]
+fn plain_http_to_another_host_exits_2_unless_allowed_with_a_warning() {
+    let state = TempDir::new("cli");
+    let mut refused = command(&state);
+    refused
+        .env("MATTERMOST_URL", "http://chat.example.com")
+        .env("MATTERMOST_TOKEN", "sekrit-token-value")
+        .env("MATTERMOST_OWNER", "alice");
+    let output = refused.finish();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("OPENCODE_MM_ALLOW_INSECURE_HTTP=1") && stderr.contains("https://"),
+        "{stderr}"
+    );
+
+    // 192.0.2.0/24 is reserved for documentation: nothing answers, and nothing needs to, since the
+    // warning comes before the first connection.
+    let mut allowed = command(&state);
+    allowed
+        .env("MATTERMOST_URL", "http://192.0.2.1:8065")
+        .env("MATTERMOST_TOKEN", "sekrit-token-value")
+        .env("MATTERMOST_OWNER", "alice")
+        .env("OPENCODE_URL", "http://127.0.0.1:9")
+        .env("OPENCODE_MM_ALLOW_INSECURE_HTTP", "1");
+    let mut running = Running::start(allowed);
+    let warning = running.wait_for_line("in clear");
+    assert!(warning.contains("WARN"), "{warning}");
+    let (code, _) = running.terminate();
+    assert_eq!(code, 0);
+}
+
+/// A whole conversation at trace level, in JSON lines: no line holds the token, the OpenCode password
+/// or the basic-auth header made from it, every line is one JSON object with the four fields, and the
+/// session's lines carry its short id.
+#[test]
+fn a_trace_level_run_never_logs_a_secret_and_every_line_is_json() {
+    use crate::support::llm::{FakeLlm, Step};
+    use crate::support::opencode::OpenCode;
+    use serde_json::{Value, json};
+
+    const PASSWORD: &str = "redaction-password-77";
+    let llm = FakeLlm::start();
+    let opencode = OpenCode::start_with_password(&llm, json!({}), PASSWORD);
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let token = mattermost.bot().token;
+    let mut bridge = command(&state);
+    bridge_env(&mut bridge, &mattermost, &token);
+    bridge
+        .env("OPENCODE_URL", opencode.url())
+        .env("OPENCODE_SERVER_PASSWORD", PASSWORD)
+        .env("OPENCODE_MM_LOG", "trace")
+        .env("OPENCODE_MM_LOG_FORMAT", "json");
+    let mut running = Running::start(bridge);
+    running.wait_for_line("ready:");
+
+    let session = opencode.create_session(opencode.project_dir(), Some("Secrets"));
+    let session_id = session["id"].as_str().expect("session id").to_string();
+    let short_id = &session_id[session_id.len() - 8..];
+    let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
+    let root = mattermost
+        .wait_until(crate::support::SOON, |view| {
+            view.posts_in(&dm)
+                .into_iter()
+                .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == session_id)
+        })
+        .expect("a thread");
+    llm.script(
+        "run a tool",
+        vec![
+            vec![Step::ToolCall {
+                name: "bash".into(),
+                arguments: json!({"command": "echo tool-ran", "description": "print"}),
+            }],
+            vec![Step::Text("The tool ran.".into())],
+        ],
+    );
+    mattermost
+        .post_as(&mattermost.owner().id, &dm, &root.id, "run a tool")
+        .expect("owner post");
+    let bot = mattermost.bot().id;
+    mattermost
+        .wait_until(crate::support::SOON, |view| {
+            view.posts_in(&dm)
+                .into_iter()
+                .find(|p| p.user_id == bot && p.message.starts_with("✅ Done"))
+        })
+        .expect("the completion line");
+    let (code, _) = running.terminate();
+    assert_eq!(code, 0);
+
+    let log: Vec<String> = running
+        .seen
+        .iter()
+        .cloned()
+        .chain(running.lines.try_iter())
+        .collect();
+    let dump = log
+        .iter()
+        .find(|line| line.contains("configuration: Config {"))
+        .unwrap_or_else(|| panic!("no configuration dump at debug level: {log:#?}"));
+    assert!(dump.contains("<redacted>"), "{dump}");
+    let basic = opencode_mattermost::http::basic_auth("opencode", PASSWORD);
+    let encoded = basic.trim_start_matches("Basic ");
+    for line in &log {
+        for secret in [token.as_str(), PASSWORD, encoded] {
+            assert!(!line.contains(secret), "a secret in the log: {line}");
+        }
+        let object: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for field in ["ts", "level", "module", "msg"] {
+            assert!(object[field].is_string(), "no {field}: {line}");
+        }
+    }
+    let session_lines = log
+        .iter()
+        .filter(|line| line.contains(&format!("\"session\":\"{short_id}\"")))
+        .count();
+    assert!(session_lines > 0, "no line carries the session's short id");
 }

@@ -4,9 +4,13 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod check;
 mod cli;
 mod control;
 mod e2e;
 mod faults;
 mod mattermost_api;
 mod opencode_api;
+mod static_binary;
+mod status;
+mod tls;

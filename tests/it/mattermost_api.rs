@@ -134,6 +134,8 @@ impl Socket {
         let settings = WsSettings {
             base_url: mattermost.url(),
             authorization: client.authorization().to_string(),
+            tls: Default::default(),
+            heard: Default::default(),
         };
         let (out, updates) = crossbeam_channel::unbounded();
         let (actions, actions_rx) = crossbeam_channel::bounded(64);

@@ -34,6 +34,11 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
             Ok("info") => LogLevel::Info,
             _ => LogLevel::Warn,
         },
+        log_format: opencode_mattermost::config::LogFormat::Text,
+        ca_files: Vec::new(),
+        allow_insecure_http: false,
+        max_file_size: 20 * 1024 * 1024,
+        catchup_max_age: Duration::from_secs(24 * 3600),
     }
 }
 

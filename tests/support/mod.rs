@@ -6,6 +6,7 @@ pub mod bridge;
 pub mod llm;
 pub mod mattermost;
 pub mod opencode;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
