@@ -126,6 +126,8 @@ pub struct MattermostClient {
     patient: bool,
     /// Per-request deadline instead of the agent's (tests make calls hang past it).
     call_timeout: Option<Duration>,
+    /// First and longest delay between retries of a transient failure.
+    retry_delays: (Duration, Duration),
 }
 
 /// What every client of one connection shares.
@@ -170,6 +172,7 @@ impl MattermostClient {
             shared: Arc::new(Shared::new()),
             patient: false,
             call_timeout: None,
+            retry_delays: (RETRY_BASE, IMPATIENT_RETRY_CAP),
         }
     }
 
@@ -179,6 +182,16 @@ impl MattermostClient {
     pub fn patient(&self) -> MattermostClient {
         MattermostClient {
             patient: true,
+            retry_delays: (RETRY_BASE, PATIENT_RETRY_CAP),
+            ..self.clone()
+        }
+    }
+
+    /// This client with other retry delays (jittered, doubling from `first` up to `longest`); tests
+    /// use short ones.
+    pub fn with_retry_delays(&self, first: Duration, longest: Duration) -> MattermostClient {
+        MattermostClient {
+            retry_delays: (first, longest),
             ..self.clone()
         }
     }
@@ -463,12 +476,7 @@ impl MattermostClient {
         body: Body<'_>,
         max_bytes: u64,
     ) -> Result<Vec<u8>, MmError> {
-        let cap = if self.patient {
-            PATIENT_RETRY_CAP
-        } else {
-            IMPATIENT_RETRY_CAP
-        };
-        let mut backoff = Backoff::new(RETRY_BASE, cap);
+        let mut backoff = Backoff::new(self.retry_delays.0, self.retry_delays.1);
         let mut failures = 0;
         // Failures other than 429: only these mean the server is in trouble.
         let mut outage_failures = 0;

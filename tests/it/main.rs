@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod control;
+mod delivery;
 mod e2e;
 mod mattermost_api;
 mod opencode_api;
