@@ -208,8 +208,10 @@ impl MattermostClient {
         self.patient
     }
 
-    /// Makes every waiting call of every client of this connection return `MmError::Stopping` within
-    /// ~100 ms; later calls fail at once. A request already on the wire still runs to its timeout.
+    /// For a stopping bridge: every client of this connection stops waiting. A call waiting to retry
+    /// returns `MmError::Stopping` within ~100 ms; from now on each call makes one attempt, without
+    /// waiting for the rate budget, and fails with `Stopping` instead of retrying, so final edits still
+    /// go out when the server is fine. A request already on the wire runs to its timeout.
     pub fn shut_down(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
     }
@@ -503,7 +505,11 @@ impl MattermostClient {
                 Err(Attempt::Failed(error)) => error,
             };
             failures += 1;
-            match next_step(self.patient, failures, &error) {
+            let step = next_step(self.patient, failures, &error);
+            if step != Step::GiveUp && self.is_shut_down() {
+                return Err(MmError::Stopping);
+            }
+            match step {
                 Step::GiveUp => return Err(error),
                 Step::AfterPause => {}
                 Step::Backoff => {
@@ -569,11 +575,12 @@ impl MattermostClient {
         }
     }
 
-    /// Waits for a token of the shared budget (a 429 pauses it for everyone).
+    /// Waits for a token of the shared budget (a 429 pauses it for everyone). After `shut_down` it
+    /// does not wait: the last calls of a stopping bridge go out at once.
     fn wait_for_budget(&self) -> Result<(), MmError> {
         loop {
             if self.is_shut_down() {
-                return Err(MmError::Stopping);
+                return Ok(());
             }
             let wait = match self.shared.budget.lock() {
                 Ok(mut budget) => match budget.try_take(Instant::now()) {
@@ -1050,13 +1057,14 @@ mod tests {
     }
 
     #[test]
-    fn shut_down_ends_a_wait_and_every_later_call() {
+    fn shut_down_ends_a_wait_and_every_later_retry() {
         let c = client("http://127.0.0.1:9").patient();
         let other = c.clone();
         let waiter = std::thread::spawn(move || other.pause(Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(50));
         c.shut_down();
         assert!(matches!(waiter.join().unwrap(), Err(MmError::Stopping)));
+        // One attempt (nothing listens on port 9), then no retry.
         let error = c.me().unwrap_err();
         assert!(matches!(error, MmError::Stopping), "{error:?}");
         assert!(!error.is_retryable());

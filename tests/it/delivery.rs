@@ -228,7 +228,14 @@ fn shut_down_ends_a_patient_wait() {
     assert!(matches!(result, Err(MmError::Stopping)), "{result:?}");
     // Far more than it takes (~100 ms), far less than waiting for the server.
     assert!(took < Duration::from_secs(10), "{took:?}");
+    // A stopping bridge still gets one attempt per call (final edits), but never a retry.
+    assert!(matches!(client.me(), Err(MmError::Stopping)));
     mattermost.set_down(false);
+    let me = client
+        .me()
+        .expect("one attempt still goes out after shut_down");
+    assert_eq!(me.id, mattermost.bot().id);
+    mattermost.fail_next(1, 503);
     assert!(matches!(client.me(), Err(MmError::Stopping)));
 }
 
