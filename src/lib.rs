@@ -218,6 +218,7 @@ fn bridge(
     let router = Router::new(router::Setup {
         typing: typing_actions,
         max_file_size: config.max_file_size,
+        catchup_max_age: config.catchup_max_age,
         command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,

@@ -58,7 +58,11 @@ impl From<Report> for Input {
 
 pub struct Router {
     command_prefix: String,
+    /// Gives up after a few attempts: the router must never block long.
     mattermost: Arc<MattermostClient>,
+    /// Same budget, but waits out an outage: what workers post arrives, in order, once it is over.
+    worker_mattermost: Arc<MattermostClient>,
+    catchup_max_age: Duration,
     identity: Identity,
     servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
     store: Store,
@@ -111,6 +115,8 @@ pub struct Setup {
     /// Websocket actions for the workers (typing).
     pub typing: Sender<WsAction>,
     pub max_file_size: u64,
+    /// Prompts recovered after downtime older than this are not run.
+    pub catchup_max_age: Duration,
 }
 
 impl Router {
@@ -126,7 +132,9 @@ impl Router {
             ready,
             typing,
             max_file_size,
+            catchup_max_age,
         } = setup;
+        let worker_mattermost = Arc::new(mattermost.patient());
         let mut by_root = HashMap::new();
         let mut recovered_intents = HashMap::new();
         for (server, server_state) in &state.servers {
@@ -149,6 +157,8 @@ impl Router {
         }
         Router {
             command_prefix,
+            worker_mattermost,
+            catchup_max_age,
             mattermost,
             identity,
             servers,
@@ -193,6 +203,8 @@ impl Router {
 
     fn shutdown(&mut self, inputs: &Receiver<Input>) {
         crate::info!("stopping");
+        // Workers waiting out a Mattermost outage give up; the rest send their last edits once.
+        self.mattermost.shut_down();
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         // Dropping a worker's sender ends its loop once it has sent what it was sending.
         let mut running: HashMap<SessionKey, std::thread::JoinHandle<()>> = self
@@ -221,10 +233,11 @@ impl Router {
         self.save();
         let calls = self.mattermost.stats();
         crate::info!(
-            "stopped: {} mattermost calls, {} retried, {} rate-limited",
+            "stopped: {} mattermost calls, {} retried, {} rate-limited, {} outage(s) waited out",
             calls.calls,
             calls.retries,
-            calls.rate_limited
+            calls.rate_limited,
+            calls.outages_waited
         );
     }
 
@@ -455,7 +468,7 @@ impl Router {
             info,
             channel_id,
             root_post_id,
-            mattermost: self.mattermost.clone(),
+            mattermost: self.worker_mattermost.clone(),
             opencode: client,
             command_prefix: self.command_prefix.clone(),
             typing: self.typing.clone(),
@@ -602,6 +615,9 @@ impl Router {
                     "mattermost websocket connected (resumed: {resumed}, server {server_version})"
                 );
                 self.websocket_up = true;
+                // Even a resumed connection can miss events on some servers: a REST pass after the
+                // cursor is cheap, and duplicates are dropped by post id.
+                self.catch_up_posts();
                 self.check_ready();
             }
             WsUpdate::Disconnected(reason) if !self.websocket_up => {
@@ -636,11 +652,108 @@ impl Router {
         if !post.post_type.is_empty() || !self.seen_posts.insert(&post.id) {
             return;
         }
+        self.advance_cursor(&post);
         if post.root_id.is_empty() {
             self.on_dm_message(&post);
         } else {
             self.on_thread_reply(post);
         }
+    }
+
+    /// The newest owner post handled, persisted so posts sent while the bridge was down are
+    /// handled when it is back.
+    fn advance_cursor(&mut self, post: &Post) {
+        let cursor = &mut self.state.mattermost;
+        if post.create_at >= cursor.last_post_at && cursor.last_post_id != post.id {
+            cursor.last_post_id = post.id.clone();
+            cursor.last_post_at = post.create_at;
+            self.save();
+        }
+    }
+
+    /// Handles the owner-DM posts after the cursor that the websocket did not deliver: sent while
+    /// the bridge was down, or during a gap the server could not replay. Prompts older than
+    /// `catchup_max_age` are not run; the owner gets one notice listing them.
+    fn catch_up_posts(&mut self) {
+        let dm = self.identity.dm_channel_id.clone();
+        let cursor = self.state.mattermost.last_post_id.clone();
+        if cursor.is_empty() {
+            // First start on this state: nothing before now is owed an answer.
+            match self.mattermost.latest_post(&dm) {
+                Ok(Some(latest)) => {
+                    self.state.mattermost.last_post_id = latest.id;
+                    self.state.mattermost.last_post_at = latest.create_at;
+                    self.save();
+                }
+                Ok(None) => {}
+                Err(e) => crate::warn!("cannot read the DM's latest post: {e}"),
+            }
+            return;
+        }
+        let posts = match self.mattermost.posts_after(&dm, &cursor, 200) {
+            Ok(posts) => posts,
+            Err(e) => {
+                crate::warn!(
+                    "cannot catch up on the DM's posts: {e}; retrying at the next reconnect"
+                );
+                return;
+            }
+        };
+        let oldest_runnable =
+            crate::log::now_ms().saturating_sub(self.catchup_max_age.as_millis() as u64) as i64;
+        let mut too_old = Vec::new();
+        let mut handled = 0;
+        // Every post up to the newest is handled (the bot's own by ignoring them), so the cursor may
+        // pass them all and the next catch-up pages through less.
+        let newest = posts.last().cloned();
+        for post in posts {
+            let from_owner = post.user_id == self.identity.owner_user_id
+                && post.channel_id == dm
+                && post.post_type.is_empty();
+            if from_owner && post.create_at < oldest_runnable {
+                if self.seen_posts.insert(&post.id) {
+                    self.advance_cursor(&post);
+                    too_old.push(post);
+                }
+                continue;
+            }
+            if from_owner && !self.seen_posts.contains(&post.id) {
+                handled += 1;
+            }
+            self.on_post(post);
+        }
+        if let Some(newest) = newest {
+            self.advance_cursor(&newest);
+        }
+        if handled > 0 {
+            crate::info!("caught up on {handled} post(s) the websocket did not deliver");
+        }
+        if !too_old.is_empty() {
+            self.report_too_old(&too_old);
+        }
+    }
+
+    fn report_too_old(&self, posts: &[Post]) {
+        let lines: Vec<String> = posts
+            .iter()
+            .map(|p| {
+                let first_line = truncate_chars(p.message.lines().next().unwrap_or(""), 80);
+                format!(
+                    "- {} · [open]({}) · {first_line}",
+                    crate::log::utc_minute(p.create_at.max(0) as u64),
+                    self.permalink(&p.id)
+                )
+            })
+            .collect();
+        self.reply(
+            "",
+            &format!(
+                "⏸️ {} message(s) sent while opencode-mattermost was away are older than {} and were not run                  (OPENCODE_MM_CATCHUP_MAX_AGE). Send them again if they still matter:\n{}",
+                posts.len(),
+                crate::render::format_duration(self.catchup_max_age.as_millis() as u64),
+                lines.join("\n")
+            ),
+        );
     }
 
     fn on_thread_reply(&mut self, post: Post) {
@@ -1302,6 +1415,10 @@ struct SeenPosts {
 }
 
 impl SeenPosts {
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
     fn insert(&mut self, id: &str) -> bool {
         if !self.ids.insert(id.to_string()) {
             return false;

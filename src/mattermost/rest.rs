@@ -1,9 +1,14 @@
 //! The Mattermost REST client. Every outbound call of one Mattermost connection goes through
 //! `MattermostClient::call`, which spends from one shared rate budget, learns the server's limit from its
 //! `X-Ratelimit-*` headers, honours 429s and retries transient failures.
+//!
+//! Two flavours share that budget: the default client gives up after a few attempts (for callers that
+//! must not block long, like the router), and `patient()` retries transient failures until they succeed
+//! or `shut_down` is called (for session workers, whose replies must arrive after an outage).
 
 use std::io::Read;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -18,7 +23,20 @@ use crate::ratelimit::TokenBucket;
 /// Mattermost's default rate limit: 10 requests a second with a burst of 100.
 const DEFAULT_PER_SECOND: f64 = 10.0;
 const DEFAULT_BURST: f64 = 100.0;
+/// Attempts of an impatient call; also the point where a patient call logs that it is waiting out an
+/// outage.
 const MAX_ATTEMPTS: u32 = 6;
+/// Backoff between retries. A patient call caps lower than a reconnect would, so that delivery resumes
+/// within ~10 s of the server coming back.
+const RETRY_BASE: Duration = Duration::from_millis(250);
+const IMPATIENT_RETRY_CAP: Duration = Duration::from_secs(8);
+/// Short enough that replies follow within seconds once Mattermost is back; the shared budget keeps
+/// many waiting workers from hammering a server that is down.
+const PATIENT_RETRY_CAP: Duration = Duration::from_secs(3);
+/// Waits are cut into steps this long so that `shut_down` ends them promptly.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+/// Mattermost accepts at most 200 posts per page.
+const MAX_PER_PAGE: u32 = 200;
 /// The most a JSON answer may be; posts are at most 16383 characters, so this is generous.
 const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
 const MAX_ERROR_BYTES: u64 = 64 * 1024;
@@ -38,6 +56,8 @@ pub enum MmError {
     Decode(String),
     /// A download was larger than the caller allows; not retryable.
     TooLarge { what: String, limit: u64 },
+    /// `shut_down` was called while the call waited; not retryable.
+    Stopping,
 }
 
 impl MmError {
@@ -45,7 +65,7 @@ impl MmError {
         match self {
             MmError::Unreachable(_) => true,
             MmError::Http { status, .. } => *status == 429 || *status >= 500,
-            MmError::Decode(_) | MmError::TooLarge { .. } => false,
+            MmError::Decode(_) | MmError::TooLarge { .. } | MmError::Stopping => false,
         }
     }
 
@@ -75,6 +95,10 @@ impl std::fmt::Display for MmError {
             MmError::TooLarge { what, limit } => {
                 write!(f, "{what} is larger than the {limit}-byte limit")
             }
+            MmError::Stopping => write!(
+                f,
+                "the bridge is stopping, so the mattermost call was abandoned"
+            ),
         }
     }
 }
@@ -82,17 +106,63 @@ impl std::fmt::Display for MmError {
 /// Counts of what this client did, for the logs and the benchmark.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CallStats {
+    /// HTTP requests sent, retries included.
     pub calls: u64,
+    /// 429 answers.
     pub rate_limited: u64,
+    /// Attempts repeated after a transient failure (429 included).
     pub retries: u64,
+    /// Patient calls that kept failing past the impatient limit and then succeeded.
+    pub outages_waited: u64,
 }
 
+/// Clonable handle on one Mattermost connection. Clones (and `patient()`) share the rate budget, the
+/// stats, the shutdown flag and the HTTP connection pool.
+#[derive(Clone)]
 pub struct MattermostClient {
     base: String,
     authorization: String,
     agent: ureq::Agent,
+    shared: Arc<Shared>,
+    /// Retry transient failures until success or shutdown, instead of `MAX_ATTEMPTS` times.
+    patient: bool,
+    /// Per-request deadline instead of the agent's (tests make calls hang past it).
+    call_timeout: Option<Duration>,
+    /// First and longest delay between retries of a transient failure.
+    retry_delays: (Duration, Duration),
+}
+
+/// What every client of one connection shares.
+struct Shared {
     budget: Mutex<TokenBucket>,
     stats: Mutex<CallStats>,
+    stopping: AtomicBool,
+    /// When calls started failing, while an outage is being waited out; logged once per outage.
+    outage_since: Mutex<Option<Instant>>,
+    /// Last millisecond stamp handed out in a `pending_post_id`; strictly increasing.
+    last_pending_ms: AtomicI64,
+    /// The bot's user id once `me()` has answered; the `pending_post_id` prefix.
+    user_id: OnceLock<String>,
+    /// Prefix before `me()` answered: random per process.
+    instance_id: String,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            budget: Mutex::new(TokenBucket::new(
+                DEFAULT_PER_SECOND,
+                DEFAULT_BURST,
+                Instant::now(),
+            )),
+            stats: Mutex::new(CallStats::default()),
+            stopping: AtomicBool::new(false),
+            outage_since: Mutex::new(None),
+            last_pending_ms: AtomicI64::new(0),
+            user_id: OnceLock::new(),
+            instance_id: random_id(),
+        }
+    }
 }
 
 impl MattermostClient {
@@ -106,13 +176,55 @@ impl MattermostClient {
             base: base_url.to_string(),
             authorization: format!("Bearer {}", token.expose()),
             agent: http::agent_with_tls(Duration::from_secs(30), tls),
-            budget: Mutex::new(TokenBucket::new(
-                DEFAULT_PER_SECOND,
-                DEFAULT_BURST,
-                Instant::now(),
-            )),
-            stats: Mutex::new(CallStats::default()),
+            shared: Arc::new(Shared::new()),
+            patient: false,
+            call_timeout: None,
+            retry_delays: (RETRY_BASE, IMPATIENT_RETRY_CAP),
         }
+    }
+
+    /// A client that shares this one's budget, stats and connections, and retries timeouts, 5xx and
+    /// 429 (honouring `Retry-After`) with jittered backoff until they succeed or `shut_down` is called.
+    /// Other 4xx fail at once. For session workers: a reply waits out an outage and arrives after it.
+    pub fn patient(&self) -> MattermostClient {
+        MattermostClient {
+            patient: true,
+            retry_delays: (RETRY_BASE, PATIENT_RETRY_CAP),
+            ..self.clone()
+        }
+    }
+
+    /// This client with other retry delays (jittered, doubling from `first` up to `longest`); tests
+    /// use short ones.
+    pub fn with_retry_delays(&self, first: Duration, longest: Duration) -> MattermostClient {
+        MattermostClient {
+            retry_delays: (first, longest),
+            ..self.clone()
+        }
+    }
+
+    /// This client with a per-request deadline instead of the default 30 s.
+    pub fn with_call_timeout(&self, timeout: Duration) -> MattermostClient {
+        MattermostClient {
+            call_timeout: Some(timeout),
+            ..self.clone()
+        }
+    }
+
+    pub fn is_patient(&self) -> bool {
+        self.patient
+    }
+
+    /// For a stopping bridge: every client of this connection stops waiting. A call waiting to retry
+    /// returns `MmError::Stopping` within ~100 ms; from now on each call makes one attempt, without
+    /// waiting for the rate budget, and fails with `Stopping` instead of retrying, so final edits still
+    /// go out when the server is fine. A request already on the wire runs to its timeout.
+    pub fn shut_down(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
     }
 
     pub fn base_url(&self) -> &str {
@@ -124,11 +236,35 @@ impl MattermostClient {
     }
 
     pub fn stats(&self) -> CallStats {
-        self.stats.lock().map(|s| *s).unwrap_or_default()
+        self.shared.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     pub fn me(&self) -> Result<User, MmError> {
-        self.get_json("/users/me")
+        let me: User = self.get_json("/users/me")?;
+        let _ = self.shared.user_id.set(me.id.clone());
+        Ok(me)
+    }
+
+    /// A fresh `pending_post_id`, as Mattermost's own clients make them: `<user_id>:<unix millis>`,
+    /// the millis strictly increasing so that every logical post gets its own. The server answers a
+    /// create that repeats one (within 30 s) with the post already made, so a retried create never
+    /// duplicates.
+    pub fn new_pending_post_id(&self) -> String {
+        let now = crate::log::now_ms() as i64;
+        let previous = self
+            .shared
+            .last_pending_ms
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        let stamp = now.max(previous + 1);
+        let prefix = self
+            .shared
+            .user_id
+            .get()
+            .unwrap_or(&self.shared.instance_id);
+        format!("{prefix}:{stamp}")
     }
 
     pub fn user_by_id(&self, user_id: &str) -> Result<User, MmError> {
@@ -158,10 +294,16 @@ impl MattermostClient {
         message: &str,
         props: Option<Value>,
     ) -> Result<Post, MmError> {
-        let mut body = json!({"channel_id": channel_id, "root_id": root_id, "message": message});
+        let mut body = json!({
+            "channel_id": channel_id,
+            "root_id": root_id,
+            "message": message,
+            "pending_post_id": self.new_pending_post_id(),
+        });
         if let Some(props) = props {
             body["props"] = props;
         }
+        // The body, pending id included, is the same for every retry: one post however many tries.
         self.call_json("POST", "/posts", Some(&body))
     }
 
@@ -184,6 +326,49 @@ impl MattermostClient {
 
     pub fn get_post(&self, post_id: &str) -> Result<Post, MmError> {
         self.get_json(&format!("/posts/{}", percent_encode(post_id)))
+    }
+
+    /// Every post of a channel created after `after_post_id`, oldest first, thread replies included
+    /// (they are channel posts too). Pages with `after=<newest seen>` (at most 200 a page) until a
+    /// page comes back short, so posts created while paging are picked up too. `since=` is not used:
+    /// it is known to miss posts. Deleted posts are not listed; a deleted anchor still works.
+    pub fn posts_after(
+        &self,
+        channel_id: &str,
+        after_post_id: &str,
+        per_page: u32,
+    ) -> Result<Vec<Post>, MmError> {
+        let per_page = per_page.clamp(1, MAX_PER_PAGE);
+        let mut posts: Vec<Post> = Vec::new();
+        let mut cursor = after_post_id.to_string();
+        loop {
+            let path = format!(
+                "/channels/{}/posts?after={}&per_page={per_page}",
+                percent_encode(channel_id),
+                percent_encode(&cursor)
+            );
+            let list: PostList = self.get_json(&path)?;
+            let page = list.oldest_first();
+            let full = page.len() >= per_page as usize;
+            let newest = page.last().map(|post| post.id.clone());
+            posts.extend(page);
+            match newest {
+                // A server that ignored `after` would repeat the same page forever.
+                Some(newest) if full && newest != cursor => cursor = newest,
+                _ => return Ok(posts),
+            }
+        }
+    }
+
+    /// The newest post of a channel (a reply or a root), to start a catch-up cursor from; `None` for
+    /// an empty channel.
+    pub fn latest_post(&self, channel_id: &str) -> Result<Option<Post>, MmError> {
+        let path = format!(
+            "/channels/{}/posts?page=0&per_page=1",
+            percent_encode(channel_id)
+        );
+        let list: PostList = self.get_json(&path)?;
+        Ok(list.oldest_first().pop())
     }
 
     /// A file's name, size and type (`GET /files/{id}/info`).
@@ -243,6 +428,7 @@ impl MattermostClient {
             "root_id": root_id,
             "message": message,
             "file_ids": file_ids,
+            "pending_post_id": self.new_pending_post_id(),
         });
         self.call_json("POST", "/posts", Some(&body))
     }
@@ -299,16 +485,21 @@ impl MattermostClient {
         body: Body<'_>,
         max_bytes: u64,
     ) -> Result<Vec<u8>, MmError> {
-        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(8));
-        let mut attempt = 0;
+        let mut backoff = Backoff::new(self.retry_delays.0, self.retry_delays.1);
+        let mut failures = 0;
+        // Failures other than 429: only these mean the server is in trouble.
+        let mut outage_failures = 0;
+        let mut in_outage = false;
         loop {
-            attempt += 1;
-            self.wait_for_budget();
+            self.wait_for_budget()?;
             let error = match self.attempt(method, path, body, max_bytes) {
-                Ok(text) => return Ok(text),
+                Ok(bytes) => {
+                    self.recovered(in_outage);
+                    return Ok(bytes);
+                }
                 Err(Attempt::RateLimited(wait)) => {
                     self.count(|s| s.rate_limited += 1);
-                    if let Ok(mut budget) = self.budget.lock() {
+                    if let Ok(mut budget) = self.shared.budget.lock() {
                         budget.pause_until(Instant::now() + wait);
                     }
                     crate::debug!("{method} {path}: 429, waiting {wait:?}");
@@ -320,28 +511,92 @@ impl MattermostClient {
                 }
                 Err(Attempt::Failed(error)) => error,
             };
-            if !error.is_retryable() || attempt >= MAX_ATTEMPTS {
-                return Err(error);
+            failures += 1;
+            let step = next_step(self.patient, failures, &error);
+            if step != Step::GiveUp && self.is_shut_down() {
+                return Err(MmError::Stopping);
+            }
+            match step {
+                Step::GiveUp => return Err(error),
+                Step::AfterPause => {}
+                Step::Backoff => {
+                    let delay = backoff.next_delay();
+                    crate::debug!("{method} {path}: {error}; retrying in {delay:?}");
+                    self.pause(delay)?;
+                }
+            }
+            if error.status() != Some(429) {
+                outage_failures += 1;
+            }
+            if self.patient && !in_outage && outage_failures >= MAX_ATTEMPTS {
+                in_outage = true;
+                self.outage_started(method, path, &error);
             }
             self.count(|s| s.retries += 1);
-            if error.status() != Some(429) {
-                let delay = backoff.next_delay();
-                crate::debug!("{method} {path}: {error}; retrying in {delay:?}");
-                std::thread::sleep(delay);
-            }
         }
     }
 
-    fn wait_for_budget(&self) {
+    /// The first patient call to keep failing logs the outage; the others join it silently.
+    fn outage_started(&self, method: &str, path: &str, error: &MmError) {
+        let Ok(mut since) = self.shared.outage_since.lock() else {
+            return;
+        };
+        if since.is_none() {
+            *since = Some(Instant::now());
+            crate::warn!(
+                "mattermost keeps failing ({method} {path}: {error}); holding replies and retrying \
+                 until it answers again"
+            );
+        }
+    }
+
+    /// A call succeeded: ends the outage (logged once) and counts a patient call that waited it out.
+    fn recovered(&self, waited_out_outage: bool) {
+        if waited_out_outage {
+            self.count(|s| s.outages_waited += 1);
+        }
+        let ended = match self.shared.outage_since.lock() {
+            Ok(mut since) => since.take(),
+            Err(_) => None,
+        };
+        if let Some(started) = ended {
+            crate::info!(
+                "mattermost answers again after {}s; delivering held replies",
+                started.elapsed().as_secs()
+            );
+        }
+    }
+
+    /// Sleeps `total` in short steps; `Err(Stopping)` as soon as `shut_down` is called.
+    fn pause(&self, total: Duration) -> Result<(), MmError> {
+        let deadline = Instant::now() + total;
         loop {
-            let wait = match self.budget.lock() {
+            if self.is_shut_down() {
+                return Err(MmError::Stopping);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(STOP_CHECK));
+        }
+    }
+
+    /// Waits for a token of the shared budget (a 429 pauses it for everyone). After `shut_down` it
+    /// does not wait: the last calls of a stopping bridge go out at once.
+    fn wait_for_budget(&self) -> Result<(), MmError> {
+        loop {
+            if self.is_shut_down() {
+                return Ok(());
+            }
+            let wait = match self.shared.budget.lock() {
                 Ok(mut budget) => match budget.try_take(Instant::now()) {
-                    Ok(()) => return,
+                    Ok(()) => return Ok(()),
                     Err(wait) => wait,
                 },
-                Err(_) => return,
+                Err(_) => return Ok(()),
             };
-            std::thread::sleep(wait.max(Duration::from_millis(1)));
+            std::thread::sleep(wait.clamp(Duration::from_millis(1), STOP_CHECK));
         }
     }
 
@@ -355,14 +610,10 @@ impl MattermostClient {
         self.count(|s| s.calls += 1);
         let url = format!("{}/api/v4{}", self.base, path);
         let result = match (method, body) {
-            ("GET", _) => self
-                .agent
-                .get(&url)
+            ("GET", _) => deadline(self.agent.get(&url), self.call_timeout)
                 .header("Authorization", &self.authorization)
                 .call(),
-            ("DELETE", _) => self
-                .agent
-                .delete(&url)
+            ("DELETE", _) => deadline(self.agent.delete(&url), self.call_timeout)
                 .header("Authorization", &self.authorization)
                 .call(),
             (_, body) => {
@@ -371,7 +622,8 @@ impl MattermostClient {
                 } else {
                     self.agent.post(&url)
                 };
-                let request = request.header("Authorization", &self.authorization);
+                let request = deadline(request, self.call_timeout)
+                    .header("Authorization", &self.authorization);
                 match body {
                     Body::None => request
                         .header("Content-Type", "application/json")
@@ -403,7 +655,7 @@ impl MattermostClient {
         let remaining = header("x-ratelimit-remaining").and_then(|v| v.parse().ok());
         let reset = header("x-ratelimit-reset").and_then(|v| v.parse().ok());
         let retry_after = header("retry-after").and_then(|v| v.parse::<u64>().ok());
-        if let Ok(mut budget) = self.budget.lock() {
+        if let Ok(mut budget) = self.shared.budget.lock() {
             budget.observe(limit, remaining, reset, Instant::now());
         }
         if status == 429 {
@@ -438,7 +690,7 @@ impl MattermostClient {
     }
 
     fn count(&self, update: impl FnOnce(&mut CallStats)) {
-        if let Ok(mut stats) = self.stats.lock() {
+        if let Ok(mut stats) = self.shared.stats.lock() {
             update(&mut stats);
         }
     }
@@ -477,11 +729,86 @@ enum Attempt {
     Failed(MmError),
 }
 
+/// What a call does after its `failures`-th failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    GiveUp,
+    /// Retry once the budget allows: a 429 has paused it for the server's `Retry-After`.
+    AfterPause,
+    /// Retry after the next backoff delay.
+    Backoff,
+}
+
+/// Pure retry policy: permanent errors fail at once; transient ones are retried `MAX_ATTEMPTS` times,
+/// or forever when patient (shutdown ends a patient wait, through `pause` and `wait_for_budget`).
+fn next_step(patient: bool, failures: u32, error: &MmError) -> Step {
+    if !error.is_retryable() || (!patient && failures >= MAX_ATTEMPTS) {
+        Step::GiveUp
+    } else if error.status() == Some(429) {
+        Step::AfterPause
+    } else {
+        Step::Backoff
+    }
+}
+
+/// `request` with its own overall deadline, when one is set.
+fn deadline<B>(
+    request: ureq::RequestBuilder<B>,
+    timeout: Option<Duration>,
+) -> ureq::RequestBuilder<B> {
+    match timeout {
+        Some(timeout) => request.config().timeout_global(Some(timeout)).build(),
+        None => request,
+    }
+}
+
+/// 26 lowercase letters and digits, like a Mattermost id; random enough to tell processes apart.
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let state = std::collections::hash_map::RandomState::new();
+    (0..26u64)
+        .map(|i| {
+            let mut hasher = state.build_hasher();
+            hasher.write_u64(i);
+            hasher.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            ALPHABET[(hasher.finish() % 36) as usize] as char
+        })
+        .collect()
+}
+
 #[derive(Clone, Copy)]
 enum Body<'a> {
     None,
     Json(&'a str),
     Multipart { boundary: &'a str, bytes: &'a [u8] },
+}
+
+/// `GET /channels/{id}/posts`: `order` lists the page's posts newest first; `posts` holds them and,
+/// besides, every post of their threads, which are not part of the page.
+#[derive(Deserialize, Default)]
+struct PostList {
+    #[serde(default)]
+    order: Vec<String>,
+    #[serde(default)]
+    posts: std::collections::HashMap<String, Post>,
+}
+
+impl PostList {
+    /// The page's posts, oldest first; an id in `order` missing from `posts` is skipped.
+    fn oldest_first(mut self) -> Vec<Post> {
+        let mut page: Vec<Post> = self
+            .order
+            .iter()
+            .filter_map(|id| self.posts.remove(id))
+            .collect();
+        page.reverse();
+        page
+    }
 }
 
 #[derive(Deserialize)]
@@ -693,5 +1020,81 @@ mod tests {
         let body = multipart_body("B", "c", "x\"\r\n", b"");
         let text = String::from_utf8(body).unwrap();
         assert!(text.contains("filename=\"x\\\"__\""), "{text}");
+    }
+
+    fn http_error(status: u16) -> MmError {
+        MmError::Http {
+            status,
+            id: String::new(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn retry_policy_separates_patient_from_impatient_calls() {
+        let unreachable = MmError::Unreachable("refused".into());
+        assert_eq!(next_step(false, 1, &unreachable), Step::Backoff);
+        assert_eq!(next_step(false, MAX_ATTEMPTS, &unreachable), Step::GiveUp);
+        assert_eq!(next_step(true, 10_000, &unreachable), Step::Backoff);
+        assert_eq!(next_step(true, 10_000, &http_error(503)), Step::Backoff);
+        assert_eq!(next_step(true, 10_000, &http_error(429)), Step::AfterPause);
+        assert_eq!(next_step(false, 1, &http_error(429)), Step::AfterPause);
+        for permanent in [400, 401, 403, 404, 413] {
+            assert_eq!(next_step(true, 1, &http_error(permanent)), Step::GiveUp);
+        }
+        assert_eq!(next_step(true, 1, &MmError::Stopping), Step::GiveUp);
+        assert_eq!(
+            next_step(true, 1, &MmError::Decode("bad".into())),
+            Step::GiveUp
+        );
+    }
+
+    #[test]
+    fn pending_post_ids_are_unique_and_shaped_like_the_web_clients() {
+        let c = client("http://127.0.0.1:9");
+        let ids: Vec<String> = (0..1000).map(|_| c.new_pending_post_id()).collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        // A patient clone draws from the same sequence.
+        let patient = c.patient();
+        assert!(!ids.contains(&patient.new_pending_post_id()));
+        let (prefix, millis) = ids[0].split_once(':').unwrap();
+        assert_eq!(prefix.len(), 26);
+        assert!(millis.parse::<i64>().unwrap() > 1_600_000_000_000);
+    }
+
+    #[test]
+    fn shut_down_ends_a_wait_and_every_later_retry() {
+        let c = client("http://127.0.0.1:9").patient();
+        let other = c.clone();
+        let waiter = std::thread::spawn(move || other.pause(Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(50));
+        c.shut_down();
+        assert!(matches!(waiter.join().unwrap(), Err(MmError::Stopping)));
+        // One attempt (nothing listens on port 9), then no retry.
+        let error = c.me().unwrap_err();
+        assert!(matches!(error, MmError::Stopping), "{error:?}");
+        assert!(!error.is_retryable());
+        assert!(error.to_string().contains("stopping"));
+    }
+
+    #[test]
+    fn post_lists_come_out_oldest_first_without_thread_extras() {
+        let list: PostList = serde_json::from_value(json!({
+            "order": ["c", "b", "a"],
+            "posts": {
+                "a": {"id": "a", "create_at": 1},
+                "b": {"id": "b", "create_at": 2, "root_id": "root"},
+                "c": {"id": "c", "create_at": 3},
+                "root": {"id": "root", "create_at": 0}
+            },
+            "next_post_id": "",
+            "prev_post_id": "x"
+        }))
+        .unwrap();
+        let ids: Vec<String> = list.oldest_first().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        let empty: PostList = serde_json::from_str(r#"{"order":[],"posts":{}}"#).unwrap();
+        assert!(empty.oldest_first().is_empty());
     }
 }

@@ -22,6 +22,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a blocked read wakes up to check the stop signal and the ping timer.
 const READ_TICK: Duration = Duration::from_millis(250);
 const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+/// After asking to resume, how long a refusal (a fresh `hello`) may take before the silence counts as
+/// the server's yes. Any event arriving sooner settles it at once.
+const RESUME_SETTLE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub enum WsUpdate {
@@ -186,18 +189,23 @@ fn session(
     // Whatever queued up while disconnected is stale.
     let _ = actions.try_iter().count();
     let mut action_seq = 0;
-    // A resumed connection gets no new hello: the upgrade itself is the server's yes. A fresh hello
-    // arriving later means the resume was refused, and is reported as a new connection.
-    if resume.can_resume() {
+    // A resumed connection gets no new hello: the upgrade itself is the server's yes. A refusal is a
+    // fresh hello right away, so `resumed: true` is reported only after the first event or
+    // `RESUME_SETTLE` of silence, never before a refusal that turns it into `resumed: false`.
+    let mut resume_unconfirmed = resume.can_resume();
+    if resume_unconfirmed {
         greeted = true;
         backoff.reset();
-        if !send(WsUpdate::Connected {
+    }
+    let confirm_resume = |unconfirmed: &mut bool| {
+        if !std::mem::take(unconfirmed) {
+            return true;
+        }
+        send(WsUpdate::Connected {
             resumed: true,
             server_version: String::new(),
-        }) {
-            return End::Stopped;
-        }
-    }
+        })
+    };
     let mut last_heard = Instant::now();
     let mut last_ping = Instant::now();
     loop {
@@ -230,11 +238,13 @@ fn session(
                     server_version,
                 } = &event
                 {
-                    // A hello means a new server-side connection: whatever was buffered is gone.
+                    // A hello means a new server-side connection: whatever was buffered is gone,
+                    // and the sequence starts again from the hello's.
                     let resumed =
                         !resume.connection_id.is_empty() && *connection_id == resume.connection_id;
                     resume.connection_id = connection_id.clone();
                     resume.last_seq = seq;
+                    resume_unconfirmed = false;
                     greeted = true;
                     backoff.reset();
                     if !send(WsUpdate::Connected {
@@ -247,6 +257,9 @@ fn session(
                 }
                 if !greeted {
                     return End::Lost("an event arrived before the hello".into());
+                }
+                if !confirm_resume(&mut resume_unconfirmed) {
+                    return End::Stopped;
                 }
                 if let Some(seq) = seq {
                     resume.last_seq = Some(seq);
@@ -262,6 +275,12 @@ fn session(
             Err(tungstenite::Error::Io(e))
                 if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
+                if resume_unconfirmed
+                    && opened.elapsed() >= RESUME_SETTLE
+                    && !confirm_resume(&mut resume_unconfirmed)
+                {
+                    return End::Stopped;
+                }
                 if !greeted && opened.elapsed() >= HELLO_TIMEOUT {
                     return End::Lost(
                         "no hello within 5 s after connecting: the token was probably rejected"
@@ -277,6 +296,17 @@ fn session(
                         return End::Lost(format!("ping failed: {e}"));
                     }
                 }
+            }
+            Err(e @ (tungstenite::Error::Capacity(_) | tungstenite::Error::Utf8(_))) => {
+                // The frame was refused before its payload was read (no allocation), which leaves
+                // the stream mid-frame: only a new connection recovers. Not a resumed one, which
+                // would replay the same frame; a fresh one makes the caller catch up over REST.
+                crate::warn!(
+                    "skipped a websocket frame the bridge cannot read ({e}); reconnecting and \
+                     catching up over REST"
+                );
+                *resume = Resume::default();
+                return End::Lost(format!("unreadable frame: {e}"));
             }
             Err(e) => return End::Lost(e.to_string()),
         }

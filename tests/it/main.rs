@@ -7,6 +7,7 @@ mod support;
 mod check;
 mod cli;
 mod control;
+mod delivery;
 mod e2e;
 mod faults;
 mod mattermost_api;

@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -203,10 +203,39 @@ pub(super) fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream) {
             }
             Err(BodyError::Io) => return,
         };
+        match take_response_fault(&shared) {
+            Some(ResponseFault::Lose) => {
+                log_request(&shared, &request, 0, &context);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            Some(ResponseFault::Delay(delay)) => std::thread::sleep(delay),
+            None => {}
+        }
         if !finish(&shared, &mut stream, &request, &context, response) {
             return;
         }
     }
+}
+
+enum ResponseFault {
+    Lose,
+    Delay(Duration),
+}
+
+/// `lose_next` first, then `delay_next`: each counts down once per handled REST request.
+fn take_response_fault(shared: &Shared) -> Option<ResponseFault> {
+    shared.update(|state| {
+        if state.lose_next > 0 {
+            state.lose_next -= 1;
+            return Some(ResponseFault::Lose);
+        }
+        let (count, delay) = state.delay_next;
+        (count > 0).then(|| {
+            state.delay_next.0 -= 1;
+            ResponseFault::Delay(delay)
+        })
+    })
 }
 
 /// The middleware before any handler: request id, token, rate limit (Mattermost wraps its whole

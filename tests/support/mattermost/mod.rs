@@ -358,6 +358,46 @@ impl FakeMattermost {
         self.shared.update(|state| state.fail_next = (n, status));
     }
 
+    /// The next `n` REST requests are handled (a post is stored), then the connection is closed
+    /// without an answer: a response lost on the way back. Logged with status 0.
+    pub fn lose_next_responses(&self, n: u32) {
+        self.shared.update(|state| state.lose_next = n);
+    }
+
+    /// The next `n` REST requests are handled, then answered only after `delay`: a server slower
+    /// than the client's timeout.
+    pub fn delay_next_responses(&self, n: u32, delay: Duration) {
+        self.shared.update(|state| state.delay_next = (n, delay));
+    }
+
+    /// How many posts were created (not answered from the de-duplication cache) with this
+    /// `pending_post_id`.
+    pub fn posts_created_with_pending_id(&self, pending_post_id: &str) -> u32 {
+        self.shared
+            .lock()
+            .created_per_pending_id
+            .get(pending_post_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every `pending_post_id` that created more than one post: must stay empty.
+    pub fn duplicated_pending_ids(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .created_per_pending_id
+            .iter()
+            .filter(|(_, count)| **count > 1)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Sends `raw` as one text frame, as it is, to every connected websocket (malformed JSON,
+    /// unknown events, oversized frames); the number of connections it went to.
+    pub fn inject_ws_frame(&self, raw: &str) -> usize {
+        self.shared.update(|state| state.inject_ws_frame(raw))
+    }
+
     /// Closes every websocket's TCP connection at once, without a close frame. Reliable sessions
     /// stay resumable.
     pub fn drop_websockets(&self) {

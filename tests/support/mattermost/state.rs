@@ -222,6 +222,12 @@ pub(super) struct State {
     last_post_ms: i64,
     pub(super) limiter: Option<Limiter>,
     pub(super) fail_next: (u32, u16),
+    /// The next `n` REST requests are handled, then their connection is closed without an answer.
+    pub(super) lose_next: u32,
+    /// The next `n` REST requests are handled, then answered only after this delay.
+    pub(super) delay_next: (u32, Duration),
+    /// How many posts were really created (not deduplicated) per non-empty `pending_post_id`.
+    pub(super) created_per_pending_id: HashMap<String, u32>,
     pub(super) reliable_websockets: bool,
     pub(super) max_file_size: u64,
     pub(super) open_websockets: usize,
@@ -263,6 +269,9 @@ impl State {
             last_post_ms: 0,
             limiter: None,
             fail_next: (0, 500),
+            lose_next: 0,
+            delay_next: (0, Duration::ZERO),
+            created_per_pending_id: HashMap::new(),
             reliable_websockets: true,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             open_websockets: 0,
@@ -518,6 +527,10 @@ impl State {
         if !new.pending_post_id.is_empty() {
             self.pending_posts
                 .insert(new.pending_post_id.clone(), (id.clone(), now));
+            *self
+                .created_per_pending_id
+                .entry(new.pending_post_id.clone())
+                .or_default() += 1;
         }
         self.publish_posted(&id, &new.pending_post_id, new.set_online);
         if new.set_online {
@@ -1247,6 +1260,19 @@ impl State {
             },
         );
         Ok(())
+    }
+
+    /// Sends `raw` as a text frame, as it is, to every connected websocket; `seq` is not touched.
+    pub(super) fn inject_ws_frame(&mut self, raw: &str) -> usize {
+        let mut sent = 0;
+        for session in self.sessions.values() {
+            if let Some(sender) = &session.sender
+                && sender.send(WsOut::Frame(raw.to_owned())).is_ok()
+            {
+                sent += 1;
+            }
+        }
+        sent
     }
 
     fn send_hello(&mut self, key: u64) {
