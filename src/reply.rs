@@ -95,6 +95,16 @@ pub fn reply_body(parts: &[&Part], children: &[&ChildSummary], working: Option<&
     blocks.join("\n\n")
 }
 
+/// What a reply post says when the bridge stopped while it was streaming.
+pub const INTERRUPTED_NOTE: &str = "_⏸️ opencode-mattermost stopped while this reply was streaming; the session goes on in OpenCode._";
+
+/// Whether a reply post was cut off mid-stream: it still ends with its status line, or says the bridge
+/// stopped. After a restart such a post is finished in place rather than left behind.
+pub fn is_unfinished_reply(text: &str) -> bool {
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or("");
+    (last.starts_with("_⏳ ") && last.ends_with('_')) || last == INTERRUPTED_NOTE
+}
+
 /// `🔧 bash · echo hi · ✓ 0.3s`
 pub fn tool_line(call: &ToolCall) -> String {
     let argument = one_line(&call.main_argument);
@@ -205,6 +215,21 @@ fn inline_code(text: &str) -> String {
         format!("`` {text} ``")
     } else {
         format!("`{text}`")
+    }
+}
+
+#[cfg(test)]
+mod unfinished_tests {
+    use super::*;
+
+    #[test]
+    fn unfinished_replies_are_recognised_by_their_last_block() {
+        assert!(is_unfinished_reply("Half an answer\n\n_⏳ working…_"));
+        assert!(is_unfinished_reply(&format!("Half\n\n{INTERRUPTED_NOTE}")));
+        assert!(!is_unfinished_reply("A finished answer."));
+        assert!(!is_unfinished_reply(
+            "_⏳ working…_ is mentioned\n\nbut the answer goes on"
+        ));
     }
 }
 

@@ -34,6 +34,17 @@ pub fn find_thread_root(
     Ok(pick_root(list.posts.into_values(), user_id, session_id))
 }
 
+/// A thread's posts, root included, oldest first (`GET /posts/{id}/thread`).
+pub fn thread_posts(client: &MattermostClient, root_id: &str) -> Result<Vec<Post>, MmError> {
+    let path = format!("/posts/{}/thread", percent_encode(root_id));
+    let text = client.call("GET", &path, None)?;
+    let list: PostList =
+        serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))?;
+    let mut posts: Vec<Post> = list.posts.into_values().collect();
+    posts.sort_by_key(|p| p.create_at);
+    Ok(posts)
+}
+
 fn pick_root(posts: impl Iterator<Item = Post>, user_id: &str, session_id: &str) -> Option<Post> {
     posts
         .filter(|p| p.user_id == user_id && p.root_id.is_empty())

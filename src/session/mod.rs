@@ -210,6 +210,7 @@ struct Worker {
     report: Box<dyn Fn(Report) + Send>,
     find_root_since: Option<u64>,
     delivery: Delivery,
+    looked_for_cut_off: bool,
     /// OpenCode could not be reached; queued prompts wait for it.
     server_down: bool,
     /// The thread was told OpenCode is unreachable (by the router's notice or a refused prompt).
@@ -237,6 +238,7 @@ impl Worker {
         Worker {
             report,
             find_root_since: setup.find_root_since,
+            looked_for_cut_off: false,
             delivery: setup.delivery,
             server_down: false,
             told_down: false,
@@ -662,7 +664,11 @@ impl Worker {
     fn send_reply(&mut self, body: &str, last: bool) {
         let short = short_id(&self.key.session_id).to_string();
         if self.reply.posts.is_empty()
-            && let Some(id) = self.delivery.streaming_post_id.take()
+            && let Some(id) = self
+                .delivery
+                .streaming_post_id
+                .take()
+                .or_else(|| self.find_cut_off_reply())
         {
             // A reply cut off by a restart goes on in its own post.
             self.reply.posts.push(SentPost {
@@ -781,6 +787,27 @@ impl Worker {
         });
     }
 
+    /// A reply cut off by a crash before its post id was saved: the thread's last bot post, when it
+    /// still shows a streaming reply. Looked for once per worker, on its first reply.
+    fn find_cut_off_reply(&mut self) -> Option<String> {
+        if std::mem::replace(&mut self.looked_for_cut_off, true) {
+            return None;
+        }
+        let posts =
+            match crate::mattermost::search::thread_posts(&self.mattermost, &self.root_post_id) {
+                Ok(posts) => posts,
+                Err(e) => {
+                    crate::debug!("[{}] thread not read: {e}", self.short());
+                    return None;
+                }
+            };
+        let last = posts
+            .iter()
+            .rev()
+            .find(|p| p.user_id == self.bot_user_id && p.id != self.root_post_id)?;
+        reply::is_unfinished_reply(&last.message).then(|| last.id.clone())
+    }
+
     /// After the bridge was away: the answers OpenCode finished meanwhile, shown as one reply.
     fn catch_up(&mut self) {
         if self.tracker.is_running() {
@@ -837,10 +864,7 @@ impl Worker {
         if self.reply.posts.is_empty() {
             return;
         }
-        let body = format!(
-            "{}\n\n_⏸️ opencode-mattermost stopped while this reply was streaming; the session goes on in OpenCode._",
-            turn.body(false)
-        );
+        let body = format!("{}\n\n{}", turn.body(false), reply::INTERRUPTED_NOTE);
         self.send_reply(&body, true);
     }
 

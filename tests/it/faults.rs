@@ -226,3 +226,128 @@ fn opencode_restarted_mid_turn_gets_notices_and_queued_prompts_are_delivered() {
     );
     assert_nothing_left_working(&world, &root);
 }
+
+/// A session with a streaming reply held at a gate: `(root, gate)`.
+fn streaming_session(world: &World, title: &str, trigger: &str) -> (Post, Gate) {
+    let (id, _) = world.new_session(title);
+    let root = world.wait_root(&id);
+    let gate = Gate::new();
+    world.llm.script(
+        trigger,
+        vec![vec![
+            text(&format!("{trigger}: beginning.")),
+            Step::Gate(gate.clone()),
+            text(&format!(" {trigger}: the end.")),
+        ]],
+    );
+    world.owner_says(&root.id, trigger);
+    world.wait_bot_post(&root.id, "partial reply", |p| {
+        p.message.contains(&format!("{trigger}: beginning."))
+    });
+    (root, gate)
+}
+
+/// The reply is whole in one post, with one completion line, nothing stuck and nothing duplicated.
+fn assert_completed_once(world: &World, root: &Post, trigger: &str) {
+    let end = format!("{trigger}: the end.");
+    world.wait_bot_post(&root.id, "completed reply", |p| p.message.contains(&end));
+    wait_for("one completion line", SOON, || {
+        !completion_lines(world, root).is_empty()
+    });
+    assert_eq!(completion_lines(world, root).len(), 1);
+    assert_eq!(
+        bot_posts_containing(world, root, &format!("{trigger}: beginning.")).len(),
+        1,
+        "the reply was posted twice"
+    );
+    assert_nothing_left_working(world, root);
+    assert!(
+        world.mattermost.duplicated_pending_ids().is_empty(),
+        "a retried create made a second post"
+    );
+}
+
+#[test]
+fn a_websocket_gap_without_replay_loses_no_prompt_and_the_reply_completes() {
+    let world = World::started();
+    // Like Mattermost before 5.36's reliable websockets: a reconnect replays nothing.
+    world.mattermost.set_reliable_websockets(false);
+    let (root, gate) = streaming_session(&world, "Websocket gap", "gap stream");
+    world.mattermost.drop_websockets();
+    // Sent while the bridge is between connections: only the REST catch-up can find them.
+    world.owner_says(&root.id, "sent in the gap one");
+    world.owner_says(&root.id, "sent in the gap two");
+    gate.open();
+    assert_completed_once(&world, &root, "gap stream");
+    for prompt in ["sent in the gap one", "sent in the gap two"] {
+        world.wait_bot_post(&root.id, "answer to a gap prompt", |p| {
+            p.message.contains(&format!("echo: {prompt}"))
+        });
+    }
+    let prompts = world.prompts_seen_by_llm();
+    for prompt in ["sent in the gap one", "sent in the gap two"] {
+        assert_eq!(
+            prompts.iter().filter(|p| p.contains(prompt)).count(),
+            1,
+            "{prompts:?}"
+        );
+    }
+}
+
+#[test]
+fn mattermost_down_for_30_seconds_then_the_replies_arrive() {
+    let world = World::started();
+    let (root, gate) = streaming_session(&world, "Mattermost outage", "outage stream");
+    world.mattermost.set_down(true);
+    // The turn finishes while nothing can be posted.
+    gate.open();
+    std::thread::sleep(Duration::from_secs(30));
+    world.mattermost.set_down(false);
+    assert_completed_once(&world, &root, "outage stream");
+    world.owner_says(&root.id, "after the outage");
+    world.wait_bot_post(&root.id, "echo", |p| {
+        p.message.contains("echo: after the outage")
+    });
+}
+
+#[test]
+fn twenty_503s_during_a_stream_lose_nothing() {
+    let world = World::started();
+    let (root, gate) = streaming_session(&world, "503s", "flaky stream");
+    world.mattermost.fail_next(20, 503);
+    gate.open();
+    assert_completed_once(&world, &root, "flaky stream");
+    let failed = world
+        .mattermost
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503)
+        .count();
+    assert_eq!(failed, 20, "the faults were not all injected");
+}
+
+#[test]
+fn a_429_storm_delays_but_loses_nothing() {
+    let world = World::started();
+    let mut sessions = Vec::new();
+    for n in 0..3 {
+        sessions.push(streaming_session(
+            &world,
+            &format!("Storm {n}"),
+            &format!("storm stream {n}"),
+        ));
+    }
+    world
+        .mattermost
+        .set_rate_limit(Some(crate::support::mattermost::RateLimit {
+            per_second: 2,
+            burst: 2,
+        }));
+    for (_, gate) in &sessions {
+        gate.open();
+    }
+    for (n, (root, _)) in sessions.iter().enumerate() {
+        assert_completed_once(&world, root, &format!("storm stream {n}"));
+    }
+    world.mattermost.set_rate_limit(None);
+}
