@@ -9,3 +9,4 @@ mod control;
 mod e2e;
 mod mattermost_api;
 mod opencode_api;
+mod properties;
