@@ -4,7 +4,7 @@ CARGO ?= cargo
 # End-to-end tests mostly wait on servers, so more of them than cores can run at once.
 TEST_THREADS ?= 4
 
-.PHONY: build release test lint run opencode clean
+.PHONY: build release test lint run opencode clean fuzz
 
 build:
 	$(CARGO) build
@@ -16,6 +16,12 @@ release:
 test: opencode
 	OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)" \
 		$(CARGO) test --all-targets -- --test-threads $(TEST_THREADS)
+
+# The property tests of tests/it/properties.rs, long: each random property for FUZZ_SECONDS (15 of them,
+# two at a time: about a minute). FUZZ_SEED=n explores other cases; a failure prints its seed.
+FUZZ_SECONDS ?= 8
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --test it properties:: -- --test-threads 2
 
 opencode:
 	@bash tests/install-opencode.sh $(OPENCODE_VERSION) >/dev/null

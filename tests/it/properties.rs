@@ -672,6 +672,22 @@ fn sse_size_limit_holds_and_drops_only_oversized_events() {
     );
 }
 
+/// Found by `sse_size_limit_holds_and_drops_only_oversized_events`: an `id:` line inside an event
+/// dropped for its size was ignored, so later events carried a stale id.
+#[test]
+fn sse_id_inside_a_dropped_event_still_sets_the_last_id() {
+    let big = "x".repeat(100);
+    let stream = format!(
+        "id: 1\ndata: a\n\ndata: {big}\nid: 2\n\ndata: b\n\ndata: {big}\nid\n\ndata: c\n\n"
+    );
+    let events = SseParser::new(10).feed(stream.as_bytes());
+    let ids: Vec<(&str, Option<&str>)> = events
+        .iter()
+        .map(|e| (e.data.as_str(), e.id.as_deref()))
+        .collect();
+    assert_eq!(ids, [("a", Some("1")), ("b", Some("2")), ("c", None)]);
+}
+
 #[test]
 fn sse_line_ends_lf_crlf_and_cr_are_interchangeable() {
     run_cases(
