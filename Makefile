@@ -21,7 +21,7 @@ test: opencode
 # two at a time: about a minute). FUZZ_SEED=n explores other cases; a failure prints its seed.
 FUZZ_SECONDS ?= 8
 fuzz:
-	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --test it properties:: -- --test-threads 2
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --test it properties:: -- --test-threads 2 --nocapture
 
 opencode:
 	@bash tests/install-opencode.sh $(OPENCODE_VERSION) >/dev/null
