@@ -21,7 +21,7 @@ use opencode_mattermost::files::checked_relative_path;
 use opencode_mattermost::mattermost::{WsEvent, decode_ws_frame};
 use opencode_mattermost::opencode::sse::{SseEvent, SseParser};
 use opencode_mattermost::opencode::{Event, Question, QuestionOption, decode, decode_global_event};
-use opencode_mattermost::render::split_post;
+use opencode_mattermost::render::{MAX_POST_CHARS, split_post};
 
 // =========================================================================================================
 // Case runner and generator
@@ -1557,18 +1557,48 @@ fn posts_explain_text(text: &str, posts: &[String]) -> bool {
     false
 }
 
+/// The checkers the split properties rely on do reject lost text and open fences.
+#[test]
+fn split_checkers_catch_lost_text_and_open_fences() {
+    let posts = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(posts_explain_text("abcd", &posts(&["ab", "c d"])));
+    assert!(!posts_explain_text("abcd", &posts(&["ab", "d"])));
+    assert!(!posts_explain_text("abcd", &posts(&["ab", "cde"])));
+    // Text "```\nx\n1\n2" split inside its fence: the closer and reopener are not text.
+    assert!(posts_explain_text(
+        "```x12",
+        &posts(&["```\nx\n1\n```", "```\n2"])
+    ));
+    assert!(!posts_explain_text("x12", &posts(&["x\n1\nzz", "2"])));
+    assert_eq!(
+        open_fence_after("```rust\ncode".split('\n')),
+        Some(('`', 3))
+    );
+    assert_eq!(open_fence_after("~~~~\n~~~\n~~~~ ".split('\n')), None);
+    assert_eq!(open_fence_after("``` a`b\ntext".split('\n')), None);
+}
+
 #[test]
 fn split_posts_fit_the_limit_keep_the_text_and_balance_fences() {
     run_cases(
         "split_posts_fit_the_limit_keep_the_text_and_balance_fences",
         400,
         |rng| {
-            let text = if rng.one_in(4) {
-                random_text(rng, 80)
-            } else {
-                random_markdown(rng)
+            let mut limit = rng.pick(&[0, 1, 2, 7, 40, 60, 100, 300, 1000, MAX_POST_CHARS]);
+            let text = match rng.below(30) {
+                0..=6 => random_text(rng, 80),
+                7 => {
+                    // A 100 KB reply, split as the bridge does.
+                    limit = MAX_POST_CHARS;
+                    let mut text = String::new();
+                    while text.len() < 100_000 {
+                        text.push_str(&random_markdown(rng));
+                        text.push('\n');
+                    }
+                    text
+                }
+                _ => random_markdown(rng),
             };
-            let limit = rng.pick(&[0, 1, 2, 7, 40, 60, 100, 300, 1000, 16383]);
             let posts = split_post(&text, limit);
             let context = || format!("limit {limit}, text {text:?}, posts {posts:#?}");
             for post in &posts {
