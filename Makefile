@@ -11,7 +11,7 @@ STATIC_BINARY := target/$(STATIC_TARGET)/release/opencode-mattermost
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 OPENCODE_BIN_CMD = OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)"
 
-.PHONY: build release static static-check demo test lint run opencode clean
+.PHONY: build release static static-check demo test lint run opencode clean fuzz
 
 build:
 	$(CARGO) build
@@ -40,6 +40,12 @@ static-check: static opencode
 # printed as a reader would see it in Mattermost.
 demo: opencode
 	$(OPENCODE_BIN_CMD) $(CARGO) test --test demo
+
+# The property tests of tests/it/properties.rs, long: each random property for FUZZ_SECONDS (15 of them,
+# two at a time: about a minute). FUZZ_SEED=n explores other cases; a failure prints its seed.
+FUZZ_SECONDS ?= 8
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --test it properties:: -- --test-threads 2 --nocapture
 
 opencode:
 	@bash tests/install-opencode.sh $(OPENCODE_VERSION) >/dev/null

@@ -198,6 +198,12 @@ pub fn checked_relative_path(requested: &str) -> Result<String, PathRefusal> {
     if parts.is_empty() {
         return Err(refuse("the path names the directory itself, not a file"));
     }
+    // Checked again once `.` is gone: "./~/x" must not become the home-relative "~/x".
+    if parts[0].starts_with('~') {
+        return Err(refuse(
+            "only paths inside the session's directory can be read, and this one is absolute",
+        ));
+    }
     Ok(parts.join("/"))
 }
 

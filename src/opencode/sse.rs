@@ -144,7 +144,7 @@ impl SseParser {
         if line.is_empty() {
             return self.dispatch();
         }
-        if self.discarding_event || line[0] == b':' {
+        if line[0] == b':' {
             return None;
         }
         let (name, value) = match line.iter().position(|&b| b == b':') {
@@ -154,8 +154,9 @@ impl SseParser {
             }
             None => (line, &[][..]),
         };
+        // A dropped event loses its data and type, but its `id` still marks the stream's position.
         match name {
-            b"data" => {
+            b"data" if !self.discarding_event => {
                 self.data.push_str(&String::from_utf8_lossy(value));
                 self.data.push('\n');
                 // The data buffer holds one `\n` more than the event's data.
@@ -163,7 +164,9 @@ impl SseParser {
                     self.drop_event();
                 }
             }
-            b"event" => self.event_type = String::from_utf8_lossy(value).into_owned(),
+            b"event" if !self.discarding_event => {
+                self.event_type = String::from_utf8_lossy(value).into_owned()
+            }
             b"id" if !value.contains(&0) => {
                 self.last_event_id = match value {
                     [] => None,

@@ -12,6 +12,7 @@ mod e2e;
 mod faults;
 mod mattermost_api;
 mod opencode_api;
+mod properties;
 mod static_binary;
 mod status;
 mod tls;
