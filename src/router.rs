@@ -676,21 +676,34 @@ impl Router {
     /// `catchup_max_age` are not run; the owner gets one notice listing them.
     fn catch_up_posts(&mut self) {
         let dm = self.identity.dm_channel_id.clone();
-        let cursor = self.state.mattermost.last_post_id.clone();
-        if cursor.is_empty() {
+        let cursor = self.state.mattermost.clone();
+        if cursor.last_post_id.is_empty() && cursor.last_post_at == 0 {
             // First start on this state: nothing before now is owed an answer.
             match self.mattermost.latest_post(&dm) {
-                Ok(Some(latest)) => {
-                    self.state.mattermost.last_post_id = latest.id;
-                    self.state.mattermost.last_post_at = latest.create_at;
+                Ok(latest) => {
+                    let (id, at) = latest.map_or_else(
+                        || (String::new(), crate::log::now_ms() as i64),
+                        |p| (p.id, p.create_at),
+                    );
+                    self.state.mattermost.last_post_id = id;
+                    self.state.mattermost.last_post_at = at;
                     self.save();
                 }
-                Ok(None) => {}
                 Err(e) => crate::warn!("cannot read the DM's latest post: {e}"),
             }
             return;
         }
-        let posts = match self.mattermost.posts_after(&dm, &cursor, 200) {
+        let listed = if cursor.last_post_id.is_empty() {
+            // The DM was empty at the first start: no post to page from yet, only a time.
+            crate::mattermost::search::posts_since(
+                &self.mattermost,
+                &dm,
+                cursor.last_post_at as u64,
+            )
+        } else {
+            self.mattermost.posts_after(&dm, &cursor.last_post_id, 200)
+        };
+        let posts = match listed {
             Ok(posts) => posts,
             Err(e) => {
                 crate::warn!(

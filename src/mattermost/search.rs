@@ -34,6 +34,29 @@ pub fn find_thread_root(
     Ok(pick_root(list.posts.into_values(), user_id, session_id))
 }
 
+/// The channel's posts changed since `since_ms`, oldest first. Only for a cursor that has no post
+/// to page from yet (an empty DM): `since` can miss posts, so `posts_after` is used whenever it can be.
+pub fn posts_since(
+    client: &MattermostClient,
+    channel_id: &str,
+    since_ms: u64,
+) -> Result<Vec<Post>, MmError> {
+    let path = format!(
+        "/channels/{}/posts?since={since_ms}",
+        percent_encode(channel_id)
+    );
+    let text = client.call("GET", &path, None)?;
+    let list: PostList =
+        serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))?;
+    let mut posts: Vec<Post> = list
+        .posts
+        .into_values()
+        .filter(|p| p.create_at > since_ms as i64)
+        .collect();
+    posts.sort_by_key(|p| p.create_at);
+    Ok(posts)
+}
+
 /// A thread's posts, root included, oldest first (`GET /posts/{id}/thread`).
 pub fn thread_posts(client: &MattermostClient, root_id: &str) -> Result<Vec<Post>, MmError> {
     let path = format!("/posts/{}/thread", percent_encode(root_id));

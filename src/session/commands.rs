@@ -413,7 +413,7 @@ impl Worker {
         self.attach(&name, &content.bytes, &format!("📎 `{relative}`"));
     }
 
-    fn refuse_large(&self, relative: &str, size: u64) {
+    fn refuse_large(&mut self, relative: &str, size: u64) {
         self.post_notice(&format!(
             "🚫 `{relative}` is {size} bytes, over the {} byte limit (OPENCODE_MM_MAX_FILE_SIZE).",
             self.max_file_size

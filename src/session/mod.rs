@@ -662,6 +662,16 @@ impl Worker {
     /// Makes the reply posts show `body`: edits the posts that changed, adds continuation posts, and
     /// at the end removes posts the final text no longer needs.
     fn send_reply(&mut self, body: &str, last: bool) {
+        if !self.try_send_reply(body, last) && self.recreate_root() {
+            // The old thread went with its root: the whole reply goes into the new one.
+            self.reply.posts.clear();
+            self.try_send_reply(body, last);
+        }
+        self.reply.last_sent = Some(Instant::now());
+    }
+
+    /// `send_reply`'s work; false when the thread's root has been deleted.
+    fn try_send_reply(&mut self, body: &str, last: bool) -> bool {
         let short = short_id(&self.key.session_id).to_string();
         if self.reply.posts.is_empty()
             && let Some(id) = self
@@ -698,6 +708,7 @@ impl Worker {
                                     text: chunk,
                                 }
                             }
+                            Err(e) if root_deleted(&e) => return false,
                             Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
                         }
                     }
@@ -721,6 +732,7 @@ impl Worker {
                             text: chunk,
                         })
                     }
+                    Err(e) if root_deleted(&e) => return false,
                     Err(e) => {
                         crate::warn!("[{short}] reply post failed: {e}");
                         break;
@@ -735,7 +747,26 @@ impl Worker {
                 }
             }
         }
-        self.reply.last_sent = Some(Instant::now());
+        true
+    }
+
+    /// The thread's root was deleted (and its replies with it): the session gets a new thread.
+    fn recreate_root(&mut self) -> bool {
+        crate::warn!(
+            "[{}] the thread root {} was deleted; starting a new thread",
+            self.short(),
+            self.root_post_id
+        );
+        self.root_post_id.clear();
+        self.find_root_since = None;
+        self.todo_post = None;
+        if !self.create_root() {
+            return false;
+        }
+        self.post_notice(
+            "🧵 This session's earlier thread was deleted, so it goes on here. Reply here to reach it.",
+        );
+        true
     }
 
     fn finish_turn(&mut self) {
@@ -889,13 +920,18 @@ impl Worker {
     }
 
     /// Posts in the thread, split when long. Returns the id of the first post, if it was accepted.
-    fn post_notice(&self, message: &str) -> Option<String> {
+    fn post_notice(&mut self, message: &str) -> Option<String> {
         let mut first = None;
         for chunk in split_post(message, MAX_POST_CHARS) {
-            match self
-                .mattermost
-                .create_post(&self.channel_id, &self.root_post_id, &chunk, None)
-            {
+            let mut posted =
+                self.mattermost
+                    .create_post(&self.channel_id, &self.root_post_id, &chunk, None);
+            if posted.as_ref().is_err_and(root_deleted) && self.recreate_root() {
+                posted =
+                    self.mattermost
+                        .create_post(&self.channel_id, &self.root_post_id, &chunk, None);
+            }
+            match posted {
                 Ok(post) => {
                     first.get_or_insert(post.id);
                 }
@@ -917,4 +953,13 @@ impl Worker {
             crate::warn!("[{}] post {post_id} not updated: {e}", self.short());
         }
     }
+}
+
+/// Mattermost refuses a reply whose root no longer exists with this error.
+fn root_deleted(error: &crate::mattermost::rest::MmError) -> bool {
+    matches!(
+        error,
+        crate::mattermost::rest::MmError::Http { status: 400, id, .. }
+            if id == "api.post.create_post.root_id.app_error"
+    )
 }

@@ -165,6 +165,23 @@ impl World {
     }
 }
 
+/// Waits until some request to the LLM contains `needle`.
+pub(crate) fn wait_until_llm_saw(world: &World, needle: &str) {
+    let deadline = Instant::now() + SOON;
+    while Instant::now() < deadline {
+        if world
+            .llm
+            .requests()
+            .iter()
+            .any(|r| r.to_string().contains(needle))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the LLM never saw {needle:?}");
+}
+
 pub(crate) fn last_user_text(request: &Value) -> Option<String> {
     let messages = request["messages"].as_array()?;
     let user = messages.iter().rev().find(|m| m["role"] == "user")?;

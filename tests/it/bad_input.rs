@@ -1,0 +1,180 @@
+//! Bad input, end to end: none of it panics, stalls other sessions or loses data. The pure decoders
+//! and parsers are fuzzed in `properties.rs`; here the running bridge meets the bad input.
+
+use serde_json::json;
+
+use crate::e2e::World;
+
+/// A prompt in the thread still gets its answer: the bridge came through whatever happened before.
+fn still_answers(world: &World, root_id: &str, prompt: &str) {
+    world.owner_says(root_id, prompt);
+    world.wait_bot_post(root_id, "echo after bad input", |p| {
+        p.message.contains(&format!("echo: {prompt}"))
+    });
+}
+
+#[test]
+fn malformed_unknown_and_oversized_websocket_frames_are_skipped() {
+    let world = World::started();
+    let (id, _) = world.new_session("Bad frames");
+    let root = world.wait_root(&id);
+    let frames = [
+        "{not json at all".to_string(),
+        r#"{"event":"a_brand_new_event","data":{"x":1},"broadcast":{},"seq":9000}"#.to_string(),
+        // A `posted` event whose post is not valid JSON, and one with a lone surrogate escape.
+        r#"{"event":"posted","data":{"post":"{\"id\":"},"broadcast":{},"seq":9001}"#.to_string(),
+        r#"{"event":"posted","data":{"post":"{\"id\":\"x\",\"message\":\"\\ud800\"}"},"broadcast":{},"seq":9002}"#
+            .to_string(),
+        // Over the reader's frame limit.
+        format!(r#"{{"event":"posted","data":{{"post":"{}"}}}}"#, "x".repeat(5 * 1024 * 1024)),
+    ];
+    for frame in &frames {
+        assert!(
+            world.mattermost.inject_ws_frame(frame) > 0,
+            "no websocket to inject into"
+        );
+    }
+    still_answers(&world, &root.id, "after the bad frames");
+}
+
+#[test]
+fn a_hundred_kilobyte_prompt_in_an_event_reaches_the_session_whole() {
+    let world = World::started();
+    let (id, _) = world.new_session("Huge prompt");
+    let root = world.wait_root(&id);
+    // Mattermost itself caps posts at 16383 characters; an event can still carry more (a plugin, a
+    // changed limit), and the bridge must pass it on whole rather than cut or choke on it.
+    // A short answer: echoing 100 KB back would only measure the fake LLM's streaming.
+    world.llm.script(
+        "HUGE-START",
+        vec![vec![crate::e2e::text("Got the huge prompt.")]],
+    );
+    let message = format!(
+        "HUGE-START {} HUGE-END",
+        "lorem ipsum ".repeat(100 * 1024 / 12)
+    );
+    let post = json!({
+        "id": "hugepost0000000000000000ab",
+        "create_at": 1,
+        "user_id": world.mattermost.owner().id,
+        "channel_id": world.dm,
+        "root_id": root.id,
+        "message": message,
+        "type": "",
+    });
+    let frame = json!({
+        "event": "posted",
+        "data": {"post": post.to_string(), "channel_type": "D"},
+        "broadcast": {"channel_id": world.dm},
+        "seq": 9100,
+    });
+    world.mattermost.inject_ws_frame(&frame.to_string());
+    crate::e2e::wait_until_llm_saw(&world, "HUGE-END");
+    let longest = world
+        .prompts_seen_by_llm()
+        .into_iter()
+        .find(|p| p.contains("HUGE-START"))
+        .expect("the huge prompt");
+    assert!(
+        longest.len() >= 100 * 1024 - 64,
+        "cut to {} bytes",
+        longest.len()
+    );
+    still_answers(&world, &root.id, "after the huge prompt");
+}
+
+#[test]
+fn reactions_on_unknown_posts_do_nothing_harmful() {
+    let world = World::started();
+    let (id, _) = world.new_session("Stray reactions");
+    let root = world.wait_root(&id);
+    let owner = world.mattermost.owner().id;
+    // The owner's own main-DM message and the bot's answer to it belong to no session.
+    let stray = world
+        .mattermost
+        .post_as(&owner, &world.dm, "", "just chatting")
+        .expect("post accepted");
+    let answer = world.wait_bot_post("", "main-DM answer", |_| true);
+    for (post, emoji) in [
+        (&stray.id, "octagonal_sign"),
+        (&stray.id, "repeat"),
+        (&answer.id, "white_check_mark"),
+        (&answer.id, "one"),
+    ] {
+        world
+            .mattermost
+            .react_as(&owner, post, emoji)
+            .expect("reaction accepted");
+    }
+    // A reaction in a channel the bot is not part of never reaches a session.
+    let other = world.mattermost.create_channel("elsewhere", &[&owner]);
+    let elsewhere = world
+        .mattermost
+        .post_as(&owner, &other, "", "not the DM")
+        .expect("post accepted");
+    world
+        .mattermost
+        .react_as(&owner, &elsewhere.id, "octagonal_sign")
+        .expect("reaction accepted");
+    still_answers(&world, &root.id, "after stray reactions");
+    assert_eq!(
+        world.prompts_seen_by_llm(),
+        vec!["after stray reactions"],
+        "a stray 🔁 resent something"
+    );
+}
+
+#[test]
+fn a_deleted_thread_root_gives_the_session_a_new_thread() {
+    let world = World::started();
+    let (id, _) = world.new_session("Root deleted");
+    let root = world.wait_root(&id);
+    still_answers(&world, &root.id, "before the deletion");
+    world
+        .mattermost
+        .delete_as(&world.mattermost.bot().id, &root.id)
+        .expect("root deleted");
+    // The session goes on from a terminal; its answer must land somewhere the owner sees.
+    world.opencode.prompt(
+        &id,
+        world.opencode.project_dir(),
+        "from the terminal after deletion",
+    );
+    let new_root = world
+        .mattermost
+        .wait_until(crate::support::SOON, |view| {
+            view.posts_in(&world.dm).into_iter().find(|p| {
+                p.root_id.is_empty() && p.id != root.id && p.props["opencode_session_id"] == id
+            })
+        })
+        .expect("a new thread root");
+    world.wait_bot_post(&new_root.id, "the answer in the new thread", |p| {
+        p.message.contains("echo: from the terminal after deletion")
+    });
+    still_answers(&world, &new_root.id, "in the new thread");
+}
+
+#[test]
+fn a_thread_naming_a_session_the_bridge_does_not_know_is_refused_clearly() {
+    let world = World::started();
+    let bot = world.mattermost.bot();
+    // A root that looks like a session thread, for a session id in no state file and on no server.
+    let body = json!({
+        "channel_id": world.dm,
+        "message": "an old thread",
+        "props": {"opencode_session_id": "ses_notinthestatefile00000", "opencode_server": world.opencode.url()},
+    });
+    let mut response = ureq::post(&format!("{}/api/v4/posts", world.mattermost.url()))
+        .header("Authorization", &format!("Bearer {}", bot.token))
+        .header("Content-Type", "application/json")
+        .send(body.to_string().as_bytes())
+        .expect("root accepted");
+    let root: serde_json::Value =
+        serde_json::from_str(&response.body_mut().read_to_string().expect("body")).expect("json");
+    let root_id = root["id"].as_str().expect("root id").to_string();
+    world.owner_says(&root_id, "hello stranger thread");
+    world.wait_bot_post(&root_id, "refusal", |p| {
+        p.message.contains("not linked to any OpenCode session")
+    });
+    assert!(world.prompts_seen_by_llm().is_empty());
+}
