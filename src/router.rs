@@ -87,6 +87,8 @@ pub struct Router {
     told_down: HashSet<ServerKey>,
     /// Servers whose next snapshot follows a (re)connect: threads catch up on what they missed.
     catch_up_due: HashSet<ServerKey>,
+    /// Owed prompts from before a restart were handed out (once, at the first connect).
+    recovered_prompts: bool,
     websocket_up: bool,
     announced_ready: bool,
     next_worker_id: u64,
@@ -179,6 +181,7 @@ impl Router {
             down_since: HashMap::new(),
             told_down: HashSet::new(),
             catch_up_due: HashSet::new(),
+            recovered_prompts: false,
             websocket_up: false,
             announced_ready: false,
             next_worker_id: 0,
@@ -493,6 +496,12 @@ impl Router {
 
     fn session_ended(&mut self, key: &SessionKey) {
         self.clear_intent(key);
+        if let Some(server) = self.state.servers.get_mut(&key.server.0) {
+            // The worker says in the thread how many were not sent; none is owed any more.
+            server
+                .pending_prompts
+                .retain(|_, p| p.session_id != key.session_id);
+        }
         self.live.remove(key);
         self.parents.remove(key);
         let now = crate::log::now_ms();
@@ -615,6 +624,9 @@ impl Router {
                     "mattermost websocket connected (resumed: {resumed}, server {server_version})"
                 );
                 self.websocket_up = true;
+                if !std::mem::replace(&mut self.recovered_prompts, true) {
+                    self.recover_owed_prompts();
+                }
                 // Even a resumed connection can miss events on some servers: a REST pass after the
                 // cursor is cheap, and duplicates are dropped by post id.
                 self.catch_up_posts();
@@ -794,11 +806,15 @@ impl Router {
                 post_id: post.id,
                 command,
             },
-            None => SessionMsg::Prompt {
-                post_id: post.id,
-                text: post.message,
-                file_ids: post.file_ids.unwrap_or_default(),
-            },
+            None => {
+                self.owe_prompt(&key, &post);
+                SessionMsg::Prompt {
+                    post_id: post.id,
+                    text: post.message,
+                    file_ids: post.file_ids.unwrap_or_default(),
+                    recovered_since_ms: None,
+                }
+            }
         };
         if !self.deliver(&key, message) {
             self.reply(
@@ -849,10 +865,12 @@ impl Router {
                     return;
                 }
                 crate::info!("[{}] prompt {} resent", short_id(&key.session_id), post.id);
+                self.owe_prompt(&key, &post);
                 SessionMsg::Prompt {
                     post_id: post.id,
                     text: post.message,
                     file_ids: post.file_ids.unwrap_or_default(),
+                    recovered_since_ms: None,
                 }
             }
             meaning => SessionMsg::Reaction {
@@ -1172,8 +1190,77 @@ impl Router {
                     post_id,
                     text,
                     file_ids: Vec::new(),
+                    recovered_since_ms: None,
                 },
             );
+        }
+    }
+
+    /// Records a prompt as owed to its session until the worker is done with it, so a crash while
+    /// it waits in a queue does not lose it.
+    fn owe_prompt(&mut self, key: &SessionKey, post: &Post) {
+        self.state
+            .servers
+            .entry(key.server.0.clone())
+            .or_default()
+            .pending_prompts
+            .insert(
+                post.id.clone(),
+                crate::store::PendingPrompt {
+                    session_id: key.session_id.clone(),
+                    create_at: post.create_at,
+                },
+            );
+        self.save();
+    }
+
+    /// Prompts owed from before a restart go to their sessions again, oldest first; a worker
+    /// skips one that OpenCode already has.
+    fn recover_owed_prompts(&mut self) {
+        let mut owed: Vec<(i64, String, SessionKey)> = Vec::new();
+        for (server, state) in &self.state.servers {
+            for (post_id, pending) in &state.pending_prompts {
+                let key = SessionKey {
+                    server: ServerKey(server.clone()),
+                    session_id: pending.session_id.clone(),
+                };
+                owed.push((pending.create_at, post_id.clone(), key));
+            }
+        }
+        owed.sort();
+        for (_, post_id, key) in owed {
+            match self.mattermost.get_post(&post_id) {
+                Ok(post) if post.user_id == self.identity.owner_user_id => {
+                    crate::info!(
+                        "[{}] sending prompt {post_id}, owed since before the restart",
+                        short_id(&key.session_id)
+                    );
+                    self.seen_posts.insert(&post_id);
+                    let since = post.create_at.max(0) as u64;
+                    self.deliver(
+                        &key,
+                        SessionMsg::Prompt {
+                            post_id: post.id,
+                            text: post.message,
+                            file_ids: post.file_ids.unwrap_or_default(),
+                            recovered_since_ms: Some(since),
+                        },
+                    );
+                }
+                Ok(_) | Err(crate::mattermost::rest::MmError::Http { status: 404, .. }) => {
+                    // Deleted by the owner meanwhile: nothing is owed any more.
+                    self.forget_prompt(&key, &post_id);
+                }
+                Err(e) => crate::warn!("owed prompt {post_id} not readable yet: {e}"),
+            }
+        }
+    }
+
+    fn forget_prompt(&mut self, key: &SessionKey, post_id: &str) {
+        if let Some(server) = self.state.servers.get_mut(&key.server.0)
+            && server.pending_prompts.remove(post_id).is_some()
+        {
+            self.save();
         }
     }
 
@@ -1276,6 +1363,7 @@ impl Router {
                 }
             }
             Report::Gone { key } => self.session_ended(&key),
+            Report::PromptDone { key, post_id } => self.forget_prompt(&key, &post_id),
             Report::ReplyStarted { key, post_id } => {
                 if let Some(record) = self.record_mut(&key) {
                     record.streaming_post_id = Some(post_id);

@@ -58,6 +58,18 @@ pub struct ServerState {
     /// so after a crash the bridge looks for that root instead of posting a second one.
     #[serde(default)]
     pub root_intents: BTreeMap<String, u64>,
+    /// Owner prompts accepted from Mattermost but not yet handed to OpenCode (queued behind a
+    /// running turn, or waiting for the server): post id → the session. A restart sends them on.
+    #[serde(default)]
+    pub pending_prompts: BTreeMap<String, PendingPrompt>,
+}
+
+/// A prompt the bridge owes a session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingPrompt {
+    pub session_id: String,
+    /// The post's `create_at` (ms since epoch): recovered prompts go in this order.
+    pub create_at: i64,
 }
 
 /// The Mattermost thread that mirrors one OpenCode session.

@@ -160,7 +160,7 @@ impl Worker {
                 .map(|p| {
                     format!(
                         "> {}",
-                        truncate_chars(p.text.lines().next().unwrap_or(""), 80)
+                        truncate_chars(p.input.text.lines().next().unwrap_or(""), 80)
                     )
                 })
                 .collect();

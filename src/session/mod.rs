@@ -51,6 +51,8 @@ pub enum SessionMsg {
         text: String,
         /// Files attached to the post, sent along as file parts.
         file_ids: Vec<String>,
+        /// Owed from before a restart: skipped if OpenCode already has it.
+        recovered_since_ms: Option<u64>,
     },
     /// A thread command such as `!stop` or `!status`.
     Command {
@@ -91,6 +93,12 @@ pub enum Report {
     /// OpenCode no longer knows the session.
     Gone {
         key: SessionKey,
+    },
+    /// The worker is done with a prompt (sent, answered a question, or refused with a reply); it
+    /// no longer needs sending after a restart.
+    PromptDone {
+        key: SessionKey,
+        post_id: String,
     },
     /// The first post of a reply went out; until `Delivered`, a restart resumes that post.
     ReplyStarted {
@@ -197,7 +205,7 @@ struct Worker {
     root_text: String,
     tracker: Tracker,
     reply: ReplyPosts,
-    queue: VecDeque<PromptInput>,
+    queue: VecDeque<Queued>,
     typing: Sender<WsAction>,
     last_typing: Option<Instant>,
     max_file_size: u64,
@@ -217,6 +225,12 @@ struct Worker {
     told_down: bool,
     /// When to try the queue again while OpenCode is unreachable.
     retry_at: Option<Instant>,
+}
+
+/// A prompt waiting its turn, with the post it came from.
+struct Queued {
+    post_id: String,
+    input: PromptInput,
 }
 
 /// The posts showing the running turn's reply, and when they were last edited.
@@ -270,10 +284,15 @@ impl Worker {
     }
 
     fn run(mut self, inbox: Receiver<SessionMsg>) {
-        if self.root_post_id.is_empty() && !self.create_root() {
+        let recorded = !self.root_post_id.is_empty();
+        if !recorded && !self.create_root() {
             return;
         }
         self.sync_waiting();
+        // Before any new prompt: an answer finished while no worker watched belongs above it.
+        if recorded {
+            self.catch_up();
+        }
         loop {
             let message = match self.next_deadline() {
                 Some(deadline) => match inbox.recv_deadline(deadline) {
@@ -368,7 +387,20 @@ impl Worker {
                 post_id,
                 text,
                 file_ids,
-            } => return self.prompt(post_id, text, file_ids),
+                recovered_since_ms,
+            } => {
+                if let Some(since_ms) = recovered_since_ms
+                    && self.already_sent(&text, since_ms)
+                {
+                    crate::info!(
+                        "[{}] prompt {post_id} reached OpenCode before the restart; not resending",
+                        self.short()
+                    );
+                    self.prompt_done(&post_id);
+                    return true;
+                }
+                return self.prompt(post_id, text, file_ids);
+            }
             SessionMsg::Command { post_id, command } => {
                 crate::debug!("[{}] command from post {post_id}", self.short());
                 self.command(command);
@@ -440,21 +472,26 @@ impl Worker {
         // While a question waits, a plain reply is its answer, as in OpenCode's own UI.
         if file_ids.is_empty() && self.waiting.has_question() {
             self.answer_question_text(&text);
+            self.prompt_done(&post_id);
             return true;
         }
         let files = match self.fetch_attachments(&file_ids) {
             Ok(files) => files,
             Err(problem) => {
                 self.post_notice(&problem);
+                self.prompt_done(&post_id);
                 return true;
             }
         };
         let must_wait = self.tracker.is_running() || !self.queue.is_empty() || self.server_down;
-        self.queue.push_back(PromptInput {
-            text,
-            files,
-            model: None,
-            agent: None,
+        self.queue.push_back(Queued {
+            post_id,
+            input: PromptInput {
+                text,
+                files,
+                model: None,
+                agent: None,
+            },
         });
         if self.server_down && !self.tracker.is_running() {
             let ahead = self.queue.len() - 1;
@@ -482,7 +519,7 @@ impl Worker {
         if self.server_down && self.retry_at.is_some_and(|t| t > Instant::now()) {
             return true;
         }
-        let Some(mut input) = self.queue.pop_front() else {
+        let Some(Queued { post_id, mut input }) = self.queue.pop_front() else {
             return true;
         };
         // The choices in force when the prompt is sent, not when it was queued.
@@ -493,6 +530,7 @@ impl Worker {
             .prompt_with(&self.key.session_id, &self.info.directory, &input)
         {
             Ok(()) => {
+                self.prompt_done(&post_id);
                 self.server_down = false;
                 self.retry_at = None;
                 self.tracker.begin(Instant::now());
@@ -501,7 +539,7 @@ impl Worker {
                 true
             }
             Err(OcError::SessionNotFound(_)) => {
-                self.queue.push_front(input);
+                self.queue.push_front(Queued { post_id, input });
                 self.post_notice(&format!(
                     "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{}",
                     self.unsent_queue_note()
@@ -518,7 +556,7 @@ impl Worker {
                     "[{}] prompt not delivered yet, OpenCode unreachable: {e}",
                     self.short()
                 );
-                self.queue.push_front(input);
+                self.queue.push_front(Queued { post_id, input });
                 self.server_down = true;
                 self.retry_at = Some(Instant::now() + PROMPT_RETRY);
                 if !self.told_down {
@@ -530,6 +568,7 @@ impl Worker {
                 true
             }
             Err(e @ OcError::Unreachable(_)) => {
+                self.prompt_done(&post_id);
                 crate::error!("[{}] prompt may not have been delivered: {e}", self.short());
                 self.post_notice(&format!(
                     "⚠️ OpenCode stopped answering while your message was being sent ({e}), so it may not have arrived. \
@@ -538,6 +577,7 @@ impl Worker {
                 true
             }
             Err(e) => {
+                self.prompt_done(&post_id);
                 crate::error!("[{}] prompt not delivered: {e}", self.short());
                 self.post_notice(&format!(
                     "⚠️ OpenCode refused your message: {e}. It was not sent; `{}status` shows the session.",
@@ -839,6 +879,37 @@ impl Worker {
         reply::is_unfinished_reply(&last.message).then(|| last.id.clone())
     }
 
+    fn prompt_done(&self, post_id: &str) {
+        (self.report)(Report::PromptDone {
+            key: self.key.clone(),
+            post_id: post_id.to_string(),
+        });
+    }
+
+    /// Whether the session already has this prompt as a user message from about `since_ms` on: a
+    /// prompt handed over just before a crash must not run twice.
+    fn already_sent(&self, text: &str, since_ms: u64) -> bool {
+        let Ok(messages) =
+            self.opencode
+                .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
+        else {
+            return false;
+        };
+        // A minute of slack for clocks that disagree between Mattermost and OpenCode.
+        let from = since_ms.saturating_sub(60_000);
+        messages.iter().any(|(info, parts)| {
+            info.role == crate::opencode::Role::User
+                && info.created_ms >= from
+                && parts
+                    .iter()
+                    .filter_map(|p| match &p.body {
+                        crate::opencode::PartBody::Text(t) => Some(t.as_str()),
+                        _ => None,
+                    })
+                    .any(|t| t.trim() == text.trim())
+        })
+    }
+
     /// After the bridge was away: the answers OpenCode finished meanwhile, shown as one reply.
     fn catch_up(&mut self) {
         if self.tracker.is_running() {
@@ -867,10 +938,19 @@ impl Worker {
                 .position(|(info, _)| info.created_ms >= self.delivery.since_ms)
                 .unwrap_or(stored.len())
         });
-        let missed = &stored[start..];
+        // Up to the last finished answer: one still running is streamed live instead.
+        let end = stored
+            .iter()
+            .rposition(|(info, _)| {
+                info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
+            })
+            .map_or(0, |i| i + 1);
+        if end <= start {
+            return;
+        }
+        let missed = &stored[start..end];
         let finished = missed
             .iter()
-            .filter(|(info, _)| info.role == crate::opencode::Role::Assistant)
             .filter_map(|(info, _)| info.completed_ms)
             .max();
         let Some(finished_ms) = finished else {

@@ -351,3 +351,73 @@ fn a_429_storm_delays_but_loses_nothing() {
     }
     world.mattermost.set_rate_limit(None);
 }
+
+#[test]
+fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
+    let world = World::new();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("kill loop seed {seed}");
+    let mut rng = seed;
+    let mut random_ms = |max: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % max
+    };
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    let mut sessions = Vec::new();
+    let mut sent: Vec<(String, String)> = Vec::new();
+    for round in 0..5 {
+        // A new session now and then: its thread must exist once, however the kills fall.
+        if round % 2 == 0 {
+            let (id, _) = world.new_session(&format!("Kill loop {round}"));
+            sessions.push(id);
+        }
+        let id = sessions.last().expect("a session").clone();
+        let root = world.wait_root(&id);
+        for k in 0..2 {
+            let prompt = format!("round {round} prompt {k}");
+            world.owner_says(&root.id, &prompt);
+            sent.push((root.id.clone(), prompt));
+        }
+        std::thread::sleep(Duration::from_millis(random_ms(1500)));
+        bridge.kill();
+        // Accepted by Mattermost while no bridge runs.
+        let prompt = format!("round {round} while down");
+        world.owner_says(&root.id, &prompt);
+        sent.push((root.id.clone(), prompt));
+        bridge = world.spawn_binary();
+        bridge.wait_for_line("ready");
+    }
+    for (root_id, prompt) in &sent {
+        world.wait_bot_post(root_id, "an answer for every prompt", |p| {
+            p.message.contains(&format!("echo: {prompt}"))
+        });
+    }
+    let (code, _) = bridge.terminate();
+    assert_eq!(code, 0);
+    let seen = world.prompts_seen_by_llm();
+    for (root_id, prompt) in &sent {
+        let runs = seen.iter().filter(|p| *p == prompt).count();
+        assert_eq!(runs, 1, "{prompt:?} ran {runs} times (seed {seed})");
+        let answers = world
+            .bot_posts_in_thread(root_id)
+            .into_iter()
+            .filter(|p| p.message.contains(&format!("echo: {prompt}")))
+            .count();
+        assert_eq!(
+            answers, 1,
+            "{prompt:?} answered {answers} times (seed {seed})"
+        );
+    }
+    for id in &sessions {
+        assert_eq!(world.roots_for(id).len(), 1, "session {id} (seed {seed})");
+    }
+    let state = std::fs::read_to_string(world.state.path().join("state.json")).expect("state");
+    let state: serde_json::Value = serde_json::from_str(&state).expect("state.json is valid");
+    assert!(state["servers"].is_object());
+}
