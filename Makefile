@@ -4,7 +4,7 @@ CARGO ?= cargo
 # End-to-end tests mostly wait on servers, so more of them than cores can run at once.
 TEST_THREADS ?= 4
 
-.PHONY: build release test lint run opencode clean
+.PHONY: build release test lint run opencode clean bench
 
 build:
 	$(CARGO) build
@@ -16,6 +16,12 @@ release:
 test: opencode
 	OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)" \
 		$(CARGO) test --all-targets -- --test-threads $(TEST_THREADS)
+
+# Latency, throughput and memory figures of the release binary against local fakes, then one
+# smaller pass against the real OpenCode; writes target/bench.json. BENCH_IDLE_SECS=10 for a quick run.
+bench: opencode
+	OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)" \
+		$(CARGO) bench --bench bench
 
 opencode:
 	@bash tests/install-opencode.sh $(OPENCODE_VERSION) >/dev/null

@@ -16,13 +16,14 @@ pub fn agent(call_timeout: Duration) -> ureq::Agent {
 }
 
 /// An agent for long-lived streams: no overall deadline, but a body read that stays silent for
-/// `idle` fails, which is how a dead stream is noticed.
+/// `idle` fails, which is how a dead stream is noticed. `timeout_per_read` restarts with every read;
+/// `timeout_recv_body` would instead cut a healthy stream `idle` after its headers.
 pub fn stream_agent(idle: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_recv_response(Some(idle))
-        .timeout_recv_body(Some(idle))
+        .timeout_per_read(Some(idle))
         .user_agent(concat!("opencode-mattermost/", env!("CARGO_PKG_VERSION")))
         .build()
         .into()
@@ -117,6 +118,51 @@ fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// Serves one chunked response that sends a chunk every `gap`, `chunks` times, then goes silent.
+    fn trickle_server(gap: Duration, chunks: usize) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("address"));
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+            for _ in 0..chunks {
+                let _ = stream.write_all(b"2\r\nok\r\n");
+                std::thread::sleep(gap);
+            }
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        url
+    }
+
+    #[test]
+    fn a_stream_that_keeps_talking_outlives_its_idle_timeout_and_a_silent_one_does_not() {
+        // Chunks every 100 ms for 3 s against a 1 s idle timeout: the stream must stay up.
+        let idle = Duration::from_secs(1);
+        let url = trickle_server(Duration::from_millis(100), 30);
+        let response = stream_agent(idle).get(&url).call().expect("response");
+        let mut body = response.into_body().into_reader();
+        let mut received = 0;
+        let mut buffer = [0u8; 64];
+        let outcome = loop {
+            match body.read(&mut buffer) {
+                Ok(0) => break Ok(()),
+                Ok(n) => received += n,
+                Err(e) => break Err(e),
+            }
+        };
+        assert_eq!(
+            received, 60,
+            "every chunk arrived before the stream went silent"
+        );
+        // Then it went silent, and only the idle timeout ended the read.
+        assert!(outcome.is_err());
+    }
 
     #[test]
     fn basic_auth_matches_rfc_7617_example() {
