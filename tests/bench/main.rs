@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use process::{BridgeProcess, Target, clock_ticks_per_second};
 use report::{Report, Samples, mib};
 use support::TempDir;
-use support::fake_opencode::{FakeOpenCode, Pace, ReplyTimes};
+use support::fake_opencode::{FakeOpenCode, Pace, REAL_FINISH_GAP, ReplyTimes};
 use support::mattermost::{FakeMattermost, RateLimit};
 
 /// Mattermost's default `RateLimitSettings`.
@@ -48,14 +48,17 @@ const ROUND_REPLY_CHARS: usize = 200;
 const ROUND_PACE: Pace = Pace {
     delta_chars: 20,
     interval: Duration::from_millis(30),
+    finish_gap: REAL_FINISH_GAP,
 };
 /// The concurrent replies: 2,000 characters in deltas of 8 (about 2 tokens), every 20 ms: 5 s each.
 const LONG_REPLY_CHARS: usize = 2000;
 const LONG_PACE: Pace = Pace {
     delta_chars: 8,
     interval: Duration::from_millis(20),
+    finish_gap: REAL_FINISH_GAP,
 };
 const WAIT: Duration = Duration::from_secs(60);
+const OWNER_DELAY: Duration = Duration::from_millis(50);
 const DONE_PREFIX: &str = "✅ Done";
 
 fn main() {
@@ -391,6 +394,9 @@ impl Rounds {
         let (root_id, root_at) = fakes.wait_root(&session_id);
         self.thread_created.push(root_at - created_at);
 
+        // A person answers seconds later; replying within a millisecond would race the bridge's
+        // own record of the root and measure its fallback lookup instead.
+        std::thread::sleep(OWNER_DELAY);
         let prompts_before = fakes.opencode.prompts().len();
         let posted_at = Instant::now();
         fakes
@@ -427,6 +433,17 @@ impl Rounds {
         // The completion line's request is logged just after the post is stored.
         std::thread::sleep(Duration::from_millis(50));
         let (calls, _) = fakes.calls_since(posted_at);
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            for r in fakes
+                .mattermost
+                .requests()
+                .iter()
+                .filter(|r| r.at >= posted_at)
+            {
+                let since = r.at.saturating_duration_since(posted_at).as_secs_f64() * 1000.0;
+                println!("    {since:7.1} ms {} {} {}", r.method, r.path, r.status);
+            }
+        }
         let _ = done_at;
         if one_chunk {
             self.one_chunk_calls.push(calls);

@@ -43,6 +43,8 @@ impl BridgeProcess {
             .env("OPENCODE_URL", target.opencode_url)
             .env("OPENCODE_MM_STATE_DIR", target.state_dir)
             .env("OPENCODE_MM_LOG", "info")
+            // Passed through for allocator experiments (see BENCHMARKS.md).
+            .envs(std::env::var("MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

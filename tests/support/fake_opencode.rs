@@ -36,12 +36,18 @@ pub struct PromptReceived {
     pub at: Instant,
 }
 
-/// How a reply is streamed: `delta_chars` characters per `message.part.delta`, one every `interval`.
+/// How a reply is streamed: `delta_chars` characters per `message.part.delta`, one every `interval`;
+/// then the text part's full text at once, and the rest of the turn's end (`step-finish`, the
+/// completed message, idle) `finish_gap` later.
 #[derive(Clone, Copy, Debug)]
 pub struct Pace {
     pub delta_chars: usize,
     pub interval: Duration,
+    pub finish_gap: Duration,
 }
+
+/// In `b-reasoning-text.sse`, `session.idle` came about 120 ms after the text part ended.
+pub const REAL_FINISH_GAP: Duration = Duration::from_millis(120);
 
 /// When the events of one streamed reply left the fake.
 #[derive(Clone, Debug)]
@@ -94,6 +100,9 @@ struct Streaming {
     started_ms: u64,
     times: Option<ReplyTimes>,
     first_delta_at: Option<Instant>,
+    last_delta_at: Option<Instant>,
+    /// When the rest of the turn's end is due, once the text part has ended.
+    turn_ends_at: Option<Instant>,
 }
 
 impl FakeOpenCode {
@@ -216,34 +225,48 @@ impl FakeOpenCode {
             .collect();
         let mut next_tick = Instant::now();
         loop {
-            let mut any_left = false;
-            for stream in streams.iter_mut().filter(|s| s.times.is_none()) {
-                if stream.next < stream.deltas.len() {
-                    let at = self.emit_delta(stream);
-                    stream.first_delta_at.get_or_insert(at);
-                    stream.next += 1;
-                    any_left |= stream.next < stream.deltas.len();
-                    if stream.next == stream.deltas.len() {
-                        let first = stream.first_delta_at.unwrap_or(at);
-                        let idle_at = self.end_reply(stream);
-                        stream.times = Some(ReplyTimes {
-                            session_id: stream.session_id.clone(),
-                            first_delta: stream.deltas[0].clone(),
-                            first_delta_at: first,
-                            last_delta_at: at,
-                            idle_at,
-                        });
+            let now = Instant::now();
+            if now >= next_tick {
+                for stream in streams.iter_mut() {
+                    if stream.next < stream.deltas.len() {
+                        let at = self.emit_delta(stream);
+                        stream.first_delta_at.get_or_insert(at);
+                        stream.next += 1;
+                        if stream.next == stream.deltas.len() {
+                            stream.last_delta_at = Some(at);
+                            self.end_text(stream);
+                            stream.turn_ends_at = Some(Instant::now() + pace.finish_gap);
+                        }
                     }
                 }
+                next_tick += pace.interval;
             }
-            if !any_left {
+            for stream in streams.iter_mut() {
+                if stream.times.is_none()
+                    && stream.turn_ends_at.is_some_and(|t| t <= Instant::now())
+                {
+                    let idle_at = self.end_turn(stream);
+                    let last = stream.last_delta_at.unwrap_or(idle_at);
+                    stream.times = Some(ReplyTimes {
+                        session_id: stream.session_id.clone(),
+                        first_delta: stream.deltas[0].clone(),
+                        first_delta_at: stream.first_delta_at.unwrap_or(last),
+                        last_delta_at: last,
+                        idle_at,
+                    });
+                }
+            }
+            let streaming = streams.iter().any(|s| s.next < s.deltas.len());
+            let wake = streams
+                .iter()
+                .filter(|s| s.times.is_none())
+                .filter_map(|s| s.turn_ends_at)
+                .chain(streaming.then_some(next_tick))
+                .min();
+            let Some(wake) = wake else {
                 break;
-            }
-            next_tick += pace.interval;
-            let now = Instant::now();
-            if next_tick > now {
-                thread::sleep(next_tick - now);
-            }
+            };
+            thread::sleep(wake.saturating_duration_since(Instant::now()));
         }
         streams.into_iter().filter_map(|s| s.times).collect()
     }
@@ -301,6 +324,8 @@ impl FakeOpenCode {
             started_ms,
             times: None,
             first_delta_at: None,
+            last_delta_at: None,
+            turn_ends_at: None,
         }
     }
 
@@ -314,16 +339,27 @@ impl FakeOpenCode {
         )
     }
 
-    /// Everything after the last delta; returns when `session.idle` left.
-    fn end_reply(&self, stream: &Streaming) -> Instant {
+    /// The text part's final update, with the full text, right after its last delta.
+    fn end_text(&self, stream: &Streaming) {
         let session_id = stream.session_id.as_str();
-        let ended_ms = now_ms();
         let text_part = json!({
             "id": stream.part_id, "messageID": stream.message_id, "sessionID": session_id,
             "type": "text", "text": stream.text,
-            "time": {"start": stream.started_ms, "end": ended_ms},
+            "time": {"start": stream.started_ms, "end": now_ms()},
         });
         self.emit_part(session_id, &text_part);
+        self.shared.update(|state| {
+            if let Some(stored) = state.message_mut(session_id, &stream.message_id) {
+                stored["parts"][1] = text_part;
+            }
+        });
+    }
+
+    /// `step-finish`, the completed message, busy, idle, `session.idle` and the session's totals;
+    /// returns when `session.idle` left.
+    fn end_turn(&self, stream: &Streaming) -> Instant {
+        let session_id = stream.session_id.as_str();
+        let ended_ms = now_ms();
         let output = (stream.text.chars().count() / 4) as u64;
         let step_finish = json!({
             "id": self.shared.new_id("prt"), "reason": "stop", "messageID": stream.message_id,
@@ -334,10 +370,11 @@ impl FakeOpenCode {
         });
         self.emit_part(session_id, &step_finish);
         let parent = self.shared.update(|state| {
-            let session = state.session_mut(session_id)?;
-            let stored = session.messages.last_mut()?;
+            let stored = state.message_mut(session_id, &stream.message_id)?;
             let parent = stored.pointer("/info/parentID")?.as_str()?.to_string();
-            stored["parts"] = json!([stored["parts"][0].clone(), text_part, step_finish]);
+            if let Some(parts) = stored["parts"].as_array_mut() {
+                parts.push(step_finish);
+            }
             Some(parent)
         });
         let parent = parent.unwrap_or_default();
@@ -349,10 +386,7 @@ impl FakeOpenCode {
             Some((ended_ms, output)),
         );
         self.shared.update(|state| {
-            if let Some(stored) = state
-                .session_mut(session_id)
-                .and_then(|s| s.messages.last_mut())
-            {
+            if let Some(stored) = state.message_mut(session_id, &stream.message_id) {
                 stored["info"] = done.clone();
             }
         });
@@ -453,6 +487,14 @@ impl Drop for FakeOpenCode {
 impl State {
     fn session_mut(&mut self, id: &str) -> Option<&mut Session> {
         self.sessions.iter_mut().find(|s| s.info["id"] == id)
+    }
+
+    /// A stored `{info, parts}` item.
+    fn message_mut(&mut self, session_id: &str, message_id: &str) -> Option<&mut Value> {
+        self.session_mut(session_id)?
+            .messages
+            .iter_mut()
+            .find(|m| m["info"]["id"] == message_id)
     }
 
     fn session(&self, id: &str) -> Option<&Session> {
@@ -1012,6 +1054,7 @@ mod tests {
         let pace = Pace {
             delta_chars: 4,
             interval: Duration::from_millis(1),
+            finish_gap: Duration::from_millis(1),
         };
         let times = fake.reply(&[(&id, "one two three")], pace);
         assert_eq!(times.len(), 1);
