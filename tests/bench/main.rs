@@ -245,6 +245,7 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
     // Let the watcher's post-connect poll finish, so the idle figures are idle.
     std::thread::sleep(Duration::from_secs(1));
     let rss_0 = bridge.rss_kib();
+    let memory_0 = bridge.memory_breakdown();
     let threads_0 = bridge.threads();
 
     println!("latency rounds: {SESSIONS} sessions, one after another");
@@ -266,6 +267,7 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
     std::thread::sleep(Duration::from_millis(500));
     let rss_50 = bridge.rss_kib();
     let threads_50 = bridge.threads();
+    let memory_50 = bridge.memory_breakdown();
 
     report.latency(
         "thread-creation delay: session.created emitted → root post accepted",
@@ -316,10 +318,14 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
     );
 
     for n in [1, 10, 50] {
-        concurrent(fakes, &sessions[..n], n, report);
+        concurrent(fakes, &bridge, &sessions[..n], report);
     }
     std::thread::sleep(Duration::from_secs(1));
     let rss_50_after = bridge.rss_kib();
+    let memory_after = bridge.memory_breakdown();
+    report.note(format!(
+        "RSS at 0 sessions: {memory_0}; at 50: {memory_50}; at 50 after streaming: {memory_after}"
+    ));
 
     report.row(
         "RSS with 0 / 10 / 50 live sessions",
@@ -473,7 +479,13 @@ impl Rounds {
 }
 
 /// `sessions.len()` sessions stream a 2,000-character reply at once.
-fn concurrent(fakes: &Fakes, sessions: &[(String, String)], n: usize, report: &mut Report) {
+fn concurrent(
+    fakes: &Fakes,
+    bridge: &BridgeProcess,
+    sessions: &[(String, String)],
+    report: &mut Report,
+) {
+    let n = sessions.len();
     println!("{n} session(s) streaming {LONG_REPLY_CHARS} characters at once");
     let done_before: Vec<usize> = sessions
         .iter()
@@ -486,6 +498,7 @@ fn concurrent(fakes: &Fakes, sessions: &[(String, String)], n: usize, report: &m
         .map(|((id, _), text)| (id.as_str(), text.as_str()))
         .collect();
     let started = Instant::now();
+    let ticks_before = bridge.cpu_ticks();
     let times = fakes.opencode.reply(&replies, LONG_PACE);
     let last_delta = times
         .iter()
@@ -501,6 +514,8 @@ fn concurrent(fakes: &Fakes, sessions: &[(String, String)], n: usize, report: &m
         }
     }
     std::thread::sleep(Duration::from_millis(50));
+    let cpu_ms =
+        (bridge.cpu_ticks() - ticks_before) as f64 * 1000.0 / clock_ticks_per_second() as f64;
     let (calls, limited) = fakes.calls_since(started);
     let cross_talk = cross_talk(fakes, sessions, &texts, started);
     let exact = exact_finals(fakes, sessions, &texts, started);
@@ -511,14 +526,16 @@ fn concurrent(fakes: &Fakes, sessions: &[(String, String)], n: usize, report: &m
         &format!("{n} session(s) streaming {LONG_REPLY_CHARS} characters at once"),
         format!(
             "{complete}/{n} complete, {exact}/{n} exact final text, {cross_talk} cross-talk, {limited} × 429; \
-             {per_reply:.1} calls/reply; all done {:.2} s after the last delta",
-            drain.as_secs_f64()
+             {per_reply:.1} calls/reply; all done {:.2} s after the last delta; CPU {:.0} ms/reply",
+            drain.as_secs_f64(),
+            cpu_ms / n as f64
         ),
         "all complete, 0 cross-talk, 0 × 429",
         Some(ok),
         json!({"sessions": n, "complete": complete, "exact_final": exact, "cross_talk": cross_talk,
                "rate_limited": limited, "calls": calls, "calls_per_reply": per_reply,
                "done_after_last_delta_ms": drain.as_secs_f64() * 1000.0,
+               "cpu_ms": cpu_ms, "cpu_ms_per_reply": cpu_ms / n as f64,
                "stream_secs": last_delta.saturating_duration_since(started).as_secs_f64()}),
     );
     if n == 1 {

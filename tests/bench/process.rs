@@ -137,6 +137,47 @@ impl BridgeProcess {
         utime + stime
     }
 
+    /// Where the resident memory is, from `/proc/<pid>/smaps`, in KiB: thread stacks (anonymous
+    /// mappings of a worker's or reader's stack size), the main heap, other anonymous memory
+    /// (malloc's per-thread arenas), and file-backed pages (the binary, libc).
+    pub fn memory_breakdown(&self) -> MemoryBreakdown {
+        let smaps =
+            std::fs::read_to_string(format!("/proc/{}/smaps", self.pid)).unwrap_or_default();
+        let mut breakdown = MemoryBreakdown::default();
+        let mut kind = Region::File;
+        let mut size_kib = 0;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if first.contains('-') && !first.ends_with(':') {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                kind = match fields.get(5) {
+                    Some(&"[heap]") => Region::Heap,
+                    Some(&"[stack]") => Region::Stack,
+                    Some(_) => Region::File,
+                    None => Region::Anonymous,
+                };
+            } else if let Some(value) = line.strip_prefix("Size:") {
+                size_kib = kib(value);
+            } else if let Some(value) = line.strip_prefix("Rss:") {
+                let rss = kib(value);
+                match kind {
+                    Region::Heap => breakdown.heap += rss,
+                    Region::Stack => breakdown.stacks += rss,
+                    // Thread stacks are 256 KiB (workers, readers) or 1 MiB (the bridge thread);
+                    // malloc arenas reserve 64 MiB at a time.
+                    Region::Anonymous
+                        if size_kib == 256 || size_kib == 1024 || size_kib == 2048 =>
+                    {
+                        breakdown.stacks += rss
+                    }
+                    Region::Anonymous => breakdown.anonymous += rss,
+                    Region::File => breakdown.file += rss,
+                }
+            }
+        }
+        breakdown
+    }
+
     fn status_field(&self, name: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .unwrap_or_else(|e| panic!("read /proc/{}/status: {e}", self.pid));
@@ -188,4 +229,40 @@ pub fn clock_ticks_per_second() -> u64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemoryBreakdown {
+    pub stacks: u64,
+    pub heap: u64,
+    pub anonymous: u64,
+    pub file: u64,
+}
+
+impl std::fmt::Display for MemoryBreakdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "thread stacks {:.1} MiB, main heap {:.1} MiB, other anonymous (malloc arenas) {:.1} MiB, file-backed {:.1} MiB",
+            self.stacks as f64 / 1024.0,
+            self.heap as f64 / 1024.0,
+            self.anonymous as f64 / 1024.0,
+            self.file as f64 / 1024.0
+        )
+    }
+}
+
+enum Region {
+    Heap,
+    Stack,
+    Anonymous,
+    File,
+}
+
+fn kib(value: &str) -> u64 {
+    value
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
