@@ -324,7 +324,9 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
     let rss_50_after = bridge.rss_kib();
     let memory_after = bridge.memory_breakdown();
     report.note(format!(
-        "RSS at 0 sessions: {memory_0}; at 50: {memory_50}; at 50 after streaming: {memory_after}"
+        "RSS at 0 sessions: {memory_0}; at 50: {memory_50}; at 50 after streaming: {memory_after}; \
+         peak RSS (VmHWM) {:.1} MiB",
+        mib(bridge.peak_rss_kib())
     ));
 
     report.row(
@@ -339,7 +341,7 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
         "≤ 8 MiB at 50",
         Some(rss_50.max(rss_50_after) <= 8 * 1024),
         json!({"rss_kib_0": rss_0, "rss_kib_10": rss_10, "rss_kib_50": rss_50,
-               "rss_kib_50_after_streaming": rss_50_after}),
+               "rss_kib_50_after_streaming": rss_50_after, "peak_rss_kib": bridge.peak_rss_kib()}),
     );
     report.row(
         "OS threads with 0 / 50 sessions",

@@ -119,6 +119,11 @@ impl BridgeProcess {
         self.status_field("VmRSS:")
     }
 
+    /// The most resident memory so far, in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_field("VmHWM:")
+    }
+
     /// OS threads (`Threads`).
     pub fn threads(&self) -> u64 {
         self.status_field("Threads:")
