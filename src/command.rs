@@ -41,9 +41,7 @@ pub enum ThreadCommand {
     /// `always`: allow it, and its pattern from now on in this session.
     Always,
     /// `deny [message]`: reject it; a message is passed on to the agent.
-    Deny {
-        message: Option<String>,
-    },
+    Deny { message: Option<String> },
     /// `skip`: reject the pending question.
     Skip,
     /// `stop`: abort the session's current run.
@@ -51,32 +49,22 @@ pub enum ThreadCommand {
     /// `status`.
     Status,
     /// `model [provider/model]`: list, or choose for this session's next prompts.
-    Model {
-        choice: Option<String>,
-    },
+    Model { choice: Option<String> },
     /// `agent [name]`: list, or choose.
-    Agent {
-        name: Option<String>,
-    },
+    Agent { name: Option<String> },
     /// `todo`.
     Todo,
     /// `compact`: summarise the session.
     Compact,
     /// `rename <title>`.
-    Rename {
-        title: String,
-    },
+    Rename { title: String },
     /// `diff`: the session's current changes.
     Diff,
     /// `file <path>`: attach a file from the session's directory.
-    File {
-        path: String,
-    },
+    File { path: String },
     /// `help`.
     Help,
-    Unknown {
-        name: String,
-    },
+    Unknown { name: String },
     MissingArgument {
         command: &'static str,
         usage: &'static str,
