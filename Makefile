@@ -11,7 +11,7 @@ STATIC_BINARY := target/$(STATIC_TARGET)/release/opencode-mattermost
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 OPENCODE_BIN_CMD = OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)"
 
-.PHONY: build release static static-check demo test lint run opencode clean fuzz
+.PHONY: build release static static-check demo test lint run opencode clean fuzz bench
 
 build:
 	$(CARGO) build
@@ -46,6 +46,12 @@ demo: opencode
 FUZZ_SECONDS ?= 8
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --test it properties:: -- --test-threads 2 --nocapture
+
+# Latency, throughput and memory figures of the release binary against local fakes, then one
+# smaller pass against the real OpenCode; writes target/bench.json. BENCH_IDLE_SECS=10 for a quick run.
+bench: opencode
+	OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)" \
+		$(CARGO) bench --bench bench
 
 opencode:
 	@bash tests/install-opencode.sh $(OPENCODE_VERSION) >/dev/null

@@ -124,8 +124,16 @@ impl Turn {
         self.assistant.keys().next_back().map(String::as_str)
     }
 
+    /// Whether the reply has anything to show: a tool call, a subagent, or text or reasoning that
+    /// is not blank. A part OpenCode has only announced (`text: ""`) shows nothing yet; posting
+    /// for it would cost a post that the first text edits a moment later.
     pub fn is_visible(&self) -> bool {
-        !self.parts.is_empty() || !self.children.is_empty()
+        !self.children.is_empty()
+            || self.parts.iter().any(|p| match &p.body {
+                PartBody::Tool(_) => true,
+                PartBody::Text(text) | PartBody::Reasoning(text) => !text.trim().is_empty(),
+                PartBody::Other(_) => false,
+            })
     }
 
     /// The reply as it stands; with a status line while `working`.
@@ -482,6 +490,38 @@ mod tests {
         assert_eq!(summary.outcome, Outcome::Done);
         assert!(summary.tokens.input > 0 && summary.tokens.output > 0);
         assert!(!tracker.is_running());
+    }
+
+    #[test]
+    fn an_announced_empty_text_part_is_not_worth_a_post_until_its_first_delta() {
+        let mut tracker = Tracker::default();
+        let now = Instant::now();
+        tracker.apply(
+            Event::MessageUpdated {
+                session_id: "ses".into(),
+                message: message("msg_a", Role::Assistant),
+            },
+            now,
+        );
+        tracker.apply(
+            Event::PartUpdated {
+                session_id: "ses".into(),
+                part: text_part("prt_t", "msg_a", ""),
+            },
+            now,
+        );
+        assert!(!tracker.turn.as_ref().expect("turn").is_visible());
+        tracker.apply(
+            Event::PartDelta {
+                session_id: "ses".into(),
+                message_id: "msg_a".into(),
+                part_id: "prt_t".into(),
+                field: "text".into(),
+                delta: "Hello".into(),
+            },
+            now,
+        );
+        assert!(tracker.turn.as_ref().expect("turn").is_visible());
     }
 
     #[test]

@@ -135,17 +135,19 @@ fn pump(
         for sse in parser.feed(&buffer[..read]) {
             if !subscribed {
                 subscribed = true;
+                // The stream is up as soon as it answers, so the bridge is ready without waiting.
+                if !send(WatchEvent::StreamUp) {
+                    return Pump::Stopped;
+                }
                 // OpenCode 1.18 sends `server.connected` before it attaches the stream to its event
-                // bus, so events of the next moments can be lost. Reconcile once that has settled,
-                // and only then call the stream up; meanwhile its events wait in the socket buffer.
+                // bus, so an event of the next moments can be lost. Reconcile once that has
+                // settled: a session created in the gap is in the list by then, and anything later
+                // arrives as an event, which waits in the socket buffer meanwhile.
                 if stopped(stop, SUBSCRIBE_SETTLE) {
                     return Pump::Stopped;
                 }
                 poll(client, send);
                 *next_poll = Instant::now() + POLL_INTERVAL;
-                if !send(WatchEvent::StreamUp) {
-                    return Pump::Stopped;
-                }
             }
             match decode_global_event(&sse.data) {
                 Ok(Some(envelope)) => {

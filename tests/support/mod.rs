@@ -1,8 +1,9 @@
-//! Servers and helpers shared by the integration tests: a fake Mattermost, a scripted LLM, a real
-//! `opencode serve`, and the bridge itself running in-process.
+//! Servers and helpers shared by the integration tests and the benchmark: a fake Mattermost, a fake
+//! OpenCode, a scripted LLM, a real `opencode serve`, and the bridge itself running in-process.
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod fake_opencode;
 pub mod llm;
 pub mod mattermost;
 pub mod opencode;

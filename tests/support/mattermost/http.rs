@@ -326,6 +326,7 @@ fn log_request(shared: &Shared, request: &HttpRequest, status: u16, context: &Co
             status,
             user_id: context.user_id.clone(),
             query: request.raw_query.clone(),
+            at: std::time::Instant::now(),
         })
     });
 }

@@ -77,6 +77,32 @@ pub struct Request {
     pub user_id: Option<String>,
     /// The raw query string, without `?`.
     pub query: String,
+    /// When the fake decided the answer (for the benchmark's latency figures).
+    pub at: Instant,
+}
+
+/// One message a post took: as created, or after an edit, with when the fake accepted it.
+#[derive(Clone, Debug)]
+pub struct PostVersion {
+    pub at: Instant,
+    pub post_id: String,
+    pub root_id: String,
+    pub user_id: String,
+    pub message: String,
+    pub props: serde_json::Value,
+}
+
+impl PostVersion {
+    fn of(post: &Post, at: Instant) -> PostVersion {
+        PostVersion {
+            at,
+            post_id: post.id.clone(),
+            root_id: post.root_id.clone(),
+            user_id: post.user_id.clone(),
+            message: post.message.clone(),
+            props: post.props.clone(),
+        }
+    }
 }
 
 /// Mattermost's `RateLimitSettings`: `per_second` requests with bursts of `burst`.
@@ -109,6 +135,11 @@ impl<'a> FakeView<'a> {
 
     pub fn requests(&self) -> &'a [Request] {
         &self.state.requests
+    }
+
+    /// Every post creation and edit so far, in the order accepted.
+    pub fn post_versions(&self) -> &'a [PostVersion] {
+        &self.state.post_versions
     }
 
     /// `(user, channel, parent)` of every accepted `user_typing` action.
@@ -340,6 +371,11 @@ impl FakeMattermost {
 
     pub fn requests(&self) -> Vec<Request> {
         self.shared.lock().requests.clone()
+    }
+
+    /// Every post creation and edit so far, in the order accepted.
+    pub fn post_versions(&self) -> Vec<PostVersion> {
+        self.shared.lock().post_versions.clone()
     }
 
     /// `(user, channel, parent)` of every accepted `user_typing` action.

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use super::ratelimit::Limiter;
 use super::util::{is_valid_id, new_id, now_ms};
 use super::wire::{WireBroadcast, WireEvent, WirePostList, to_json, wire_file_info, wire_reaction};
-use super::{Post, Request};
+use super::{Post, PostVersion, Request};
 
 /// `MaxPostSize` of a PostgreSQL-backed 5.36 server, counted in runes.
 pub(super) const MAX_POST_SIZE: usize = 16383;
@@ -217,6 +217,8 @@ pub(super) struct State {
     next_session_key: u64,
     online: HashSet<String>,
     pub(super) requests: Vec<Request>,
+    /// Every message a post took, as created and after each edit, with when it was accepted.
+    pub(super) post_versions: Vec<PostVersion>,
     pub(super) typing: Vec<(String, String, String)>,
     pending_posts: HashMap<String, (String, Instant)>,
     last_post_ms: i64,
@@ -264,6 +266,7 @@ impl State {
             next_session_key: 0,
             online: HashSet::new(),
             requests: Vec::new(),
+            post_versions: Vec::new(),
             typing: Vec::new(),
             pending_posts: HashMap::new(),
             last_post_ms: 0,
@@ -515,6 +518,7 @@ impl State {
             hashtags,
             has_reactions: false,
         };
+        self.post_versions.push(PostVersion::of(&record.post, now));
         self.posts.insert(id.clone(), record);
         self.post_order.push(id.clone());
         if let Some(channel) = self.channels.get_mut(&new.channel_id) {
@@ -673,6 +677,8 @@ impl State {
         }
         record.post.update_at = now;
         record.post.edit_count += 1;
+        self.post_versions
+            .push(PostVersion::of(&record.post, Instant::now()));
         let mut data = Map::new();
         let record = &self.posts[post_id];
         data.insert("post".into(), to_json(&self.wire_post(record, "")).into());
