@@ -89,6 +89,8 @@ pub struct Router {
     catch_up_due: HashSet<ServerKey>,
     /// Owed prompts from before a restart were handed out (once, at the first connect).
     recovered_prompts: bool,
+    /// Retired workers finishing what was queued, by worker id, joined when they exit.
+    retiring: HashMap<u64, std::thread::JoinHandle<()>>,
     websocket_up: bool,
     announced_ready: bool,
     next_worker_id: u64,
@@ -182,6 +184,7 @@ impl Router {
             told_down: HashSet::new(),
             catch_up_due: HashSet::new(),
             recovered_prompts: false,
+            retiring: HashMap::new(),
             websocket_up: false,
             announced_ready: false,
             next_worker_id: 0,
@@ -210,15 +213,16 @@ impl Router {
         self.mattermost.shut_down();
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         // Dropping a worker's sender ends its loop once it has sent what it was sending.
-        let mut running: HashMap<SessionKey, std::thread::JoinHandle<()>> = self
+        let mut running: HashMap<u64, std::thread::JoinHandle<()>> = self
             .workers
             .drain()
-            .map(|(key, handle)| (key, handle.thread))
+            .map(|(_, handle)| (handle.worker_id, handle.thread))
+            .chain(self.retiring.drain())
             .collect();
         while !running.is_empty() {
             match inputs.recv_deadline(deadline) {
-                Ok(Input::Session(Report::Exited { key, .. })) => {
-                    if let Some(thread) = running.remove(&key) {
+                Ok(Input::Session(Report::Exited { worker_id, .. })) => {
+                    if let Some(thread) = running.remove(&worker_id) {
                         let _ = thread.join();
                     }
                 }
@@ -1364,6 +1368,19 @@ impl Router {
             }
             Report::Gone { key } => self.session_ended(&key),
             Report::PromptDone { key, post_id } => self.forget_prompt(&key, &post_id),
+            Report::Idle { key, worker_id } => {
+                if self
+                    .workers
+                    .get(&key)
+                    .is_some_and(|h| h.worker_id == worker_id)
+                    && let Some(handle) = self.workers.remove(&key)
+                {
+                    // Dropping the inbox ends the worker once it has handled what is queued;
+                    // anything sent from now on starts a new one.
+                    crate::debug!("[{}] idle worker retired", short_id(&key.session_id));
+                    self.retiring.insert(worker_id, handle.thread);
+                }
+            }
             Report::ReplyStarted { key, post_id } => {
                 if let Some(record) = self.record_mut(&key) {
                     record.streaming_post_id = Some(post_id);
@@ -1381,6 +1398,9 @@ impl Router {
                 }
             }
             Report::Exited { key, worker_id } => {
+                if let Some(thread) = self.retiring.remove(&worker_id) {
+                    let _ = thread.join();
+                }
                 if self
                     .workers
                     .get(&key)

@@ -33,6 +33,9 @@ const WORKER_STACK_BYTES: usize = 256 * 1024;
 const FINAL_MESSAGES: usize = 50;
 /// A prompt that OpenCode accepted but never started is given up on after this much silence.
 const STALLED_TURN: Duration = Duration::from_secs(15);
+/// A worker with nothing to do for this long offers to retire; the router starts a new one when
+/// the session needs one again. Keeps threads and memory in step with the sessions that are active.
+const IDLE_RETIRE: Duration = Duration::from_secs(60);
 /// How often a queued prompt is tried again while OpenCode is unreachable.
 const PROMPT_RETRY: Duration = Duration::from_secs(3);
 /// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
@@ -110,6 +113,12 @@ pub enum Report {
         key: SessionKey,
         message_id: Option<String>,
     },
+    /// The worker has had nothing to do for a while and holds nothing that would be lost: the router
+    /// may drop its inbox, after which it ends once it has handled what was already sent.
+    Idle {
+        key: SessionKey,
+        worker_id: u64,
+    },
     /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
         key: SessionKey,
@@ -171,6 +180,7 @@ where
             let reports_for_worker = reports.clone();
             let worker = Worker::new(
                 setup,
+                worker_id,
                 Box::new(move |r: Report| {
                     let _ = reports_for_worker.send(T::from(r));
                 }),
@@ -216,6 +226,8 @@ struct Worker {
     /// The todo list post of the running turn, edited as the list changes.
     todo_post: Option<SentPost>,
     report: Box<dyn Fn(Report) + Send>,
+    worker_id: u64,
+    offered_retirement: bool,
     find_root_since: Option<u64>,
     delivery: Delivery,
     looked_for_cut_off: bool,
@@ -248,8 +260,10 @@ struct SentPost {
 }
 
 impl Worker {
-    fn new(setup: Setup, report: Box<dyn Fn(Report) + Send>) -> Worker {
+    fn new(setup: Setup, worker_id: u64, report: Box<dyn Fn(Report) + Send>) -> Worker {
         Worker {
+            worker_id,
+            offered_retirement: false,
             report,
             find_root_since: setup.find_root_since,
             looked_for_cut_off: false,
@@ -300,6 +314,14 @@ impl Worker {
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => return self.stop(),
                 },
+                None if !self.offered_retirement => match inbox.recv_timeout(IDLE_RETIRE) {
+                    Ok(message) => Some(message),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.offer_retirement();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
+                },
                 None => match inbox.recv() {
                     Ok(message) => Some(message),
                     Err(_) => return self.stop(),
@@ -317,6 +339,24 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// Only a worker whose loss would lose nothing retires: no turn, no queue, nothing asked of the
+    /// owner, no `!model`/`!agent` choice (kept only in memory), and OpenCode reachable.
+    fn offer_retirement(&mut self) {
+        let retirable = !self.tracker.is_running()
+            && self.queue.is_empty()
+            && !self.waiting.any()
+            && self.model.is_none()
+            && self.agent.is_none()
+            && !self.server_down;
+        if retirable {
+            self.offered_retirement = true;
+            (self.report)(Report::Idle {
+                key: self.key.clone(),
+                worker_id: self.worker_id,
+            });
         }
     }
 
@@ -382,6 +422,7 @@ impl Worker {
     /// Returns false when the worker should stop.
     fn handle(&mut self, message: SessionMsg) -> bool {
         let now = Instant::now();
+        let mut completes_text = false;
         let change = match message {
             SessionMsg::Prompt {
                 post_id,
@@ -448,13 +489,26 @@ impl Worker {
                 self.todos_changed(&todos);
                 Change::Nothing
             }
-            SessionMsg::Event(event) => self.tracker.apply(event, now),
+            SessionMsg::Event(event) => {
+                // A text part's closing update carries its whole text: shown at once, so the final
+                // text does not wait for the next coalesced edit or for the session to go idle.
+                completes_text = matches!(
+                    &event,
+                    Event::PartUpdated { part, .. }
+                        if matches!(&part.body, crate::opencode::PartBody::Text(t) if !t.trim().is_empty())
+                );
+                self.tracker.apply(event, now)
+            }
             SessionMsg::Child { child_id, event } => self.tracker.apply_child(child_id, event),
             SessionMsg::Polled(status) => self.tracker.apply_polled(status, now, STALLED_TURN),
             SessionMsg::Ended { .. } => Change::Nothing,
         };
         match change {
             Change::Nothing => {}
+            Change::Reply if completes_text => {
+                self.reply.dirty = true;
+                self.flush();
+            }
             Change::Reply => {
                 self.reply.dirty = true;
                 self.schedule();
