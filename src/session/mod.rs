@@ -306,6 +306,7 @@ impl Worker {
         // Before any new prompt: an answer finished while no worker watched belongs above it.
         if recorded {
             self.catch_up();
+            self.learn_status();
         }
         loop {
             let message = match self.next_deadline() {
@@ -339,6 +340,22 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// A session already busy when its worker starts (after a restart, or a retirement) must not be
+    /// sent a prompt now: OpenCode would fold it into the running turn.
+    fn learn_status(&mut self) {
+        match self.opencode.session_status(&self.info.directory) {
+            Ok(statuses) => {
+                if let Some(status) = statuses.get(&self.key.session_id)
+                    && *status != Status::Idle
+                {
+                    self.tracker
+                        .apply_polled(*status, Instant::now(), STALLED_TURN);
+                }
+            }
+            Err(e) => crate::debug!("[{}] status not read: {e}", self.short()),
         }
     }
 
@@ -440,7 +457,7 @@ impl Worker {
                     self.prompt_done(&post_id);
                     return true;
                 }
-                return self.prompt(post_id, text, file_ids);
+                return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
             SessionMsg::Command { post_id, command } => {
                 crate::debug!("[{}] command from post {post_id}", self.short());
@@ -521,7 +538,14 @@ impl Worker {
         true
     }
 
-    fn prompt(&mut self, post_id: String, text: String, file_ids: Vec<String>) -> bool {
+    /// `recovered`: owed from before a restart; the owner was already told if it had to wait.
+    fn prompt(
+        &mut self,
+        post_id: String,
+        text: String,
+        file_ids: Vec<String>,
+        recovered: bool,
+    ) -> bool {
         crate::debug!("[{}] prompt from post {post_id}", self.short());
         // While a question waits, a plain reply is its answer, as in OpenCode's own UI.
         if file_ids.is_empty() && self.waiting.has_question() {
@@ -552,6 +576,9 @@ impl Worker {
             self.post_notice(&format!(
                 "⏳ OpenCode is unreachable; your message is queued ({ahead} ahead of it) and will be sent when it is back."
             ));
+            return true;
+        }
+        if must_wait && recovered {
             return true;
         }
         if must_wait {
@@ -1003,22 +1030,37 @@ impl Worker {
             return;
         }
         let missed = &stored[start..end];
-        let finished = missed
-            .iter()
-            .filter_map(|(info, _)| info.completed_ms)
-            .max();
-        let Some(finished_ms) = finished else {
-            return;
-        };
-        let began_ms = missed
-            .first()
-            .map_or(finished_ms, |(info, _)| info.created_ms);
-        crate::info!(
-            "[{}] posting an answer finished while the bridge was away",
-            self.short()
-        );
-        self.tracker.begin(Instant::now());
-        self.complete_turn(Some(missed), Some(finished_ms.saturating_sub(began_ms)));
+        // One reply per turn: each user message starts a turn (OpenCode may have run several while
+        // the bridge was away, from prompts it had queued).
+        let mut turns: Vec<&[(crate::opencode::MessageInfo, Vec<crate::opencode::Part>)]> =
+            Vec::new();
+        let mut from = 0;
+        for (i, (info, _)) in missed.iter().enumerate() {
+            if info.role == crate::opencode::Role::User && i > from {
+                turns.push(&missed[from..i]);
+                from = i;
+            }
+        }
+        turns.push(&missed[from..]);
+        for turn in turns {
+            let finished = turn
+                .iter()
+                .filter(|(info, _)| info.role == crate::opencode::Role::Assistant)
+                .filter_map(|(info, _)| info.completed_ms)
+                .max();
+            let Some(finished_ms) = finished else {
+                continue;
+            };
+            let began_ms = turn
+                .first()
+                .map_or(finished_ms, |(info, _)| info.created_ms);
+            crate::info!(
+                "[{}] posting an answer finished while the bridge was away",
+                self.short()
+            );
+            self.tracker.begin(Instant::now());
+            self.complete_turn(Some(turn), Some(finished_ms.saturating_sub(began_ms)));
+        }
     }
 
     /// The bridge is stopping: a reply still streaming says so instead of "working…" forever.

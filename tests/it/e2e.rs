@@ -70,7 +70,10 @@ impl World {
             .env("MATTERMOST_OWNER", self.mattermost.owner().id)
             .env("OPENCODE_URL", self.opencode.url())
             .env("OPENCODE_MM_STATE_DIR", self.state.path())
-            .env("OPENCODE_MM_LOG", "info");
+            .env(
+                "OPENCODE_MM_LOG",
+                std::env::var("TEST_BINARY_LOG").unwrap_or("info".into()),
+            );
         crate::cli::Running::start(command)
     }
 
