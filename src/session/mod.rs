@@ -833,6 +833,8 @@ impl Worker {
                             Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
                         }
                     }
+                    // A reply deleted with its thread's root is refused as a permission error.
+                    Err(e) if e.status() == Some(403) && self.root_is_gone() => return false,
                     Err(e) => crate::warn!("[{short}] reply edit failed: {e}"),
                 },
                 None => match self.mattermost.create_post(
@@ -869,6 +871,13 @@ impl Worker {
             }
         }
         true
+    }
+
+    fn root_is_gone(&self) -> bool {
+        matches!(
+            self.mattermost.get_post(&self.root_post_id),
+            Err(e) if matches!(e.status(), Some(403 | 404))
+        )
     }
 
     /// The thread's root was deleted (and its replies with it): the session gets a new thread.

@@ -40,8 +40,7 @@ struct Scene {
     play: fn(&mut Demo) -> Result<(), String>,
 }
 
-/// The conversation, in order. A permission prompt answered by the owner belongs between the prompt
-/// and the reply once the bridge posts permission requests.
+/// The conversation, in order.
 const SCENES: &[Scene] = &[
     Scene {
         title: "a session starts in OpenCode, and the bridge opens a thread for it",
@@ -50,6 +49,10 @@ const SCENES: &[Scene] = &[
     Scene {
         title: "the owner replies in the thread: that is the prompt",
         play: owner_prompts,
+    },
+    Scene {
+        title: "the agent asks before running a command; the owner allows it with a ✅ reaction",
+        play: permission_answered,
     },
     Scene {
         title: "the answer streams into one post, edited in place, with its tool call",
@@ -86,7 +89,7 @@ fn main() {
         std::process::exit(1);
     }
     println!(
-        "demo passed in {:.1}s: session → thread → prompt → streamed reply → completion line",
+        "demo passed in {:.1}s: session → thread → prompt → permission → streamed reply → completion line",
         started.elapsed().as_secs_f64()
     );
 }
@@ -94,7 +97,8 @@ fn main() {
 impl Demo {
     fn start() -> Demo {
         let llm = FakeLlm::start();
-        let opencode = OpenCode::start(&llm, json!({}));
+        // Commands need the owner's permission, as a cautious set-up would have it.
+        let opencode = OpenCode::start(&llm, json!({"permission": {"bash": "ask"}}));
         let mattermost = FakeMattermost::start();
         let state = TempDir::new("demo");
         let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
@@ -180,6 +184,36 @@ fn owner_prompts(demo: &mut Demo) -> Result<(), String> {
     Ok(())
 }
 
+fn permission_answered(demo: &mut Demo) -> Result<(), String> {
+    let root_id = demo.root_id()?;
+    let bot = demo.mattermost.bot().id;
+    let request = demo
+        .mattermost
+        .wait_until(SOON, |view| {
+            view.thread(&root_id)
+                .into_iter()
+                .find(|p| p.user_id == bot && p.message.contains("Permission"))
+        })
+        .ok_or("the bridge posted no permission request")?;
+    show(&demo.mattermost.bot().username, &request.message, true);
+    demo.mattermost
+        .react_as(&demo.mattermost.owner().id, &request.id, "white_check_mark")
+        .map_err(|(status, body)| format!("the reaction was refused: {status} {body}"))?;
+    println!("   (@{} reacts ✅)", demo.mattermost.owner().username);
+    let request_id = request.id.clone();
+    let decided = demo
+        .mattermost
+        .wait_until(SOON, |view| {
+            view.post(&request_id)
+                .filter(|p| p.message != request.message)
+                .cloned()
+        })
+        .ok_or("the permission post never showed the decision")?;
+    println!("   (edited)");
+    show(&demo.mattermost.bot().username, &decided.message, true);
+    Ok(())
+}
+
 fn reply_streams(demo: &mut Demo) -> Result<(), String> {
     let bot = demo.mattermost.bot().username;
     let deadline = Instant::now() + SOON;
@@ -188,7 +222,7 @@ fn reply_streams(demo: &mut Demo) -> Result<(), String> {
         let reply = demo
             .bot_replies()?
             .into_iter()
-            .find(|post| !post.message.starts_with("✅"));
+            .find(|post| !post.message.starts_with("✅") && !post.message.contains("Permission"));
         if let Some(reply) = reply {
             if reply.message != shown {
                 let label = if shown.is_empty() { "posted" } else { "edited" };

@@ -130,6 +130,10 @@ fn a_deleted_thread_root_gives_the_session_a_new_thread() {
     let (id, _) = world.new_session("Root deleted");
     let root = world.wait_root(&id);
     still_answers(&world, &root.id, "before the deletion");
+    // The first turn is over before its thread goes.
+    world.wait_bot_post(&root.id, "completion line", |p| {
+        p.message.starts_with("✅ Done")
+    });
     world
         .mattermost
         .delete_as(&world.mattermost.bot().id, &root.id)

@@ -103,6 +103,9 @@ fn a_bridge_killed_mid_turn_completes_the_same_reply_after_restart() {
     world.wait_bot_post(&root.id, "echo", |p| {
         p.message.contains("echo: after the restart")
     });
+    wait_for("the second turn's completion line", SOON, || {
+        completion_lines(&world, &root).len() >= 2
+    });
     let (code, _) = bridge.terminate();
     assert_eq!(code, 0);
     assert_eq!(world.roots_for(&id).len(), 1);
