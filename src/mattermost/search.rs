@@ -28,10 +28,7 @@ pub fn find_thread_root(
         "/channels/{}/posts?since={since_ms}",
         percent_encode(channel_id)
     );
-    let text = client.call("GET", &path, None)?;
-    let list: PostList =
-        serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))?;
-    Ok(pick_root(list.posts.into_values(), user_id, session_id))
+    Ok(pick_root(post_list(client, &path)?, user_id, session_id))
 }
 
 /// The channel's posts changed since `since_ms`, oldest first. Only for a cursor that has no post
@@ -45,12 +42,7 @@ pub fn posts_since(
         "/channels/{}/posts?since={since_ms}",
         percent_encode(channel_id)
     );
-    let text = client.call("GET", &path, None)?;
-    let list: PostList =
-        serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))?;
-    let mut posts: Vec<Post> = list
-        .posts
-        .into_values()
+    let mut posts: Vec<Post> = post_list(client, &path)?
         .filter(|p| p.create_at > since_ms as i64)
         .collect();
     posts.sort_by_key(|p| p.create_at);
@@ -60,12 +52,17 @@ pub fn posts_since(
 /// A thread's posts, root included, oldest first (`GET /posts/{id}/thread`).
 pub fn thread_posts(client: &MattermostClient, root_id: &str) -> Result<Vec<Post>, MmError> {
     let path = format!("/posts/{}/thread", percent_encode(root_id));
-    let text = client.call("GET", &path, None)?;
-    let list: PostList =
-        serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))?;
-    let mut posts: Vec<Post> = list.posts.into_values().collect();
+    let mut posts: Vec<Post> = post_list(client, &path)?.collect();
     posts.sort_by_key(|p| p.create_at);
     Ok(posts)
+}
+
+/// The posts of a post-list answer (`{"order": […], "posts": {id: post}}`), in no order.
+fn post_list(client: &MattermostClient, path: &str) -> Result<impl Iterator<Item = Post>, MmError> {
+    let text = client.call("GET", path, None)?;
+    let list: PostList =
+        serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))?;
+    Ok(list.posts.into_values())
 }
 
 fn pick_root(posts: impl Iterator<Item = Post>, user_id: &str, session_id: &str) -> Option<Post> {
