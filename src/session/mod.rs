@@ -1011,6 +1011,8 @@ impl Worker {
                 .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
             {
                 Ok(messages) => messages,
+                // Deleted: the router is ending the thread.
+                Err(OcError::SessionNotFound(_)) => return,
                 Err(e) => {
                     crate::warn!("[{}] missed answers not read: {e}", self.short());
                     return;

@@ -376,6 +376,7 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
     bridge.wait_for_line("ready");
     let mut sessions = Vec::new();
     let mut sent: Vec<(String, String)> = Vec::new();
+    let mut earlier_logs = String::new();
     for round in 0..5 {
         // A new session now and then: its thread must exist once, however the kills fall.
         if round % 2 == 0 {
@@ -391,6 +392,8 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
         }
         std::thread::sleep(Duration::from_millis(random_ms(1500)));
         bridge.kill();
+        earlier_logs.push_str(&bridge.log_so_far());
+        earlier_logs.push_str("\n---- killed ----\n");
         // Accepted by Mattermost while no bridge runs.
         let prompt = format!("round {round} while down");
         world.owner_says(&root.id, &prompt);
@@ -408,7 +411,7 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
         });
         if answered.is_none() {
             panic!(
-                "no answer to {prompt:?} (seed {seed}); the LLM saw {:?}; bridge log:\n{}",
+                "no answer to {prompt:?} (seed {seed}); the LLM saw {:?}; bridge logs:\n{earlier_logs}{}",
                 world.prompts_seen_by_llm(),
                 bridge.log_so_far()
             );
