@@ -524,7 +524,7 @@ impl Worker {
             Change::Nothing => {}
             Change::Reply if completes_text => {
                 self.reply.dirty = true;
-                self.flush();
+                self.flush_with_status(false);
             }
             Change::Reply => {
                 self.reply.dirty = true;
@@ -761,6 +761,12 @@ impl Worker {
 
     /// Sends the running turn's reply as it stands, with its "working…" status line.
     fn flush(&mut self) {
+        self.flush_with_status(true);
+    }
+
+    /// `flush`; without the status line when a text part has just been completed, since that text is
+    /// most often the final answer: the turn's end then needs no further edit.
+    fn flush_with_status(&mut self, working: bool) {
         let Some(turn) = self.tracker.turn.as_ref() else {
             return;
         };
@@ -768,7 +774,7 @@ impl Worker {
         if !turn.is_visible() && self.reply.posts.is_empty() {
             return;
         }
-        let body = turn.body(true);
+        let body = turn.body(working);
         self.reply.text_shown |= turn.has_text();
         self.send_reply(&body, false);
     }
