@@ -299,6 +299,8 @@ impl Worker {
 
     fn run(mut self, inbox: Receiver<SessionMsg>) {
         let recorded = !self.root_post_id.is_empty();
+        // A thread this worker opens has no reply cut off by a crash to look for.
+        self.looked_for_cut_off = !recorded;
         if !recorded && !self.create_root() {
             return;
         }
