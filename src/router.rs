@@ -492,7 +492,10 @@ impl Router {
                 Some(inbox)
             }
             Err(e) => {
-                crate::error!("cannot start a session worker thread: {e}");
+                crate::error!(
+                    "[{}] cannot start a session worker thread: {e}",
+                    short_id(&key.session_id)
+                );
                 None
             }
         }
