@@ -737,3 +737,36 @@ fn the_todo_list_is_one_post_edited_as_it_changes() {
         p.message.contains("write the parser") && p.id != todo_posts[0].id
     });
 }
+
+#[test]
+fn an_attachment_over_the_size_cap_is_refused_by_name_and_nothing_is_sent() {
+    let llm = FakeLlm::start();
+    let opencode = OpenCode::start(&llm, json!({}));
+    let mut world = World::with(llm, opencode);
+    let mut config = crate::support::bridge::config(
+        &world.mattermost,
+        &world.opencode.url(),
+        world.state.path(),
+    );
+    config.max_file_size = 1000;
+    world.bridge = Some(crate::support::bridge::Bridge::start_with(config));
+    let (id, _) = world.new_session("Size cap");
+    let root = world.wait_root(&id);
+    owner_posts_files(
+        &world,
+        &root.id,
+        "summarise the big log",
+        &[("small.txt", b"fits"), ("big.log", &[b'x'; 2000])],
+    );
+    world.wait_bot_post(&root.id, "refusal", |p| {
+        p.message.starts_with("🚫") && p.message.contains("big.log")
+    });
+    // The prompt was not sent half-formed: later prompts still go, and that one never did.
+    world.owner_says(&root.id, "a prompt without files");
+    wait_completions(&world, &root, 1);
+    let prompts = world.prompts_seen_by_llm();
+    assert!(
+        !prompts.iter().any(|p| p.contains("summarise the big log")),
+        "{prompts:?}"
+    );
+}
