@@ -677,16 +677,18 @@ impl Router {
         } else {
             self.on_thread_reply(post);
         }
+        // One save for the cursor and what the post left owed, so a crash between the two
+        // cannot pass a prompt by (a save with nothing new writes nothing).
+        self.save();
     }
 
-    /// The newest owner post handled, persisted so posts sent while the bridge was down are
-    /// handled when it is back.
+    /// Moves the cursor to the newest owner post handled; the caller saves. Persisted, it lets
+    /// posts sent while the bridge was down be handled when it is back.
     fn advance_cursor(&mut self, post: &Post) {
         let cursor = &mut self.state.mattermost;
         if post.create_at >= cursor.last_post_at && cursor.last_post_id != post.id {
             cursor.last_post_id = post.id.clone();
             cursor.last_post_at = post.create_at;
-            self.save();
         }
     }
 
@@ -757,6 +759,7 @@ impl Router {
         if let Some(newest) = newest {
             self.advance_cursor(&newest);
         }
+        self.save();
         if handled > 0 {
             crate::info!("caught up on {handled} post(s) the websocket did not deliver");
         }

@@ -1,11 +1,9 @@
 //! Full control from the thread, end to end against a real OpenCode: permissions, questions, stop,
 //! retry, attached files, `!diff`/`!file`, `!new`, and the thread commands.
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
 
-use crate::e2e::{World, text};
+use crate::e2e::{World, completion_lines, text, wait_for};
 use crate::support::SOON;
 use crate::support::llm::{FakeLlm, Gate, Step};
 use crate::support::mattermost::Post;
@@ -61,17 +59,6 @@ fn llm_saw(world: &World, needle: &str) -> bool {
         .any(|r| r.to_string().contains(needle))
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + SOON;
-    while std::time::Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// The bot's permission request post in the thread for a command.
 fn permission_post(world: &World, root: &Post, command: &str) -> Post {
     world.wait_bot_post(&root.id, "permission request", |p| {
@@ -93,15 +80,7 @@ fn wait_decided(world: &World, post: &Post, prefix_free_marker: &str) -> String 
 }
 
 fn completions(world: &World, root: &Post) -> usize {
-    world
-        .bot_posts_in_thread(&root.id)
-        .iter()
-        .filter(|p| {
-            p.message.starts_with("✅ Done")
-                || p.message.starts_with("⏹️ Stopped")
-                || p.message.starts_with("⚠️ Failed")
-        })
-        .count()
+    completion_lines(world, root).len()
 }
 
 fn wait_completions(world: &World, root: &Post, n: usize) {
@@ -452,8 +431,16 @@ fn a_repeat_reaction_resends_the_prompt() {
         .mattermost
         .react_as(&world.mattermost.owner().id, &answer.id, "repeat")
         .expect("reaction accepted");
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(completions(&world, &root), 2);
+    // Posts and reactions are handled in order: once a later prompt is answered, the reaction was too.
+    world.owner_says(&root.id, "after the stray repeat");
+    wait_completions(&world, &root, 3);
+    assert_eq!(completions(&world, &root), 3);
+    let sent = world
+        .prompts_seen_by_llm()
+        .iter()
+        .filter(|p| p.contains("count the widgets"))
+        .count();
+    assert_eq!(sent, 2, "a repeat on a bot post resent something");
 }
 
 /// Posts as the owner with files, through the REST API as a Mattermost client would.

@@ -6,12 +6,8 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-
 use opencode_mattermost::config::Secret;
 use opencode_mattermost::mattermost::rest::{MattermostClient, MmError};
-use opencode_mattermost::mattermost::ws::{self, WsSettings, WsUpdate};
-use opencode_mattermost::mattermost::{WsAction, WsEvent};
 
 use crate::support::SOON;
 use crate::support::mattermost::{FakeMattermost, RateLimit};
@@ -308,87 +304,12 @@ fn posts_after_pages_through_everything_oldest_first() {
     assert_eq!(after_deleted[0].id, expected[301]);
 }
 
-/// The websocket thread with its channels; dropping it stops the thread and waits for it.
-struct Socket {
-    updates: Receiver<WsUpdate>,
-    _actions: Sender<WsAction>,
-    stop: Option<Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Socket {
-    fn start(mattermost: &FakeMattermost) -> Socket {
-        let client = patient_client(mattermost);
-        let settings = WsSettings {
-            base_url: mattermost.url(),
-            authorization: client.authorization().to_string(),
-            tls: Default::default(),
-            heard: Default::default(),
-        };
-        let (out, updates) = crossbeam_channel::unbounded();
-        let (actions, actions_rx) = crossbeam_channel::bounded(64);
-        let (stop, stop_rx) = crossbeam_channel::bounded(0);
-        let thread = thread::spawn(move || ws::run::<WsUpdate>(settings, out, actions_rx, stop_rx));
-        Socket {
-            updates,
-            _actions: actions,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// The next update that is not a disconnect report.
-    fn next(&self) -> WsUpdate {
-        loop {
-            match self
-                .updates
-                .recv_timeout(SOON)
-                .expect("websocket update in time")
-            {
-                WsUpdate::Disconnected(_) => continue,
-                update => return update,
-            }
-        }
-    }
-
-    /// Whether the next connection was resumed; events before it (such as the status change that
-    /// follows a hello) are passed over.
-    fn next_connected(&self) -> bool {
-        loop {
-            match self.next() {
-                WsUpdate::Connected { resumed, .. } => return resumed,
-                WsUpdate::Event(WsEvent::Other(_)) => continue,
-                other => panic!("expected a connection, got {other:?}"),
-            }
-        }
-    }
-
-    fn wait_for_post(&self, message: &str) {
-        loop {
-            if let WsUpdate::Event(WsEvent::Posted(post)) = self.next()
-                && post.message == message
-            {
-                return;
-            }
-        }
-    }
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 #[test]
 fn unreadable_websocket_frames_are_skipped_and_events_keep_coming() {
     let mattermost = FakeMattermost::start();
     let channel = dm(&mattermost);
     let owner = mattermost.owner();
-    let socket = Socket::start(&mattermost);
+    let socket = crate::mattermost_api::Socket::start(&mattermost);
     assert!(!socket.next_connected());
     for bad in [
         "not json",
@@ -425,7 +346,7 @@ fn resumed_and_fresh_connections_are_reported_as_such() {
     let mattermost = FakeMattermost::start();
     let channel = dm(&mattermost);
     let owner = mattermost.owner();
-    let socket = Socket::start(&mattermost);
+    let socket = crate::mattermost_api::Socket::start(&mattermost);
     assert!(!socket.next_connected(), "the first connection is fresh");
 
     mattermost.drop_websockets();

@@ -168,21 +168,40 @@ impl World {
     }
 }
 
-/// Waits until some request to the LLM contains `needle`.
-pub(crate) fn wait_until_llm_saw(world: &World, needle: &str) {
+/// Polls `f` until it holds, for up to `SOON`; panics naming `what` otherwise.
+pub(crate) fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + SOON;
     while Instant::now() < deadline {
-        if world
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Waits until some request to the LLM contains `needle`.
+pub(crate) fn wait_until_llm_saw(world: &World, needle: &str) {
+    wait_for(&format!("the LLM to see {needle:?}"), || {
+        world
             .llm
             .requests()
             .iter()
             .any(|r| r.to_string().contains(needle))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("the LLM never saw {needle:?}");
+    });
+}
+
+/// The completion lines of a thread: one per finished turn.
+pub(crate) fn completion_lines(world: &World, root: &Post) -> Vec<Post> {
+    world
+        .bot_posts_in_thread(&root.id)
+        .into_iter()
+        .filter(|p| {
+            p.message.starts_with("✅ Done")
+                || p.message.starts_with("⏹️ Stopped")
+                || p.message.starts_with("⚠️ Failed")
+        })
+        .collect()
 }
 
 pub(crate) fn last_user_text(request: &Value) -> Option<String> {

@@ -5,40 +5,17 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::e2e::{World, text};
+use crate::e2e::{World, completion_lines, text, wait_for};
 use crate::support::SOON;
 use crate::support::llm::{FakeLlm, Gate, Step};
 use crate::support::mattermost::Post;
 use crate::support::opencode::OpenCode;
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 fn bot_posts_containing(world: &World, root: &Post, needle: &str) -> Vec<Post> {
     world
         .bot_posts_in_thread(&root.id)
         .into_iter()
         .filter(|p| p.message.contains(needle))
-        .collect()
-}
-
-fn completion_lines(world: &World, root: &Post) -> Vec<Post> {
-    world
-        .bot_posts_in_thread(&root.id)
-        .into_iter()
-        .filter(|p| {
-            p.message.starts_with("✅ Done")
-                || p.message.starts_with("⏹️ Stopped")
-                || p.message.starts_with("⚠️ Failed")
-        })
         .collect()
 }
 
@@ -76,7 +53,7 @@ fn a_bridge_killed_mid_turn_completes_the_same_reply_after_restart() {
     bridge.kill();
     // The turn ends while no bridge is running.
     gate.open();
-    wait_for("the turn to end on the server", SOON, || {
+    wait_for("the turn to end on the server", || {
         world
             .opencode
             .messages(&id, world.opencode.project_dir())
@@ -89,13 +66,13 @@ fn a_bridge_killed_mid_turn_completes_the_same_reply_after_restart() {
     });
     let mut bridge = world.spawn_binary();
     bridge.wait_for_line("ready");
-    wait_for("the cut-off reply to be completed", SOON, || {
+    wait_for("the cut-off reply to be completed", || {
         world.mattermost.post(&partial.id).is_some_and(|p| {
             p.message
                 .contains("Second half, written while the bridge was dead.")
         })
     });
-    wait_for("one completion line", SOON, || {
+    wait_for("one completion line", || {
         completion_lines(&world, &root).len() == 1
     });
     // Later prompts still route, and nothing was posted twice.
@@ -103,7 +80,7 @@ fn a_bridge_killed_mid_turn_completes_the_same_reply_after_restart() {
     world.wait_bot_post(&root.id, "echo", |p| {
         p.message.contains("echo: after the restart")
     });
-    wait_for("the second turn's completion line", SOON, || {
+    wait_for("the second turn's completion line", || {
         completion_lines(&world, &root).len() >= 2
     });
     let (code, _) = bridge.terminate();
@@ -139,10 +116,19 @@ fn a_bridge_killed_while_streaming_resumes_the_same_post() {
         p.message.contains("Streaming part one.")
     });
     bridge.kill();
+    let typing_before = world.mattermost.typing_events().len();
     // Back while the turn still runs: the same post goes on streaming.
     let mut bridge = world.spawn_binary();
     bridge.wait_for_line("ready");
-    std::thread::sleep(Duration::from_millis(500));
+    // The new bridge is following the running turn once it shows as typing in the thread.
+    wait_for("the restarted bridge to follow the turn", || {
+        world
+            .mattermost
+            .typing_events()
+            .iter()
+            .skip(typing_before)
+            .any(|(_, _, parent)| parent == &root.id)
+    });
     gate.open();
     let finished = world.mattermost.wait_until(SOON, |view| {
         view.post(&partial.id)
@@ -159,7 +145,7 @@ fn a_bridge_killed_while_streaming_resumes_the_same_post() {
             .collect::<Vec<_>>(),
         bridge.log_so_far()
     );
-    wait_for("one completion line", SOON, || {
+    wait_for("one completion line", || {
         completion_lines(&world, &root).len() == 1
     });
     let (code, _) = bridge.terminate();
@@ -204,11 +190,9 @@ fn opencode_restarted_mid_turn_gets_notices_and_queued_prompts_are_delivered() {
     world.wait_bot_post(&root.id, "the queued prompt's answer", |p| {
         p.message.contains("echo: sent during the outage")
     });
-    wait_for(
-        "the interrupted turn and the queued one to end",
-        SOON,
-        || completion_lines(&world, &root).len() >= 2,
-    );
+    wait_for("the interrupted turn and the queued one to end", || {
+        completion_lines(&world, &root).len() >= 2
+    });
     assert_eq!(
         bot_posts_containing(&world, &root, "OpenCode is unreachable").len(),
         1,
@@ -254,7 +238,7 @@ fn streaming_session(world: &World, title: &str, trigger: &str) -> (Post, Gate) 
 fn assert_completed_once(world: &World, root: &Post, trigger: &str) {
     let end = format!("{trigger}: the end.");
     world.wait_bot_post(&root.id, "completed reply", |p| p.message.contains(&end));
-    wait_for("one completion line", SOON, || {
+    wait_for("one completion line", || {
         !completion_lines(world, root).is_empty()
     });
     assert_eq!(completion_lines(world, root).len(), 1);

@@ -7,9 +7,9 @@ use std::thread;
 use crossbeam_channel::{Receiver, Sender};
 
 use opencode_mattermost::config::Secret;
-use opencode_mattermost::mattermost::WsAction;
 use opencode_mattermost::mattermost::rest::{MattermostClient, MmError};
 use opencode_mattermost::mattermost::ws::{self, WsSettings, WsUpdate};
+use opencode_mattermost::mattermost::{WsAction, WsEvent};
 
 use crate::support::SOON;
 use crate::support::mattermost::FakeMattermost;
@@ -121,7 +121,7 @@ fn the_bot_reacts_to_a_post() {
 }
 
 /// The websocket thread with its channels; dropping it stops the thread and waits for it.
-struct Socket {
+pub(crate) struct Socket {
     updates: Receiver<WsUpdate>,
     actions: Sender<WsAction>,
     stop: Option<Sender<()>>,
@@ -129,7 +129,7 @@ struct Socket {
 }
 
 impl Socket {
-    fn start(mattermost: &FakeMattermost) -> Socket {
+    pub(crate) fn start(mattermost: &FakeMattermost) -> Socket {
         let client = bot_client(mattermost);
         let settings = WsSettings {
             base_url: mattermost.url(),
@@ -168,6 +168,42 @@ impl Socket {
                 parent_id: parent_id.into(),
             })
             .expect("room in the action queue");
+    }
+
+    /// The next update that is not a disconnect report.
+    pub(crate) fn next(&self) -> WsUpdate {
+        loop {
+            match self
+                .updates
+                .recv_timeout(SOON)
+                .expect("websocket update in time")
+            {
+                WsUpdate::Disconnected(_) => continue,
+                update => return update,
+            }
+        }
+    }
+
+    /// Whether the next connection was resumed; events before it (such as the status change that
+    /// follows a hello) are passed over.
+    pub(crate) fn next_connected(&self) -> bool {
+        loop {
+            match self.next() {
+                WsUpdate::Connected { resumed, .. } => return resumed,
+                WsUpdate::Event(WsEvent::Other(_)) => continue,
+                other => panic!("expected a connection, got {other:?}"),
+            }
+        }
+    }
+
+    pub(crate) fn wait_for_post(&self, message: &str) {
+        loop {
+            if let WsUpdate::Event(WsEvent::Posted(post)) = self.next()
+                && post.message == message
+            {
+                return;
+            }
+        }
     }
 }
 
