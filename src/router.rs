@@ -322,6 +322,11 @@ impl Router {
             return;
         };
         let key = SessionKey { server, session_id };
+        crate::trace!(
+            "[{}] event {}",
+            short_id(&key.session_id),
+            event_brief(&event)
+        );
         match &event {
             Event::SessionCreated(info) | Event::SessionUpdated(info) => {
                 self.learn(&key, info.clone());
@@ -1219,6 +1224,7 @@ impl Router {
                 crate::store::PendingPrompt {
                     session_id: key.session_id.clone(),
                     create_at: post.create_at,
+                    owed_at_ms: crate::log::now_ms(),
                 },
             );
         self.save();
@@ -1227,18 +1233,18 @@ impl Router {
     /// Prompts owed from before a restart go to their sessions again, oldest first; a worker
     /// skips one that OpenCode already has.
     fn recover_owed_prompts(&mut self) {
-        let mut owed: Vec<(i64, String, SessionKey)> = Vec::new();
+        let mut owed: Vec<(i64, String, SessionKey, u64)> = Vec::new();
         for (server, state) in &self.state.servers {
             for (post_id, pending) in &state.pending_prompts {
                 let key = SessionKey {
                     server: ServerKey(server.clone()),
                     session_id: pending.session_id.clone(),
                 };
-                owed.push((pending.create_at, post_id.clone(), key));
+                owed.push((pending.create_at, post_id.clone(), key, pending.owed_at_ms));
             }
         }
         owed.sort();
-        for (_, post_id, key) in owed {
+        for (_, post_id, key, owed_at_ms) in owed {
             match self.mattermost.get_post(&post_id) {
                 Ok(post) if post.user_id == self.identity.owner_user_id => {
                     crate::info!(
@@ -1246,14 +1252,13 @@ impl Router {
                         short_id(&key.session_id)
                     );
                     self.seen_posts.insert(&post_id);
-                    let since = post.create_at.max(0) as u64;
                     self.deliver(
                         &key,
                         SessionMsg::Prompt {
                             post_id: post.id,
                             text: post.message,
                             file_ids: post.file_ids.unwrap_or_default(),
-                            recovered_since_ms: Some(since),
+                            recovered_since_ms: Some(owed_at_ms),
                         },
                     );
                 }
@@ -1557,5 +1562,20 @@ impl SeenPosts {
             self.ids.remove(&old);
         }
         true
+    }
+}
+
+/// One event in a few words, for trace logs.
+fn event_brief(event: &Event) -> String {
+    match event {
+        Event::SessionStatus { status, .. } => format!("status {status:?}"),
+        Event::SessionIdle { .. } => "idle".to_string(),
+        Event::MessageUpdated { message, .. } => format!(
+            "message {} {:?} completed {:?}",
+            message.id, message.role, message.completed_ms
+        ),
+        Event::PartUpdated { part, .. } => format!("part {} of {}", part.id, part.message_id),
+        Event::PartDelta { message_id, .. } => format!("delta of {message_id}"),
+        other => format!("{:.60}", format!("{other:?}")),
     }
 }

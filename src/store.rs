@@ -70,6 +70,10 @@ pub struct PendingPrompt {
     pub session_id: String,
     /// The post's `create_at` (ms since epoch): recovered prompts go in this order.
     pub create_at: i64,
+    /// When this host took it on (ms since epoch): only a prompt sent from then on is this one, not
+    /// an earlier send of the same post (🔁). 0 in files written before it was kept: any send.
+    #[serde(default)]
+    pub owed_at_ms: u64,
 }
 
 /// The Mattermost thread that mirrors one OpenCode session.

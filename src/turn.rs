@@ -30,6 +30,8 @@ pub struct Tracker {
     /// Parts of messages whose role is not known yet; released when it is.
     pending: HashMap<String, Vec<Part>>,
     finished: VecDeque<String>,
+    /// The newest message id seen in the session: the bridge's next prompt id must sort after it.
+    newest_message: Option<String>,
 }
 
 #[derive(Debug)]
@@ -38,6 +40,10 @@ pub struct Turn {
     /// Busy status or assistant output seen: an idle now really ends this turn. A turn the bridge
     /// began by sending a prompt is not active until OpenCode starts it.
     pub active: bool,
+    /// The user message id of the prompt the bridge sent to start this turn. Until the stream shows
+    /// it, status changes and assistant messages are late events of an earlier turn.
+    prompt_id: Option<String>,
+    prompt_seen: bool,
     parts: Vec<Part>,
     index: HashMap<String, usize>,
     assistant: BTreeMap<String, MessageInfo>,
@@ -65,6 +71,8 @@ impl Turn {
         Turn {
             started,
             active: false,
+            prompt_id: None,
+            prompt_seen: false,
             parts: Vec::new(),
             index: HashMap::new(),
             assistant: BTreeMap::new(),
@@ -145,9 +153,40 @@ impl Turn {
 }
 
 impl Tracker {
-    /// The bridge sent a prompt: a turn is expected, though OpenCode has not started it yet.
-    pub fn begin(&mut self, now: Instant) {
-        self.turn = Some(Turn::new(now));
+    /// The bridge sent a prompt (with user message id `prompt_id`): a turn is expected, though
+    /// OpenCode has not started it yet.
+    pub fn begin(&mut self, now: Instant, prompt_id: Option<String>) {
+        let mut turn = Turn::new(now);
+        turn.prompt_id = prompt_id;
+        self.turn = Some(turn);
+    }
+
+    /// The user message id of the prompt that began the running turn.
+    pub fn prompt_id(&self) -> Option<&str> {
+        self.turn.as_ref()?.prompt_id.as_deref()
+    }
+
+    /// The newest message id seen in the session so far.
+    pub fn newest_message(&self) -> Option<&str> {
+        self.newest_message.as_deref()
+    }
+
+    /// Notes a message id read from the server (ids ascend, so the greatest is the newest).
+    pub fn saw_message(&mut self, id: &str) {
+        if self
+            .newest_message
+            .as_deref()
+            .is_none_or(|newest| id > newest)
+        {
+            self.newest_message = Some(id.to_string());
+        }
+    }
+
+    /// Sent a prompt, and the stream has not shown it yet: what arrives now is from before it.
+    fn awaiting_prompt(&self) -> bool {
+        self.turn
+            .as_ref()
+            .is_some_and(|t| t.prompt_id.is_some() && !t.prompt_seen)
     }
 
     /// True while a prompt sent now would have to wait.
@@ -159,6 +198,7 @@ impl Tracker {
         match event {
             Event::SessionStatus { status, .. } => self.set_status(status, now),
             Event::SessionIdle { .. } => self.set_status(Status::Idle, now),
+            Event::SessionError { .. } if self.awaiting_prompt() => Change::Nothing,
             Event::SessionError { name, message, .. } => {
                 let turn = self.turn_mut(now);
                 turn.error = Some((name, message));
@@ -229,6 +269,12 @@ impl Tracker {
     }
 
     fn set_status(&mut self, status: Status, now: Instant) -> Change {
+        if self.awaiting_prompt() {
+            // Possibly the end of the previous turn, still on its way: only the prompt's own
+            // user message shows that OpenCode has taken it up.
+            self.busy = status != Status::Idle;
+            return Change::Nothing;
+        }
         match status {
             Status::Busy | Status::Retry => {
                 self.busy = true;
@@ -247,6 +293,22 @@ impl Tracker {
     }
 
     fn on_message(&mut self, message: MessageInfo, now: Instant) -> Change {
+        self.saw_message(&message.id);
+        if let Some(turn) = self.turn.as_mut()
+            && let Some(prompt_id) = &turn.prompt_id
+            && !turn.prompt_seen
+        {
+            let answers_prompt = match message.role {
+                Role::User => &message.id == prompt_id,
+                Role::Assistant => message.parent_id.as_ref() == Some(prompt_id),
+            };
+            if answers_prompt {
+                turn.prompt_seen = true;
+            } else if message.role == Role::Assistant {
+                // An earlier turn's answer, updated late: its parts must not join this turn.
+                self.finished.push_back(message.id.clone());
+            }
+        }
         self.roles.insert(message.id.clone(), message.role);
         let pending = self.pending.remove(&message.id).unwrap_or_default();
         if message.role != Role::Assistant || self.finished.contains(&message.id) {
@@ -354,6 +416,30 @@ impl Tracker {
         Change::Reply
     }
 
+    /// Whether the server's stored messages (oldest first) show the running turn finished: its
+    /// prompt, when the bridge sent one, is stored, and what follows it ends in a completed or
+    /// failed answer. An idle status alone can be an earlier turn's, delivered late.
+    pub fn settled_in(&self, messages: &[(MessageInfo, Vec<Part>)]) -> bool {
+        let Some(turn) = &self.turn else {
+            return true;
+        };
+        let from = match &turn.prompt_id {
+            Some(id) => match messages.iter().position(|(info, _)| &info.id == id) {
+                Some(i) => i + 1,
+                None => return false,
+            },
+            None => 0,
+        };
+        match messages[from..].last() {
+            Some((info, _)) => {
+                info.role == Role::Assistant
+                    && (info.completed_ms.is_some() || info.error.is_some())
+            }
+            // Stopped or failed before OpenCode wrote an answer.
+            None => turn.error.is_some(),
+        }
+    }
+
     /// Ends the running turn. `from_server` is the session's latest messages as stored by OpenCode,
     /// oldest first; where given, the turn's parts are taken from it, since the stream can lose events.
     pub fn finish(
@@ -362,6 +448,9 @@ impl Tracker {
         now: Instant,
     ) -> Option<(Turn, Summary)> {
         if let Some(messages) = from_server {
+            if let Some((newest, _)) = messages.last() {
+                self.saw_message(&newest.id);
+            }
             self.take_final_parts(messages);
         }
         let turn = self.turn.take()?;
@@ -403,10 +492,16 @@ impl Tracker {
         // The turn is every assistant message from the first one it saw on the stream (a prompt
         // queued in OpenCode mid-turn adds a second answer to the same turn); if it saw none, what
         // follows the last user message.
+        let after_prompt = turn.prompt_id.as_ref().and_then(|id| {
+            messages
+                .iter()
+                .position(|(info, _)| &info.id == id)
+                .map(|i| i + 1)
+        });
         let first_seen = messages
             .iter()
             .position(|(info, _)| turn.assistant.contains_key(&info.id));
-        let start = first_seen.unwrap_or_else(|| {
+        let start = after_prompt.or(first_seen).unwrap_or_else(|| {
             messages
                 .iter()
                 .rposition(|(info, _)| info.role == Role::User)
@@ -583,7 +678,7 @@ mod tests {
     fn a_sent_prompt_waits_for_opencode_and_a_stalled_one_is_given_up() {
         let start = Instant::now();
         let mut tracker = Tracker::default();
-        tracker.begin(start);
+        tracker.begin(start, None);
         assert!(tracker.is_running());
         // An idle before OpenCode started the turn is the previous turn's, not this one's end.
         let idle = Event::SessionIdle {
@@ -609,6 +704,82 @@ mod tests {
         );
     }
 
+    #[test]
+    fn late_events_of_the_previous_turn_neither_start_nor_end_the_prompts_turn() {
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        tracker.begin(now, Some("msg_u2".into()));
+        let status = |status| Event::SessionStatus {
+            session_id: "s".into(),
+            status,
+        };
+        let updated = |message| Event::MessageUpdated {
+            session_id: "s".into(),
+            message,
+        };
+        let mut old_answer = message("msg_a1", Role::Assistant);
+        old_answer.parent_id = Some("msg_u1".into());
+        old_answer.completed_ms = Some(5);
+        // The previous turn's last events, read from the stream after the prompt was sent.
+        assert_eq!(tracker.apply(updated(old_answer), now), Change::Nothing);
+        let old_part = Event::PartUpdated {
+            session_id: "s".into(),
+            part: text_part("p1", "msg_a1", "old answer"),
+        };
+        assert_eq!(tracker.apply(old_part, now), Change::Nothing);
+        assert_eq!(tracker.apply(status(Status::Busy), now), Change::Nothing);
+        assert_eq!(tracker.apply(status(Status::Idle), now), Change::Nothing);
+        assert!(tracker.is_running(), "the prompt's turn is still expected");
+        // The prompt's own user message, then its answer.
+        assert_eq!(
+            tracker.apply(updated(message("msg_u2", Role::User)), now),
+            Change::Nothing
+        );
+        assert_eq!(tracker.apply(status(Status::Busy), now), Change::Nothing);
+        let mut answer = message("msg_a2", Role::Assistant);
+        answer.parent_id = Some("msg_u2".into());
+        assert_eq!(tracker.apply(updated(answer), now), Change::Reply);
+        let part = Event::PartUpdated {
+            session_id: "s".into(),
+            part: text_part("p2", "msg_a2", "new answer"),
+        };
+        assert_eq!(tracker.apply(part, now), Change::Reply);
+        assert_eq!(tracker.apply(status(Status::Idle), now), Change::TurnEnded);
+        let (turn, _) = tracker.finish(None, now).expect("turn");
+        assert_eq!(turn.body(false), "new answer");
+        assert_eq!(tracker.newest_message(), Some("msg_u2"));
+    }
+
+    #[test]
+    fn a_turn_is_settled_only_when_the_server_stores_its_finished_answer() {
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        tracker.begin(now, Some("msg_u2".into()));
+        let done = |id: &str| {
+            let mut m = message(id, Role::Assistant);
+            m.completed_ms = Some(1);
+            (m, vec![])
+        };
+        let before = vec![(message("msg_u1", Role::User), vec![]), done("msg_a1")];
+        assert!(!tracker.settled_in(&before), "the prompt is not stored yet");
+        let mut stored = before.clone();
+        stored.push((message("msg_u2", Role::User), vec![]));
+        assert!(!tracker.settled_in(&stored), "no answer yet");
+        stored.push((message("msg_a2", Role::Assistant), vec![]));
+        assert!(
+            !tracker.settled_in(&stored),
+            "the answer is still being written"
+        );
+        stored.pop();
+        stored.push(done("msg_a2"));
+        assert!(tracker.settled_in(&stored));
+        // A turn the bridge did not start (found running at start-up) ends with a finished answer.
+        let mut adopted = Tracker::default();
+        adopted.apply_polled(Status::Busy, now, std::time::Duration::from_secs(15));
+        assert!(adopted.settled_in(&stored));
+        assert!(!adopted.settled_in(&stored[..3]));
+    }
+
     fn message(id: &str, role: Role) -> MessageInfo {
         MessageInfo {
             id: id.into(),
@@ -620,6 +791,7 @@ mod tests {
             error: None,
             model: None,
             agent: None,
+            parent_id: None,
         }
     }
 
@@ -635,7 +807,7 @@ mod tests {
     fn the_final_reread_keeps_every_answer_of_the_turn() {
         let now = Instant::now();
         let mut tracker = Tracker::default();
-        tracker.begin(now);
+        tracker.begin(now, None);
         let assistant_event = |id: &str| Event::MessageUpdated {
             session_id: "s".into(),
             message: message(id, Role::Assistant),

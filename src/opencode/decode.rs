@@ -422,6 +422,7 @@ pub fn decode_message(info: &Value) -> Result<MessageInfo, DecodeError> {
             .iter()
             .map(|key| str_at(info, key))
             .find(|name| !name.is_empty()),
+        parent_id: Some(str_at(info, "parentID")).filter(|p| !p.is_empty()),
     })
 }
 

@@ -2,6 +2,7 @@
 //! wire events into the domain types below. Nothing outside this module looks at OpenCode's field names.
 
 pub mod decode;
+pub mod ids;
 pub mod rest;
 pub mod sse;
 pub mod watch;
@@ -67,6 +68,8 @@ pub struct MessageInfo {
     pub model: Option<String>,
     /// The agent that wrote (assistant) or is to answer (user) the message, such as `build`.
     pub agent: Option<String>,
+    /// An assistant message's prompt: the user message it answers.
+    pub parent_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +316,9 @@ pub struct PromptInput {
     /// None: the session's own choice.
     pub model: Option<ModelRef>,
     pub agent: Option<String>,
+    /// The id the user message is to have (`messageID`), so the bridge can tell its own prompts
+    /// apart; see `prompt_message_id`.
+    pub message_id: Option<String>,
 }
 
 /// A file read from a session's directory through the server (`!file`).

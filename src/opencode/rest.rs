@@ -528,6 +528,9 @@ fn prompt_body(input: &PromptInput) -> Value {
     if let Some(agent) = &input.agent {
         body["agent"] = json!(agent);
     }
+    if let Some(id) = &input.message_id {
+        body["messageID"] = json!(id);
+    }
     body
 }
 

@@ -513,6 +513,7 @@ mod tests {
             error: None,
             model: None,
             agent: None,
+            parent_id: None,
         };
         let (tokens, cost) = totals(&[message(10, 5, 0.5), message(1, 2, 0.25)]);
         assert_eq!((tokens.input, tokens.output), (11, 7));

@@ -36,6 +36,8 @@ const STALLED_TURN: Duration = Duration::from_secs(15);
 /// A worker with nothing to do for this long offers to retire; the router starts a new one when
 /// the session needs one again. Keeps threads and memory in step with the sessions that are active.
 const IDLE_RETIRE: Duration = Duration::from_secs(60);
+/// How soon a turn whose idle status the stored messages do not bear out yet is looked at again.
+const SETTLE_RECHECK: Duration = Duration::from_secs(1);
 /// How often a queued prompt is tried again while OpenCode is unreachable.
 const PROMPT_RETRY: Duration = Duration::from_secs(3);
 /// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
@@ -237,6 +239,10 @@ struct Worker {
     told_down: bool,
     /// When to try the queue again while OpenCode is unreachable.
     retry_at: Option<Instant>,
+    /// The session looks idle but its stored messages do not show the turn finished (yet): when
+    /// that was first seen, and when to look again.
+    unsettled_since: Option<Instant>,
+    recheck_at: Option<Instant>,
 }
 
 /// A prompt waiting its turn, with the post it came from.
@@ -271,6 +277,8 @@ impl Worker {
             server_down: false,
             told_down: false,
             retry_at: None,
+            unsettled_since: None,
+            recheck_at: None,
             root_text: reply::root_post(&setup.info, &setup.command_prefix),
             key: setup.key,
             info: setup.info,
@@ -353,6 +361,7 @@ impl Worker {
                 if let Some(status) = statuses.get(&self.key.session_id)
                     && *status != Status::Idle
                 {
+                    crate::debug!("[{}] session is {status:?} at worker start", self.short());
                     self.tracker
                         .apply_polled(*status, Instant::now(), STALLED_TURN);
                 }
@@ -450,7 +459,7 @@ impl Worker {
                 recovered_since_ms,
             } => {
                 if let Some(since_ms) = recovered_since_ms
-                    && self.already_sent(&text, since_ms)
+                    && self.already_sent(&post_id, since_ms)
                 {
                     crate::info!(
                         "[{}] prompt {post_id} reached OpenCode before the restart; not resending",
@@ -519,7 +528,14 @@ impl Worker {
                 self.tracker.apply(event, now)
             }
             SessionMsg::Child { child_id, event } => self.tracker.apply_child(child_id, event),
-            SessionMsg::Polled(status) => self.tracker.apply_polled(status, now, STALLED_TURN),
+            SessionMsg::Polled(status) => {
+                crate::debug!(
+                    "[{}] polled {status:?} (running: {})",
+                    self.short(),
+                    self.tracker.is_running()
+                );
+                self.tracker.apply_polled(status, now, STALLED_TURN)
+            }
             SessionMsg::Ended { .. } => Change::Nothing,
         };
         match change {
@@ -532,7 +548,10 @@ impl Worker {
                 self.reply.dirty = true;
                 self.schedule();
             }
-            Change::TurnEnded => self.finish_turn(),
+            Change::TurnEnded => {
+                crate::debug!("[{}] turn ended", self.short());
+                self.finish_turn()
+            }
         }
         if !self.tracker.is_running() {
             return self.send_next();
@@ -564,13 +583,21 @@ impl Worker {
             }
         };
         let must_wait = self.tracker.is_running() || !self.queue.is_empty() || self.server_down;
+        if must_wait {
+            crate::debug!(
+                "[{}] prompt queued (running: {}, queued: {}, server down: {})",
+                self.short(),
+                self.tracker.is_running(),
+                self.queue.len(),
+                self.server_down
+            );
+        }
         self.queue.push_back(Queued {
             post_id,
             input: PromptInput {
                 text,
                 files,
-                model: None,
-                agent: None,
+                ..PromptInput::default()
             },
         });
         if self.server_down && !self.tracker.is_running() {
@@ -608,6 +635,16 @@ impl Worker {
         // The choices in force when the prompt is sent, not when it was queued.
         input.model = self.model.clone();
         input.agent = self.agent.clone();
+        let message_id = crate::opencode::ids::prompt_message_id(
+            &post_id,
+            crate::log::now_ms(),
+            self.tracker.newest_message(),
+        );
+        input.message_id = Some(message_id.clone());
+        crate::debug!(
+            "[{}] sending prompt {post_id} to OpenCode as {message_id}",
+            self.short()
+        );
         match self
             .opencode
             .prompt_with(&self.key.session_id, &self.info.directory, &input)
@@ -616,7 +653,8 @@ impl Worker {
                 self.prompt_done(&post_id);
                 self.server_down = false;
                 self.retry_at = None;
-                self.tracker.begin(Instant::now());
+                self.tracker.saw_message(&message_id);
+                self.tracker.begin(Instant::now(), Some(message_id));
                 self.reply = ReplyPosts::default();
                 self.todo_post = None;
                 true
@@ -711,10 +749,15 @@ impl Worker {
 
     fn next_deadline(&self) -> Option<Instant> {
         let retry = self.retry_at.filter(|_| !self.queue.is_empty());
-        [self.flush_deadline(), self.typing_deadline(), retry]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.flush_deadline(),
+            self.typing_deadline(),
+            retry,
+            self.recheck_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_timer(&mut self) {
@@ -727,6 +770,15 @@ impl Worker {
         if self.retry_at.is_some_and(|d| d <= Instant::now()) && !self.tracker.is_running() {
             self.retry_at = None;
             self.send_next();
+        }
+        if self.recheck_at.is_some_and(|d| d <= Instant::now()) {
+            self.recheck_at = None;
+            if !self.tracker.busy {
+                self.finish_turn();
+                if !self.tracker.is_running() {
+                    self.send_next();
+                }
+            }
         }
     }
 
@@ -920,6 +972,25 @@ impl Worker {
                     None
                 }
             };
+        if let Some(messages) = &stored
+            && !self.tracker.settled_in(messages)
+        {
+            let since = *self.unsettled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < STALLED_TURN {
+                crate::debug!(
+                    "[{}] idle, but the stored messages do not show the turn finished yet",
+                    self.short()
+                );
+                self.recheck_at = Some(Instant::now() + SETTLE_RECHECK);
+                return;
+            }
+            crate::warn!(
+                "[{}] the session stayed idle without finishing the turn; showing what it has",
+                self.short()
+            );
+        }
+        self.unsettled_since = None;
+        self.recheck_at = None;
         self.complete_turn(stored.as_deref(), None);
     }
 
@@ -948,6 +1019,10 @@ impl Worker {
         }
         self.post_notice(&line);
         let message_id = turn.last_assistant_id().map(str::to_string);
+        crate::debug!(
+            "[{}] turn delivered: last assistant message {message_id:?}",
+            self.short()
+        );
         self.delivery.message_id = message_id.clone();
         self.delivery.streaming_post_id = None;
         (self.report)(Report::Delivered {
@@ -984,27 +1059,30 @@ impl Worker {
         });
     }
 
-    /// Whether the session already has this prompt as a user message from about `since_ms` on: a
-    /// prompt handed over just before a crash must not run twice.
-    fn already_sent(&self, text: &str, since_ms: u64) -> bool {
-        let Ok(messages) =
-            self.opencode
-                .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
-        else {
-            return false;
+    /// Whether the session already has the prompt from `post_id`, sent from `since_ms` on (when it
+    /// was owed): a prompt handed over just before a crash must not run twice. The bridge's prompts
+    /// carry their post in their message id, so this is exact.
+    fn already_sent(&mut self, post_id: &str, since_ms: u64) -> bool {
+        let messages = match self.opencode.messages(
+            &self.key.session_id,
+            &self.info.directory,
+            FINAL_MESSAGES,
+        ) {
+            Ok(messages) => messages,
+            Err(e) => {
+                crate::warn!(
+                    "[{}] could not check whether prompt {post_id} arrived before the restart ({e}); sending it",
+                    self.short()
+                );
+                return false;
+            }
         };
-        // A minute of slack for clocks that disagree between Mattermost and OpenCode.
-        let from = since_ms.saturating_sub(60_000);
-        messages.iter().any(|(info, parts)| {
+        if let Some((newest, _)) = messages.last() {
+            self.tracker.saw_message(&newest.id);
+        }
+        messages.iter().any(|(info, _)| {
             info.role == crate::opencode::Role::User
-                && info.created_ms >= from
-                && parts
-                    .iter()
-                    .filter_map(|p| match &p.body {
-                        crate::opencode::PartBody::Text(t) => Some(t.as_str()),
-                        _ => None,
-                    })
-                    .any(|t| t.trim() == text.trim())
+                && crate::opencode::ids::is_prompt_of(&info.id, post_id, since_ms)
         })
     }
 
@@ -1026,6 +1104,9 @@ impl Worker {
                     return;
                 }
             };
+        if let Some((newest, _)) = stored.last() {
+            self.tracker.saw_message(&newest.id);
+        }
         let after_delivered = self.delivery.message_id.as_ref().and_then(|id| {
             stored
                 .iter()
@@ -1045,6 +1126,11 @@ impl Worker {
                 info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
             })
             .map_or(0, |i| i + 1);
+        crate::debug!(
+            "[{}] catch-up: {} stored message(s), missed {start}..{end}",
+            self.short(),
+            stored.len()
+        );
         if end <= start {
             return;
         }
@@ -1077,7 +1163,7 @@ impl Worker {
                 "[{}] posting an answer finished while the bridge was away",
                 self.short()
             );
-            self.tracker.begin(Instant::now());
+            self.tracker.begin(Instant::now(), None);
             self.complete_turn(Some(turn), Some(finished_ms.saturating_sub(began_ms)));
         }
     }

@@ -394,10 +394,18 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
                 .map(|_| ())
         });
         if answered.is_none() {
+            let thread: Vec<String> = world
+                .mattermost
+                .wait_until(SOON, |view| Some(view.thread(root_id)))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| format!("{} {}: {:?}", p.id, p.user_id, p.message))
+                .collect();
             panic!(
-                "no answer to {prompt:?} (seed {seed}); the LLM saw {:?}; bridge logs:\n{earlier_logs}{}",
+                "no answer to {prompt:?} (seed {seed}); the LLM saw {:?}; bridge logs:\n{earlier_logs}{}\nthe thread:\n{}",
                 world.prompts_seen_by_llm(),
-                bridge.log_so_far()
+                bridge.log_so_far(),
+                thread.join("\n")
             );
         }
     }

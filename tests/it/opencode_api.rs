@@ -466,6 +466,7 @@ fn prompt_with_sends_images_text_files_model_and_agent() {
             model_id: MODEL_ID.into(),
         }),
         agent: Some("plan".into()),
+        message_id: None,
     };
     client.prompt_with(&session, &directory, &input).unwrap();
     let request = wait_for("the prompt to reach the LLM", || {
