@@ -385,6 +385,7 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
         bridge = world.spawn_binary();
         bridge.wait_for_line("ready");
     }
+    let mut problems = Vec::new();
     for (root_id, prompt) in &sent {
         let needle = format!("echo: {prompt}");
         let answered = world.mattermost.wait_until(SOON, |view| {
@@ -394,39 +395,48 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
                 .map(|_| ())
         });
         if answered.is_none() {
-            let thread: Vec<String> = world
-                .mattermost
-                .wait_until(SOON, |view| Some(view.thread(root_id)))
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| format!("{} {}: {:?}", p.id, p.user_id, p.message))
-                .collect();
-            panic!(
-                "no answer to {prompt:?} (seed {seed}); the LLM saw {:?}; bridge logs:\n{earlier_logs}{}\nthe thread:\n{}",
-                world.prompts_seen_by_llm(),
-                bridge.log_so_far(),
-                thread.join("\n")
-            );
+            problems.push(format!("no answer to {prompt:?}"));
         }
     }
+    let logs = format!("{earlier_logs}{}", bridge.log_so_far());
     let (code, _) = bridge.terminate();
-    assert_eq!(code, 0);
+    if code != 0 {
+        problems.push(format!("the bridge exited with {code}"));
+    }
     let seen = world.prompts_seen_by_llm();
     for (root_id, prompt) in &sent {
         let runs = seen.iter().filter(|p| *p == prompt).count();
-        assert_eq!(runs, 1, "{prompt:?} ran {runs} times (seed {seed})");
+        if runs != 1 {
+            problems.push(format!("{prompt:?} ran {runs} times"));
+        }
         let answers = world
             .bot_posts_in_thread(root_id)
             .into_iter()
             .filter(|p| p.message.contains(&format!("echo: {prompt}")))
             .count();
-        assert_eq!(
-            answers, 1,
-            "{prompt:?} answered {answers} times (seed {seed})"
-        );
+        if answers > 1 {
+            problems.push(format!("{prompt:?} answered {answers} times"));
+        }
     }
     for id in &sessions {
-        assert_eq!(world.roots_for(id).len(), 1, "session {id} (seed {seed})");
+        let roots = world.roots_for(id).len();
+        if roots != 1 {
+            problems.push(format!("session {id} has {roots} thread roots"));
+        }
+    }
+    if !problems.is_empty() {
+        let threads: Vec<String> = sessions
+            .iter()
+            .flat_map(|id| world.roots_for(id))
+            .flat_map(|root| world.mattermost.wait_until(SOON, |view| Some(view.thread(&root.id))))
+            .flatten()
+            .map(|p| format!("{} {} {}: {:?}", p.root_id, p.id, p.user_id, p.message))
+            .collect();
+        panic!(
+            "seed {seed}: {}\nthe LLM saw {seen:?}\nbridge logs:\n{logs}\nthe threads:\n{}",
+            problems.join("; "),
+            threads.join("\n")
+        );
     }
     let state = std::fs::read_to_string(world.state.path().join("state.json")).expect("state");
     let state: serde_json::Value = serde_json::from_str(&state).expect("state.json is valid");
