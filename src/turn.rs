@@ -128,6 +128,14 @@ impl Turn {
     }
 
     /// The newest assistant message of the turn (ids sort by time).
+    /// The user message this turn answers: the prompt the bridge sent, else the one its answers
+    /// name as their parent.
+    pub fn prompt_key(&self) -> Option<&str> {
+        self.prompt_id
+            .as_deref()
+            .or_else(|| self.assistant.values().find_map(|m| m.parent_id.as_deref()))
+    }
+
     pub fn last_assistant_id(&self) -> Option<&str> {
         self.assistant.keys().next_back().map(String::as_str)
     }
@@ -159,11 +167,6 @@ impl Tracker {
         let mut turn = Turn::new(now);
         turn.prompt_id = prompt_id;
         self.turn = Some(turn);
-    }
-
-    /// The user message id of the prompt that began the running turn.
-    pub fn prompt_id(&self) -> Option<&str> {
-        self.turn.as_ref()?.prompt_id.as_deref()
     }
 
     /// The newest message id seen in the session so far.

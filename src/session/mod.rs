@@ -9,7 +9,7 @@ mod attachments;
 mod commands;
 mod pending;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,6 +40,11 @@ const IDLE_RETIRE: Duration = Duration::from_secs(60);
 const SETTLE_RECHECK: Duration = Duration::from_secs(1);
 /// How often a queued prompt is tried again while OpenCode is unreachable.
 const PROMPT_RETRY: Duration = Duration::from_secs(3);
+/// Reply posts carry the id of the user message they answer, and the completion line carries it
+/// under `DONE_PROP`: a worker started after a crash finds the reply it had begun, or finished,
+/// instead of posting it again.
+const PROMPT_PROP: &str = "opencode_prompt";
+const DONE_PROP: &str = "opencode_done";
 /// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
 const TYPING_INTERVAL: Duration = Duration::from_secs(4);
 
@@ -233,6 +238,8 @@ struct Worker {
     find_root_since: Option<u64>,
     delivery: Delivery,
     looked_for_cut_off: bool,
+    /// What an earlier run posted in this thread, by prompt; read once, when first needed.
+    earlier: Option<Earlier>,
     /// OpenCode could not be reached; queued prompts wait for it.
     server_down: bool,
     /// The thread was told OpenCode is unreachable (by the router's notice or a refused prompt).
@@ -255,14 +262,26 @@ struct Queued {
 #[derive(Default)]
 struct ReplyPosts {
     posts: Vec<SentPost>,
+    /// The id of the user message this reply answers (`PROMPT_PROP`), once known.
+    key: Option<String>,
     text_shown: bool,
     last_sent: Option<Instant>,
     dirty: bool,
 }
 
+#[derive(Clone)]
 struct SentPost {
     id: String,
     text: String,
+}
+
+/// The reply posts and completion lines found in the thread, by the prompt they answer.
+#[derive(Default)]
+struct Earlier {
+    /// False when the thread could not be read: the older clues (`streaming_post_id`) then apply.
+    read: bool,
+    replies: std::collections::HashMap<String, Vec<SentPost>>,
+    done: HashSet<String>,
 }
 
 impl Worker {
@@ -273,6 +292,7 @@ impl Worker {
             report,
             find_root_since: setup.find_root_since,
             looked_for_cut_off: false,
+            earlier: None,
             delivery: setup.delivery,
             server_down: false,
             told_down: false,
@@ -830,11 +850,13 @@ impl Worker {
         }
         let body = turn.body(working);
         self.reply.text_shown |= turn.has_text();
+        self.reply.key = turn.prompt_key().map(str::to_string);
         self.send_reply(&body, false);
     }
 
     /// Sends a finished turn's clean reply, without the status line.
     fn show_final(&mut self, turn: &Turn) {
+        self.reply.key = turn.prompt_key().map(str::to_string);
         if turn.is_visible() || !self.reply.posts.is_empty() {
             self.send_reply(&turn.body(false), true);
         }
@@ -854,19 +876,12 @@ impl Worker {
     /// `send_reply`'s work; false when the thread's root has been deleted.
     fn try_send_reply(&mut self, body: &str, last: bool) -> bool {
         let short = short_id(&self.key.session_id).to_string();
-        if self.reply.posts.is_empty()
-            && let Some(id) = self
-                .delivery
-                .streaming_post_id
-                .take()
-                .or_else(|| self.find_cut_off_reply())
-        {
-            // A reply cut off by a restart goes on in its own post.
-            self.reply.posts.push(SentPost {
-                id,
-                text: String::new(),
-            });
+        let prompt_key = self.reply.key.clone();
+        if self.reply.posts.is_empty() {
+            // A reply begun by an earlier run goes on in its own posts.
+            self.reply.posts = self.earlier_reply(prompt_key.as_deref());
         }
+        let props = prompt_key.map(|key| json!({ PROMPT_PROP: key }));
         let chunks = split_post(body, MAX_POST_CHARS);
         let needed = chunks.len();
         for (index, chunk) in chunks.into_iter().enumerate() {
@@ -881,7 +896,7 @@ impl Worker {
                             &self.channel_id,
                             &self.root_post_id,
                             &chunk,
-                            None,
+                            props.clone(),
                         ) {
                             Ok(post) => {
                                 *sent = SentPost {
@@ -901,7 +916,7 @@ impl Worker {
                     &self.channel_id,
                     &self.root_post_id,
                     &chunk,
-                    None,
+                    props.clone(),
                 ) {
                     Ok(post) => {
                         if index == 0 {
@@ -950,6 +965,11 @@ impl Worker {
         self.root_post_id.clear();
         self.find_root_since = None;
         self.todo_post = None;
+        // What the old thread showed went with it.
+        self.earlier = Some(Earlier {
+            read: true,
+            ..Earlier::default()
+        });
         if !self.create_root() {
             return false;
         }
@@ -1017,7 +1037,20 @@ impl Worker {
         if elapsed_ms.is_some() {
             line.push_str(" · _finished while opencode-mattermost was away_");
         }
-        self.post_notice(&line);
+        match turn.prompt_key() {
+            Some(key) if self.earlier_done(key) => {
+                crate::debug!(
+                    "[{}] the completion line was posted before the restart",
+                    self.short()
+                );
+            }
+            Some(key) => {
+                self.post_tagged(&line, Some(json!({ DONE_PROP: key })));
+            }
+            None => {
+                self.post_notice(&line);
+            }
+        }
         let message_id = turn.last_assistant_id().map(str::to_string);
         crate::debug!(
             "[{}] turn delivered: last assistant message {message_id:?}",
@@ -1029,6 +1062,76 @@ impl Worker {
             key: self.key.clone(),
             message_id,
         });
+    }
+
+    /// The posts of the reply to `prompt_key` that an earlier run began, in order; empty when none.
+    fn earlier_reply(&mut self, prompt_key: Option<&str>) -> Vec<SentPost> {
+        let earlier = self.earlier();
+        if earlier.read {
+            return prompt_key
+                .and_then(|key| earlier.replies.get(key))
+                .cloned()
+                .unwrap_or_default();
+        }
+        // The thread could not be read: the saved post id, or the thread's last unfinished reply.
+        let cut_off = self
+            .delivery
+            .streaming_post_id
+            .take()
+            .or_else(|| self.find_cut_off_reply());
+        cut_off
+            .map(|id| {
+                vec![SentPost {
+                    id,
+                    text: String::new(),
+                }]
+            })
+            .unwrap_or_default()
+    }
+
+    fn earlier_done(&mut self, prompt_key: &str) -> bool {
+        self.earlier().done.contains(prompt_key)
+    }
+
+    /// Reads the thread once per worker that took over a thread from an earlier run (a worker that
+    /// opened the thread itself has nothing earlier to find).
+    fn earlier(&mut self) -> &Earlier {
+        if self.earlier.is_none() {
+            let mut earlier = Earlier::default();
+            if !self.looked_for_cut_off {
+                match crate::mattermost::search::thread_posts(&self.mattermost, &self.root_post_id)
+                {
+                    Ok(posts) => {
+                        earlier.read = true;
+                        for post in posts.into_iter().filter(|p| p.user_id == self.bot_user_id) {
+                            let prop = |name: &str| {
+                                post.props
+                                    .get(name)
+                                    .and_then(|v| v.as_str())
+                                    .map(str::to_string)
+                            };
+                            if let Some(key) = prop(PROMPT_PROP) {
+                                earlier.replies.entry(key).or_default().push(SentPost {
+                                    id: post.id.clone(),
+                                    text: post.message.clone(),
+                                });
+                            }
+                            if let Some(key) = prop(DONE_PROP) {
+                                earlier.done.insert(key);
+                            }
+                        }
+                    }
+                    Err(e) => crate::warn!(
+                        "[{}] thread not read, so a reply begun before the restart is found by its last post only: {e}",
+                        self.short()
+                    ),
+                }
+            } else {
+                earlier.read = true;
+            }
+            self.earlier = Some(earlier);
+        }
+        self.earlier.get_or_insert_with(Earlier::default)
     }
 
     /// A reply cut off by a crash before its post id was saved: the thread's last bot post, when it
@@ -1177,6 +1280,7 @@ impl Worker {
             return;
         }
         let body = format!("{}\n\n{}", turn.body(false), reply::INTERRUPTED_NOTE);
+        self.reply.key = turn.prompt_key().map(str::to_string);
         self.send_reply(&body, true);
     }
 
@@ -1202,15 +1306,26 @@ impl Worker {
 
     /// Posts in the thread, split when long. Returns the id of the first post, if it was accepted.
     fn post_notice(&mut self, message: &str) -> Option<String> {
+        self.post_tagged(message, None)
+    }
+
+    /// `post_notice`, with props on each post.
+    fn post_tagged(&mut self, message: &str, props: Option<serde_json::Value>) -> Option<String> {
         let mut first = None;
         for chunk in split_post(message, MAX_POST_CHARS) {
-            let mut posted =
-                self.mattermost
-                    .create_post(&self.channel_id, &self.root_post_id, &chunk, None);
+            let mut posted = self.mattermost.create_post(
+                &self.channel_id,
+                &self.root_post_id,
+                &chunk,
+                props.clone(),
+            );
             if posted.as_ref().is_err_and(root_deleted) && self.recreate_root() {
-                posted =
-                    self.mattermost
-                        .create_post(&self.channel_id, &self.root_post_id, &chunk, None);
+                posted = self.mattermost.create_post(
+                    &self.channel_id,
+                    &self.root_post_id,
+                    &chunk,
+                    props.clone(),
+                );
             }
             match posted {
                 Ok(post) => {

@@ -428,7 +428,11 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
         let threads: Vec<String> = sessions
             .iter()
             .flat_map(|id| world.roots_for(id))
-            .flat_map(|root| world.mattermost.wait_until(SOON, |view| Some(view.thread(&root.id))))
+            .flat_map(|root| {
+                world
+                    .mattermost
+                    .wait_until(SOON, |view| Some(view.thread(&root.id)))
+            })
             .flatten()
             .map(|p| format!("{} {} {}: {:?}", p.root_id, p.id, p.user_id, p.message))
             .collect();
