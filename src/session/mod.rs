@@ -45,6 +45,9 @@ const PROMPT_RETRY: Duration = Duration::from_secs(3);
 /// instead of posting it again.
 const PROMPT_PROP: &str = "opencode_prompt";
 const DONE_PROP: &str = "opencode_done";
+/// Permission and question posts carry their request, so a restarted worker binds a request still
+/// waiting to the post that shows it instead of posting it again.
+const REQUEST_PROP: &str = "opencode_request";
 /// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
 const TYPING_INTERVAL: Duration = Duration::from_secs(4);
 
@@ -282,6 +285,8 @@ struct Earlier {
     read: bool,
     replies: std::collections::HashMap<String, Vec<SentPost>>,
     done: HashSet<String>,
+    /// `REQUEST_PROP` value → the post showing it.
+    requests: std::collections::HashMap<String, String>,
 }
 
 impl Worker {
@@ -1093,6 +1098,19 @@ impl Worker {
         self.earlier().done.contains(prompt_key)
     }
 
+    /// Posts what a waiting request asks, tagged with `request_key`; or, after a restart, finds the
+    /// post an earlier run made for it. Returns the post's id.
+    fn post_request(&mut self, request_key: &str, text: &str) -> Option<String> {
+        if let Some(post_id) = self.earlier().requests.get(request_key).cloned() {
+            crate::info!(
+                "[{}] request {request_key} is still waiting; its post {post_id} answers it again",
+                self.short()
+            );
+            return Some(post_id);
+        }
+        self.post_tagged(text, Some(json!({ REQUEST_PROP: request_key })))
+    }
+
     /// Reads the thread once per worker that took over a thread from an earlier run (a worker that
     /// opened the thread itself has nothing earlier to find).
     fn earlier(&mut self) -> &Earlier {
@@ -1118,6 +1136,9 @@ impl Worker {
                             }
                             if let Some(key) = prop(DONE_PROP) {
                                 earlier.done.insert(key);
+                            }
+                            if let Some(key) = prop(REQUEST_PROP) {
+                                earlier.requests.insert(key, post.id.clone());
                             }
                         }
                     }

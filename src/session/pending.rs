@@ -157,7 +157,7 @@ impl Worker {
             request.patterns
         );
         let text = asks::permission_post(&request, &self.info.directory, &self.prefix);
-        let post_id = self.post_notice(&text).unwrap_or_default();
+        let post_id = self.post_request(&request.id, &text).unwrap_or_default();
         self.waiting
             .permissions
             .push(PendingPermission { request, post_id });
@@ -243,7 +243,14 @@ impl Worker {
             request.questions.len()
         );
         let text = asks::question_post(&request, 0, &self.prefix);
-        let post_id = self.post_notice(&text).unwrap_or_default();
+        // Answers to earlier parts are not kept across a restart, so a request of several questions
+        // is asked afresh from its first.
+        let post_id = if request.questions.len() == 1 {
+            self.post_request(&request.id, &text)
+        } else {
+            self.post_notice(&text)
+        }
+        .unwrap_or_default();
         self.waiting.questions.push(PendingQuestion {
             request,
             post_id,

@@ -339,6 +339,60 @@ fn a_429_storm_delays_but_loses_nothing() {
     world.mattermost.set_rate_limit(None);
 }
 
+/// A permission request waiting when the bridge is killed is still answerable after the restart,
+/// from the post that already shows it: not posted a second time.
+#[test]
+fn a_permission_waiting_across_a_kill_is_answered_from_its_first_post() {
+    let llm = FakeLlm::start();
+    let opencode = OpenCode::start(&llm, json!({"permission": {"bash": "ask"}}));
+    let world = World::with(llm, opencode);
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    let (id, _) = world.new_session("Permission across a kill");
+    let root = world.wait_root(&id);
+    world.llm.script(
+        "ask then kill",
+        vec![
+            vec![Step::ToolCall {
+                name: "bash".into(),
+                arguments: json!({"command": "printf 'kept-%s' waiting", "description": "run it"}),
+            }],
+            vec![text("It ran after the restart.")],
+        ],
+    );
+    world.owner_says(&root.id, "ask then kill");
+    let request = world.wait_bot_post(&root.id, "permission request", |p| {
+        p.message.contains("Permission") && p.message.contains("kept-%s")
+    });
+    bridge.kill();
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    // The restarted worker has re-read the pending requests once it reports the turn as running.
+    bridge.wait_for_line("is still waiting");
+    let owner = world.mattermost.owner().id;
+    world
+        .mattermost
+        .react_as(&owner, &request.id, "white_check_mark")
+        .expect("reaction accepted");
+    world.wait_bot_post(&root.id, "the answer", |p| {
+        p.message.contains("It ran after the restart.")
+    });
+    wait_for("one completion line", || {
+        completion_lines(&world, &root).len() == 1
+    });
+    let (code, _) = bridge.terminate();
+    assert_eq!(code, 0);
+    let request_posts: Vec<Post> = bot_posts_containing(&world, &root, "kept-%s")
+        .into_iter()
+        .filter(|p| p.message.contains("Permission"))
+        .collect();
+    assert_eq!(
+        request_posts.len(),
+        1,
+        "the permission request was posted again: {request_posts:?}"
+    );
+}
+
 const ROUNDS: usize = 8;
 
 /// SIGKILL at random moments of a busy run: prompts queued, answers streaming in two parts with a
