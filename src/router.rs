@@ -27,6 +27,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long shutdown waits for session workers to finish what they are sending.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 const REMEMBERED_POSTS: usize = 2048;
+/// How far behind (messages queued) a worker may fall before its streamed text is held back.
+const INBOX_BACKLOG: usize = 512;
 /// `!sessions` lists the most recently active ones; more would only bury the thread links.
 const MAX_LISTED_SESSIONS: usize = 50;
 
@@ -70,6 +72,8 @@ pub struct Router {
     inputs: Sender<Input>,
     live: HashMap<SessionKey, Live>,
     workers: HashMap<SessionKey, SessionHandle>,
+    /// Text parts whose streamed deltas are dropped until their next full update (`hold_back`).
+    held_back: HashSet<(SessionKey, String)>,
     by_root: HashMap<String, SessionKey>,
     parents: HashMap<SessionKey, SessionKey>,
     pending_attach: HashSet<SessionKey>,
@@ -171,6 +175,7 @@ impl Router {
             inputs,
             live: HashMap::new(),
             workers: HashMap::new(),
+            held_back: HashSet::new(),
             by_root,
             parents: HashMap::new(),
             pending_attach: HashSet::new(),
@@ -307,6 +312,44 @@ impl Router {
         }
     }
 
+    /// A worker held up by Mattermost (an outage, a 429 storm) must not queue a stream's every
+    /// delta without bound. Once its inbox is this far behind, a text part's deltas are dropped
+    /// until the part's next full update, which carries its whole text; the turn's end re-reads
+    /// the final text anyway. Until then the reply shows a clean prefix of that part.
+    fn hold_back(&mut self, key: &SessionKey, event: &Event) -> bool {
+        match event {
+            Event::PartDelta { part_id, .. } => {
+                let part = (key.clone(), part_id.clone());
+                if self.held_back.contains(&part) {
+                    return true;
+                }
+                let behind = self
+                    .workers
+                    .get(key)
+                    .is_some_and(|w| w.inbox.len() >= INBOX_BACKLOG);
+                if behind {
+                    crate::debug!(
+                        "[{}] the worker is {INBOX_BACKLOG} messages behind; holding back part {part_id}'s streamed text until it completes",
+                        short_id(&key.session_id)
+                    );
+                    // Parts whose last update never came (OpenCode died mid-part) are not kept forever.
+                    if self.held_back.len() >= 4 * INBOX_BACKLOG {
+                        self.held_back.clear();
+                    }
+                    self.held_back.insert(part);
+                }
+                behind
+            }
+            Event::PartUpdated { part, .. } => {
+                if !self.held_back.is_empty() {
+                    self.held_back.remove(&(key.clone(), part.id.clone()));
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// Sessions of `server` with a running worker and a thread that has not ended.
     fn workers_of(&self, server: &ServerKey) -> Vec<SessionKey> {
         self.workers
@@ -343,13 +386,19 @@ impl Router {
             _ => {}
         }
         if let Some(parent) = self.parents.get(&key).cloned() {
-            self.deliver(
-                &parent,
-                SessionMsg::Child {
-                    child_id: key.session_id,
-                    event,
-                },
-            );
+            // A subagent's text is not shown, only its tools and progress.
+            if !matches!(event, Event::PartDelta { .. }) {
+                self.deliver(
+                    &parent,
+                    SessionMsg::Child {
+                        child_id: key.session_id,
+                        event,
+                    },
+                );
+            }
+            return;
+        }
+        if self.hold_back(&key, &event) {
             return;
         }
         self.deliver(&key, SessionMsg::Event(event));

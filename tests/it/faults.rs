@@ -284,13 +284,37 @@ fn a_websocket_gap_without_replay_loses_no_prompt_and_the_reply_completes() {
 #[test]
 fn mattermost_down_for_30_seconds_then_the_replies_arrive() {
     let world = World::started();
-    let (root, gate) = streaming_session(&world, "Mattermost outage", "outage stream");
+    let (id, _) = world.new_session("Mattermost outage");
+    let root = world.wait_root(&id);
+    let gate = Gate::new();
+    // Long enough (about 2,000 streamed deltas) that the worker, stuck on the outage, falls behind.
+    let long = "word ".repeat(8000);
+    world.llm.script(
+        "outage stream",
+        vec![vec![
+            text("outage stream: beginning."),
+            Step::Gate(gate.clone()),
+            text(&long),
+            text(" outage stream: the end."),
+        ]],
+    );
+    world.owner_says(&root.id, "outage stream");
+    world.wait_bot_post(&root.id, "partial reply", |p| {
+        p.message.contains("outage stream: beginning.")
+    });
     world.mattermost.set_down(true);
     // The turn finishes while nothing can be posted.
     gate.open();
     std::thread::sleep(Duration::from_secs(30));
     world.mattermost.set_down(false);
     assert_completed_once(&world, &root, "outage stream");
+    // Streamed text held back while the worker was behind is whole in the end.
+    let words: usize = world
+        .bot_posts_in_thread(&root.id)
+        .iter()
+        .map(|p| p.message.matches("word").count())
+        .sum();
+    assert_eq!(words, 8000, "the long reply lost or repeated text");
     world.owner_says(&root.id, "after the outage");
     world.wait_bot_post(&root.id, "echo", |p| {
         p.message.contains("echo: after the outage")
