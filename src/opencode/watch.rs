@@ -115,6 +115,7 @@ fn pump(
     let mut buffer = vec![0u8; 16 * 1024];
     // The stream counts as up at its first event (`server.connected`).
     let mut subscribed = false;
+    let mut oversized = 0;
     loop {
         if stopped(stop, Duration::ZERO) {
             return Pump::Stopped;
@@ -132,7 +133,15 @@ fn pump(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Pump::Ended(format!("event stream failed: {e}")),
         };
-        for sse in parser.feed(&buffer[..read]) {
+        let events = parser.feed(&buffer[..read]);
+        if parser.dropped_oversized() > oversized {
+            oversized = parser.dropped_oversized();
+            crate::warn!(
+                "an opencode event over {} MiB was skipped ({oversized} so far on this stream)",
+                MAX_EVENT_BYTES >> 20
+            );
+        }
+        for sse in events {
             if !subscribed {
                 subscribed = true;
                 // The stream is up as soon as it answers, so the bridge is ready without waiting.

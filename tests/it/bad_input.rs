@@ -1,9 +1,15 @@
 //! Bad input, end to end: none of it panics, stalls other sessions or loses data. The pure decoders
 //! and parsers are fuzzed in `properties.rs`; here the running bridge meets the bad input.
 
+use std::time::Duration;
+
 use serde_json::json;
 
-use crate::e2e::World;
+use crate::e2e::{World, wait_for};
+use crate::support::bridge::Bridge;
+use crate::support::fake_opencode::{FakeOpenCode, Pace};
+use crate::support::mattermost::FakeMattermost;
+use crate::support::{SOON, TempDir};
 
 /// A prompt in the thread still gets its answer: the bridge came through whatever happened before.
 fn still_answers(world: &World, root_id: &str, prompt: &str) {
@@ -181,4 +187,76 @@ fn a_thread_naming_a_session_the_bridge_does_not_know_is_refused_clearly() {
         p.message.contains("not linked to any OpenCode session")
     });
     assert!(world.prompts_seen_by_llm().is_empty());
+}
+
+/// Malformed JSON, unknown event types, events of the wrong shape, a 9 MiB event and a stream cut in
+/// the middle of an event, all on OpenCode's event stream: the bridge skips them, reconnects, and the
+/// session's next prompt is answered in its thread.
+#[test]
+fn malformed_unknown_oversized_and_truncated_opencode_events_are_skipped() {
+    let opencode = FakeOpenCode::start();
+    let mattermost = FakeMattermost::start();
+    let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
+    let state = TempDir::new("bad-opencode-events");
+    let bridge = Bridge::start(&mattermost, &opencode.url(), state.path());
+    let (id, _) = opencode.create_session("Bad events");
+    let root = mattermost
+        .wait_until(SOON, |view| {
+            view.posts_in(&dm)
+                .into_iter()
+                .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == id.as_str())
+        })
+        .expect("the session's thread");
+    let envelope = |payload: serde_json::Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"directory": opencode.directory(), "payload": payload})
+        )
+    };
+    opencode.emit_raw("data: {this is not json\n\n");
+    opencode.emit_raw("data: [1, 2\n\n");
+    opencode.emit_raw(&envelope(
+        json!({"type": "brand.new.event", "properties": {"sessionID": id}}),
+    ));
+    opencode.emit_raw(&envelope(json!({"type": "message.updated", "properties": {"sessionID": id, "info": "not an object"}})));
+    opencode.emit_raw(&envelope(
+        json!({"type": "message.part.delta", "properties": {"sessionID": id, "delta": 7}}),
+    ));
+    opencode.emit_raw(&envelope(json!({"type": "session.status", "properties": {"sessionID": id, "status": {"type": "sideways"}}})));
+    // Over the 8 MiB an event may have.
+    let huge = "x".repeat(9 << 20);
+    opencode.emit_raw(&envelope(json!({"type": "message.part.delta", "properties": {"sessionID": id, "messageID": "msg_1", "partID": "prt_1", "field": "text", "delta": huge}})));
+    opencode.cut_streams_mid_event();
+    // The bridge reconnects to the stream by itself.
+    wait_for("the bridge to reconnect to the event stream", || {
+        opencode.subscriber_count() > 0
+    });
+    mattermost
+        .post_as(&mattermost.owner().id, &dm, &root.id, "still there?")
+        .expect("owner post accepted");
+    opencode
+        .wait_for_prompt(&id, 0, SOON)
+        .expect("the prompt reached OpenCode");
+    let pace = Pace {
+        delta_chars: 8,
+        interval: Duration::from_millis(5),
+        finish_gap: Duration::from_millis(20),
+    };
+    opencode.reply(&[(&id, "Yes, all good after the bad events.")], pace);
+    let bot = mattermost.bot().id;
+    mattermost
+        .wait_until(SOON, |view| {
+            view.thread(&root.id).into_iter().find(|p| {
+                p.user_id == bot && p.message.contains("Yes, all good after the bad events.")
+            })
+        })
+        .expect("the answer in the thread");
+    mattermost
+        .wait_until(SOON, |view| {
+            view.thread(&root.id)
+                .into_iter()
+                .find(|p| p.user_id == bot && p.message.starts_with("✅ Done"))
+        })
+        .expect("the completion line");
+    bridge.stop().expect("a clean stop");
 }

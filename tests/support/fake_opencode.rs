@@ -149,6 +149,24 @@ impl FakeOpenCode {
         self.shared.directory.clone()
     }
 
+    /// Writes `bytes` as they are to every open event stream: for bad input the real server never sends.
+    pub fn emit_raw(&self, text: &str) {
+        let chunk = http_chunk(text.as_bytes());
+        lock(&self.shared.subscribers).retain_mut(|(_, stream)| stream.write_all(&chunk).is_ok());
+    }
+
+    /// Sends half an event, then closes every event stream, as a connection lost mid-line would.
+    pub fn cut_streams_mid_event(&self) {
+        let mut subscribers = lock(&self.shared.subscribers);
+        for (_, stream) in subscribers.iter_mut() {
+            let half = b"data: {\"directory\":\"/tmp\",\"payload\":{\"type\":\"message.upd";
+            let _ = stream.write_all(&http_chunk(half));
+            let _ = stream.flush();
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        subscribers.clear();
+    }
+
     pub fn subscriber_count(&self) -> usize {
         lock(&self.shared.subscribers).len()
     }
@@ -590,7 +608,11 @@ impl Shared {
     }
 
     fn user_message(&self, session_id: &str, text: &str) -> String {
-        let message_id = self.new_id("msg");
+        self.user_message_with_id(session_id, text, None)
+    }
+
+    fn user_message_with_id(&self, session_id: &str, text: &str, id: Option<&str>) -> String {
+        let message_id = id.map_or_else(|| self.new_id("msg"), str::to_string);
         let created = now_ms();
         let info = json!({
             "id": message_id, "role": "user", "sessionID": session_id,
@@ -782,8 +804,10 @@ fn route(shared: &Shared, request: &HttpRequest, received: Instant) -> (u16, Opt
                     at: received,
                 })
             });
-            // OpenCode echoes the prompt as a user message at once; the reply comes later.
-            let message_id = shared.user_message(id, &text);
+            // OpenCode echoes the prompt as a user message at once, with the `messageID` the
+            // prompt asked for; the reply comes later.
+            let asked_id = body.get("messageID").and_then(Value::as_str);
+            let message_id = shared.user_message_with_id(id, &text, asked_id);
             shared.update(|state| {
                 if let Some(session) = state.session_mut(id) {
                     session.pending_user = Some(message_id);
@@ -910,9 +934,13 @@ fn write_response(stream: &mut TcpStream, status: u16, body: Option<&Value>) -> 
 }
 
 fn sse_chunk(event: &Value) -> Vec<u8> {
-    let data = format!("data: {event}\n\n");
+    http_chunk(format!("data: {event}\n\n").as_bytes())
+}
+
+/// One chunk of a `Transfer-Encoding: chunked` body.
+fn http_chunk(data: &[u8]) -> Vec<u8> {
     let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();
-    chunk.extend_from_slice(data.as_bytes());
+    chunk.extend_from_slice(data);
     chunk.extend_from_slice(b"\r\n");
     chunk
 }
