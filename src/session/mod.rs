@@ -578,6 +578,10 @@ impl Worker {
                 self.finish_turn()
             }
         }
+        if self.tracker.busy {
+            // Working again: an earlier idle that the stored messages did not bear out was stale.
+            self.unsettled_since = None;
+        }
         if !self.tracker.is_running() {
             return self.send_next();
         }
@@ -1000,6 +1004,14 @@ impl Worker {
         if let Some(messages) = &stored
             && !self.tracker.settled_in(messages)
         {
+            let never_started = self
+                .tracker
+                .turn
+                .as_ref()
+                .is_some_and(|t| !t.active && t.started.elapsed() >= STALLED_TURN);
+            if never_started {
+                return self.abandon_turn();
+            }
             let since = *self.unsettled_since.get_or_insert_with(Instant::now);
             if since.elapsed() < STALLED_TURN {
                 crate::debug!(
@@ -1017,6 +1029,25 @@ impl Worker {
         self.unsettled_since = None;
         self.recheck_at = None;
         self.complete_turn(stored.as_deref(), None);
+    }
+
+    /// OpenCode took the prompt but never started on it (it may drop a prompt it cannot use, such
+    /// as an image it fails to decode): say so rather than show an empty answer as done.
+    fn abandon_turn(&mut self) {
+        crate::warn!(
+            "[{}] OpenCode did not start on the prompt within {} s",
+            self.short(),
+            STALLED_TURN.as_secs()
+        );
+        self.unsettled_since = None;
+        self.recheck_at = None;
+        self.tracker.finish(None, Instant::now());
+        self.reply = ReplyPosts::default();
+        self.post_notice(&format!(
+            "⚠️ OpenCode took your message but has not started on it after {} s. If no answer follows, send it again; `{}status` shows the session.",
+            STALLED_TURN.as_secs(),
+            self.prefix
+        ));
     }
 
     /// Shows the turn's final text and its completion line, and records it as delivered.

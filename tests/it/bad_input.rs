@@ -260,3 +260,66 @@ fn malformed_unknown_oversized_and_truncated_opencode_events_are_skipped() {
         .expect("the completion line");
     bridge.stop().expect("a clean stop");
 }
+
+/// OpenCode takes a prompt (204) and never starts on it, as it does with an image it cannot decode:
+/// the thread says so instead of waiting forever or showing an empty answer as done, and the next
+/// prompt is sent and answered.
+#[test]
+fn a_prompt_opencode_never_starts_is_reported_and_the_next_one_goes_through() {
+    let opencode = FakeOpenCode::start();
+    let mattermost = FakeMattermost::start();
+    let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
+    let state = TempDir::new("never-started");
+    let bridge = Bridge::start(&mattermost, &opencode.url(), state.path());
+    let (id, _) = opencode.create_session("Never started");
+    let bot = mattermost.bot().id;
+    let root = mattermost
+        .wait_until(SOON, |view| {
+            view.posts_in(&dm)
+                .into_iter()
+                .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == id.as_str())
+        })
+        .expect("the session's thread");
+    let owner = mattermost.owner().id;
+    mattermost
+        .post_as(&owner, &dm, &root.id, "ignored by opencode")
+        .expect("owner post accepted");
+    opencode
+        .wait_for_prompt(&id, 0, SOON)
+        .expect("the prompt reached OpenCode");
+    // Given up after 15 s without a start, at the next status poll (every 20 s).
+    mattermost
+        .wait_until(Duration::from_secs(60), |view| {
+            view.thread(&root.id)
+                .into_iter()
+                .find(|p| p.user_id == bot && p.message.contains("has not started on it"))
+        })
+        .expect("a notice that OpenCode never started");
+    assert!(
+        !mattermost
+            .thread(&root.id)
+            .iter()
+            .any(|p| p.user_id == bot && p.message.starts_with("✅ Done")),
+        "an unstarted prompt was shown as done"
+    );
+    mattermost
+        .post_as(&owner, &dm, &root.id, "second try")
+        .expect("owner post accepted");
+    opencode
+        .wait_for_prompt(&id, 1, SOON)
+        .expect("the next prompt reached OpenCode");
+    let pace = Pace {
+        delta_chars: 8,
+        interval: Duration::from_millis(5),
+        finish_gap: Duration::from_millis(20),
+    };
+    opencode.reply(&[(&id, "Answered the second try.")], pace);
+    mattermost
+        .wait_until(SOON, |view| {
+            view.thread(&root.id)
+                .into_iter()
+                .find(|p| p.user_id == bot && p.message.contains("Answered the second try."))
+        })
+        .expect("the second answer");
+    bridge.stop().expect("a clean stop");
+}
