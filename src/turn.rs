@@ -305,11 +305,11 @@ impl Tracker {
                 Role::User => &message.id == prompt_id,
                 Role::Assistant => message.parent_id.as_ref() == Some(prompt_id),
             };
+            // An answer to another prompt (typed in the terminal meanwhile) still joins this turn,
+            // so nothing OpenCode says is left out; a finished turn's late updates are ignored
+            // below, as they always are.
             if answers_prompt {
                 turn.prompt_seen = true;
-            } else if message.role == Role::Assistant {
-                // An earlier turn's answer, updated late: its parts must not join this turn.
-                self.finished.push_back(message.id.clone());
             }
         }
         self.roles.insert(message.id.clone(), message.role);
@@ -504,7 +504,13 @@ impl Tracker {
         let first_seen = messages
             .iter()
             .position(|(info, _)| turn.assistant.contains_key(&info.id));
-        let start = after_prompt.or(first_seen).unwrap_or_else(|| {
+        // From the earlier of the two: an answer to a prompt typed in the terminal just before the
+        // bridge's own belongs to the reply too.
+        let start = match (after_prompt, first_seen) {
+            (Some(a), Some(f)) => Some(a.min(f)),
+            (a, f) => a.or(f),
+        };
+        let start = start.unwrap_or_else(|| {
             messages
                 .iter()
                 .rposition(|(info, _)| info.role == Role::User)
@@ -711,7 +717,6 @@ mod tests {
     fn late_events_of_the_previous_turn_neither_start_nor_end_the_prompts_turn() {
         let now = Instant::now();
         let mut tracker = Tracker::default();
-        tracker.begin(now, Some("msg_u2".into()));
         let status = |status| Event::SessionStatus {
             session_id: "s".into(),
             status,
@@ -722,8 +727,14 @@ mod tests {
         };
         let mut old_answer = message("msg_a1", Role::Assistant);
         old_answer.parent_id = Some("msg_u1".into());
+        // The previous turn, ended by the status poll before its last events were read.
+        tracker.begin(now, Some("msg_u1".into()));
+        tracker.apply(updated(message("msg_u1", Role::User)), now);
+        tracker.apply(updated(old_answer.clone()), now);
+        tracker.finish(None, now).expect("the previous turn");
+        tracker.begin(now, Some("msg_u2".into()));
         old_answer.completed_ms = Some(5);
-        // The previous turn's last events, read from the stream after the prompt was sent.
+        // Its last events, read from the stream after the next prompt was sent.
         assert_eq!(tracker.apply(updated(old_answer), now), Change::Nothing);
         let old_part = Event::PartUpdated {
             session_id: "s".into(),
@@ -751,6 +762,53 @@ mod tests {
         let (turn, _) = tracker.finish(None, now).expect("turn");
         assert_eq!(turn.body(false), "new answer");
         assert_eq!(tracker.newest_message(), Some("msg_u2"));
+    }
+
+    #[test]
+    fn an_answer_to_a_prompt_typed_in_the_terminal_meanwhile_stays_in_the_reply() {
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        let updated = |message| Event::MessageUpdated {
+            session_id: "s".into(),
+            message,
+        };
+        let part = |id: &str, message_id: &str, text: &str| Event::PartUpdated {
+            session_id: "s".into(),
+            part: text_part(id, message_id, text),
+        };
+        let answer = |id: &str, parent: &str| {
+            let mut m = message(id, Role::Assistant);
+            m.parent_id = Some(parent.into());
+            m.completed_ms = Some(1);
+            m
+        };
+        tracker.begin(now, Some("msg_u2".into()));
+        assert_eq!(
+            tracker.apply(updated(answer("msg_at", "msg_ut")), now),
+            Change::Reply
+        );
+        assert_eq!(
+            tracker.apply(part("pt", "msg_at", "terminal answer"), now),
+            Change::Reply
+        );
+        tracker.apply(updated(message("msg_u2", Role::User)), now);
+        tracker.apply(updated(answer("msg_a2", "msg_u2")), now);
+        tracker.apply(part("p2", "msg_a2", "bridge answer"), now);
+        let stored = vec![
+            (message("msg_ut", Role::User), vec![]),
+            (
+                answer("msg_at", "msg_ut"),
+                vec![text_part("pt", "msg_at", "terminal answer")],
+            ),
+            (message("msg_u2", Role::User), vec![]),
+            (
+                answer("msg_a2", "msg_u2"),
+                vec![text_part("p2", "msg_a2", "bridge answer")],
+            ),
+        ];
+        assert!(tracker.settled_in(&stored));
+        let (turn, _) = tracker.finish(Some(&stored), now).expect("turn");
+        assert_eq!(turn.body(false), "terminal answer\n\nbridge answer");
     }
 
     #[test]

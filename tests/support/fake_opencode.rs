@@ -797,21 +797,20 @@ fn route(shared: &Shared, request: &HttpRequest, received: Instant) -> (u16, Opt
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            shared.update(|state| {
-                state.prompts.push(PromptReceived {
-                    session_id: id.to_string(),
-                    text: text.clone(),
-                    at: received,
-                })
-            });
             // OpenCode echoes the prompt as a user message at once, with the `messageID` the
-            // prompt asked for; the reply comes later.
+            // prompt asked for; the reply comes later, and answers that message. The prompt is
+            // recorded last, so a caller that waits for it and then replies always finds it.
             let asked_id = body.get("messageID").and_then(Value::as_str);
             let message_id = shared.user_message_with_id(id, &text, asked_id);
             shared.update(|state| {
                 if let Some(session) = state.session_mut(id) {
                     session.pending_user = Some(message_id);
                 }
+                state.prompts.push(PromptReceived {
+                    session_id: id.to_string(),
+                    text: text.clone(),
+                    at: received,
+                })
             });
             (204, None)
         }
