@@ -23,6 +23,11 @@ use crate::ratelimit::TokenBucket;
 /// Mattermost's default rate limit: 10 requests a second with a burst of 100.
 const DEFAULT_PER_SECOND: f64 = 10.0;
 const DEFAULT_BURST: f64 = 100.0;
+/// How long after a create's first try its retries may still rely on Mattermost recognising the
+/// `pending_post_id` (it keeps them 30 s); later retries first look for the post.
+const PENDING_MEMORY: Duration = Duration::from_secs(25);
+/// The props key that carries a create's `pending_post_id`, for that look-up.
+const PENDING_PROP: &str = "ocmm_pending_post_id";
 /// Attempts of an impatient call; also the point where a patient call logs that it is waiting out an
 /// outage.
 const MAX_ATTEMPTS: u32 = 6;
@@ -294,17 +299,60 @@ impl MattermostClient {
         message: &str,
         props: Option<Value>,
     ) -> Result<Post, MmError> {
-        let mut body = json!({
+        let body = json!({
             "channel_id": channel_id,
             "root_id": root_id,
             "message": message,
-            "pending_post_id": self.new_pending_post_id(),
         });
-        if let Some(props) = props {
-            body["props"] = props;
-        }
-        // The body, pending id included, is the same for every retry: one post however many tries.
-        self.call_json("POST", "/posts", Some(&body))
+        self.create(body, props)
+    }
+
+    /// `POST /posts` of `body`, with a `pending_post_id` that is the same for every retry: one post
+    /// however many tries. Mattermost remembers that id for only 30 s, so the id also goes in the
+    /// props, and a retry after a longer outage first looks for the post among the channel's latest.
+    fn create(&self, mut body: Value, props: Option<Value>) -> Result<Post, MmError> {
+        let pending_post_id = self.new_pending_post_id();
+        let mut props = match props {
+            Some(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        props.insert(PENDING_PROP.into(), json!(pending_post_id));
+        body["pending_post_id"] = json!(pending_post_id);
+        body["props"] = Value::Object(props);
+        let channel_id = body["channel_id"].as_str().unwrap_or_default().to_string();
+        let json = body.to_string();
+        let find = || self.find_created(&channel_id, &pending_post_id);
+        let bytes = self.call_bytes_recovering(
+            "POST",
+            "/posts",
+            Body::Json(&json),
+            MAX_JSON_BYTES,
+            Some(&find),
+        )?;
+        serde_json::from_slice(&bytes).map_err(|e| MmError::Decode(format!("POST /posts: {e}")))
+    }
+
+    /// The post a create with `pending_post_id` made, if any, among the channel's latest 200: one
+    /// attempt, so a server still down just means the create is tried again.
+    fn find_created(&self, channel_id: &str, pending_post_id: &str) -> Option<Vec<u8>> {
+        self.wait_for_budget().ok()?;
+        let path = format!(
+            "/channels/{}/posts?page=0&per_page=200",
+            percent_encode(channel_id)
+        );
+        let bytes = self
+            .attempt("GET", &path, Body::None, MAX_JSON_BYTES)
+            .ok()?;
+        let list: Value = serde_json::from_slice(&bytes).ok()?;
+        let post = list["posts"]
+            .as_object()?
+            .values()
+            .find(|p| p["props"][PENDING_PROP] == pending_post_id)?;
+        crate::info!(
+            "a post created before a long outage was found ({}); not posting it again",
+            post["id"].as_str().unwrap_or_default()
+        );
+        serde_json::to_vec(post).ok()
     }
 
     pub fn patch_post(&self, post_id: &str, message: &str) -> Result<Post, MmError> {
@@ -428,9 +476,8 @@ impl MattermostClient {
             "root_id": root_id,
             "message": message,
             "file_ids": file_ids,
-            "pending_post_id": self.new_pending_post_id(),
         });
-        self.call_json("POST", "/posts", Some(&body))
+        self.create(body, None)
     }
 
     /// Reacts to a post as `user_id` (the bot itself: a user can only react as themselves).
@@ -485,12 +532,35 @@ impl MattermostClient {
         body: Body<'_>,
         max_bytes: u64,
     ) -> Result<Vec<u8>, MmError> {
+        self.call_bytes_recovering(method, path, body, max_bytes, None)
+    }
+
+    /// `call_bytes`; once a failure that may have reached the server is older than the server's
+    /// `pending_post_id` memory, `find_done` is asked before each retry whether the call took
+    /// effect after all, and its answer is then the call's.
+    fn call_bytes_recovering(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        max_bytes: u64,
+        find_done: Option<&dyn Fn() -> Option<Vec<u8>>>,
+    ) -> Result<Vec<u8>, MmError> {
         let mut backoff = Backoff::new(self.retry_delays.0, self.retry_delays.1);
         let mut failures = 0;
         // Failures other than 429: only these mean the server is in trouble.
         let mut outage_failures = 0;
         let mut in_outage = false;
+        let started = Instant::now();
         loop {
+            if let Some(find_done) = find_done
+                && outage_failures > 0
+                && started.elapsed() >= PENDING_MEMORY
+                && let Some(bytes) = find_done()
+            {
+                self.recovered(in_outage);
+                return Ok(bytes);
+            }
             self.wait_for_budget()?;
             let error = match self.attempt(method, path, body, max_bytes) {
                 Ok(bytes) => {

@@ -150,6 +150,49 @@ fn a_lost_answer_is_retried_without_a_duplicate_post() {
     assert!(mattermost.duplicated_pending_ids().is_empty());
 }
 
+/// A post stored while its answer was lost, then an outage longer than the 30 s Mattermost remembers
+/// a `pending_post_id`: the retry finds the stored post instead of making a second one.
+#[test]
+fn a_lost_answer_then_a_long_outage_still_makes_one_post() {
+    let mattermost = FakeMattermost::start();
+    // Slow first retries leave time to take the server down before the lost post is tried again.
+    let client = MattermostClient::new(&mattermost.url(), &Secret::new(mattermost.bot().token))
+        .patient()
+        .with_retry_delays(Duration::from_secs(1), Duration::from_secs(3));
+    let channel = dm(&mattermost);
+    let root = client
+        .create_post(&channel, "", "the thread", None)
+        .expect("root");
+    mattermost.lose_next_responses(1);
+    let creating = {
+        let client = client.clone();
+        let channel = channel.clone();
+        let root = root.id.clone();
+        thread::spawn(move || client.create_post(&channel, &root, "stored, answer lost", None))
+    };
+    mattermost
+        .wait_until(SOON, |view| {
+            view.thread(&root.id)
+                .into_iter()
+                .find(|p| p.message == "stored, answer lost")
+        })
+        .expect("the first try stored the post");
+    mattermost.set_down(true);
+    thread::sleep(Duration::from_secs(32));
+    mattermost.set_down(false);
+    let post = creating
+        .join()
+        .expect("no panic")
+        .expect("delivered after the outage");
+    let copies: Vec<_> = mattermost
+        .thread(&root.id)
+        .into_iter()
+        .filter(|p| p.message == "stored, answer lost")
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0].id, post.id);
+}
+
 #[test]
 fn a_429_storm_delivers_every_post_once() {
     let mattermost = FakeMattermost::start();
