@@ -38,6 +38,10 @@ const STALLED_TURN: Duration = Duration::from_secs(15);
 const IDLE_RETIRE: Duration = Duration::from_secs(60);
 /// How soon a turn whose idle status the stored messages do not bear out yet is looked at again.
 const SETTLE_RECHECK: Duration = Duration::from_secs(1);
+/// How long the session may stay idle, with no sign of work, while its stored messages still show
+/// the turn unfinished, before the reply is shown as it stands: a stale idle is followed by the
+/// turn's own events within moments, but an answer cut off by an OpenCode restart never finishes.
+const UNSETTLED_GRACE: Duration = Duration::from_secs(3);
 /// How often a queued prompt is tried again while OpenCode is unreachable.
 const PROMPT_RETRY: Duration = Duration::from_secs(3);
 /// Reply posts carry the id of the user message they answer, and the completion line carries it
@@ -1013,7 +1017,7 @@ impl Worker {
                 return self.abandon_turn();
             }
             let since = *self.unsettled_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < STALLED_TURN {
+            if since.elapsed() < UNSETTLED_GRACE {
                 crate::debug!(
                     "[{}] idle, but the stored messages do not show the turn finished yet",
                     self.short()
