@@ -245,6 +245,8 @@ struct Worker {
     find_root_since: Option<u64>,
     delivery: Delivery,
     looked_for_cut_off: bool,
+    /// The thread was opened by an earlier run, which may have left a reply or a request post in it.
+    took_over: bool,
     /// What an earlier run posted in this thread, by prompt; read once, when first needed.
     earlier: Option<Earlier>,
     /// OpenCode could not be reached; queued prompts wait for it.
@@ -301,6 +303,7 @@ impl Worker {
             report,
             find_root_since: setup.find_root_since,
             looked_for_cut_off: false,
+            took_over: false,
             earlier: None,
             delivery: setup.delivery,
             server_down: false,
@@ -338,6 +341,7 @@ impl Worker {
         let recorded = !self.root_post_id.is_empty();
         // A thread this worker opens has no reply cut off by a crash to look for.
         self.looked_for_cut_off = !recorded;
+        self.took_over = recorded;
         if !recorded && !self.create_root() {
             return;
         }
@@ -1151,7 +1155,7 @@ impl Worker {
     fn earlier(&mut self) -> &Earlier {
         if self.earlier.is_none() {
             let mut earlier = Earlier::default();
-            if !self.looked_for_cut_off {
+            if self.took_over {
                 match crate::mattermost::search::thread_posts(&self.mattermost, &self.root_post_id)
                 {
                     Ok(posts) => {

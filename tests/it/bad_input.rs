@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::e2e::{World, wait_for};
 use crate::support::bridge::Bridge;
 use crate::support::fake_opencode::{FakeOpenCode, Pace};
-use crate::support::mattermost::FakeMattermost;
+use crate::support::mattermost::{FakeMattermost, Post};
 use crate::support::{SOON, TempDir};
 
 /// A prompt in the thread still gets its answer: the bridge came through whatever happened before.
@@ -189,24 +189,87 @@ fn a_thread_naming_a_session_the_bridge_does_not_know_is_refused_clearly() {
     assert!(world.prompts_seen_by_llm().is_empty());
 }
 
+/// The bridge between the fake Mattermost and the fake OpenCode, with one session and its thread.
+struct FakeWorld {
+    opencode: FakeOpenCode,
+    mattermost: FakeMattermost,
+    dm: String,
+    bridge: Bridge,
+    session_id: String,
+    root: Post,
+    _state: TempDir,
+}
+
+impl FakeWorld {
+    fn start(label: &str) -> FakeWorld {
+        let opencode = FakeOpenCode::start();
+        let mattermost = FakeMattermost::start();
+        let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
+        let state = TempDir::new(label);
+        let bridge = Bridge::start(&mattermost, &opencode.url(), state.path());
+        let (session_id, _) = opencode.create_session(label);
+        let root = mattermost
+            .wait_until(SOON, |view| {
+                view.posts_in(&dm).into_iter().find(|p| {
+                    p.root_id.is_empty() && p.props["opencode_session_id"] == session_id.as_str()
+                })
+            })
+            .expect("the session's thread");
+        FakeWorld {
+            opencode,
+            mattermost,
+            dm,
+            bridge,
+            session_id,
+            root,
+            _state: state,
+        }
+    }
+
+    /// The owner prompts in the thread; waits until OpenCode has it (the `skip`+1-th of the session).
+    fn prompt(&self, text: &str, skip: usize) {
+        self.mattermost
+            .post_as(&self.mattermost.owner().id, &self.dm, &self.root.id, text)
+            .expect("owner post accepted");
+        self.opencode
+            .wait_for_prompt(&self.session_id, skip, SOON)
+            .expect("the prompt reached OpenCode");
+    }
+
+    /// OpenCode answers `text`, and the answer shows in the thread.
+    fn answer(&self, text: &str) {
+        let pace = Pace {
+            delta_chars: 8,
+            interval: Duration::from_millis(5),
+            finish_gap: Duration::from_millis(20),
+        };
+        self.opencode.reply(&[(&self.session_id, text)], pace);
+        self.wait_bot_post(
+            &format!("the answer {text:?}"),
+            Duration::from_secs(20),
+            |p| p.message.contains(text),
+        );
+    }
+
+    fn wait_bot_post(&self, what: &str, timeout: Duration, f: impl Fn(&Post) -> bool) {
+        let bot = self.mattermost.bot().id;
+        self.mattermost
+            .wait_until(timeout, |view| {
+                view.thread(&self.root.id)
+                    .into_iter()
+                    .find(|p| p.user_id == bot && f(p))
+            })
+            .unwrap_or_else(|| panic!("no {what} in the thread"));
+    }
+}
+
 /// Malformed JSON, unknown event types, events of the wrong shape, a 9 MiB event and a stream cut in
 /// the middle of an event, all on OpenCode's event stream: the bridge skips them, reconnects, and the
 /// session's next prompt is answered in its thread.
 #[test]
 fn malformed_unknown_oversized_and_truncated_opencode_events_are_skipped() {
-    let opencode = FakeOpenCode::start();
-    let mattermost = FakeMattermost::start();
-    let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
-    let state = TempDir::new("bad-opencode-events");
-    let bridge = Bridge::start(&mattermost, &opencode.url(), state.path());
-    let (id, _) = opencode.create_session("Bad events");
-    let root = mattermost
-        .wait_until(SOON, |view| {
-            view.posts_in(&dm)
-                .into_iter()
-                .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == id.as_str())
-        })
-        .expect("the session's thread");
+    let world = FakeWorld::start("bad-opencode-events");
+    let (opencode, id) = (&world.opencode, &world.session_id);
     let envelope = |payload: serde_json::Value| {
         format!(
             "data: {}\n\n",
@@ -231,34 +294,12 @@ fn malformed_unknown_oversized_and_truncated_opencode_events_are_skipped() {
     wait_for("the bridge to reconnect to the event stream", || {
         opencode.subscriber_count() > 0
     });
-    mattermost
-        .post_as(&mattermost.owner().id, &dm, &root.id, "still there?")
-        .expect("owner post accepted");
-    opencode
-        .wait_for_prompt(&id, 0, SOON)
-        .expect("the prompt reached OpenCode");
-    let pace = Pace {
-        delta_chars: 8,
-        interval: Duration::from_millis(5),
-        finish_gap: Duration::from_millis(20),
-    };
-    opencode.reply(&[(&id, "Yes, all good after the bad events.")], pace);
-    let bot = mattermost.bot().id;
-    mattermost
-        .wait_until(SOON, |view| {
-            view.thread(&root.id).into_iter().find(|p| {
-                p.user_id == bot && p.message.contains("Yes, all good after the bad events.")
-            })
-        })
-        .expect("the answer in the thread");
-    mattermost
-        .wait_until(SOON, |view| {
-            view.thread(&root.id)
-                .into_iter()
-                .find(|p| p.user_id == bot && p.message.starts_with("✅ Done"))
-        })
-        .expect("the completion line");
-    bridge.stop().expect("a clean stop");
+    world.prompt("still there?", 0);
+    world.answer("Yes, all good after the bad events.");
+    world.wait_bot_post("completion line", SOON, |p| {
+        p.message.starts_with("✅ Done")
+    });
+    world.bridge.stop().expect("a clean stop");
 }
 
 /// OpenCode takes a prompt (204) and never starts on it, as it does with an image it cannot decode:
@@ -266,60 +307,24 @@ fn malformed_unknown_oversized_and_truncated_opencode_events_are_skipped() {
 /// prompt is sent and answered.
 #[test]
 fn a_prompt_opencode_never_starts_is_reported_and_the_next_one_goes_through() {
-    let opencode = FakeOpenCode::start();
-    let mattermost = FakeMattermost::start();
-    let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
-    let state = TempDir::new("never-started");
-    let bridge = Bridge::start(&mattermost, &opencode.url(), state.path());
-    let (id, _) = opencode.create_session("Never started");
-    let bot = mattermost.bot().id;
-    let root = mattermost
-        .wait_until(SOON, |view| {
-            view.posts_in(&dm)
-                .into_iter()
-                .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == id.as_str())
-        })
-        .expect("the session's thread");
-    let owner = mattermost.owner().id;
-    mattermost
-        .post_as(&owner, &dm, &root.id, "ignored by opencode")
-        .expect("owner post accepted");
-    opencode
-        .wait_for_prompt(&id, 0, SOON)
-        .expect("the prompt reached OpenCode");
+    let world = FakeWorld::start("never-started");
+    world.prompt("ignored by opencode", 0);
     // Given up after 15 s without a start, at the next status poll (every 20 s).
-    mattermost
-        .wait_until(Duration::from_secs(60), |view| {
-            view.thread(&root.id)
-                .into_iter()
-                .find(|p| p.user_id == bot && p.message.contains("has not started on it"))
-        })
-        .expect("a notice that OpenCode never started");
+    world.wait_bot_post(
+        "notice that OpenCode never started",
+        Duration::from_secs(60),
+        |p| p.message.contains("has not started on it"),
+    );
+    let bot = world.mattermost.bot().id;
     assert!(
-        !mattermost
-            .thread(&root.id)
+        !world
+            .mattermost
+            .thread(&world.root.id)
             .iter()
             .any(|p| p.user_id == bot && p.message.starts_with("✅ Done")),
         "an unstarted prompt was shown as done"
     );
-    mattermost
-        .post_as(&owner, &dm, &root.id, "second try")
-        .expect("owner post accepted");
-    opencode
-        .wait_for_prompt(&id, 1, SOON)
-        .expect("the next prompt reached OpenCode");
-    let pace = Pace {
-        delta_chars: 8,
-        interval: Duration::from_millis(5),
-        finish_gap: Duration::from_millis(20),
-    };
-    opencode.reply(&[(&id, "Answered the second try.")], pace);
-    mattermost
-        .wait_until(SOON, |view| {
-            view.thread(&root.id)
-                .into_iter()
-                .find(|p| p.user_id == bot && p.message.contains("Answered the second try."))
-        })
-        .expect("the second answer");
-    bridge.stop().expect("a clean stop");
+    world.prompt("second try", 1);
+    world.answer("Answered the second try.");
+    world.bridge.stop().expect("a clean stop");
 }
