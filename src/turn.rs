@@ -127,7 +127,6 @@ impl Turn {
         })
     }
 
-    /// The newest assistant message of the turn (ids sort by time).
     /// The user message this turn answers: the prompt the bridge sent, else the one its answers
     /// name as their parent.
     pub fn prompt_key(&self) -> Option<&str> {
@@ -136,6 +135,7 @@ impl Turn {
             .or_else(|| self.assistant.values().find_map(|m| m.parent_id.as_deref()))
     }
 
+    /// The newest assistant message of the turn (ids sort by time).
     pub fn last_assistant_id(&self) -> Option<&str> {
         self.assistant.keys().next_back().map(String::as_str)
     }
@@ -427,8 +427,8 @@ impl Tracker {
             return true;
         };
         let from = match &turn.prompt_id {
-            Some(id) => match messages.iter().position(|(info, _)| &info.id == id) {
-                Some(i) => i + 1,
+            Some(id) => match index_after(messages, id) {
+                Some(i) => i,
                 None => return false,
             },
             None => 0,
@@ -451,9 +451,6 @@ impl Tracker {
         now: Instant,
     ) -> Option<(Turn, Summary)> {
         if let Some(messages) = from_server {
-            if let Some((newest, _)) = messages.last() {
-                self.saw_message(&newest.id);
-            }
             self.take_final_parts(messages);
         }
         let turn = self.turn.take()?;
@@ -495,12 +492,10 @@ impl Tracker {
         // The turn is every assistant message from the first one it saw on the stream (a prompt
         // queued in OpenCode mid-turn adds a second answer to the same turn); if it saw none, what
         // follows the last user message.
-        let after_prompt = turn.prompt_id.as_ref().and_then(|id| {
-            messages
-                .iter()
-                .position(|(info, _)| &info.id == id)
-                .map(|i| i + 1)
-        });
+        let after_prompt = turn
+            .prompt_id
+            .as_ref()
+            .and_then(|id| index_after(messages, id));
         let first_seen = messages
             .iter()
             .position(|(info, _)| turn.assistant.contains_key(&info.id));
@@ -542,6 +537,14 @@ impl Tracker {
     fn turn_mut(&mut self, now: Instant) -> &mut Turn {
         self.turn.get_or_insert_with(|| Turn::new(now))
     }
+}
+
+/// The index just after message `id` in `messages`, if it is there.
+fn index_after(messages: &[(MessageInfo, Vec<Part>)], id: &str) -> Option<usize> {
+    messages
+        .iter()
+        .position(|(info, _)| info.id == id)
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]

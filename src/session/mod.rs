@@ -9,7 +9,7 @@ mod attachments;
 mod commands;
 mod pending;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,6 +54,9 @@ const DONE_PROP: &str = "opencode_done";
 const REQUEST_PROP: &str = "opencode_request";
 /// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
 const TYPING_INTERVAL: Duration = Duration::from_secs(4);
+
+/// A message as OpenCode stores it, with its parts.
+type StoredMessage = (crate::opencode::MessageInfo, Vec<crate::opencode::Part>);
 
 #[derive(Debug)]
 pub enum SessionMsg {
@@ -289,10 +292,10 @@ struct SentPost {
 struct Earlier {
     /// False when the thread could not be read: the older clues (`streaming_post_id`) then apply.
     read: bool,
-    replies: std::collections::HashMap<String, Vec<SentPost>>,
+    replies: HashMap<String, Vec<SentPost>>,
     done: HashSet<String>,
     /// `REQUEST_PROP` value → the post showing it.
-    requests: std::collections::HashMap<String, String>,
+    requests: HashMap<String, String>,
 }
 
 impl Worker {
@@ -339,8 +342,6 @@ impl Worker {
 
     fn run(mut self, inbox: Receiver<SessionMsg>) {
         let recorded = !self.root_post_id.is_empty();
-        // A thread this worker opens has no reply cut off by a crash to look for.
-        self.looked_for_cut_off = !recorded;
         self.took_over = recorded;
         if !recorded && !self.create_root() {
             return;
@@ -998,17 +999,13 @@ impl Worker {
 
     fn finish_turn(&mut self) {
         // The stream may have dropped events; the server's stored messages are the final text.
-        let stored =
-            match self
-                .opencode
-                .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
-            {
-                Ok(messages) => Some(messages),
-                Err(e) => {
-                    crate::warn!("[{}] final text not re-read: {e}", self.short());
-                    None
-                }
-            };
+        let stored = match self.stored_messages() {
+            Ok(messages) => Some(messages),
+            Err(e) => {
+                crate::warn!("[{}] final text not re-read: {e}", self.short());
+                None
+            }
+        };
         if let Some(messages) = &stored
             && !self.tracker.settled_in(messages)
         {
@@ -1060,11 +1057,7 @@ impl Worker {
 
     /// Shows the turn's final text and its completion line, and records it as delivered.
     /// `elapsed_ms` overrides the turn's own clock (a turn that ran while the bridge was away).
-    fn complete_turn(
-        &mut self,
-        stored: Option<&[(crate::opencode::MessageInfo, Vec<crate::opencode::Part>)]>,
-        elapsed_ms: Option<u64>,
-    ) {
+    fn complete_turn(&mut self, stored: Option<&[StoredMessage]>, elapsed_ms: Option<u64>) {
         let Some((turn, summary)) = self.tracker.finish(stored, Instant::now()) else {
             return;
         };
@@ -1222,15 +1215,23 @@ impl Worker {
         });
     }
 
+    /// The session's latest messages as OpenCode stores them, oldest first. The newest id is noted:
+    /// the next prompt's id must sort after it.
+    fn stored_messages(&mut self) -> Result<Vec<StoredMessage>, OcError> {
+        let messages =
+            self.opencode
+                .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)?;
+        if let Some((newest, _)) = messages.last() {
+            self.tracker.saw_message(&newest.id);
+        }
+        Ok(messages)
+    }
+
     /// Whether the session already has the prompt from `post_id`, sent from `since_ms` on (when it
     /// was owed): a prompt handed over just before a crash must not run twice. The bridge's prompts
     /// carry their post in their message id, so this is exact.
     fn already_sent(&mut self, post_id: &str, since_ms: u64) -> bool {
-        let messages = match self.opencode.messages(
-            &self.key.session_id,
-            &self.info.directory,
-            FINAL_MESSAGES,
-        ) {
+        let messages = match self.stored_messages() {
             Ok(messages) => messages,
             Err(e) => {
                 crate::warn!(
@@ -1240,9 +1241,6 @@ impl Worker {
                 return false;
             }
         };
-        if let Some((newest, _)) = messages.last() {
-            self.tracker.saw_message(&newest.id);
-        }
         messages.iter().any(|(info, _)| {
             info.role == crate::opencode::Role::User
                 && crate::opencode::ids::is_prompt_of(&info.id, post_id, since_ms)
@@ -1254,22 +1252,15 @@ impl Worker {
         if self.tracker.is_running() {
             return;
         }
-        let stored =
-            match self
-                .opencode
-                .messages(&self.key.session_id, &self.info.directory, FINAL_MESSAGES)
-            {
-                Ok(messages) => messages,
-                // Deleted: the router is ending the thread.
-                Err(OcError::SessionNotFound(_)) => return,
-                Err(e) => {
-                    crate::warn!("[{}] missed answers not read: {e}", self.short());
-                    return;
-                }
-            };
-        if let Some((newest, _)) = stored.last() {
-            self.tracker.saw_message(&newest.id);
-        }
+        let stored = match self.stored_messages() {
+            Ok(messages) => messages,
+            // Deleted: the router is ending the thread.
+            Err(OcError::SessionNotFound(_)) => return,
+            Err(e) => {
+                crate::warn!("[{}] missed answers not read: {e}", self.short());
+                return;
+            }
+        };
         let after_delivered = self.delivery.message_id.as_ref().and_then(|id| {
             stored
                 .iter()
@@ -1300,8 +1291,7 @@ impl Worker {
         let missed = &stored[start..end];
         // One reply per turn: each user message starts a turn (OpenCode may have run several while
         // the bridge was away, from prompts it had queued).
-        let mut turns: Vec<&[(crate::opencode::MessageInfo, Vec<crate::opencode::Part>)]> =
-            Vec::new();
+        let mut turns: Vec<&[StoredMessage]> = Vec::new();
         let mut from = 0;
         for (i, (info, _)) in missed.iter().enumerate() {
             if info.role == crate::opencode::Role::User && i > from {

@@ -539,12 +539,7 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
         let threads: Vec<String> = sessions
             .iter()
             .flat_map(|id| world.roots_for(id))
-            .flat_map(|root| {
-                world
-                    .mattermost
-                    .wait_until(SOON, |view| Some(view.thread(&root.id)))
-            })
-            .flatten()
+            .flat_map(|root| world.mattermost.thread(&root.id))
             .map(|p| format!("{} {} {}: {:?}", p.root_id, p.id, p.user_id, p.message))
             .collect();
         panic!(
