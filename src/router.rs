@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::command::{self, DmCommand, ReactionMeaning, Resolution, SessionRef, short_id};
 use crate::mattermost::rest::MattermostClient;
@@ -17,7 +17,7 @@ use crate::opencode::watch::WatchEvent;
 use crate::opencode::{Event, ServerKey, SessionInfo, SessionKey, Status};
 use crate::render::{MAX_POST_CHARS, split_post, truncate_chars};
 use crate::reply::display_title;
-use crate::session::{self, Report, SessionHandle, SessionMsg};
+use crate::session::{self, Inbox, Report, SessionHandle, SessionMsg};
 use crate::store::{State, Store, ThreadRecord};
 
 /// OpenCode unreachable for this long gets one notice in each active thread.
@@ -326,7 +326,7 @@ impl Router {
                 let behind = self
                     .workers
                     .get(key)
-                    .is_some_and(|w| w.inbox.len() >= INBOX_BACKLOG);
+                    .is_some_and(|w| w.inbox.backlog() >= INBOX_BACKLOG);
                 if behind {
                     crate::debug!(
                         "[{}] the worker is {INBOX_BACKLOG} messages behind; holding back part {part_id}'s streamed text until it completes",
@@ -477,7 +477,7 @@ impl Router {
 
     /// The inbox of the session's worker, starting one if the session has a live thread (or, with
     /// `Ending::Allowed`, an ended one).
-    fn worker_for(&mut self, key: &SessionKey, ending: Ending) -> Option<Sender<SessionMsg>> {
+    fn worker_for(&mut self, key: &SessionKey, ending: Ending) -> Option<Inbox> {
         if let Some(handle) = self.workers.get(key) {
             return Some(handle.inbox.clone());
         }
@@ -488,7 +488,7 @@ impl Router {
     }
 
     /// A worker for a session whose thread is on record, ended or not.
-    fn spawn_recorded(&mut self, key: &SessionKey) -> Option<Sender<SessionMsg>> {
+    fn spawn_recorded(&mut self, key: &SessionKey) -> Option<Inbox> {
         let record = self.record(key)?.clone();
         let info = self
             .live
@@ -511,7 +511,7 @@ impl Router {
         info: SessionInfo,
         channel_id: String,
         root_post_id: Option<String>,
-    ) -> Option<Sender<SessionMsg>> {
+    ) -> Option<Inbox> {
         let client = self.servers.get(&key.server)?.clone();
         let delivery = match self.record(key) {
             Some(record) => session::Delivery {
@@ -956,7 +956,7 @@ impl Router {
         let Some(inbox) = self.worker_for(key, ending) else {
             return false;
         };
-        let Err(SendError(message)) = inbox.send(message) else {
+        let Err(message) = inbox.send(message) else {
             return true;
         };
         self.workers.remove(key);

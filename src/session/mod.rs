@@ -179,8 +179,29 @@ pub struct Delivery {
 
 pub struct SessionHandle {
     pub worker_id: u64,
-    pub inbox: Sender<SessionMsg>,
+    pub inbox: Inbox,
     pub thread: JoinHandle<()>,
+}
+
+/// The sending side of a worker's inbox. `send` never blocks the caller (the router): a worker that
+/// is behind folds what waits for it into its own state.
+#[derive(Clone)]
+pub struct Inbox {
+    sender: Sender<SessionMsg>,
+}
+
+impl Inbox {
+    /// Hands a message to the worker without waiting; gives it back when the worker has exited.
+    pub fn send(&self, message: SessionMsg) -> Result<(), SessionMsg> {
+        self.sender
+            .send(message)
+            .map_err(|crossbeam_channel::SendError(message)| message)
+    }
+
+    /// How many messages wait for the worker.
+    pub fn backlog(&self) -> usize {
+        self.sender.len()
+    }
 }
 
 pub fn spawn<T>(setup: Setup, worker_id: u64, reports: Sender<T>) -> std::io::Result<SessionHandle>
@@ -215,7 +236,7 @@ where
         })?;
     Ok(SessionHandle {
         worker_id,
-        inbox,
+        inbox: Inbox { sender: inbox },
         thread,
     })
 }
