@@ -192,6 +192,7 @@ pub struct Inbox {
 
 impl Inbox {
     /// Hands a message to the worker without waiting; gives it back when the worker has exited.
+    #[allow(clippy::result_large_err)] // the message itself, handed back to be sent elsewhere
     pub fn send(&self, message: SessionMsg) -> Result<(), SessionMsg> {
         self.sender
             .send(message)
