@@ -185,7 +185,8 @@ fn bridge(
         Err(e) => warn!("{e}; will keep trying"),
     }
 
-    let (inputs_tx, inputs) = crossbeam_channel::unbounded::<Input>();
+    // Bounded: a reader or worker waits when the router is behind; the router never sends to it.
+    let (inputs_tx, inputs) = crossbeam_channel::bounded::<Input>(router::INPUT_QUEUE);
 
     let ws_settings = mattermost::ws::WsSettings {
         base_url: config.mattermost_url.clone(),
@@ -215,6 +216,23 @@ fn bridge(
 
     let mut servers = BTreeMap::new();
     servers.insert(opencode.key.clone(), opencode);
+    // The router's REST calls run on these two threads, so it never waits on a server. Both end
+    // when the router drops its senders.
+    let (lookups, lookup_jobs) = crossbeam_channel::bounded(router::lookup::QUEUE);
+    spawn_named("lookup", {
+        let lookup = router::lookup::Lookups {
+            mattermost: mattermost.clone(),
+            identity: identity.clone(),
+            servers: servers.clone(),
+        };
+        let out = inputs_tx.clone();
+        move || lookup.run(lookup_jobs, out)
+    })?;
+    let (notices, notice_jobs) = crossbeam_channel::bounded(router::lookup::QUEUE);
+    spawn_named("notices", {
+        let (client, dm) = (mattermost.clone(), identity.dm_channel_id.clone());
+        move || router::lookup::run_notices(client, dm, notice_jobs)
+    })?;
     let router = Router::new(router::Setup {
         typing: typing_actions,
         max_file_size: config.max_file_size,
@@ -228,7 +246,7 @@ fn bridge(
         inputs: inputs_tx,
         ready,
     });
-    router.run(inputs);
+    router.run(inputs, router::Shell { lookups, notices });
     Ok(())
 }
 

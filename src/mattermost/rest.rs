@@ -386,8 +386,24 @@ impl MattermostClient {
         after_post_id: &str,
         per_page: u32,
     ) -> Result<Vec<Post>, MmError> {
-        let per_page = per_page.clamp(1, MAX_PER_PAGE);
         let mut posts: Vec<Post> = Vec::new();
+        self.posts_after_pages(channel_id, after_post_id, per_page, |page| {
+            posts.extend(page);
+            true
+        })?;
+        Ok(posts)
+    }
+
+    /// `posts_after`, one page at a time (oldest first), so a caller need not hold them all: `page`
+    /// returns false to stop early. Only the current page is in memory.
+    pub fn posts_after_pages(
+        &self,
+        channel_id: &str,
+        after_post_id: &str,
+        per_page: u32,
+        mut page: impl FnMut(Vec<Post>) -> bool,
+    ) -> Result<(), MmError> {
+        let per_page = per_page.clamp(1, MAX_PER_PAGE);
         let mut cursor = after_post_id.to_string();
         loop {
             let path = format!(
@@ -396,14 +412,16 @@ impl MattermostClient {
                 percent_encode(&cursor)
             );
             let list: PostList = self.get_json(&path)?;
-            let page = list.oldest_first();
-            let full = page.len() >= per_page as usize;
-            let newest = page.last().map(|post| post.id.clone());
-            posts.extend(page);
+            let posts = list.oldest_first();
+            let full = posts.len() >= per_page as usize;
+            let newest = posts.last().map(|post| post.id.clone());
+            if !posts.is_empty() && !page(posts) {
+                return Ok(());
+            }
             match newest {
                 // A server that ignored `after` would repeat the same page forever.
                 Some(newest) if full && newest != cursor => cursor = newest,
-                _ => return Ok(posts),
+                _ => return Ok(()),
             }
         }
     }

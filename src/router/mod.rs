@@ -1,24 +1,30 @@
 //! The router: the registry of sessions and threads, and the main loop over one closed `Input` enum.
-//! Readers and workers send it inputs; it decides which session a post or event belongs to, starts
-//! and stops session workers, answers main-DM commands, and is the only caller of `Store::save`.
+//! Readers, workers and the look-up thread send it inputs; it decides which session a post or event
+//! belongs to, starts and stops session workers, answers main-DM commands, and is the only caller of
+//! `Store::save`. It never calls a server: what it needs to know is asked of the `lookup` thread
+//! (`Effect::Lookup`, answered by `Input::Found`), and what it says is posted by the `notices`
+//! thread (`Effect::Notice`), so no slow server can hold up every session's events.
+
+pub mod lookup;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::command::{self, DmCommand, ReactionMeaning, Resolution, SessionRef, short_id};
 use crate::mattermost::rest::MattermostClient;
 use crate::mattermost::ws::WsUpdate;
 use crate::mattermost::{Identity, Post, Reaction, WsAction, WsEvent};
-use crate::opencode::rest::{OcError, OpenCodeClient};
+use crate::opencode::rest::OpenCodeClient;
 use crate::opencode::watch::WatchEvent;
 use crate::opencode::{Event, ServerKey, SessionInfo, SessionKey, Status};
-use crate::render::{MAX_POST_CHARS, split_post, truncate_chars};
+use crate::render::truncate_chars;
 use crate::reply::display_title;
 use crate::session::{self, Inbox, Report, SessionHandle, SessionMsg};
 use crate::store::{State, Store, ThreadRecord};
+pub use lookup::{Found, Listing, Lookup, Notice, Waiting};
 
 /// OpenCode unreachable for this long gets one notice in each active thread.
 const UNREACHABLE_NOTICE_AFTER: Duration = Duration::from_secs(10);
@@ -31,13 +37,38 @@ const REMEMBERED_POSTS: usize = 2048;
 const INBOX_BACKLOG: usize = 512;
 /// `!sessions` lists the most recently active ones; more would only bury the thread links.
 const MAX_LISTED_SESSIONS: usize = 50;
+/// Owner posts from the websocket wait while a catch-up pages through older ones, so prompts reach
+/// a session in the order they were written; past this many they go ahead anyway.
+const MAX_HELD_POSTS: usize = 1024;
+/// How many inputs may wait for the router. Readers, workers and the look-up thread wait when it is
+/// full; the router itself never sends to it.
+pub const INPUT_QUEUE: usize = 1024;
 
 #[derive(Debug)]
 pub enum Input {
     Mattermost(WsUpdate),
     OpenCode(ServerKey, WatchEvent),
     Session(Report),
+    /// A look-up's answer.
+    Found(Found),
+    /// The look-up queue was full: the look-up was not made.
+    Refused(Lookup),
     Stop,
+}
+
+/// What the router decided should happen outside it; the loop's shell carries it out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Ask the `lookup` thread; its answer comes back as `Input::Found`.
+    Lookup(Lookup),
+    /// Post in the owner DM (on the `notices` thread).
+    Notice(Notice),
+}
+
+impl From<Found> for Input {
+    fn from(found: Found) -> Input {
+        Input::Found(found)
+    }
 }
 
 impl From<WsUpdate> for Input {
@@ -60,7 +91,7 @@ impl From<Report> for Input {
 
 pub struct Router {
     command_prefix: String,
-    /// Gives up after a few attempts: the router must never block long.
+    /// Never called by the router itself: it names permalinks and is shut down at stop.
     mattermost: Arc<MattermostClient>,
     /// Same budget, but waits out an outage: what workers post arrives, in order, once it is over.
     worker_mattermost: Arc<MattermostClient>,
@@ -93,6 +124,17 @@ pub struct Router {
     catch_up_due: HashSet<ServerKey>,
     /// Owed prompts from before a restart were handed out (once, at the first connect).
     recovered_prompts: bool,
+    /// Decisions not yet handed to the shell.
+    effects: Vec<Effect>,
+    /// Sessions whose end is being confirmed with OpenCode.
+    confirming: HashSet<SessionKey>,
+    /// Catch-ups of the DM's posts under way; websocket posts wait in `held_posts` meanwhile.
+    catch_ups: u32,
+    held_posts: VecDeque<Post>,
+    /// Owner posts a catch-up found too old to run, reported when it ends.
+    too_old: Vec<Post>,
+    /// Owner posts a catch-up handled.
+    caught_up: usize,
     /// Retired workers finishing what was queued, by worker id, joined when they exit.
     retiring: HashMap<u64, std::thread::JoinHandle<()>>,
     websocket_up: bool,
@@ -189,6 +231,12 @@ impl Router {
             told_down: HashSet::new(),
             catch_up_due: HashSet::new(),
             recovered_prompts: false,
+            effects: Vec::new(),
+            confirming: HashSet::new(),
+            catch_ups: 0,
+            held_posts: VecDeque::new(),
+            too_old: Vec::new(),
+            caught_up: 0,
             retiring: HashMap::new(),
             websocket_up: false,
             announced_ready: false,
@@ -197,22 +245,42 @@ impl Router {
         }
     }
 
-    pub fn run(mut self, inputs: Receiver<Input>) {
+    /// The loop: one input at a time, decided by `handle`, its effects carried out by `Shell`.
+    pub fn run(mut self, inputs: Receiver<Input>, shell: Shell) {
         self.save();
         loop {
-            match inputs.recv_timeout(TICK) {
+            let effects = match inputs.recv_timeout(TICK) {
                 Ok(Input::Stop) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-                Ok(Input::Mattermost(update)) => self.on_mattermost(update),
-                Ok(Input::OpenCode(server, event)) => self.on_opencode(server, event),
-                Ok(Input::Session(report)) => self.on_report(report),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            }
-            self.tick();
+                Ok(input) => self.handle(input),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.handle_tick(),
+            };
+            shell.carry_out(&mut self, effects);
         }
-        self.shutdown(&inputs);
+        self.shutdown(&inputs, &shell);
     }
 
-    fn shutdown(&mut self, inputs: &Receiver<Input>) {
+    /// Decides what one input means. Never blocks and never calls a server: what it needs from
+    /// outside is in the returned effects.
+    pub fn handle(&mut self, input: Input) -> Vec<Effect> {
+        match input {
+            Input::Mattermost(update) => self.on_mattermost(update),
+            Input::OpenCode(server, event) => self.on_opencode(server, event),
+            Input::Session(report) => self.on_report(report),
+            Input::Found(found) => self.on_found(found),
+            Input::Refused(lookup) => self.on_refused(lookup),
+            Input::Stop => {}
+        }
+        self.tick();
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The timers, when no input arrived for a tick.
+    pub fn handle_tick(&mut self) -> Vec<Effect> {
+        self.tick();
+        std::mem::take(&mut self.effects)
+    }
+
+    fn shutdown(&mut self, inputs: &Receiver<Input>, shell: &Shell) {
         crate::info!("stopping");
         // Workers waiting out a Mattermost outage give up; the rest send their last edits once.
         self.mattermost.shut_down();
@@ -231,7 +299,11 @@ impl Router {
                         let _ = thread.join();
                     }
                 }
-                Ok(Input::Session(report)) => self.on_report(report),
+                Ok(Input::Session(report)) => {
+                    self.on_report(report);
+                    let effects = std::mem::take(&mut self.effects);
+                    shell.carry_out(self, effects);
+                }
                 Ok(_) => {}
                 Err(_) => {
                     crate::warn!(
@@ -661,16 +733,17 @@ impl Router {
 
     /// A session missing from the list may be archived rather than deleted: ask before ending it.
     fn confirm_gone(&mut self, key: &SessionKey) {
-        let Some(client) = self.servers.get(&key.server).cloned() else {
+        if !self.servers.contains_key(&key.server) || !self.confirming.insert(key.clone()) {
             return;
-        };
+        }
         let directory = self
             .record(key)
             .map(|r| r.directory.clone())
             .unwrap_or_default();
-        if let Err(OcError::SessionNotFound(_)) = client.get_session(&key.session_id, &directory) {
-            self.session_ended(key);
-        }
+        self.lookup(Lookup::ConfirmGone {
+            key: key.clone(),
+            directory,
+        });
     }
 
     // ---- Mattermost ----
@@ -700,7 +773,13 @@ impl Router {
                 self.websocket_up = false;
                 crate::warn!("mattermost websocket lost: {reason}")
             }
-            WsUpdate::Event(WsEvent::Posted(post)) => self.on_post(post),
+            WsUpdate::Event(WsEvent::Posted(post)) => {
+                if self.catch_ups > 0 && self.held_posts.len() < MAX_HELD_POSTS {
+                    self.held_posts.push_back(post);
+                } else {
+                    self.on_post(post);
+                }
+            }
             WsUpdate::Event(WsEvent::ReactionAdded(reaction)) => self.on_reaction(reaction),
             WsUpdate::Event(_) => {}
         }
@@ -746,51 +825,46 @@ impl Router {
         }
     }
 
-    /// Handles the owner-DM posts after the cursor that the websocket did not deliver: sent while
-    /// the bridge was down, or during a gap the server could not replay. Prompts older than
-    /// `catchup_max_age` are not run; the owner gets one notice listing them.
+    /// Asks for the owner-DM posts after the cursor that the websocket did not deliver: sent while
+    /// the bridge was down, or during a gap the server could not replay. They come back a page at
+    /// a time (`on_posts`).
     fn catch_up_posts(&mut self) {
-        let dm = self.identity.dm_channel_id.clone();
         let cursor = self.state.mattermost.clone();
         if cursor.last_post_id.is_empty() && cursor.last_post_at == 0 {
             // First start on this state: nothing before now is owed an answer.
-            match self.mattermost.latest_post(&dm) {
-                Ok(latest) => {
-                    let (id, at) = latest.map_or_else(
-                        || (String::new(), crate::log::now_ms() as i64),
-                        |p| (p.id, p.create_at),
-                    );
-                    self.state.mattermost.last_post_id = id;
-                    self.state.mattermost.last_post_at = at;
-                    self.save();
-                }
-                Err(e) => crate::warn!("cannot read the DM's latest post: {e}"),
-            }
+            self.lookup(Lookup::LatestPost);
             return;
         }
-        let listed = if cursor.last_post_id.is_empty() {
-            // The DM was empty at the first start: no post to page from yet, only a time.
-            crate::mattermost::search::posts_since(
-                &self.mattermost,
-                &dm,
-                cursor.last_post_at as u64,
-            )
-        } else {
-            self.mattermost.posts_after(&dm, &cursor.last_post_id, 200)
-        };
-        let posts = match listed {
-            Ok(posts) => posts,
-            Err(e) => {
-                crate::warn!(
-                    "cannot catch up on the DM's posts: {e}; retrying at the next reconnect"
+        self.catch_ups += 1;
+        self.lookup(Lookup::PostsAfter { cursor });
+    }
+
+    fn on_latest_post(&mut self, latest: Result<Option<Post>, String>) {
+        let cursor = &self.state.mattermost;
+        if !cursor.last_post_id.is_empty() || cursor.last_post_at != 0 {
+            // A post handled meanwhile set it already.
+            return;
+        }
+        match latest {
+            Ok(latest) => {
+                let (id, at) = latest.map_or_else(
+                    || (String::new(), crate::log::now_ms() as i64),
+                    |p| (p.id, p.create_at),
                 );
-                return;
+                self.state.mattermost.last_post_id = id;
+                self.state.mattermost.last_post_at = at;
+                self.save();
             }
-        };
+            Err(e) => crate::warn!("cannot read the DM's latest post: {e}"),
+        }
+    }
+
+    /// One page of a catch-up. Prompts older than `catchup_max_age` are not run; when the catch-up
+    /// ends, the owner gets one notice listing them.
+    fn on_posts(&mut self, posts: Vec<Post>, last: bool, error: Option<String>) {
+        let dm = self.identity.dm_channel_id.clone();
         let oldest_runnable =
             crate::log::now_ms().saturating_sub(self.catchup_max_age.as_millis() as u64) as i64;
-        let mut too_old = Vec::new();
-        let mut handled = 0;
         // Every post up to the newest is handled (the bot's own by ignoring them), so the cursor may
         // pass them all and the next catch-up pages through less.
         let newest = posts.last().cloned();
@@ -801,12 +875,14 @@ impl Router {
             if from_owner && post.create_at < oldest_runnable {
                 if self.seen_posts.insert(&post.id) {
                     self.advance_cursor(&post);
-                    too_old.push(post);
+                    if self.too_old.len() < MAX_HELD_POSTS {
+                        self.too_old.push(post);
+                    }
                 }
                 continue;
             }
             if from_owner && !self.seen_posts.contains(&post.id) {
-                handled += 1;
+                self.caught_up += 1;
             }
             self.on_post(post);
         }
@@ -814,15 +890,34 @@ impl Router {
             self.advance_cursor(&newest);
         }
         self.save();
+        if !last {
+            return;
+        }
+        if let Some(e) = error {
+            crate::warn!("cannot catch up on the DM's posts: {e}; retrying at the next reconnect");
+        }
+        let handled = std::mem::take(&mut self.caught_up);
         if handled > 0 {
             crate::info!("caught up on {handled} post(s) the websocket did not deliver");
         }
+        let too_old = std::mem::take(&mut self.too_old);
         if !too_old.is_empty() {
             self.report_too_old(&too_old);
         }
+        self.catch_up_done();
     }
 
-    fn report_too_old(&self, posts: &[Post]) {
+    /// The websocket's posts held during the catch-up go on, in order.
+    fn catch_up_done(&mut self) {
+        self.catch_ups = self.catch_ups.saturating_sub(1);
+        if self.catch_ups == 0 {
+            while let Some(post) = self.held_posts.pop_front() {
+                self.on_post(post);
+            }
+        }
+    }
+
+    fn report_too_old(&mut self, posts: &[Post]) {
         let lines: Vec<String> = posts
             .iter()
             .map(|p| {
@@ -837,7 +932,8 @@ impl Router {
         self.reply(
             "",
             &format!(
-                "⏸️ {} message(s) sent while opencode-mattermost was away are older than {} and were not run                  (OPENCODE_MM_CATCHUP_MAX_AGE). Send them again if they still matter:\n{}",
+                "⏸️ {} message(s) sent while opencode-mattermost was away are older than {} and were not run \
+                 (OPENCODE_MM_CATCHUP_MAX_AGE). Send them again if they still matter:\n{}",
                 posts.len(),
                 crate::render::format_duration(self.catchup_max_age.as_millis() as u64),
                 lines.join("\n")
@@ -846,18 +942,17 @@ impl Router {
     }
 
     fn on_thread_reply(&mut self, post: Post) {
-        let known = self.by_root.get(&post.root_id).cloned();
-        let Some(key) = known.or_else(|| self.adopt_root(&post.root_id)) else {
-            self.reply(
-                &post.root_id,
-                &format!(
-                    "ℹ️ This thread is not linked to any OpenCode session, so the message was not sent anywhere. \
-                     Each session has its own thread; `{}sessions` in the main DM lists them.",
-                    self.command_prefix
-                ),
-            );
-            return;
-        };
+        match self.by_root.get(&post.root_id).cloned() {
+            Some(key) => self.reply_in_thread(key, post),
+            // Whether the root is a session thread is read from its props, off the loop.
+            None => self.lookup(Lookup::ThreadRoot {
+                root_id: post.root_id.clone(),
+                then: Waiting::Reply(post),
+            }),
+        }
+    }
+
+    fn reply_in_thread(&mut self, key: SessionKey, post: Post) {
         if self.record(&key).is_some_and(|r| r.ended_ms.is_some()) {
             self.reply(
                 &post.root_id,
@@ -888,8 +983,19 @@ impl Router {
         }
     }
 
+    fn not_linked(&mut self, root_id: &str) {
+        self.reply(
+            root_id,
+            &format!(
+                "ℹ️ This thread is not linked to any OpenCode session, so the message was not sent anywhere. \
+                 Each session has its own thread; `{}sessions` in the main DM lists them.",
+                self.command_prefix
+            ),
+        );
+    }
+
     /// The owner's reactions answer permission requests and questions, stop a run (🛑) or resend a
-    /// prompt (🔁). Which session a post belongs to is read from the post itself.
+    /// prompt (🔁). Which session a post belongs to is read from the post itself, off the loop.
     fn on_reaction(&mut self, reaction: Reaction) {
         if reaction.user_id != self.identity.owner_user_id {
             return;
@@ -897,13 +1003,13 @@ impl Router {
         let Some(meaning) = command::reaction_meaning(&reaction.emoji_name) else {
             return;
         };
-        let post = match self.mattermost.get_post(&reaction.post_id) {
-            Ok(post) => post,
-            Err(e) => {
-                crate::debug!("reacted post {} not readable: {e}", reaction.post_id);
-                return;
-            }
-        };
+        self.lookup(Lookup::ReactedPost {
+            post_id: reaction.post_id,
+            meaning,
+        });
+    }
+
+    fn on_reacted_post(&mut self, post: Post, meaning: ReactionMeaning) {
         if post.channel_id != self.identity.dm_channel_id {
             return;
         }
@@ -912,10 +1018,16 @@ impl Router {
         } else {
             post.root_id.clone()
         };
-        let known = self.by_root.get(&root_id).cloned();
-        let Some(key) = known.or_else(|| self.adopt_root(&root_id)) else {
-            return;
-        };
+        match self.by_root.get(&root_id).cloned() {
+            Some(key) => self.react_in_thread(key, post, meaning),
+            None => self.lookup(Lookup::ThreadRoot {
+                root_id,
+                then: Waiting::Reaction { post, meaning },
+            }),
+        }
+    }
+
+    fn react_in_thread(&mut self, key: SessionKey, post: Post, meaning: ReactionMeaning) {
         if self.record(&key).is_some_and(|r| r.ended_ms.is_some()) {
             return;
         }
@@ -964,28 +1076,38 @@ impl Router {
             .is_some_and(|inbox| inbox.send(message).is_ok())
     }
 
-    /// A root this router has no record of may still be a session thread: one whose creation report
-    /// has not arrived yet, or one posted just before a crash. The root's props say which session.
-    fn adopt_root(&mut self, root_id: &str) -> Option<SessionKey> {
-        let root = match self.mattermost.get_post(root_id) {
-            Ok(root) => root,
-            Err(e) => {
-                crate::debug!("thread root {root_id} not readable: {e}");
-                return None;
-            }
+    /// A root this router had no record of, looked up: one whose creation report has not arrived
+    /// yet, or one posted just before a crash, is a session's thread from now on.
+    fn on_thread_root(
+        &mut self,
+        root_id: String,
+        session: Option<(SessionKey, Option<SessionInfo>)>,
+        then: Waiting,
+    ) {
+        let key = match self.by_root.get(&root_id).cloned() {
+            // Recorded while the look-up ran.
+            Some(key) => Some(key),
+            None => session.and_then(|(key, info)| self.adopt_root(&root_id, key, info)),
         };
-        if root.user_id != self.identity.bot_user_id
-            || root.channel_id != self.identity.dm_channel_id
-        {
+        match (key, then) {
+            (Some(key), Waiting::Reply(post)) => self.reply_in_thread(key, post),
+            (Some(key), Waiting::Reaction { post, meaning }) => {
+                self.react_in_thread(key, post, meaning)
+            }
+            (None, Waiting::Reply(post)) => self.not_linked(&post.root_id),
+            (None, Waiting::Reaction { .. }) => {}
+        }
+    }
+
+    fn adopt_root(
+        &mut self,
+        root_id: &str,
+        key: SessionKey,
+        listed: Option<SessionInfo>,
+    ) -> Option<SessionKey> {
+        if !self.servers.contains_key(&key.server) {
             return None;
         }
-        let session_id = root.props.get("opencode_session_id")?.as_str()?;
-        let server = ServerKey(root.props.get("opencode_server")?.as_str()?.to_string());
-        let key = SessionKey {
-            server,
-            session_id: session_id.to_string(),
-        };
-        let client = self.servers.get(&key.server)?.clone();
         if self.record(&key).is_some() || self.workers.contains_key(&key) {
             // Known, or its worker's report is on its way.
             self.by_root.insert(root_id.to_string(), key.clone());
@@ -993,14 +1115,7 @@ impl Router {
         }
         let info = match self.live.get(&key) {
             Some(live) => live.info.clone(),
-            // The list covers every directory; a lookup by id alone would only cover the default one.
-            None => match client.list_sessions() {
-                Ok(sessions) => sessions.into_iter().find(|s| s.id == key.session_id)?,
-                Err(e) => {
-                    crate::warn!("cannot look up the session of thread {root_id}: {e}");
-                    return None;
-                }
-            },
+            None => listed?,
         };
         crate::info!(
             "[{}] adopted existing thread root {root_id}",
@@ -1025,13 +1140,17 @@ impl Router {
         };
         match command {
             DmCommand::Help => self.reply("", &help_message(&prefix)),
-            DmCommand::Sessions { all } => self.list_sessions(all),
-            DmCommand::Attach { query } => self.attach(&query),
+            DmCommand::Sessions { all } => self.lookup(Lookup::ListSessions {
+                then: Listing::Sessions { all },
+            }),
+            DmCommand::Attach { query } => self.lookup(Lookup::ListSessions {
+                then: Listing::Attach { query },
+            }),
             DmCommand::New {
                 directory,
                 title,
                 prompt,
-            } => self.new_session(&post.id, &directory, title.as_deref(), prompt),
+            } => self.new_session(&post.id, directory, title, prompt),
             DmCommand::Unknown { name } => self.reply(
                 "",
                 &format!("❓ Unknown command `{prefix}{name}`. `{prefix}help` lists the commands."),
@@ -1051,15 +1170,13 @@ impl Router {
         }
     }
 
-    /// Top-level sessions of every server, freshly listed where the server answers.
-    fn all_sessions(&mut self) -> Vec<(SessionKey, SessionInfo)> {
-        let servers: Vec<(ServerKey, Arc<OpenCodeClient>)> = self
-            .servers
-            .iter()
-            .map(|(k, c)| (k.clone(), c.clone()))
-            .collect();
-        for (server, client) in servers {
-            match client.list_sessions() {
+    /// Top-level sessions of every server, from the fresh lists where the server answered.
+    fn all_sessions(
+        &mut self,
+        lists: Vec<(ServerKey, Result<Vec<SessionInfo>, String>)>,
+    ) -> Vec<(SessionKey, SessionInfo)> {
+        for (server, listed) in lists {
+            match listed {
                 Ok(sessions) => {
                     for info in sessions {
                         let key = SessionKey {
@@ -1082,8 +1199,19 @@ impl Router {
         sessions
     }
 
-    fn list_sessions(&mut self, all: bool) {
-        let sessions = self.all_sessions();
+    fn on_sessions(
+        &mut self,
+        lists: Vec<(ServerKey, Result<Vec<SessionInfo>, String>)>,
+        then: Listing,
+    ) {
+        let sessions = self.all_sessions(lists);
+        match then {
+            Listing::Sessions { all } => self.list_sessions(all, &sessions),
+            Listing::Attach { query } => self.attach(&query, &sessions),
+        }
+    }
+
+    fn list_sessions(&mut self, all: bool, sessions: &[(SessionKey, SessionInfo)]) {
         let prefix = self.command_prefix.clone();
         let mut lines = Vec::new();
         let hidden = sessions.len().saturating_sub(MAX_LISTED_SESSIONS);
@@ -1147,13 +1275,13 @@ impl Router {
         self.reply("", &text);
     }
 
-    /// `new <directory> [title]`: creates the session on the server; its thread follows, linked in a
-    /// reply, and the first prompt (if any) goes there once the thread exists.
+    /// `new <directory> [title]`: creates the session on the server (a look-up); its thread
+    /// follows, linked in a reply, and the first prompt (if any) goes there once the thread exists.
     fn new_session(
         &mut self,
         post_id: &str,
-        directory: &str,
-        title: Option<&str>,
+        directory: String,
+        title: Option<String>,
         prompt: Option<String>,
     ) {
         let prefix = self.command_prefix.clone();
@@ -1161,42 +1289,31 @@ impl Router {
             self.reply(
                 "",
                 &format!(
-                    "❓ `{directory}` is not an absolute path. Give the session's directory as the server sees it,                      like `{prefix}new /home/me/project`."
+                    "❓ `{directory}` is not an absolute path. Give the session's directory as the server sees it, \
+                     like `{prefix}new /home/me/project`."
                 ),
             );
             return;
         }
-        let Some((server, client)) = self
-            .servers
-            .iter()
-            .next()
-            .map(|(k, c)| (k.clone(), c.clone()))
-        else {
-            return;
-        };
-        match client.directory_exists(directory) {
-            Ok(true) => {}
-            Ok(false) => {
-                self.reply(
-                    "",
-                    &format!(
-                        "❓ `{directory}` does not exist on the OpenCode server, so no session was created.                          Check the path, or create the directory first."
-                    ),
-                );
-                return;
-            }
-            Err(e) => {
-                self.reply(
-                    "",
-                    &format!("⚠️ Could not check `{directory}` on the OpenCode server: {e}"),
-                );
-                return;
-            }
-        }
-        let info = match client.create_session(directory, title) {
-            Ok(info) => info,
-            Err(e) => {
-                self.reply("", &format!("⚠️ Could not create the session: {e}"));
+        self.lookup(Lookup::NewSession {
+            post_id: post_id.to_string(),
+            directory,
+            title,
+            prompt,
+        });
+    }
+
+    fn on_new_session(
+        &mut self,
+        post_id: String,
+        directory: &str,
+        prompt: Option<String>,
+        created: Result<(ServerKey, SessionInfo), String>,
+    ) {
+        let (server, info) = match created {
+            Ok(created) => created,
+            Err(message) => {
+                self.reply("", &message);
                 return;
             }
         };
@@ -1209,7 +1326,7 @@ impl Router {
             short_id(&key.session_id)
         );
         self.learn(&key, info);
-        let first_prompt = prompt.map(|text| (post_id.to_string(), text));
+        let first_prompt = prompt.map(|text| (post_id, text));
         match self.record(&key).map(|r| r.root_post_id.clone()) {
             // The event stream was faster: the thread is already there.
             Some(root_post_id) => self.announce_new(&key, &root_post_id, first_prompt),
@@ -1279,8 +1396,8 @@ impl Router {
         self.save();
     }
 
-    /// Prompts owed from before a restart go to their sessions again, oldest first; a worker
-    /// skips one that OpenCode already has.
+    /// Prompts owed from before a restart go to their sessions again, oldest first (each read back
+    /// by a look-up, answered in order); a worker skips one that OpenCode already has.
     fn recover_owed_prompts(&mut self) {
         let mut owed: Vec<(i64, String, SessionKey, u64)> = Vec::new();
         for (server, state) in &self.state.servers {
@@ -1294,29 +1411,41 @@ impl Router {
         }
         owed.sort();
         for (_, post_id, key, owed_at_ms) in owed {
-            match self.mattermost.get_post(&post_id) {
-                Ok(post) if post.user_id == self.identity.owner_user_id => {
-                    crate::info!(
-                        "[{}] sending prompt {post_id}, owed since before the restart",
-                        short_id(&key.session_id)
-                    );
-                    self.seen_posts.insert(&post_id);
-                    self.deliver(
-                        &key,
-                        SessionMsg::Prompt {
-                            post_id: post.id,
-                            text: post.message,
-                            file_ids: post.file_ids.unwrap_or_default(),
-                            recovered_since_ms: Some(owed_at_ms),
-                        },
-                    );
-                }
-                Ok(_) | Err(crate::mattermost::rest::MmError::Http { status: 404, .. }) => {
-                    // Deleted by the owner meanwhile: nothing is owed any more.
-                    self.forget_prompt(&key, &post_id);
-                }
-                Err(e) => crate::warn!("owed prompt {post_id} not readable yet: {e}"),
+            self.lookup(Lookup::OwedPrompt {
+                key,
+                post_id,
+                owed_at_ms,
+            });
+        }
+    }
+
+    fn on_owed_prompt(
+        &mut self,
+        key: SessionKey,
+        post_id: String,
+        owed_at_ms: u64,
+        post: Result<Option<Post>, String>,
+    ) {
+        match post {
+            Ok(Some(post)) => {
+                crate::info!(
+                    "[{}] sending prompt {post_id}, owed since before the restart",
+                    short_id(&key.session_id)
+                );
+                self.seen_posts.insert(&post_id);
+                self.deliver(
+                    &key,
+                    SessionMsg::Prompt {
+                        post_id: post.id,
+                        text: post.message,
+                        file_ids: post.file_ids.unwrap_or_default(),
+                        recovered_since_ms: Some(owed_at_ms),
+                    },
+                );
             }
+            // Deleted by the owner meanwhile: nothing is owed any more.
+            Ok(None) => self.forget_prompt(&key, &post_id),
+            Err(e) => crate::warn!("owed prompt {post_id} not readable yet: {e}"),
         }
     }
 
@@ -1328,8 +1457,7 @@ impl Router {
         }
     }
 
-    fn attach(&mut self, query: &str) {
-        let sessions = self.all_sessions();
+    fn attach(&mut self, query: &str, sessions: &[(SessionKey, SessionInfo)]) {
         let refs: Vec<SessionRef<'_>> = sessions
             .iter()
             .map(|(_, info)| SessionRef {
@@ -1552,15 +1680,71 @@ impl Router {
     }
 
     /// Posts in the owner DM: in a thread when `root_id` is set, else in the main DM.
-    fn reply(&self, root_id: &str, message: &str) {
-        for chunk in split_post(message, MAX_POST_CHARS) {
-            if let Err(e) =
-                self.mattermost
-                    .create_post(&self.identity.dm_channel_id, root_id, &chunk, None)
-            {
-                crate::error!("could not post a reply to the owner: {e}");
-                return;
+    fn reply(&mut self, root_id: &str, message: &str) {
+        self.effects.push(Effect::Notice(Notice {
+            root_id: root_id.to_string(),
+            message: message.to_string(),
+        }));
+    }
+
+    fn lookup(&mut self, lookup: Lookup) {
+        self.effects.push(Effect::Lookup(lookup));
+    }
+
+    // ---- look-ups ----
+
+    fn on_found(&mut self, found: Found) {
+        match found {
+            Found::LatestPost(latest) => self.on_latest_post(latest),
+            Found::Posts { posts, last, error } => self.on_posts(posts, last, error),
+            Found::ReactedPost { post, meaning } => self.on_reacted_post(post, meaning),
+            Found::ThreadRoot {
+                root_id,
+                session,
+                then,
+            } => self.on_thread_root(root_id, session, then),
+            Found::OwedPrompt {
+                key,
+                post_id,
+                owed_at_ms,
+                post,
+            } => self.on_owed_prompt(key, post_id, owed_at_ms, post),
+            Found::Gone { key } => {
+                self.confirming.remove(&key);
+                self.session_ended(&key);
             }
+            Found::NotGone { key } => {
+                self.confirming.remove(&key);
+            }
+            Found::Sessions { lists, then } => self.on_sessions(lists, then),
+            Found::NewSession {
+                post_id,
+                directory,
+                prompt,
+                created,
+            } => self.on_new_session(post_id, &directory, prompt, created),
+        }
+    }
+
+    /// The look-up queue was full. What the owner asked for is answered with a retry hint; what
+    /// the router asked for itself is asked again when it next matters.
+    fn on_refused(&mut self, lookup: Lookup) {
+        crate::warn!("the look-up queue is full; dropped a look-up: {lookup:?}");
+        let busy = "⏳ The bridge is busy looking things up; please send that again in a moment.";
+        match lookup {
+            Lookup::PostsAfter { .. } => self.catch_up_done(),
+            Lookup::ConfirmGone { key, .. } => {
+                self.confirming.remove(&key);
+            }
+            Lookup::ThreadRoot {
+                root_id,
+                then: Waiting::Reply(_),
+            } => self.reply(&root_id, busy),
+            Lookup::ListSessions { .. } | Lookup::NewSession { .. } => self.reply("", busy),
+            Lookup::LatestPost
+            | Lookup::ReactedPost { .. }
+            | Lookup::ThreadRoot { .. }
+            | Lookup::OwedPrompt { .. } => {}
         }
     }
 }
@@ -1626,5 +1810,38 @@ fn event_brief(event: &Event) -> String {
         Event::PartUpdated { part, .. } => format!("part {} of {}", part.id, part.message_id),
         Event::PartDelta { message_id, .. } => format!("delta of {message_id}"),
         other => format!("{:.60}", format!("{other:?}")),
+    }
+}
+
+/// Carries out the router's effects: look-ups go to the `lookup` thread, notices to the `notices`
+/// thread. Neither send waits: a full queue refuses the effect (a refused look-up is handed back
+/// to the router as `Input::Refused`).
+pub struct Shell {
+    pub lookups: Sender<Lookup>,
+    pub notices: Sender<Notice>,
+}
+
+impl Shell {
+    fn carry_out(&self, router: &mut Router, effects: Vec<Effect>) {
+        let mut effects = VecDeque::from(effects);
+        while let Some(effect) = effects.pop_front() {
+            match effect {
+                Effect::Lookup(lookup) => match self.lookups.try_send(lookup) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(lookup) | TrySendError::Disconnected(lookup)) => {
+                        // Refusals only ever answer with notices, so this ends.
+                        effects.extend(router.handle(Input::Refused(lookup)));
+                    }
+                },
+                Effect::Notice(notice) => {
+                    if let Err(e) = self.notices.try_send(notice) {
+                        crate::warn!(
+                            "the notice queue is full; a reply to the owner was dropped: {:.80}",
+                            e.into_inner().message
+                        );
+                    }
+                }
+            }
+        }
     }
 }
