@@ -14,6 +14,7 @@ mod faults;
 mod mattermost_api;
 mod opencode_api;
 mod properties;
+mod router_io;
 mod static_binary;
 mod status;
 mod tls;

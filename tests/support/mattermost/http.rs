@@ -203,13 +203,18 @@ pub(super) fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream) {
             }
             Err(BodyError::Io) => return,
         };
-        match take_response_fault(&shared) {
+        match take_response_fault(&shared, &request) {
             Some(ResponseFault::Lose) => {
                 log_request(&shared, &request, 0, &context);
                 let _ = stream.shutdown(std::net::Shutdown::Both);
                 return;
             }
             Some(ResponseFault::Delay(delay)) => std::thread::sleep(delay),
+            Some(ResponseFault::DelayUnlessStopping(delay)) => {
+                if !shared.wait_unless_stopping(delay) {
+                    return;
+                }
+            }
             None => {}
         }
         if !finish(&shared, &mut stream, &request, &context, response) {
@@ -221,14 +226,27 @@ pub(super) fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream) {
 enum ResponseFault {
     Lose,
     Delay(Duration),
+    /// A `delay_matching` rule: cut short when the server stops, so a test's end never waits for it.
+    DelayUnlessStopping(Duration),
 }
 
-/// `lose_next` first, then `delay_next`: each counts down once per handled REST request.
-fn take_response_fault(shared: &Shared) -> Option<ResponseFault> {
+/// `lose_next` first, then `delay_next`: each counts down once per handled REST request. Then the
+/// first `delay_matching` rule the request matches.
+fn take_response_fault(shared: &Shared, request: &HttpRequest) -> Option<ResponseFault> {
     shared.update(|state| {
         if state.lose_next > 0 {
             state.lose_next -= 1;
             return Some(ResponseFault::Lose);
+        }
+        if state.delay_next.0 == 0
+            && let Some(rule) = state
+                .delay_rules
+                .iter()
+                .find(|rule| rule.matches(&request.method, &request.path))
+        {
+            let delay = rule.delay;
+            state.delayed_by_rules += 1;
+            return Some(ResponseFault::DelayUnlessStopping(delay));
         }
         let (count, delay) = state.delay_next;
         (count > 0).then(|| {

@@ -406,6 +406,27 @@ impl FakeMattermost {
         self.shared.update(|state| state.delay_next = (n, delay));
     }
 
+    /// Requests with this method whose path starts with `path_prefix` (such as `GET` and
+    /// `/api/v4/posts/`) are handled, then answered only after `delay`, until `clear_delays`: one
+    /// slow kind of call among fast ones. The server's stop cuts the delay short.
+    pub fn delay_matching(&self, method: &str, path_prefix: &str, delay: Duration) {
+        let rule = DelayRule {
+            method: method.to_owned(),
+            path_prefix: path_prefix.to_owned(),
+            delay,
+        };
+        self.shared.update(|state| state.delay_rules.push(rule));
+    }
+
+    pub fn clear_delays(&self) {
+        self.shared.update(|state| state.delay_rules.clear());
+    }
+
+    /// How many answers `delay_matching` rules have held back so far (counted when the delay starts).
+    pub fn delayed_by_rules(&self) -> u32 {
+        self.shared.lock().delayed_by_rules
+    }
+
     /// How many posts were created (not answered from the de-duplication cache) with this
     /// `pending_post_id`.
     pub fn posts_created_with_pending_id(&self, pending_post_id: &str) -> u32 {
@@ -486,6 +507,8 @@ impl FakeMattermost {
 impl Drop for FakeMattermost {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        // Ends the delays of `delay_matching`.
+        self.shared.update(|_| ());
         // Wake the accept loop; it sees `stopping` and ends.
         let _ = TcpStream::connect_timeout(&self.shared.addr, Duration::from_secs(1));
         if let Some(accept) = self.accept_thread.take() {
@@ -502,6 +525,19 @@ impl Drop for FakeMattermost {
         for handle in threads {
             let _ = handle.join();
         }
+    }
+}
+
+/// One `delay_matching` rule.
+struct DelayRule {
+    method: String,
+    path_prefix: String,
+    delay: Duration,
+}
+
+impl DelayRule {
+    fn matches(&self, method: &str, path: &str) -> bool {
+        self.method.eq_ignore_ascii_case(method) && path.starts_with(&self.path_prefix)
     }
 }
 
@@ -536,6 +572,26 @@ impl Shared {
         let result = f(&mut self.lock());
         self.changed.notify_all();
         result
+    }
+
+    /// Waits `delay`, or less if the server stops meanwhile; false when it stopped.
+    fn wait_unless_stopping(&self, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        let mut state = self.lock();
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     fn is_down(&self) -> bool {

@@ -228,6 +228,10 @@ pub(super) struct State {
     pub(super) lose_next: u32,
     /// The next `n` REST requests are handled, then answered only after this delay.
     pub(super) delay_next: (u32, Duration),
+    /// Requests matching a rule are handled, then answered only after its delay (`delay_matching`).
+    pub(super) delay_rules: Vec<super::DelayRule>,
+    /// How many answers the rules have delayed so far.
+    pub(super) delayed_by_rules: u32,
     /// How many posts were really created (not deduplicated) per non-empty `pending_post_id`.
     pub(super) created_per_pending_id: HashMap<String, u32>,
     pub(super) reliable_websockets: bool,
@@ -274,6 +278,8 @@ impl State {
             fail_next: (0, 500),
             lose_next: 0,
             delay_next: (0, Duration::ZERO),
+            delay_rules: Vec::new(),
+            delayed_by_rules: 0,
             created_per_pending_id: HashMap::new(),
             reliable_websockets: true,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
