@@ -210,11 +210,12 @@ pub(super) fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream) {
                 return;
             }
             Some(ResponseFault::Delay(delay)) => std::thread::sleep(delay),
-            Some(ResponseFault::DelayUnlessStopping(delay)) => {
-                if !shared.wait_unless_stopping(delay) {
-                    return;
-                }
+            Some(ResponseFault::DelayUnlessStopping(delay))
+                if !shared.wait_unless_stopping(delay) =>
+            {
+                return;
             }
+            Some(ResponseFault::DelayUnlessStopping(_)) => {}
             None => {}
         }
         if !finish(&shared, &mut stream, &request, &context, response) {
