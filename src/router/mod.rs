@@ -1845,3 +1845,6 @@ impl Shell {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
