@@ -57,6 +57,8 @@ pub struct Config {
     pub max_file_size: u64,
     /// Prompts recovered after downtime that are older than this are not run.
     pub catchup_max_age: Duration,
+    /// Records of sessions that ended longer ago than this are dropped from `state.json`.
+    pub forget_after: Duration,
 }
 
 /// What the command line asked for.
@@ -344,8 +346,15 @@ const OPENCODE_MM_CATCHUP_MAX_AGE: Var = Var {
             24h or 2d",
     default: Some("24h"),
 };
+const OPENCODE_MM_FORGET_AFTER: Var = Var {
+    name: "OPENCODE_MM_FORGET_AFTER",
+    flag: "--forget-after",
+    placeholder: "AGE",
+    about: "the state file forgets sessions that ended longer ago than this: like 12h, 7d or 30d",
+    default: Some("30d"),
+};
 
-const ALL_VARS: [&Var; 16] = [
+const ALL_VARS: [&Var; 17] = [
     &MATTERMOST_URL,
     &MATTERMOST_TOKEN,
     &MATTERMOST_TOKEN_FILE,
@@ -362,6 +371,7 @@ const ALL_VARS: [&Var; 16] = [
     &OPENCODE_MM_ALLOW_INSECURE_HTTP,
     &OPENCODE_MM_MAX_FILE_SIZE,
     &OPENCODE_MM_CATCHUP_MAX_AGE,
+    &OPENCODE_MM_FORGET_AFTER,
 ];
 
 const DEFAULT_OPENCODE_URL: &str = "http://127.0.0.1:4096";
@@ -371,6 +381,7 @@ const STATE_SUBDIR: &str = "opencode-mattermost";
 const SEE_HELP: &str = "see opencode-mattermost --help";
 const DEFAULT_MAX_FILE_SIZE: u64 = 20 * 1024 * 1024;
 const DEFAULT_CATCHUP_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
 enum EarlyExit {
     Help,
@@ -824,6 +835,15 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         })?,
         None => DEFAULT_CATCHUP_MAX_AGE,
     };
+    let forget_after = match sources.optional(&OPENCODE_MM_FORGET_AFTER) {
+        Some(age) => parse_age(&age).map_err(|problem| {
+            error(format!(
+                "{}: {age:?} {problem}",
+                OPENCODE_MM_FORGET_AFTER.name
+            ))
+        })?,
+        None => DEFAULT_FORGET_AFTER,
+    };
     Ok(Config {
         mattermost_url,
         mattermost_token,
@@ -839,6 +859,7 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         allow_insecure_http,
         max_file_size,
         catchup_max_age,
+        forget_after,
     })
 }
 
@@ -1888,6 +1909,7 @@ mod tests {
         let config = run_ok(&[], &env_with(&[]));
         assert_eq!(config.max_file_size, 20 * 1024 * 1024);
         assert_eq!(config.catchup_max_age, Duration::from_secs(86_400));
+        assert_eq!(config.forget_after, Duration::from_secs(30 * 86_400));
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(config.ca_files.is_empty());
         for (raw, bytes) in [
@@ -1921,6 +1943,12 @@ mod tests {
             &[("OPENCODE_MM_CATCHUP_MAX_AGE", Some("1w"))],
             r#"OPENCODE_MM_CATCHUP_MAX_AGE: "1w" is not a duration; use a number with s, m, h or d, like 90s, 30m, 24h or 2d"#,
         );
+        check_error_env(
+            &[("OPENCODE_MM_FORGET_AFTER", Some("soon"))],
+            r#"OPENCODE_MM_FORGET_AFTER: "soon" is not a duration; use a number with s, m, h or d, like 90s, 30m, 24h or 2d"#,
+        );
+        let config = run_ok(&[], &env_with(&[("OPENCODE_MM_FORGET_AFTER", Some("7d"))]));
+        assert_eq!(config.forget_after, Duration::from_secs(7 * 86_400));
         check_error_env(
             &[("OPENCODE_MM_LOG_FORMAT", Some("xml"))],
             r#"OPENCODE_MM_LOG_FORMAT: "xml" is not a log format; use text or json"#,

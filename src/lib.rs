@@ -237,6 +237,7 @@ fn bridge(
         typing: typing_actions,
         max_file_size: config.max_file_size,
         catchup_max_age: config.catchup_max_age,
+        forget_after: config.forget_after,
         command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,

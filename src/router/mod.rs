@@ -6,6 +6,7 @@
 //! thread (`Effect::Notice`), so no slow server can hold up every session's events.
 
 pub mod lookup;
+pub mod registry;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -23,18 +24,19 @@ use crate::opencode::{Event, ServerKey, SessionInfo, SessionKey, Status};
 use crate::render::truncate_chars;
 use crate::reply::display_title;
 use crate::session::{self, Inbox, Report, SessionHandle, SessionMsg};
-use crate::store::{State, Store, ThreadRecord};
+use crate::store::{State, Store};
 pub use lookup::{Found, Listing, Lookup, Notice, Waiting};
+use registry::Registry;
 
 /// OpenCode unreachable for this long gets one notice in each active thread.
 const UNREACHABLE_NOTICE_AFTER: Duration = Duration::from_secs(10);
 /// How often the router checks its timers when no input arrives.
 const TICK: Duration = Duration::from_secs(1);
+/// How often records of sessions that ended long ago are looked for.
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
 /// How long shutdown waits for session workers to finish what they are sending.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 const REMEMBERED_POSTS: usize = 2048;
-/// How far behind (messages queued) a worker may fall before its streamed text is held back.
-const INBOX_BACKLOG: usize = 512;
 /// `!sessions` lists the most recently active ones; more would only bury the thread links.
 const MAX_LISTED_SESSIONS: usize = 50;
 /// Owner posts from the websocket wait while a catch-up pages through older ones, so prompts reach
@@ -98,18 +100,13 @@ pub struct Router {
     catchup_max_age: Duration,
     identity: Identity,
     servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
-    store: Store,
-    state: State,
+    /// The persisted state and its indexes.
+    registry: Registry,
     inputs: Sender<Input>,
     live: HashMap<SessionKey, Live>,
     workers: HashMap<SessionKey, SessionHandle>,
-    /// Text parts whose streamed deltas are dropped until their next full update (`hold_back`).
-    held_back: HashSet<(SessionKey, String)>,
-    by_root: HashMap<String, SessionKey>,
     parents: HashMap<SessionKey, SessionKey>,
     pending_attach: HashSet<SessionKey>,
-    /// Root intents left by an earlier run: their thread may exist unrecorded.
-    recovered_intents: HashMap<SessionKey, u64>,
     /// Sessions made with `new`, waiting for their thread; with the first prompt, if one was given.
     pending_new: HashMap<SessionKey, Option<(String, String)>>,
     seen_posts: SeenPosts,
@@ -135,6 +132,8 @@ pub struct Router {
     too_old: Vec<Post>,
     /// Owner posts a catch-up handled.
     caught_up: usize,
+    /// When ended sessions were last looked at for forgetting.
+    last_forget: Option<Instant>,
     /// Retired workers finishing what was queued, by worker id, joined when they exit.
     retiring: HashMap<u64, std::thread::JoinHandle<()>>,
     websocket_up: bool,
@@ -167,6 +166,8 @@ pub struct Setup {
     pub max_file_size: u64,
     /// Prompts recovered after downtime older than this are not run.
     pub catchup_max_age: Duration,
+    /// Records of sessions that ended longer ago than this are forgotten.
+    pub forget_after: Duration,
 }
 
 impl Router {
@@ -183,28 +184,10 @@ impl Router {
             typing,
             max_file_size,
             catchup_max_age,
+            forget_after,
         } = setup;
         let worker_mattermost = Arc::new(mattermost.patient());
-        let mut by_root = HashMap::new();
-        let mut recovered_intents = HashMap::new();
-        for (server, server_state) in &state.servers {
-            for (session_id, since) in &server_state.root_intents {
-                let key = SessionKey {
-                    server: ServerKey(server.clone()),
-                    session_id: session_id.clone(),
-                };
-                recovered_intents.insert(key, *since);
-            }
-            for (session_id, record) in &server_state.sessions {
-                by_root.insert(
-                    record.root_post_id.clone(),
-                    SessionKey {
-                        server: ServerKey(server.clone()),
-                        session_id: session_id.clone(),
-                    },
-                );
-            }
-        }
+        let registry = Registry::new(store, state, forget_after, crate::log::now_ms());
         Router {
             command_prefix,
             worker_mattermost,
@@ -212,16 +195,12 @@ impl Router {
             mattermost,
             identity,
             servers,
-            store,
-            state,
+            registry,
             inputs,
             live: HashMap::new(),
             workers: HashMap::new(),
-            held_back: HashSet::new(),
-            by_root,
             parents: HashMap::new(),
             pending_attach: HashSet::new(),
-            recovered_intents,
             pending_new: HashMap::new(),
             seen_posts: SeenPosts::default(),
             typing,
@@ -238,6 +217,7 @@ impl Router {
             too_old: Vec::new(),
             caught_up: 0,
             retiring: HashMap::new(),
+            last_forget: None,
             websocket_up: false,
             announced_ready: false,
             next_worker_id: 0,
@@ -247,9 +227,14 @@ impl Router {
 
     /// The loop: one input at a time, decided by `handle`, its effects carried out by `Shell`.
     pub fn run(mut self, inputs: Receiver<Input>, shell: Shell) {
-        self.save();
+        self.registry.save_now();
         loop {
-            let effects = match inputs.recv_timeout(TICK) {
+            // Unsaved changes shorten the wait, so they reach the disk within `FLUSH_EVERY`.
+            let wait = self
+                .registry
+                .flush_due_in(Instant::now())
+                .map_or(TICK, |due| due.min(TICK));
+            let effects = match inputs.recv_timeout(wait) {
                 Ok(Input::Stop) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 Ok(input) => self.handle(input),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.handle_tick(),
@@ -314,7 +299,7 @@ impl Router {
                 }
             }
         }
-        self.save();
+        self.registry.save_now();
         let calls = self.mattermost.stats();
         crate::info!(
             "stopped: {} mattermost calls, {} retried, {} rate-limited, {} outage(s) waited out",
@@ -363,6 +348,15 @@ impl Router {
 
     /// Timers: OpenCode unreachable for long enough is said once in every active thread.
     fn tick(&mut self) {
+        let now = Instant::now();
+        self.registry.flush_if_due(now);
+        if self
+            .last_forget
+            .is_none_or(|at| now.duration_since(at) >= FORGET_EVERY)
+        {
+            self.last_forget = Some(now);
+            self.registry.forget_ended(crate::log::now_ms());
+        }
         let overdue: Vec<ServerKey> = self
             .down_since
             .iter()
@@ -381,44 +375,6 @@ impl Router {
             for key in self.workers_of(&server) {
                 self.deliver(&key, SessionMsg::ServerDown);
             }
-        }
-    }
-
-    /// A worker held up by Mattermost (an outage, a 429 storm) must not queue a stream's every
-    /// delta without bound. Once its inbox is this far behind, a text part's deltas are dropped
-    /// until the part's next full update, which carries its whole text; the turn's end re-reads
-    /// the final text anyway. Until then the reply shows a clean prefix of that part.
-    fn hold_back(&mut self, key: &SessionKey, event: &Event) -> bool {
-        match event {
-            Event::PartDelta { part_id, .. } => {
-                let part = (key.clone(), part_id.clone());
-                if self.held_back.contains(&part) {
-                    return true;
-                }
-                let behind = self
-                    .workers
-                    .get(key)
-                    .is_some_and(|w| w.inbox.backlog() >= INBOX_BACKLOG);
-                if behind {
-                    crate::debug!(
-                        "[{}] the worker is {INBOX_BACKLOG} messages behind; holding back part {part_id}'s streamed text until it completes",
-                        short_id(&key.session_id)
-                    );
-                    // Parts whose last update never came (OpenCode died mid-part) are not kept forever.
-                    if self.held_back.len() >= 4 * INBOX_BACKLOG {
-                        self.held_back.clear();
-                    }
-                    self.held_back.insert(part);
-                }
-                behind
-            }
-            Event::PartUpdated { part, .. } => {
-                if !self.held_back.is_empty() {
-                    self.held_back.remove(&(key.clone(), part.id.clone()));
-                }
-                false
-            }
-            _ => false,
         }
     }
 
@@ -470,9 +426,6 @@ impl Router {
             }
             return;
         }
-        if self.hold_back(&key, &event) {
-            return;
-        }
         self.deliver(&key, SessionMsg::Event(event));
     }
 
@@ -492,12 +445,7 @@ impl Router {
         {
             info.project_name = old.info.project_name.clone();
         }
-        if let Some(record) = self.record_mut(key)
-            && (record.title != info.title || record.slug != info.slug)
-        {
-            record.title = info.title.clone();
-            record.slug = info.slug.clone();
-        }
+        self.registry.learn_title(key, &info.title, &info.slug);
         self.live.insert(key.clone(), Live { info, status });
     }
 
@@ -513,7 +461,7 @@ impl Router {
             return false;
         };
         live.info.parent_id.is_none()
-            && live.info.created_ms >= self.state.first_started_ms
+            && live.info.created_ms >= self.registry.state().first_started_ms
             && self.record(key).is_none()
             && !self.workers.contains_key(key)
     }
@@ -525,26 +473,9 @@ impl Router {
         };
         // The intent is on disk before the root is posted, so a crash in between cannot lead to a
         // second thread: the next run looks for the root first.
-        if !self.recovered_intents.contains_key(&key) {
-            self.state
-                .servers
-                .entry(key.server.0.clone())
-                .or_default()
-                .root_intents
-                .insert(key.session_id.clone(), crate::log::now_ms());
-            self.save();
-        }
+        self.registry.intend_root(&key, crate::log::now_ms());
         let channel_id = self.identity.dm_channel_id.clone();
         self.spawn_worker(&key, info, channel_id, None);
-    }
-
-    fn clear_intent(&mut self, key: &SessionKey) {
-        self.recovered_intents.remove(key);
-        if let Some(server) = self.state.servers.get_mut(&key.server.0)
-            && server.root_intents.remove(&key.session_id).is_some()
-        {
-            self.save();
-        }
     }
 
     /// The inbox of the session's worker, starting one if the session has a live thread (or, with
@@ -608,7 +539,7 @@ impl Router {
             max_file_size: self.max_file_size,
             delivery,
             bot_user_id: self.identity.bot_user_id.clone(),
-            find_root_since: self.recovered_intents.get(key).copied(),
+            find_root_since: self.registry.recovered_intent(key),
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
@@ -628,24 +559,12 @@ impl Router {
     }
 
     fn session_ended(&mut self, key: &SessionKey) {
-        self.clear_intent(key);
-        if let Some(server) = self.state.servers.get_mut(&key.server.0) {
-            // The worker says in the thread how many were not sent; none is owed any more.
-            server
-                .pending_prompts
-                .retain(|_, p| p.session_id != key.session_id);
-        }
         self.live.remove(key);
         self.parents.remove(key);
         let now = crate::log::now_ms();
-        let Some(record) = self.record_mut(key) else {
-            return;
-        };
-        if record.ended_ms.is_some() {
+        if !self.registry.set_ended(key, now) {
             return;
         }
-        record.ended_ms = Some(now);
-        self.save();
         crate::info!("[{}] session ended", short_id(&key.session_id));
         // Even an ended session needs its worker once more, to say so in the thread.
         self.deliver_to(key, SessionMsg::Ended { ended_ms: now }, Ending::Allowed);
@@ -679,18 +598,7 @@ impl Router {
                 self.start_thread(key);
             }
         }
-        let open_records: Vec<String> = self
-            .state
-            .servers
-            .get(&server.0)
-            .map(|s| {
-                s.sessions
-                    .iter()
-                    .filter(|(_, r)| r.ended_ms.is_none())
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let open_records = self.registry.open_sessions(&server);
         for session_id in open_records {
             let key = SessionKey {
                 server: server.clone(),
@@ -717,16 +625,10 @@ impl Router {
     /// An idle session that changed since its thread was last complete may have answered while
     /// the bridge (or the stream) was away: its worker posts what is missing.
     fn catch_up(&mut self, key: &SessionKey, updated_ms: Option<u64>) {
-        let Some(record) = self.record_mut(key) else {
-            return;
-        };
-        if record.delivered_at_ms == 0 {
-            // Recorded before delivery was tracked: start tracking now rather than repost history.
-            record.delivered_at_ms = crate::log::now_ms();
-            self.save();
-            return;
-        }
-        if updated_ms.is_some_and(|u| u > record.delivered_at_ms) {
+        if self
+            .registry
+            .changed_since_delivered(key, updated_ms, crate::log::now_ms())
+        {
             self.deliver(key, SessionMsg::CatchUp);
         }
     }
@@ -810,26 +712,20 @@ impl Router {
         } else {
             self.on_thread_reply(post);
         }
-        // One save for the cursor and what the post left owed, so a crash between the two
-        // cannot pass a prompt by (a save with nothing new writes nothing).
-        self.save();
+        // One save for the cursor and what the post left owed, before anything acts on it, so a
+        // crash between the two cannot pass a prompt by (a save with nothing new writes nothing).
+        self.registry.save_now();
     }
 
-    /// Moves the cursor to the newest owner post handled; the caller saves. Persisted, it lets
-    /// posts sent while the bridge was down be handled when it is back.
     fn advance_cursor(&mut self, post: &Post) {
-        let cursor = &mut self.state.mattermost;
-        if post.create_at >= cursor.last_post_at && cursor.last_post_id != post.id {
-            cursor.last_post_id = post.id.clone();
-            cursor.last_post_at = post.create_at;
-        }
+        self.registry.advance_cursor(post);
     }
 
     /// Asks for the owner-DM posts after the cursor that the websocket did not deliver: sent while
     /// the bridge was down, or during a gap the server could not replay. They come back a page at
     /// a time (`on_posts`).
     fn catch_up_posts(&mut self) {
-        let cursor = self.state.mattermost.clone();
+        let cursor = self.registry.cursor().clone();
         if cursor.last_post_id.is_empty() && cursor.last_post_at == 0 {
             // First start on this state: nothing before now is owed an answer.
             self.lookup(Lookup::LatestPost);
@@ -840,7 +736,7 @@ impl Router {
     }
 
     fn on_latest_post(&mut self, latest: Result<Option<Post>, String>) {
-        let cursor = &self.state.mattermost;
+        let cursor = self.registry.cursor();
         if !cursor.last_post_id.is_empty() || cursor.last_post_at != 0 {
             // A post handled meanwhile set it already.
             return;
@@ -851,9 +747,10 @@ impl Router {
                     || (String::new(), crate::log::now_ms() as i64),
                     |p| (p.id, p.create_at),
                 );
-                self.state.mattermost.last_post_id = id;
-                self.state.mattermost.last_post_at = at;
-                self.save();
+                self.registry.set_cursor(crate::store::MattermostCursor {
+                    last_post_id: id,
+                    last_post_at: at,
+                });
             }
             Err(e) => crate::warn!("cannot read the DM's latest post: {e}"),
         }
@@ -889,7 +786,7 @@ impl Router {
         if let Some(newest) = newest {
             self.advance_cursor(&newest);
         }
-        self.save();
+        self.registry.save_now();
         if !last {
             return;
         }
@@ -942,7 +839,7 @@ impl Router {
     }
 
     fn on_thread_reply(&mut self, post: Post) {
-        match self.by_root.get(&post.root_id).cloned() {
+        match self.registry.session_of_root(&post.root_id) {
             Some(key) => self.reply_in_thread(key, post),
             // Whether the root is a session thread is read from its props, off the loop.
             None => self.lookup(Lookup::ThreadRoot {
@@ -1018,7 +915,7 @@ impl Router {
         } else {
             post.root_id.clone()
         };
-        match self.by_root.get(&root_id).cloned() {
+        match self.registry.session_of_root(&root_id) {
             Some(key) => self.react_in_thread(key, post, meaning),
             None => self.lookup(Lookup::ThreadRoot {
                 root_id,
@@ -1084,7 +981,7 @@ impl Router {
         session: Option<(SessionKey, Option<SessionInfo>)>,
         then: Waiting,
     ) {
-        let key = match self.by_root.get(&root_id).cloned() {
+        let key = match self.registry.session_of_root(&root_id) {
             // Recorded while the look-up ran.
             Some(key) => Some(key),
             None => session.and_then(|(key, info)| self.adopt_root(&root_id, key, info)),
@@ -1110,7 +1007,7 @@ impl Router {
         }
         if self.record(&key).is_some() || self.workers.contains_key(&key) {
             // Known, or its worker's report is on its way.
-            self.by_root.insert(root_id.to_string(), key.clone());
+            self.registry.link_root(root_id, &key);
             return Some(key);
         }
         let info = match self.live.get(&key) {
@@ -1232,7 +1129,7 @@ impl Router {
             ));
         }
         if all {
-            for (server, server_state) in &self.state.servers {
+            for (server, server_state) in &self.registry.state().servers {
                 for (session_id, record) in &server_state.sessions {
                     if record.ended_ms.is_none()
                         || sessions
@@ -1380,37 +1277,13 @@ impl Router {
     /// Records a prompt as owed to its session until the worker is done with it, so a crash while
     /// it waits in a queue does not lose it.
     fn owe_prompt(&mut self, key: &SessionKey, post: &Post) {
-        self.state
-            .servers
-            .entry(key.server.0.clone())
-            .or_default()
-            .pending_prompts
-            .insert(
-                post.id.clone(),
-                crate::store::PendingPrompt {
-                    session_id: key.session_id.clone(),
-                    create_at: post.create_at,
-                    owed_at_ms: crate::log::now_ms(),
-                },
-            );
-        self.save();
+        self.registry.owe_prompt(key, post, crate::log::now_ms());
     }
 
     /// Prompts owed from before a restart go to their sessions again, oldest first (each read back
     /// by a look-up, answered in order); a worker skips one that OpenCode already has.
     fn recover_owed_prompts(&mut self) {
-        let mut owed: Vec<(i64, String, SessionKey, u64)> = Vec::new();
-        for (server, state) in &self.state.servers {
-            for (post_id, pending) in &state.pending_prompts {
-                let key = SessionKey {
-                    server: ServerKey(server.clone()),
-                    session_id: pending.session_id.clone(),
-                };
-                owed.push((pending.create_at, post_id.clone(), key, pending.owed_at_ms));
-            }
-        }
-        owed.sort();
-        for (_, post_id, key, owed_at_ms) in owed {
+        for (post_id, key, owed_at_ms) in self.registry.owed_prompts() {
             self.lookup(Lookup::OwedPrompt {
                 key,
                 post_id,
@@ -1450,11 +1323,7 @@ impl Router {
     }
 
     fn forget_prompt(&mut self, key: &SessionKey, post_id: &str) {
-        if let Some(server) = self.state.servers.get_mut(&key.server.0)
-            && server.pending_prompts.remove(post_id).is_some()
-        {
-            self.save();
-        }
+        self.registry.forget_prompt(key, post_id);
     }
 
     fn attach(&mut self, query: &str, sessions: &[(SessionKey, SessionInfo)]) {
@@ -1543,7 +1412,7 @@ impl Router {
                 }
             }
             Report::ThreadFailed { key, error } => {
-                self.clear_intent(&key);
+                self.registry.clear_intent(&key);
                 if self.pending_new.remove(&key).is_some() {
                     self.reply(
                         "",
@@ -1570,20 +1439,11 @@ impl Router {
                 }
             }
             Report::ReplyStarted { key, post_id } => {
-                if let Some(record) = self.record_mut(&key) {
-                    record.streaming_post_id = Some(post_id);
-                    self.save();
-                }
+                self.registry.reply_started(&key, post_id);
             }
             Report::Delivered { key, message_id } => {
-                if let Some(record) = self.record_mut(&key) {
-                    record.streaming_post_id = None;
-                    record.delivered_at_ms = crate::log::now_ms();
-                    if message_id.is_some() {
-                        record.delivered_message_id = message_id;
-                    }
-                    self.save();
-                }
+                self.registry
+                    .delivered(&key, message_id, crate::log::now_ms());
             }
             Report::Exited { key, worker_id } => {
                 if let Some(thread) = self.retiring.remove(&worker_id) {
@@ -1616,63 +1476,21 @@ impl Router {
         crate::info!(
             "ready: owner @{}, {} thread(s) on record",
             self.identity.owner_username,
-            self.by_root.len()
+            self.registry.thread_count()
         );
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(());
         }
     }
 
-    fn record(&self, key: &SessionKey) -> Option<&ThreadRecord> {
-        self.state
-            .servers
-            .get(&key.server.0)?
-            .sessions
-            .get(&key.session_id)
-    }
-
-    fn record_mut(&mut self, key: &SessionKey) -> Option<&mut ThreadRecord> {
-        self.state
-            .servers
-            .get_mut(&key.server.0)?
-            .sessions
-            .get_mut(&key.session_id)
+    fn record(&self, key: &SessionKey) -> Option<&crate::store::ThreadRecord> {
+        self.registry.record(key)
     }
 
     fn record_thread(&mut self, key: &SessionKey, root_post_id: &str, info: &SessionInfo) {
-        self.by_root.insert(root_post_id.to_string(), key.clone());
-        self.recovered_intents.remove(key);
-        if let Some(server) = self.state.servers.get_mut(&key.server.0) {
-            server.root_intents.remove(&key.session_id);
-        }
-        self.state
-            .servers
-            .entry(key.server.0.clone())
-            .or_default()
-            .sessions
-            .insert(
-                key.session_id.clone(),
-                ThreadRecord {
-                    root_post_id: root_post_id.to_string(),
-                    channel_id: self.identity.dm_channel_id.clone(),
-                    directory: info.directory.clone(),
-                    title: info.title.clone(),
-                    slug: info.slug.clone(),
-                    created_ms: info.created_ms,
-                    ended_ms: None,
-                    parent_id: None,
-                    delivered_message_id: None,
-                    delivered_at_ms: crate::log::now_ms(),
-                    streaming_post_id: None,
-                },
-            );
-        self.save();
-    }
-
-    fn save(&mut self) {
-        if let Err(e) = self.store.save(&self.state) {
-            crate::error!("{e}");
-        }
+        let channel_id = self.identity.dm_channel_id.clone();
+        self.registry
+            .record_thread(key, root_post_id, &channel_id, info, crate::log::now_ms());
     }
 
     fn permalink(&self, post_id: &str) -> String {

@@ -68,6 +68,7 @@ impl Fixture {
             typing,
             max_file_size: 1 << 20,
             catchup_max_age: Duration::from_secs(3600),
+            forget_after: Duration::from_secs(30 * 86_400),
         });
         Fixture {
             router,
@@ -126,7 +127,7 @@ fn ended_record(state: &mut State, server: &ServerKey, session_id: &str, root: &
             ThreadRecord {
                 root_post_id: root.to_string(),
                 channel_id: DM.to_string(),
-                ended_ms: Some(1),
+                ended_ms: Some(crate::log::now_ms() - 1000),
                 delivered_at_ms: 1,
                 ..ThreadRecord::default()
             },
@@ -354,7 +355,7 @@ fn websocket_posts_wait_for_the_catch_up_to_keep_their_order() {
             then: Listing::Sessions { all: false }
         })]
     );
-    assert_eq!(fixture.router.state.mattermost.last_post_id, "live");
+    assert_eq!(fixture.router.registry.cursor().last_post_id, "live");
 }
 
 #[test]

@@ -39,6 +39,7 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
         allow_insecure_http: false,
         max_file_size: 20 * 1024 * 1024,
         catchup_max_age: Duration::from_secs(24 * 3600),
+        forget_after: Duration::from_secs(30 * 24 * 3600),
     }
 }
 
