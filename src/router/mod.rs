@@ -108,7 +108,7 @@ pub struct Router {
     parents: HashMap<SessionKey, SessionKey>,
     pending_attach: HashSet<SessionKey>,
     /// Sessions made with `new`, waiting for their thread; with the first prompt, if one was given.
-    pending_new: HashMap<SessionKey, Option<(String, String)>>,
+    pending_new: HashMap<SessionKey, Option<FirstPrompt>>,
     seen_posts: SeenPosts,
     typing: Sender<WsAction>,
     max_file_size: u64,
@@ -406,7 +406,7 @@ impl Router {
                 }
             }
             Event::SessionDeleted { .. } => {
-                self.session_ended(&key);
+                self.session_ended(&key, Told::No);
                 return;
             }
             Event::SessionStatus { status, .. } => self.set_status(&key, *status),
@@ -558,7 +558,10 @@ impl Router {
         }
     }
 
-    fn session_ended(&mut self, key: &SessionKey) {
+    /// The thread hears of the end exactly once: from `Ended` here, unless `told` (the worker
+    /// already said so and exited). The record's end is saved first, so no later path (an event,
+    /// the poll's confirmation, a restart) says it again.
+    fn session_ended(&mut self, key: &SessionKey, told: Told) {
         self.live.remove(key);
         self.parents.remove(key);
         let now = crate::log::now_ms();
@@ -566,8 +569,10 @@ impl Router {
             return;
         }
         crate::info!("[{}] session ended", short_id(&key.session_id));
-        // Even an ended session needs its worker once more, to say so in the thread.
-        self.deliver_to(key, SessionMsg::Ended { ended_ms: now }, Ending::Allowed);
+        if told == Told::No {
+            // Even an ended session needs its worker once more, to say so in the thread.
+            self.deliver_to(key, SessionMsg::Ended { ended_ms: now }, Ending::Allowed);
+        }
     }
 
     fn reconcile(
@@ -1223,7 +1228,21 @@ impl Router {
             short_id(&key.session_id)
         );
         self.learn(&key, info);
-        let first_prompt = prompt.map(|text| (post_id, text));
+        let first_prompt = prompt.map(|text| {
+            // Owed like any prompt from now on, so a crash before it is sent cannot lose it.
+            let now = crate::log::now_ms();
+            let owed = Post {
+                id: post_id.clone(),
+                create_at: now as i64,
+                ..Post::default()
+            };
+            self.registry.owe_prompt(&key, &owed, now);
+            FirstPrompt {
+                post_id,
+                text,
+                recovered_since_ms: None,
+            }
+        });
         match self.record(&key).map(|r| r.root_post_id.clone()) {
             // The event stream was faster: the thread is already there.
             Some(root_post_id) => self.announce_new(&key, &root_post_id, first_prompt),
@@ -1240,8 +1259,17 @@ impl Router {
         &mut self,
         key: &SessionKey,
         root_post_id: &str,
-        first_prompt: Option<(String, String)>,
+        first_prompt: Option<FirstPrompt>,
     ) {
+        if let Some(first) = first_prompt
+            .as_ref()
+            .filter(|f| f.recovered_since_ms.is_some())
+        {
+            // Recovered after a restart: the owner was told when the session was created.
+            let first = first.clone();
+            self.deliver(key, first.into_message());
+            return;
+        }
         let info = self
             .live
             .get(key)
@@ -1261,16 +1289,8 @@ impl Router {
                 info.directory
             ),
         );
-        if let Some((post_id, text)) = first_prompt {
-            self.deliver(
-                key,
-                SessionMsg::Prompt {
-                    post_id,
-                    text,
-                    file_ids: Vec::new(),
-                    recovered_since_ms: None,
-                },
-            );
+        if let Some(first) = first_prompt {
+            self.deliver(key, first.into_message());
         }
     }
 
@@ -1306,6 +1326,30 @@ impl Router {
                     short_id(&key.session_id)
                 );
                 self.seen_posts.insert(&post_id);
+                if post.root_id.is_empty() {
+                    // The first prompt of a `new` command, whose thread may not exist yet.
+                    let Some(DmCommand::New {
+                        prompt: Some(text), ..
+                    }) = command::parse_dm(&post.message, &self.command_prefix)
+                    else {
+                        self.forget_prompt(&key, &post_id);
+                        return;
+                    };
+                    let first = FirstPrompt {
+                        post_id: post.id,
+                        text,
+                        recovered_since_ms: Some(owed_at_ms),
+                    };
+                    match self.record(&key).map(|r| r.root_post_id.clone()) {
+                        Some(_) => {
+                            self.deliver(&key, first.into_message());
+                        }
+                        None => {
+                            self.pending_new.insert(key, Some(first));
+                        }
+                    }
+                    return;
+                }
                 self.deliver(
                     &key,
                     SessionMsg::Prompt {
@@ -1413,7 +1457,11 @@ impl Router {
             }
             Report::ThreadFailed { key, error } => {
                 self.registry.clear_intent(&key);
-                if self.pending_new.remove(&key).is_some() {
+                if let Some(first) = self.pending_new.remove(&key) {
+                    if let Some(first) = first {
+                        // The owner is told to attach and send it again.
+                        self.registry.forget_prompt(&key, &first.post_id);
+                    }
                     self.reply(
                         "",
                         &format!("⚠️ The session was created, but its thread could not be: {error}. `{}attach {}` tries again.", self.command_prefix, short_id(&key.session_id)),
@@ -1423,7 +1471,8 @@ impl Router {
                     self.reply("", &format!("⚠️ Could not create the thread: {error}"));
                 }
             }
-            Report::Gone { key } => self.session_ended(&key),
+            // The worker said in the thread that the session no longer exists, and exited.
+            Report::Gone { key } => self.session_ended(&key, Told::Yes),
             Report::PromptDone { key, post_id } => self.forget_prompt(&key, &post_id),
             Report::Idle { key, worker_id } => {
                 if self
@@ -1529,7 +1578,7 @@ impl Router {
             } => self.on_owed_prompt(key, post_id, owed_at_ms, post),
             Found::Gone { key } => {
                 self.confirming.remove(&key);
-                self.session_ended(&key);
+                self.session_ended(&key, Told::No);
             }
             Found::NotGone { key } => {
                 self.confirming.remove(&key);
@@ -1581,6 +1630,33 @@ pub fn help_message(prefix: &str) -> String {
          A session can be named by its full id, its short id (the last 8 characters), its slug (such as `neon-eagle`), \
          or any unique start or end of its id."
     )
+}
+
+/// The prompt a `new` command carried, sent once the session's thread exists.
+#[derive(Debug, Clone)]
+struct FirstPrompt {
+    post_id: String,
+    text: String,
+    /// Owed from before a restart (the owner was told of the session then).
+    recovered_since_ms: Option<u64>,
+}
+
+impl FirstPrompt {
+    fn into_message(self) -> SessionMsg {
+        SessionMsg::Prompt {
+            post_id: self.post_id,
+            text: self.text,
+            file_ids: Vec::new(),
+            recovered_since_ms: self.recovered_since_ms,
+        }
+    }
+}
+
+/// Whether the thread was already told its session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Told {
+    Yes,
+    No,
 }
 
 /// Whether a worker may be started for a session whose thread has ended.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::e2e::{World, text, wait_for};
+use crate::e2e::{World, text, wait_for, wait_until_llm_saw};
 use crate::support::llm::Step;
 
 /// Far longer than any answer in this test takes, far shorter than the client's 30 s timeout.
@@ -71,4 +71,100 @@ fn a_slow_look_up_holds_up_neither_a_streaming_session_nor_a_new_thread() {
         "{}",
         answer.message
     );
+}
+
+/// `state.json` as the bridge last wrote it.
+fn on_disk(world: &World) -> serde_json::Value {
+    std::fs::read(world.state.path().join("state.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// The thread's notices that the session is gone: the worker's, when a prompt finds it deleted, and
+/// the end notice.
+fn end_notices(world: &World, root_id: &str) -> Vec<String> {
+    world
+        .bot_posts_in_thread(root_id)
+        .into_iter()
+        .map(|p| p.message)
+        .filter(|m| m.contains("no longer exists") || m.contains("This session ended after"))
+        .collect()
+}
+
+#[test]
+fn a_session_deleted_while_the_bridge_was_away_is_announced_once() {
+    let mut world = World::started();
+    let (id, _) = world.new_session("Short lived");
+    let root = world.wait_root(&id);
+    world.stop_bridge();
+    world
+        .opencode
+        .delete_session(&id, world.opencode.project_dir());
+    // Caught up after the restart, the prompt finds the session gone before the poll does.
+    world.owner_says(&root.id, "are you still there?");
+    world.start_bridge();
+    world.wait_bot_post(&root.id, "saying the session is gone", |p| {
+        p.message.contains("no longer exists") || p.message.contains("This session ended after")
+    });
+    wait_for("the thread to be recorded as ended", || {
+        on_disk(&world)["servers"]
+            .as_object()
+            .into_iter()
+            .flat_map(|servers| servers.values())
+            .any(|server| server["sessions"][&id]["ended_ms"].is_u64())
+    });
+    // Stopping waits for the workers: a second notice on its way is posted by then.
+    world.stop_bridge();
+    let notices = end_notices(&world, &root.id);
+    assert_eq!(notices.len(), 1, "{notices:#?}");
+    assert!(
+        world.prompts_seen_by_llm().is_empty(),
+        "a prompt went to a deleted session"
+    );
+}
+
+#[test]
+fn the_first_prompt_of_new_survives_a_crash_before_its_thread_exists() {
+    let mut world = World::new();
+    let mut bridge = world.spawn_binary();
+    bridge.wait_for_line("ready");
+    let dir = world.opencode.new_project_dir("fresh");
+    // The thread's root is held up, so the first prompt is still waiting when the bridge dies.
+    world
+        .mattermost
+        .delay_matching("POST", "/api/v4/posts", SLOW);
+    let command = world
+        .mattermost
+        .post_as(
+            &world.mattermost.owner().id,
+            &world.dm,
+            "",
+            &format!(
+                "!new {} Crash test\nfirst words after the crash",
+                dir.display()
+            ),
+        )
+        .expect("post accepted");
+    wait_for("the new session's root to be under way", || {
+        world.mattermost.delayed_by_rules() >= 1
+    });
+    wait_for("the first prompt to be owed on disk", || {
+        on_disk(&world)["servers"]
+            .as_object()
+            .into_iter()
+            .flat_map(|servers| servers.values())
+            .any(|server| server["pending_prompts"][&command.id].is_object())
+    });
+    bridge.kill();
+    world.mattermost.clear_delays();
+
+    world.start_bridge();
+    wait_until_llm_saw(&world, "first words after the crash");
+    let sent = world
+        .prompts_seen_by_llm()
+        .iter()
+        .filter(|p| p.contains("first words after the crash"))
+        .count();
+    assert_eq!(sent, 1);
 }
