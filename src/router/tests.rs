@@ -371,3 +371,59 @@ fn a_refused_look_up_the_owner_asked_for_says_so() {
     }));
     notice("root-1", "busy", &effects);
 }
+
+fn open_record(state: &mut State, server: &ServerKey, session_id: &str, root: &str) {
+    ended_record(state, server, session_id, root);
+    let record = state
+        .servers
+        .get_mut(&server.0)
+        .and_then(|s| s.sessions.get_mut(session_id))
+        .unwrap();
+    record.ended_ms = None;
+}
+
+#[test]
+fn a_worker_that_said_its_session_is_gone_is_not_followed_by_a_second_notice() {
+    let mut fixture = Fixture::with(|state, server| open_record(state, server, "ses_a", "root-a"));
+    let key = fixture.key("ses_a");
+    let effects = fixture
+        .router
+        .handle(Input::Session(Report::Gone { key: key.clone() }));
+    assert_eq!(effects, vec![]);
+    assert!(fixture.router.registry.is_ended(&key));
+    // No worker was started to say it again; the deletion event that follows changes nothing.
+    assert!(fixture.router.workers.is_empty());
+    let server = fixture.server.clone();
+    fixture.router.handle(Input::OpenCode(
+        server,
+        WatchEvent::Event(crate::opencode::Envelope {
+            directory: String::new(),
+            event: Event::SessionDeleted {
+                session_id: "ses_a".to_string(),
+            },
+        }),
+    ));
+    assert!(fixture.router.workers.is_empty());
+}
+
+#[test]
+fn the_first_prompt_of_new_is_owed_as_soon_as_the_session_exists() {
+    let mut fixture = Fixture::new();
+    // A server this router has no client for: no worker starts, the decision is what counts.
+    let elsewhere = ServerKey("http://elsewhere".to_string());
+    let info = SessionInfo {
+        id: "ses_new".to_string(),
+        directory: "/srv/app".to_string(),
+        ..SessionInfo::default()
+    };
+    fixture.found(Found::NewSession {
+        post_id: "cmd".to_string(),
+        directory: "/srv/app".to_string(),
+        prompt: Some("first words".to_string()),
+        created: Ok((elsewhere.clone(), info)),
+    });
+    let owed = fixture.router.registry.owed_prompts();
+    assert_eq!(owed.len(), 1, "{owed:?}");
+    assert_eq!(owed[0].0, "cmd");
+    assert_eq!(owed[0].1.session_id, "ses_new");
+}
