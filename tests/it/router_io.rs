@@ -168,3 +168,43 @@ fn the_first_prompt_of_new_survives_a_crash_before_its_thread_exists() {
         .count();
     assert_eq!(sent, 1);
 }
+
+#[test]
+fn the_catch_up_holds_one_page_at_a_time_and_can_stop_early() {
+    use crate::support::mattermost::FakeMattermost;
+    use opencode_mattermost::config::Secret;
+    use opencode_mattermost::mattermost::rest::MattermostClient;
+
+    let mattermost = FakeMattermost::start();
+    let client = MattermostClient::new(&mattermost.url(), &Secret::new(mattermost.bot().token));
+    let owner = mattermost.owner().id;
+    let channel = mattermost.dm_channel(&mattermost.bot().id, &owner);
+    let anchor = mattermost
+        .post_as(&owner, &channel, "", "before the gap")
+        .unwrap();
+    for i in 0..450 {
+        mattermost
+            .post_as(&owner, &channel, "", &format!("post {i}"))
+            .unwrap();
+    }
+    let mut pages = Vec::new();
+    client
+        .posts_after_pages(&channel, &anchor.id, 200, |page| {
+            pages.push(page.iter().map(|p| p.message.clone()).collect::<Vec<_>>());
+            true
+        })
+        .expect("catch-up");
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![200, 200, 50]);
+    assert_eq!(pages[0][0], "post 0");
+    assert_eq!(pages[2][49], "post 449");
+
+    let mut seen = 0;
+    client
+        .posts_after_pages(&channel, &anchor.id, 200, |_| {
+            seen += 1;
+            false
+        })
+        .expect("catch-up");
+    assert_eq!(seen, 1, "paging went on after the caller stopped");
+}
