@@ -1,0 +1,189 @@
+//! Catching up after a (re)connect: the DM's posts the websocket did not deliver, a page at a time,
+//! and the prompts owed from before a restart.
+
+use super::*;
+
+impl Router {
+    /// Asks for the owner-DM posts after the cursor that the websocket did not deliver: sent while
+    /// the bridge was down, or during a gap the server could not replay. They come back a page at
+    /// a time (`on_posts`).
+    pub(super) fn catch_up_posts(&mut self) {
+        let cursor = self.registry.cursor().clone();
+        if cursor.last_post_id.is_empty() && cursor.last_post_at == 0 {
+            // First start on this state: nothing before now is owed an answer.
+            self.lookup(Lookup::LatestPost);
+            return;
+        }
+        self.catch_ups += 1;
+        self.lookup(Lookup::PostsAfter { cursor });
+    }
+
+    pub(super) fn on_latest_post(&mut self, latest: Result<Option<Post>, String>) {
+        let cursor = self.registry.cursor();
+        if !cursor.last_post_id.is_empty() || cursor.last_post_at != 0 {
+            // A post handled meanwhile set it already.
+            return;
+        }
+        match latest {
+            Ok(latest) => {
+                let (id, at) = latest.map_or_else(
+                    || (String::new(), crate::log::now_ms() as i64),
+                    |p| (p.id, p.create_at),
+                );
+                self.registry.set_cursor(crate::store::MattermostCursor {
+                    last_post_id: id,
+                    last_post_at: at,
+                });
+            }
+            Err(e) => crate::warn!("cannot read the DM's latest post: {e}"),
+        }
+    }
+
+    /// One page of a catch-up. Prompts older than `catchup_max_age` are not run; when the catch-up
+    /// ends, the owner gets one notice listing them.
+    pub(super) fn on_posts(&mut self, posts: Vec<Post>, last: bool, error: Option<String>) {
+        let dm = self.identity.dm_channel_id.clone();
+        let oldest_runnable =
+            crate::log::now_ms().saturating_sub(self.catchup_max_age.as_millis() as u64) as i64;
+        // Every post up to the newest is handled (the bot's own by ignoring them), so the cursor may
+        // pass them all and the next catch-up pages through less.
+        let newest = posts.last().cloned();
+        for post in posts {
+            let from_owner = post.user_id == self.identity.owner_user_id
+                && post.channel_id == dm
+                && post.post_type.is_empty();
+            if from_owner && post.create_at < oldest_runnable {
+                if self.seen_posts.insert(&post.id) {
+                    self.advance_cursor(&post);
+                    if self.too_old.len() < MAX_HELD_POSTS {
+                        self.too_old.push(post);
+                    }
+                }
+                continue;
+            }
+            if from_owner && !self.seen_posts.contains(&post.id) {
+                self.caught_up += 1;
+            }
+            self.on_post(post);
+        }
+        if let Some(newest) = newest {
+            self.advance_cursor(&newest);
+        }
+        self.registry.save_now();
+        if !last {
+            return;
+        }
+        if let Some(e) = error {
+            crate::warn!("cannot catch up on the DM's posts: {e}; retrying at the next reconnect");
+        }
+        let handled = std::mem::take(&mut self.caught_up);
+        if handled > 0 {
+            crate::info!("caught up on {handled} post(s) the websocket did not deliver");
+        }
+        let too_old = std::mem::take(&mut self.too_old);
+        if !too_old.is_empty() {
+            self.report_too_old(&too_old);
+        }
+        self.catch_up_done();
+    }
+
+    /// The websocket's posts held during the catch-up go on, in order.
+    pub(super) fn catch_up_done(&mut self) {
+        self.catch_ups = self.catch_ups.saturating_sub(1);
+        if self.catch_ups == 0 {
+            while let Some(post) = self.held_posts.pop_front() {
+                self.on_post(post);
+            }
+        }
+    }
+
+    pub(super) fn report_too_old(&mut self, posts: &[Post]) {
+        let lines: Vec<String> = posts
+            .iter()
+            .map(|p| {
+                let first_line = truncate_chars(p.message.lines().next().unwrap_or(""), 80);
+                format!(
+                    "- {} · [open]({}) · {first_line}",
+                    crate::log::utc_minute(p.create_at.max(0) as u64),
+                    self.permalink(&p.id)
+                )
+            })
+            .collect();
+        self.reply(
+            "",
+            &format!(
+                "⏸️ {} message(s) sent while opencode-mattermost was away are older than {} and were not run \
+                 (OPENCODE_MM_CATCHUP_MAX_AGE). Send them again if they still matter:\n{}",
+                posts.len(),
+                crate::render::format_duration(self.catchup_max_age.as_millis() as u64),
+                lines.join("\n")
+            ),
+        );
+    }
+
+    /// Prompts owed from before a restart go to their sessions again, oldest first (each read back
+    /// by a look-up, answered in order); a worker skips one that OpenCode already has.
+    pub(super) fn recover_owed_prompts(&mut self) {
+        for (post_id, key, owed_at_ms) in self.registry.owed_prompts() {
+            self.lookup(Lookup::OwedPrompt {
+                key,
+                post_id,
+                owed_at_ms,
+            });
+        }
+    }
+
+    pub(super) fn on_owed_prompt(
+        &mut self,
+        key: SessionKey,
+        post_id: String,
+        owed_at_ms: u64,
+        post: Result<Option<Post>, String>,
+    ) {
+        match post {
+            Ok(Some(post)) => {
+                crate::info!(
+                    "[{}] sending prompt {post_id}, owed since before the restart",
+                    short_id(&key.session_id)
+                );
+                self.seen_posts.insert(&post_id);
+                if post.root_id.is_empty() {
+                    // The first prompt of a `new` command, whose thread may not exist yet.
+                    let Some(DmCommand::New {
+                        prompt: Some(text), ..
+                    }) = command::parse_dm(&post.message, &self.command_prefix)
+                    else {
+                        self.forget_prompt(&key, &post_id);
+                        return;
+                    };
+                    let first = FirstPrompt {
+                        post_id: post.id,
+                        text,
+                        recovered_since_ms: Some(owed_at_ms),
+                    };
+                    match self.record(&key).map(|r| r.root_post_id.clone()) {
+                        Some(_) => {
+                            self.deliver(&key, first.into_message());
+                        }
+                        None => {
+                            self.pending_new.insert(key, Some(first));
+                        }
+                    }
+                    return;
+                }
+                self.deliver(
+                    &key,
+                    SessionMsg::Prompt {
+                        post_id: post.id,
+                        text: post.message,
+                        file_ids: post.file_ids.unwrap_or_default(),
+                        recovered_since_ms: Some(owed_at_ms),
+                    },
+                );
+            }
+            // Deleted by the owner meanwhile: nothing is owed any more.
+            Ok(None) => self.forget_prompt(&key, &post_id),
+            Err(e) => crate::warn!("owed prompt {post_id} not readable yet: {e}"),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! OpenCode's side: the event stream and the reconciling poll, routed to sessions; which sessions get a
+//! thread; confirming that a missing session is gone.
+
+use super::*;
+
+impl Router {
+    pub(super) fn on_opencode(&mut self, server: ServerKey, event: WatchEvent) {
+        match event {
+            WatchEvent::StreamUp => {
+                crate::info!("opencode event stream connected: {}", server.0);
+                self.stream_up.insert(server.clone(), true);
+                self.catch_up_due.insert(server.clone());
+                let reconnected = self.down_since.remove(&server).is_some();
+                let told = self.told_down.remove(&server);
+                if reconnected {
+                    // Requests still pending are posted again or re-bound; queued prompts go out.
+                    for key in self.workers_of(&server) {
+                        self.deliver(&key, SessionMsg::ServerUp { told });
+                    }
+                }
+                self.check_ready();
+            }
+            WatchEvent::StreamDown(reason) => {
+                self.down_since
+                    .entry(server.clone())
+                    .or_insert_with(Instant::now);
+                if self.stream_up.insert(server.clone(), false) != Some(false) {
+                    crate::warn!("opencode event stream lost ({}): {reason}", server.0);
+                } else {
+                    crate::debug!("opencode event stream still down: {reason}");
+                }
+            }
+            WatchEvent::PollFailed(reason) => crate::debug!("session poll failed: {reason}"),
+            WatchEvent::Event(envelope) => self.on_opencode_event(server, envelope.event),
+            WatchEvent::Snapshot { sessions, statuses } => {
+                self.reconcile(server, sessions, statuses)
+            }
+        }
+    }
+
+    /// Sessions of `server` with a running worker and a thread that has not ended.
+    pub(super) fn workers_of(&self, server: &ServerKey) -> Vec<SessionKey> {
+        self.workers
+            .keys()
+            .filter(|k| &k.server == server)
+            .filter(|k| self.record(k).is_none_or(|r| r.ended_ms.is_none()))
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn on_opencode_event(&mut self, server: ServerKey, event: Event) {
+        let Some(session_id) = event.session_id().map(str::to_string) else {
+            return;
+        };
+        let key = SessionKey { server, session_id };
+        crate::trace!(
+            "[{}] event {}",
+            short_id(&key.session_id),
+            event_brief(&event)
+        );
+        match &event {
+            Event::SessionCreated(info) | Event::SessionUpdated(info) => {
+                self.learn(&key, info.clone());
+                if matches!(event, Event::SessionCreated(_)) && self.wants_thread(&key) {
+                    self.start_thread(key.clone());
+                }
+            }
+            Event::SessionDeleted { .. } => {
+                self.session_ended(&key, Told::No);
+                return;
+            }
+            Event::SessionStatus { status, .. } => self.set_status(&key, *status),
+            Event::SessionIdle { .. } => self.set_status(&key, Status::Idle),
+            _ => {}
+        }
+        if let Some(parent) = self.parents.get(&key).cloned() {
+            // A subagent's text is not shown, only its tools and progress.
+            if !matches!(event, Event::PartDelta { .. }) {
+                self.deliver(
+                    &parent,
+                    SessionMsg::Child {
+                        child_id: key.session_id,
+                        event,
+                    },
+                );
+            }
+            return;
+        }
+        self.deliver(&key, SessionMsg::Event(event));
+    }
+
+    pub(super) fn learn(&mut self, key: &SessionKey, mut info: SessionInfo) {
+        if let Some(parent_id) = &info.parent_id {
+            self.parents.insert(
+                key.clone(),
+                SessionKey {
+                    server: key.server.clone(),
+                    session_id: parent_id.clone(),
+                },
+            );
+        }
+        let status = self.live.get(key).map_or(Status::Idle, |l| l.status);
+        if let Some(old) = self.live.get(key)
+            && info.project_name.is_none()
+        {
+            info.project_name = old.info.project_name.clone();
+        }
+        self.registry.learn_title(key, &info.title, &info.slug);
+        self.live.insert(key.clone(), Live { info, status });
+    }
+
+    pub(super) fn set_status(&mut self, key: &SessionKey, status: Status) {
+        if let Some(live) = self.live.get_mut(key) {
+            live.status = status;
+        }
+    }
+
+    /// New top-level sessions created since the bridge first started get a thread automatically.
+    pub(super) fn wants_thread(&self, key: &SessionKey) -> bool {
+        let Some(live) = self.live.get(key) else {
+            return false;
+        };
+        live.info.parent_id.is_none()
+            && live.info.created_ms >= self.registry.state().first_started_ms
+            && self.record(key).is_none()
+            && !self.workers.contains_key(key)
+    }
+
+    pub(super) fn reconcile(
+        &mut self,
+        server: ServerKey,
+        sessions: Vec<SessionInfo>,
+        statuses: HashMap<String, Status>,
+    ) {
+        let catching_up = self.catch_up_due.remove(&server);
+        let mut updated_ms = HashMap::new();
+        let mut present = HashSet::new();
+        for info in sessions {
+            let key = SessionKey {
+                server: server.clone(),
+                session_id: info.id.clone(),
+            };
+            present.insert(info.id.clone());
+            updated_ms.insert(info.id.clone(), info.updated_ms);
+            self.learn(&key, info);
+            if let Some(status) = statuses.get(&key.session_id) {
+                self.set_status(&key, *status);
+            }
+            if self.wants_thread(&key) {
+                crate::info!(
+                    "[{}] session found by the poll; creating its thread",
+                    short_id(&key.session_id)
+                );
+                self.start_thread(key);
+            }
+        }
+        let open_records = self.registry.open_sessions(&server);
+        for session_id in open_records {
+            let key = SessionKey {
+                server: server.clone(),
+                session_id,
+            };
+            if !present.contains(&key.session_id) {
+                self.confirm_gone(&key);
+                continue;
+            }
+            let status = statuses.get(&key.session_id).copied();
+            let has_worker = self.workers.contains_key(&key);
+            // A session that turned busy while the bridge was away gets a worker to follow it.
+            if let Some(status) = status
+                && (has_worker || status != Status::Idle)
+            {
+                self.deliver(&key, SessionMsg::Polled(status));
+            }
+            if catching_up && status.is_none_or(|s| s == Status::Idle) {
+                self.catch_up(&key, updated_ms.get(&key.session_id).copied());
+            }
+        }
+    }
+
+    /// An idle session that changed since its thread was last complete may have answered while
+    /// the bridge (or the stream) was away: its worker posts what is missing.
+    pub(super) fn catch_up(&mut self, key: &SessionKey, updated_ms: Option<u64>) {
+        if self
+            .registry
+            .changed_since_delivered(key, updated_ms, crate::log::now_ms())
+        {
+            self.deliver(key, SessionMsg::CatchUp);
+        }
+    }
+
+    /// A session missing from the list may be archived rather than deleted: ask before ending it.
+    pub(super) fn confirm_gone(&mut self, key: &SessionKey) {
+        if !self.servers.contains_key(&key.server) || !self.confirming.insert(key.clone()) {
+            return;
+        }
+        let directory = self
+            .record(key)
+            .map(|r| r.directory.clone())
+            .unwrap_or_default();
+        self.lookup(Lookup::ConfirmGone {
+            key: key.clone(),
+            directory,
+        });
+    }
+}
+
+/// One event in a few words, for trace logs.
+pub(super) fn event_brief(event: &Event) -> String {
+    match event {
+        Event::SessionStatus { status, .. } => format!("status {status:?}"),
+        Event::SessionIdle { .. } => "idle".to_string(),
+        Event::MessageUpdated { message, .. } => format!(
+            "message {} {:?} completed {:?}",
+            message.id, message.role, message.completed_ms
+        ),
+        Event::PartUpdated { part, .. } => format!("part {} of {}", part.id, part.message_id),
+        Event::PartDelta { message_id, .. } => format!("delta of {message_id}"),
+        other => format!("{:.60}", format!("{other:?}")),
+    }
+}
