@@ -39,6 +39,10 @@ pub struct State {
     /// Keyed by OpenCode server key (its base URL), then session id. BTreeMap for stable output.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerState>,
+    /// Owner posts past the cursor whose handling waits on a look-up (a reply in a thread the bridge
+    /// has no record of yet): post id → `create_at`. A restart handles them again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unresolved_posts: BTreeMap<String, i64>,
 }
 
 /// The last owner-DM post the bridge has processed.
@@ -553,6 +557,9 @@ fn parse_state(bytes: &[u8], now_ms: u64) -> Parsed {
     }
     if let Some(cursor) = fields.get("mattermost") {
         state.mattermost = MattermostCursor::deserialize(cursor).unwrap_or_default();
+    }
+    if let Some(unresolved) = fields.get("unresolved_posts") {
+        state.unresolved_posts = BTreeMap::deserialize(unresolved).unwrap_or_default();
     }
     let mut kept_sessions = 0;
     let mut lost_entries = 0;

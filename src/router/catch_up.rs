@@ -55,8 +55,10 @@ impl Router {
             if from_owner && post.create_at < oldest_runnable {
                 if self.seen_posts.insert(&post.id) {
                     self.advance_cursor(&post);
-                    if self.too_old.len() < MAX_HELD_POSTS {
-                        self.too_old.push(post);
+                    self.too_old_count += 1;
+                    if self.too_old.len() < MAX_LISTED_TOO_OLD {
+                        let line = self.too_old_line(&post);
+                        self.too_old.push(line);
                     }
                 }
                 continue;
@@ -81,8 +83,9 @@ impl Router {
             crate::info!("caught up on {handled} post(s) the websocket did not deliver");
         }
         let too_old = std::mem::take(&mut self.too_old);
-        if !too_old.is_empty() {
-            self.report_too_old(&too_old);
+        let count = std::mem::take(&mut self.too_old_count);
+        if count > 0 {
+            self.report_too_old(count, &too_old);
         }
         self.catch_up_done();
     }
@@ -97,26 +100,29 @@ impl Router {
         }
     }
 
-    pub(super) fn report_too_old(&mut self, posts: &[Post]) {
-        let lines: Vec<String> = posts
-            .iter()
-            .map(|p| {
-                let first_line = truncate_chars(p.message.lines().next().unwrap_or(""), 80);
-                format!(
-                    "- {} · [open]({}) · {first_line}",
-                    crate::log::utc_minute(p.create_at.max(0) as u64),
-                    self.permalink(&p.id)
-                )
-            })
-            .collect();
+    /// One line of the too-old notice; only this much of the post is kept until the catch-up ends.
+    fn too_old_line(&self, post: &Post) -> String {
+        let first_line = truncate_chars(post.message.lines().next().unwrap_or(""), 80);
+        format!(
+            "- {} · [open]({}) · {first_line}",
+            crate::log::utc_minute(post.create_at.max(0) as u64),
+            self.permalink(&post.id)
+        )
+    }
+
+    pub(super) fn report_too_old(&mut self, count: usize, lines: &[String]) {
+        let mut lines = lines.join("\n");
+        if count > MAX_LISTED_TOO_OLD {
+            lines.push_str(&format!("\n- …and {} more", count - MAX_LISTED_TOO_OLD));
+        }
         self.reply(
             "",
             &format!(
                 "⏸️ {} message(s) sent while opencode-mattermost was away are older than {} and were not run \
                  (OPENCODE_MM_CATCHUP_MAX_AGE). Send them again if they still matter:\n{}",
-                posts.len(),
+                count,
                 crate::render::format_duration(self.catchup_max_age.as_millis() as u64),
-                lines.join("\n")
+                lines
             ),
         );
     }
@@ -130,6 +136,39 @@ impl Router {
                 post_id,
                 owed_at_ms,
             });
+        }
+    }
+
+    /// Owner posts an earlier run took on but had not resolved (their thread was being looked up)
+    /// are read again, before the catch-up, and handled as if they had just arrived.
+    pub(super) fn recover_unresolved_posts(&mut self) {
+        for post_id in self.registry.unresolved_posts() {
+            self.lookup(Lookup::UnresolvedPost { post_id });
+        }
+    }
+
+    pub(super) fn on_unresolved_post(&mut self, post_id: &str, post: Result<Option<Post>, String>) {
+        match post {
+            Ok(Some(post)) if !post.root_id.is_empty() => {
+                crate::info!("handling post {post_id}, taken on before the restart");
+                self.seen_posts.insert(&post.id);
+                match self.registry.session_of_root(&post.root_id) {
+                    Some(key) => {
+                        self.registry.resolve_post(post_id);
+                        self.reply_in_thread(key, post);
+                        self.registry.save_now();
+                    }
+                    None => self.lookup(Lookup::ThreadRoot {
+                        root_id: post.root_id.clone(),
+                        then: Waiting::Reply(post),
+                    }),
+                }
+            }
+            Ok(_) => {
+                self.registry.resolve_post(post_id);
+                self.registry.save_now();
+            }
+            Err(e) => crate::warn!("post {post_id} not readable yet: {e}"),
         }
     }
 

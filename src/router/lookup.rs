@@ -39,6 +39,8 @@ pub enum Lookup {
         post_id: String,
         owed_at_ms: u64,
     },
+    /// An owner post left unresolved by an earlier run, read again to be handled.
+    UnresolvedPost { post_id: String },
     /// A session missing from the list may be archived rather than deleted.
     ConfirmGone { key: SessionKey, directory: String },
     /// Every server's sessions, for a DM command.
@@ -97,6 +99,11 @@ pub enum Found {
         key: SessionKey,
         post_id: String,
         owed_at_ms: u64,
+        post: Result<Option<Post>, String>,
+    },
+    /// `Ok(None)`: deleted meanwhile.
+    UnresolvedPost {
+        post_id: String,
         post: Result<Option<Post>, String>,
     },
     /// OpenCode confirmed the session does not exist.
@@ -177,6 +184,14 @@ impl Lookups {
                     post,
                 }
             }
+            Lookup::UnresolvedPost { post_id } => Found::UnresolvedPost {
+                post: match self.mattermost.get_post(&post_id) {
+                    Ok(post) => Ok(Some(post)),
+                    Err(MmError::Http { status: 404, .. }) => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                },
+                post_id,
+            },
             Lookup::ConfirmGone { key, directory } => {
                 let gone = self.servers.get(&key.server).is_some_and(|client| {
                     matches!(

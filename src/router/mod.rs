@@ -48,7 +48,9 @@ const REMEMBERED_POSTS: usize = 2048;
 const MAX_LISTED_SESSIONS: usize = 50;
 /// Owner posts from the websocket wait while a catch-up pages through older ones, so prompts reach
 /// a session in the order they were written; past this many they go ahead anyway.
-const MAX_HELD_POSTS: usize = 1024;
+const MAX_HELD_POSTS: usize = 256;
+/// The too-old notice lists this many posts at most, and counts the rest.
+const MAX_LISTED_TOO_OLD: usize = 50;
 /// How many inputs may wait for the router. Readers, workers and the look-up thread wait when it is
 /// full; the router itself never sends to it.
 pub const INPUT_QUEUE: usize = 1024;
@@ -136,7 +138,8 @@ pub struct Router {
     catch_ups: u32,
     held_posts: VecDeque<Post>,
     /// Owner posts a catch-up found too old to run, reported when it ends.
-    too_old: Vec<Post>,
+    too_old: Vec<String>,
+    too_old_count: usize,
     /// Owner posts a catch-up handled.
     caught_up: usize,
     /// When ended sessions were last looked at for forgetting.
@@ -222,6 +225,7 @@ impl Router {
             catch_ups: 0,
             held_posts: VecDeque::new(),
             too_old: Vec::new(),
+            too_old_count: 0,
             caught_up: 0,
             retiring: HashMap::new(),
             last_forget: None,
@@ -363,6 +367,7 @@ impl Router {
                 self.websocket_up = true;
                 if !std::mem::replace(&mut self.recovered_prompts, true) {
                     self.recover_owed_prompts();
+                    self.recover_unresolved_posts();
                 }
                 // Even a resumed connection can miss events on some servers: a REST pass after the
                 // cursor is cheap, and duplicates are dropped by post id.
@@ -425,11 +430,15 @@ impl Router {
     fn on_thread_reply(&mut self, post: Post) {
         match self.registry.session_of_root(&post.root_id) {
             Some(key) => self.reply_in_thread(key, post),
-            // Whether the root is a session thread is read from its props, off the loop.
-            None => self.lookup(Lookup::ThreadRoot {
-                root_id: post.root_id.clone(),
-                then: Waiting::Reply(post),
-            }),
+            // Whether the root is a session thread is read from its props, off the loop. The
+            // cursor passes the post meanwhile, so it is saved as unresolved until then.
+            None => {
+                self.registry.defer_post(&post);
+                self.lookup(Lookup::ThreadRoot {
+                    root_id: post.root_id.clone(),
+                    then: Waiting::Reply(post),
+                })
+            }
         }
     }
 
@@ -546,6 +555,9 @@ impl Router {
         session: Option<(SessionKey, Option<SessionInfo>)>,
         then: Waiting,
     ) {
+        if let Waiting::Reply(post) = &then {
+            self.registry.resolve_post(&post.id);
+        }
         let key = match self.registry.session_of_root(&root_id) {
             // Recorded while the look-up ran.
             Some(key) => Some(key),
@@ -559,6 +571,8 @@ impl Router {
             (None, Waiting::Reply(post)) => self.not_linked(&post.root_id),
             (None, Waiting::Reaction { .. }) => {}
         }
+        // What the post resolved to, if it owed nothing (a command, a refusal).
+        self.registry.save_now();
     }
 
     fn adopt_root(
@@ -662,6 +676,7 @@ impl Router {
                 owed_at_ms,
                 post,
             } => self.on_owed_prompt(key, post_id, owed_at_ms, post),
+            Found::UnresolvedPost { post_id, post } => self.on_unresolved_post(&post_id, post),
             Found::Gone { key } => {
                 self.confirming.remove(&key);
                 self.session_ended(&key, Told::No);
@@ -691,13 +706,18 @@ impl Router {
             }
             Lookup::ThreadRoot {
                 root_id,
-                then: Waiting::Reply(_),
-            } => self.reply(&root_id, busy),
+                then: Waiting::Reply(post),
+            } => {
+                self.registry.resolve_post(&post.id);
+                self.registry.save_now();
+                self.reply(&root_id, busy)
+            }
             Lookup::ListSessions { .. } | Lookup::NewSession { .. } => self.reply("", busy),
             Lookup::LatestPost
             | Lookup::ReactedPost { .. }
             | Lookup::ThreadRoot { .. }
-            | Lookup::OwedPrompt { .. } => {}
+            | Lookup::OwedPrompt { .. }
+            | Lookup::UnresolvedPost { .. } => {}
         }
     }
 }

@@ -299,6 +299,35 @@ impl Registry {
         }
     }
 
+    /// A post the cursor passes whose handling waits on a look-up; saved with the cursor (by the
+    /// caller), so a crash before the answer cannot pass it by.
+    pub fn defer_post(&mut self, post: &Post) {
+        self.state
+            .unresolved_posts
+            .insert(post.id.clone(), post.create_at);
+        self.dirty = true;
+    }
+
+    /// The look-up answered. The caller saves: a prompt's `owe_prompt` writes both at once, so a
+    /// crash can neither lose the prompt nor handle the post twice.
+    pub fn resolve_post(&mut self, post_id: &str) {
+        if self.state.unresolved_posts.remove(post_id).is_some() {
+            self.dirty = true;
+        }
+    }
+
+    /// Posts deferred by an earlier run, oldest first.
+    pub fn unresolved_posts(&self) -> Vec<String> {
+        let mut posts: Vec<(i64, String)> = self
+            .state
+            .unresolved_posts
+            .iter()
+            .map(|(id, at)| (*at, id.clone()))
+            .collect();
+        posts.sort();
+        posts.into_iter().map(|(_, id)| id).collect()
+    }
+
     pub fn set_cursor(&mut self, cursor: MattermostCursor) {
         self.state.mattermost = cursor;
         self.save_now();

@@ -427,3 +427,42 @@ fn the_first_prompt_of_new_is_owed_as_soon_as_the_session_exists() {
     assert_eq!(owed[0].0, "cmd");
     assert_eq!(owed[0].1.session_id, "ses_new");
 }
+
+#[test]
+fn a_reply_waiting_on_its_thread_look_up_is_on_disk_until_answered_and_recovered_after_a_crash() {
+    let mut fixture = Fixture::new();
+    let reply = owner_post("p1", "root-1", "hello?");
+    fixture.posted(reply.clone());
+    let state_file = fixture.dir.join("state.json");
+    let on_disk =
+        || -> State { serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap() };
+    // The cursor has passed it; what it is owed is not known yet.
+    let saved = on_disk();
+    assert_eq!(saved.mattermost.last_post_id, "p1");
+    assert!(saved.unresolved_posts.contains_key("p1"), "{saved:?}");
+
+    // A restart (a new router on the same state) reads it again before catching up.
+    let mut restarted = Fixture::with(|state, _| {
+        *state = saved.clone();
+    });
+    let effects = restarted
+        .router
+        .handle(Input::Mattermost(WsUpdate::Connected {
+            resumed: false,
+            server_version: "9.11".to_string(),
+        }));
+    assert_eq!(
+        effects.first(),
+        Some(&Effect::Lookup(Lookup::UnresolvedPost {
+            post_id: "p1".to_string()
+        })),
+        "{effects:#?}"
+    );
+
+    fixture.found(Found::ThreadRoot {
+        root_id: "root-1".to_string(),
+        session: None,
+        then: Waiting::Reply(reply),
+    });
+    assert!(on_disk().unresolved_posts.is_empty());
+}
