@@ -24,10 +24,11 @@ fn a_slow_look_up_holds_up_neither_a_streaming_session_nor_a_new_thread() {
             text("part three."),
         ]],
     );
-    // The calls look-ups make, and no other: reading one post, and listing the DM's posts.
+    // The calls look-ups make, and no other: reading one post, and listing the DM's posts. (A
+    // worker reads its thread, `/posts/{id}/thread`, at its first reply: not a look-up.)
     world
         .mattermost
-        .delay_matching("GET", "/api/v4/posts/", SLOW);
+        .delay_matching("GET", "/api/v4/posts/*", SLOW);
     world
         .mattermost
         .delay_matching("GET", &format!("/api/v4/channels/{}/posts", world.dm), SLOW);

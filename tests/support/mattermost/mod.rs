@@ -406,13 +406,13 @@ impl FakeMattermost {
         self.shared.update(|state| state.delay_next = (n, delay));
     }
 
-    /// Requests with this method whose path starts with `path_prefix` (such as `GET` and
-    /// `/api/v4/posts/`) are handled, then answered only after `delay`, until `clear_delays`: one
-    /// slow kind of call among fast ones. The server's stop cuts the delay short.
-    pub fn delay_matching(&self, method: &str, path_prefix: &str, delay: Duration) {
+    /// Requests with this method whose path matches `path` (such as `GET` and `/api/v4/posts/*`:
+    /// a `*` segment matches any one segment) are handled, then answered only after `delay`, until
+    /// `clear_delays`: one slow kind of call among fast ones. The server's stop cuts the delay short.
+    pub fn delay_matching(&self, method: &str, path: &str, delay: Duration) {
         let rule = DelayRule {
             method: method.to_owned(),
-            path_prefix: path_prefix.to_owned(),
+            path: path.to_owned(),
             delay,
         };
         self.shared.update(|state| state.delay_rules.push(rule));
@@ -531,13 +531,21 @@ impl Drop for FakeMattermost {
 /// One `delay_matching` rule.
 struct DelayRule {
     method: String,
-    path_prefix: String,
+    path: String,
     delay: Duration,
 }
 
 impl DelayRule {
     fn matches(&self, method: &str, path: &str) -> bool {
-        self.method.eq_ignore_ascii_case(method) && path.starts_with(&self.path_prefix)
+        let (mut pattern, mut path) = (self.path.split('/'), path.split('/'));
+        self.method.eq_ignore_ascii_case(method)
+            && loop {
+                match (pattern.next(), path.next()) {
+                    (None, None) => break true,
+                    (Some(want), Some(got)) if want == "*" || want == got => {}
+                    _ => break false,
+                }
+            }
     }
 }
 
