@@ -44,6 +44,7 @@ fn a_slow_look_up_holds_up_neither_a_streaming_session_nor_a_new_thread() {
     wait_for("the thread root's look-up to be held up", || {
         world.mattermost.delayed_by_rules() >= 1
     });
+    let held = Instant::now();
 
     let created = Instant::now();
     let (second, _) = world.new_session("Second");
@@ -57,10 +58,13 @@ fn a_slow_look_up_holds_up_neither_a_streaming_session_nor_a_new_thread() {
     world.wait_bot_post(&root.id, "with the completion line", |p| {
         p.message.starts_with("✅ Done")
     });
-    let answered_after = sent.elapsed();
+    // A router waiting on the look-up would hold the answer's events until the look-up returns;
+    // the answer finishes while it is still held up (a loaded machine may make it slow, not late).
     assert!(
-        answered_after < SLOW / 2,
-        "the streaming answer took {answered_after:?} while a look-up was slow"
+        held.elapsed() < SLOW,
+        "the streaming answer took {:?}, {:?} after a look-up was held up for {SLOW:?}",
+        sent.elapsed(),
+        held.elapsed()
     );
     let answer = world
         .bot_posts_in_thread(&root.id)
