@@ -7,14 +7,17 @@
 
 mod attachments;
 mod commands;
+mod inbox;
 mod pending;
+
+pub use inbox::{Inbox, MAX_STREAM_ENTRIES};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use serde_json::json;
 
 use crate::command::{ReactionMeaning, ThreadCommand, short_id};
@@ -24,7 +27,7 @@ use crate::opencode::rest::{OcError, OpenCodeClient};
 use crate::opencode::{Event, ModelRef, PromptInput, SessionInfo, SessionKey, Status};
 use crate::render::{MAX_POST_CHARS, format_duration, split_post};
 use crate::reply;
-use crate::turn::{Change, Tracker, Turn};
+use crate::turn::{self, Change, Tracker, Turn};
 
 /// Edits of a streaming reply are coalesced to at most about two a second per session.
 pub const EDIT_INTERVAL: Duration = Duration::from_millis(500);
@@ -183,33 +186,11 @@ pub struct SessionHandle {
     pub thread: JoinHandle<()>,
 }
 
-/// The sending side of a worker's inbox. `send` never blocks the caller (the router): a worker that
-/// is behind folds what waits for it into its own state.
-#[derive(Clone)]
-pub struct Inbox {
-    sender: Sender<SessionMsg>,
-}
-
-impl Inbox {
-    /// Hands a message to the worker without waiting; gives it back when the worker has exited.
-    #[allow(clippy::result_large_err)] // the message itself, handed back to be sent elsewhere
-    pub fn send(&self, message: SessionMsg) -> Result<(), SessionMsg> {
-        self.sender
-            .send(message)
-            .map_err(|crossbeam_channel::SendError(message)| message)
-    }
-
-    /// How many messages wait for the worker.
-    pub fn backlog(&self) -> usize {
-        self.sender.len()
-    }
-}
-
 pub fn spawn<T>(setup: Setup, worker_id: u64, reports: Sender<T>) -> std::io::Result<SessionHandle>
 where
     T: From<Report> + Send + 'static,
 {
-    let (inbox, messages) = crossbeam_channel::unbounded();
+    let (inbox, mailbox) = inbox::channel();
     let name = format!("session-{}", short_id(&setup.key.session_id));
     let thread = std::thread::Builder::new()
         .name(name)
@@ -220,12 +201,13 @@ where
             let worker = Worker::new(
                 setup,
                 worker_id,
+                mailbox,
                 Box::new(move |r: Report| {
                     let _ = reports_for_worker.send(T::from(r));
                 }),
             );
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                worker.run(messages);
+                worker.run();
             }));
             if result.is_err() {
                 crate::error!(
@@ -237,7 +219,7 @@ where
         })?;
     Ok(SessionHandle {
         worker_id,
-        inbox: Inbox { sender: inbox },
+        inbox,
         thread,
     })
 }
@@ -266,7 +248,7 @@ struct Worker {
     todo_post: Option<SentPost>,
     report: Box<dyn Fn(Report) + Send>,
     worker_id: u64,
-    offered_retirement: bool,
+    mailbox: inbox::Mailbox,
     find_root_since: Option<u64>,
     delivery: Delivery,
     looked_for_cut_off: bool,
@@ -321,10 +303,15 @@ struct Earlier {
 }
 
 impl Worker {
-    fn new(setup: Setup, worker_id: u64, report: Box<dyn Fn(Report) + Send>) -> Worker {
+    fn new(
+        setup: Setup,
+        worker_id: u64,
+        mailbox: inbox::Mailbox,
+        report: Box<dyn Fn(Report) + Send>,
+    ) -> Worker {
         Worker {
             worker_id,
-            offered_retirement: false,
+            mailbox,
             report,
             find_root_since: setup.find_root_since,
             looked_for_cut_off: false,
@@ -362,7 +349,7 @@ impl Worker {
         short_id(&self.key.session_id)
     }
 
-    fn run(mut self, inbox: Receiver<SessionMsg>) {
+    fn run(mut self) {
         let recorded = !self.root_post_id.is_empty();
         self.took_over = recorded;
         if !recorded && !self.create_root() {
@@ -375,36 +362,63 @@ impl Worker {
             self.learn_status();
         }
         loop {
-            let message = match self.next_deadline() {
-                Some(deadline) => match inbox.recv_deadline(deadline) {
-                    Ok(message) => Some(message),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
-                },
-                None if !self.offered_retirement => match inbox.recv_timeout(IDLE_RETIRE) {
-                    Ok(message) => Some(message),
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.offer_retirement();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
-                },
-                None => match inbox.recv() {
-                    Ok(message) => Some(message),
-                    Err(_) => return self.stop(),
-                },
-            };
-            match message {
-                None => self.on_timer(),
-                Some(SessionMsg::Ended { ended_ms }) => {
-                    self.end(ended_ms);
+            self.note_dropped();
+            if let Some(message) = self.mailbox.pop() {
+                if let SessionMsg::Ended { ended_ms } = message {
+                    return self.end(ended_ms);
+                }
+                if !self.handle(message) {
                     return;
                 }
-                Some(message) => {
-                    if !self.handle(message) {
+                continue;
+            }
+            let (deadline, idle) = match self.next_deadline() {
+                Some(deadline) => (deadline, false),
+                None => (Instant::now() + IDLE_RETIRE, true),
+            };
+            match self.mailbox.wait(deadline) {
+                inbox::Wait::Woken => {}
+                inbox::Wait::Timeout if idle => {
+                    if self.retire() {
                         return;
                     }
                 }
+                inbox::Wait::Timeout => self.on_timer(),
+                // What was sent before the last sender went is still handled first.
+                inbox::Wait::Disconnected if self.mailbox.is_empty() => return self.stop(),
+                inbox::Wait::Disconnected => {}
+            }
+        }
+    }
+
+    /// Says once in the log that stream events were dropped (the inbox was full).
+    fn note_dropped(&mut self) {
+        let dropped = self.mailbox.take_dropped();
+        if dropped > 0 {
+            crate::warn!(
+                "[{}] {dropped} streamed event(s) dropped while the worker was behind; the turn's end re-reads the answer",
+                self.short()
+            );
+        }
+    }
+
+    /// Folds the stream events first in line into the turn, so the next post or edit shows what is
+    /// known now and a worker that is behind catches up in one call instead of one per event.
+    fn absorb(&mut self) {
+        let now = Instant::now();
+        let content = |message: &SessionMsg| match message {
+            SessionMsg::Event(event) => turn::is_content(event),
+            SessionMsg::Child { event, .. } => !pending::is_for_owner(event),
+            _ => false,
+        };
+        while let Some(message) = self.mailbox.pop_if(content) {
+            let change = match message {
+                SessionMsg::Event(event) => self.tracker.apply(event, now),
+                SessionMsg::Child { child_id, event } => self.tracker.apply_child(child_id, event),
+                _ => Change::Nothing,
+            };
+            if change == Change::Reply {
+                self.reply.dirty = true;
             }
         }
     }
@@ -427,21 +441,25 @@ impl Worker {
     }
 
     /// Only a worker whose loss would lose nothing retires: no turn, no queue, nothing asked of the
-    /// owner, no `!model`/`!agent` choice (kept only in memory), and OpenCode reachable.
-    fn offer_retirement(&mut self) {
+    /// owner, no `!model`/`!agent` choice (kept only in memory), and OpenCode reachable. It closes its inbox only if nothing waits in it, so a message
+    /// sent meanwhile is either handled here or handed back to the router, which starts a new worker.
+    /// True when the worker is retiring.
+    fn retire(&mut self) -> bool {
         let retirable = !self.tracker.is_running()
             && self.queue.is_empty()
             && !self.waiting.any()
             && self.model.is_none()
             && self.agent.is_none()
             && !self.server_down;
-        if retirable {
-            self.offered_retirement = true;
-            (self.report)(Report::Idle {
-                key: self.key.clone(),
-                worker_id: self.worker_id,
-            });
+        if !retirable || !self.mailbox.close_if_empty() {
+            return false;
         }
+        crate::debug!("[{}] idle; retiring", self.short());
+        (self.report)(Report::Idle {
+            key: self.key.clone(),
+            worker_id: self.worker_id,
+        });
+        true
     }
 
     fn create_root(&mut self) -> bool {
@@ -881,6 +899,7 @@ impl Worker {
     /// `flush`; without the status line when a text part has just been completed, since that text is
     /// most often the final answer: the turn's end then needs no further edit.
     fn flush_with_status(&mut self, working: bool) {
+        self.absorb();
         let Some(turn) = self.tracker.turn.as_ref() else {
             return;
         };
