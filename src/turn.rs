@@ -533,8 +533,30 @@ impl Tracker {
         now: Instant,
     ) -> Option<(Turn, Summary)> {
         if let Some(messages) = from_server {
-            self.take_final_parts(messages);
+            self.take_final_parts(messages, false);
         }
+        self.end_turn(now)
+    }
+
+    /// Ends a turn OpenCode never finished (it was restarted mid-answer): the stored answer may lack
+    /// the text that was only streamed, so the stored parts replace the streamed ones only when
+    /// they show at least as much text. The outcome is `Interrupted` unless the turn failed.
+    pub fn finish_cut_off(
+        &mut self,
+        from_server: Option<&[(MessageInfo, Vec<Part>)]>,
+        now: Instant,
+    ) -> Option<(Turn, Summary)> {
+        if let Some(messages) = from_server {
+            self.take_final_parts(messages, true);
+        }
+        let (turn, mut summary) = self.end_turn(now)?;
+        if summary.outcome == Outcome::Done {
+            summary.outcome = Outcome::Interrupted;
+        }
+        Some((turn, summary))
+    }
+
+    fn end_turn(&mut self, now: Instant) -> Option<(Turn, Summary)> {
         let turn = self.turn.take()?;
         for id in turn.assistant.keys() {
             self.finished.push_back(id.clone());
@@ -567,7 +589,8 @@ impl Tracker {
         Some((turn, summary))
     }
 
-    fn take_final_parts(&mut self, messages: &[(MessageInfo, Vec<Part>)]) {
+    /// `unless_shorter`: keep the streamed parts when the stored ones hold less text.
+    fn take_final_parts(&mut self, messages: &[(MessageInfo, Vec<Part>)], unless_shorter: bool) {
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
@@ -610,7 +633,8 @@ impl Tracker {
                     .cloned(),
             );
         }
-        if !parts.is_empty() {
+        let shorter = unless_shorter && text_len(&parts) < text_len(&turn.parts);
+        if !parts.is_empty() && !shorter {
             turn.parts = parts;
             turn.reindex();
         }
@@ -619,6 +643,17 @@ impl Tracker {
     fn turn_mut(&mut self, now: Instant) -> &mut Turn {
         self.turn.get_or_insert_with(|| Turn::new(now))
     }
+}
+
+/// How much text and reasoning `parts` hold.
+fn text_len(parts: &[Part]) -> usize {
+    parts
+        .iter()
+        .map(|p| match &p.body {
+            PartBody::Text(text) | PartBody::Reasoning(text) => text.len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Whether an event of the session only changes the reply's content (never ends a turn, never asks
@@ -1049,6 +1084,39 @@ mod tests {
         assert_eq!(tracker.roles.by_id.len(), REMEMBERED_ROLES);
         assert_eq!(tracker.roles.order.len(), REMEMBERED_ROLES);
         assert!(tracker.roles.get("u00000").is_none());
+    }
+
+    #[test]
+    fn a_cut_off_turn_keeps_its_streamed_text_and_is_interrupted_not_done() {
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        tracker.begin(now, None);
+        tracker.apply(
+            Event::MessageUpdated {
+                session_id: "s".into(),
+                message: message("a1", Role::Assistant),
+            },
+            now,
+        );
+        tracker.apply(
+            Event::PartUpdated {
+                session_id: "s".into(),
+                part: text_part("p1", "a1", "Working on it"),
+            },
+            now,
+        );
+        // OpenCode restarted: the stored answer never got its streamed text, nor finished.
+        let stored = vec![
+            (message("u1", Role::User), vec![]),
+            (
+                message("a1", Role::Assistant),
+                vec![text_part("p1", "a1", "")],
+            ),
+        ];
+        assert!(!tracker.settled_in(&stored));
+        let (turn, summary) = tracker.finish_cut_off(Some(&stored), now).expect("turn");
+        assert_eq!(turn.body(false), "Working on it");
+        assert_eq!(summary.outcome, Outcome::Interrupted);
     }
 
     #[test]

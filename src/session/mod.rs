@@ -1047,6 +1047,9 @@ impl Worker {
                 None
             }
         };
+        // Settled nowhere in the stored messages: OpenCode was restarted mid-answer, which is never
+        // finished.
+        let mut interrupted = false;
         if let Some(messages) = &stored
             && !self.tracker.settled_in(messages)
         {
@@ -1068,13 +1071,14 @@ impl Worker {
                 return;
             }
             crate::warn!(
-                "[{}] the session stayed idle without finishing the turn; showing what it has",
+                "[{}] the session stayed idle without finishing the turn; showing what it has as incomplete",
                 self.short()
             );
+            interrupted = true;
         }
         self.unsettled_since = None;
         self.recheck_at = None;
-        self.complete_turn(stored.as_deref(), None);
+        self.complete_turn(stored.as_deref(), None, interrupted);
     }
 
     /// OpenCode took the prompt but never started on it (it may drop a prompt it cannot use, such
@@ -1097,12 +1101,32 @@ impl Worker {
     }
 
     /// Shows the turn's final text and its completion line, and records it as delivered.
-    /// `elapsed_ms` overrides the turn's own clock (a turn that ran while the bridge was away).
-    fn complete_turn(&mut self, stored: Option<&[StoredMessage]>, elapsed_ms: Option<u64>) {
-        let Some((turn, summary)) = self.tracker.finish(stored, Instant::now()) else {
+    /// `elapsed_ms` overrides the turn's own clock (a turn that ran while the bridge was away);
+    /// `interrupted`: OpenCode never finished the answer, so the reply says it is incomplete.
+    fn complete_turn(
+        &mut self,
+        stored: Option<&[StoredMessage]>,
+        elapsed_ms: Option<u64>,
+        interrupted: bool,
+    ) {
+        let finished = match interrupted {
+            true => self.tracker.finish_cut_off(stored, Instant::now()),
+            false => self.tracker.finish(stored, Instant::now()),
+        };
+        let Some((turn, summary)) = finished else {
             return;
         };
-        self.show_final(&turn);
+        if summary.outcome == reply::Outcome::Interrupted {
+            self.reply.key = turn.prompt_key().map(str::to_string);
+            let shown = turn.body(false);
+            let body = match shown.is_empty() {
+                true => reply::INCOMPLETE_NOTE.to_string(),
+                false => format!("{shown}\n\n{}", reply::INCOMPLETE_NOTE),
+            };
+            self.send_reply(&body, true);
+        } else {
+            self.show_final(&turn);
+        }
         self.reply = ReplyPosts::default();
         self.todo_post = None;
         self.last_typing = None;
@@ -1358,7 +1382,11 @@ impl Worker {
                 self.short()
             );
             self.tracker.begin(Instant::now(), None);
-            self.complete_turn(Some(turn), Some(finished_ms.saturating_sub(began_ms)));
+            self.complete_turn(
+                Some(turn),
+                Some(finished_ms.saturating_sub(began_ms)),
+                false,
+            );
         }
     }
 
