@@ -513,6 +513,10 @@ impl Router {
         root_post_id: Option<String>,
     ) -> Option<Inbox> {
         let client = self.servers.get(&key.server)?.clone();
+        let (model, agent) = self
+            .record(key)
+            .map(|r| (r.model.clone(), r.agent.clone()))
+            .unwrap_or_default();
         let delivery = match self.record(key) {
             Some(record) => session::Delivery {
                 message_id: record.delivered_message_id.clone(),
@@ -537,6 +541,8 @@ impl Router {
             delivery,
             bot_user_id: self.identity.bot_user_id.clone(),
             find_root_since: self.recovered_intents.get(key).copied(),
+            model,
+            agent,
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
@@ -1457,6 +1463,13 @@ impl Router {
                     self.save();
                 }
             }
+            Report::Choices { key, model, agent } => {
+                if let Some(record) = self.record_mut(&key) {
+                    record.model = model;
+                    record.agent = agent;
+                    self.save();
+                }
+            }
             Report::Exited { key, worker_id } => {
                 if let Some(thread) = self.retiring.remove(&worker_id) {
                     let _ = thread.join();
@@ -1517,6 +1530,11 @@ impl Router {
         if let Some(server) = self.state.servers.get_mut(&key.server.0) {
             server.root_intents.remove(&key.session_id);
         }
+        // A thread started anew (its root was deleted) keeps the owner's choices.
+        let (model, agent) = self
+            .record(key)
+            .map(|r| (r.model.clone(), r.agent.clone()))
+            .unwrap_or_default();
         self.state
             .servers
             .entry(key.server.0.clone())
@@ -1536,6 +1554,8 @@ impl Router {
                     delivered_message_id: None,
                     delivered_at_ms: crate::log::now_ms(),
                     streaming_post_id: None,
+                    model,
+                    agent,
                 },
             );
         self.save();

@@ -139,6 +139,15 @@ pub enum Report {
         key: SessionKey,
         worker_id: u64,
     },
+    /// The owner chose a model or agent for the session's prompts (`!model`, `!agent`): kept with
+    /// the thread and given to its next worker (`Setup::model`, `Setup::agent`), so a restart or a
+    /// retirement does not lose them. None leaves the choice to OpenCode.
+    Choices {
+        key: SessionKey,
+        /// `provider/model`.
+        model: Option<String>,
+        agent: Option<String>,
+    },
     /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
         key: SessionKey,
@@ -166,6 +175,10 @@ pub struct Setup {
     /// Set when a previous run began creating this thread's root and may have posted it: look for
     /// a root made since then (ms since epoch) before posting one.
     pub find_root_since: Option<u64>,
+    /// The owner's `!model` choice as `provider/model` (from `Report::Choices`); None: OpenCode's.
+    pub model: Option<String>,
+    /// The owner's `!agent` choice; None: OpenCode's.
+    pub agent: Option<String>,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -338,8 +351,8 @@ impl Worker {
             typing: setup.typing,
             last_typing: None,
             max_file_size: setup.max_file_size,
-            model: None,
-            agent: None,
+            model: setup.model.as_deref().and_then(model_ref),
+            agent: setup.agent,
             waiting: pending::Waiting::default(),
             todo_post: None,
         }
@@ -441,15 +454,13 @@ impl Worker {
     }
 
     /// Only a worker whose loss would lose nothing retires: no turn, no queue, nothing asked of the
-    /// owner, no `!model`/`!agent` choice (kept only in memory), and OpenCode reachable. It closes its inbox only if nothing waits in it, so a message
+    /// owner, and OpenCode reachable (`!model`/`!agent` choices are kept by the router). It closes its inbox only if nothing waits in it, so a message
     /// sent meanwhile is either handled here or handed back to the router, which starts a new worker.
     /// True when the worker is retiring.
     fn retire(&mut self) -> bool {
         let retirable = !self.tracker.is_running()
             && self.queue.is_empty()
             && !self.waiting.any()
-            && self.model.is_none()
-            && self.agent.is_none()
             && !self.server_down;
         if !retirable || !self.mailbox.close_if_empty() {
             return false;
@@ -1273,6 +1284,15 @@ impl Worker {
         reply::is_unfinished_reply(&last.message).then(|| last.id.clone())
     }
 
+    /// Hands the owner's current `!model`/`!agent` choices to the router to keep.
+    fn report_choices(&self) {
+        (self.report)(Report::Choices {
+            key: self.key.clone(),
+            model: self.model.as_ref().map(model_setting),
+            agent: self.agent.clone(),
+        });
+    }
+
     fn prompt_done(&self, post_id: &str) {
         (self.report)(Report::PromptDone {
             key: self.key.clone(),
@@ -1468,6 +1488,27 @@ impl Worker {
             crate::warn!("[{}] post {post_id} not updated: {e}", self.short());
         }
     }
+}
+
+/// A model as `Setup::model` and `Report::Choices` carry it: `provider/model` (the model id may hold
+/// more slashes).
+fn model_ref(setting: &str) -> Option<ModelRef> {
+    match setting.split_once('/') {
+        Some((provider_id, model_id)) if !provider_id.is_empty() && !model_id.is_empty() => {
+            Some(ModelRef {
+                provider_id: provider_id.to_string(),
+                model_id: model_id.to_string(),
+            })
+        }
+        _ => {
+            crate::warn!("a saved model choice {setting:?} is not provider/model; ignored");
+            None
+        }
+    }
+}
+
+fn model_setting(model: &ModelRef) -> String {
+    format!("{}/{}", model.provider_id, model.model_id)
 }
 
 /// Mattermost refuses a reply whose root no longer exists with this error.
