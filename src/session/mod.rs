@@ -9,6 +9,9 @@ mod attachments;
 mod commands;
 mod inbox;
 mod pending;
+mod reply_posts;
+
+use reply_posts::{PostStep, ReplyPosts, SentPost};
 
 pub use inbox::{Inbox, MAX_STREAM_ENTRIES};
 
@@ -285,23 +288,6 @@ struct Worker {
 struct Queued {
     post_id: String,
     input: PromptInput,
-}
-
-/// The posts showing the running turn's reply, and when they were last edited.
-#[derive(Default)]
-struct ReplyPosts {
-    posts: Vec<SentPost>,
-    /// The id of the user message this reply answers (`PROMPT_PROP`), once known.
-    key: Option<String>,
-    text_shown: bool,
-    last_sent: Option<Instant>,
-    dirty: bool,
-}
-
-#[derive(Clone)]
-struct SentPost {
-    id: String,
-    text: String,
 }
 
 /// The reply posts and completion lines found in the thread, by the prompt they answer.
@@ -952,66 +938,64 @@ impl Worker {
             self.reply.posts = self.earlier_reply(prompt_key.as_deref());
         }
         let props = prompt_key.map(|key| json!({ PROMPT_PROP: key }));
-        let chunks = split_post(body, MAX_POST_CHARS);
-        let needed = chunks.len();
-        for (index, chunk) in chunks.into_iter().enumerate() {
-            match self.reply.posts.get_mut(index) {
-                Some(sent) if sent.text == chunk => {}
-                Some(sent) => match self.mattermost.patch_post(&sent.id, &chunk) {
-                    Ok(_) => sent.text = chunk,
-                    // Deleted meanwhile: the text goes in a new post instead.
-                    Err(e) if e.status() == Some(404) => {
-                        crate::warn!("[{short}] reply post {} is gone; posting anew", sent.id);
-                        match self.mattermost.create_post(
-                            &self.channel_id,
-                            &self.root_post_id,
-                            &chunk,
-                            props.clone(),
-                        ) {
-                            Ok(post) => {
-                                *sent = SentPost {
-                                    id: post.id,
-                                    text: chunk,
+        let mut deleted = 0;
+        for step in reply_posts::plan(&self.reply.posts, body, last) {
+            match step {
+                PostStep::Edit { index, text } => {
+                    let sent = &mut self.reply.posts[index];
+                    match self.mattermost.patch_post(&sent.id, &text) {
+                        Ok(_) => sent.text = text,
+                        // Deleted meanwhile: the text goes in a new post instead.
+                        Err(e) if e.status() == Some(404) => {
+                            crate::warn!("[{short}] reply post {} is gone; posting anew", sent.id);
+                            match self.mattermost.create_post(
+                                &self.channel_id,
+                                &self.root_post_id,
+                                &text,
+                                props.clone(),
+                            ) {
+                                Ok(post) => {
+                                    self.reply.posts[index] = SentPost { id: post.id, text }
                                 }
+                                Err(e) if root_deleted(&e) => return false,
+                                Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
                             }
-                            Err(e) if root_deleted(&e) => return false,
-                            Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
+                        }
+                        // A reply deleted with its thread's root is refused as a permission error.
+                        Err(e) if e.status() == Some(403) && self.root_is_gone() => return false,
+                        Err(e) => crate::warn!("[{short}] reply edit failed: {e}"),
+                    }
+                }
+                PostStep::Create { index, text } => {
+                    match self.mattermost.create_post(
+                        &self.channel_id,
+                        &self.root_post_id,
+                        &text,
+                        props.clone(),
+                    ) {
+                        Ok(post) => {
+                            if index == 0 {
+                                (self.report)(Report::ReplyStarted {
+                                    key: self.key.clone(),
+                                    post_id: post.id.clone(),
+                                });
+                            }
+                            self.reply.posts.push(SentPost { id: post.id, text })
+                        }
+                        Err(e) if root_deleted(&e) => return false,
+                        // The posts after it wait for the next edit, so they stay in order.
+                        Err(e) => {
+                            crate::warn!("[{short}] reply post failed: {e}");
+                            break;
                         }
                     }
-                    // A reply deleted with its thread's root is refused as a permission error.
-                    Err(e) if e.status() == Some(403) && self.root_is_gone() => return false,
-                    Err(e) => crate::warn!("[{short}] reply edit failed: {e}"),
-                },
-                None => match self.mattermost.create_post(
-                    &self.channel_id,
-                    &self.root_post_id,
-                    &chunk,
-                    props.clone(),
-                ) {
-                    Ok(post) => {
-                        if index == 0 {
-                            (self.report)(Report::ReplyStarted {
-                                key: self.key.clone(),
-                                post_id: post.id.clone(),
-                            });
-                        }
-                        self.reply.posts.push(SentPost {
-                            id: post.id,
-                            text: chunk,
-                        })
+                }
+                PostStep::Delete { index } => {
+                    let stale = self.reply.posts.remove(index - deleted);
+                    deleted += 1;
+                    if let Err(e) = self.mattermost.delete_post(&stale.id) {
+                        crate::warn!("[{short}] stale reply post not removed: {e}");
                     }
-                    Err(e) if root_deleted(&e) => return false,
-                    Err(e) => {
-                        crate::warn!("[{short}] reply post failed: {e}");
-                        break;
-                    }
-                },
-            }
-        }
-        if last && self.reply.posts.len() > needed {
-            for stale in self.reply.posts.drain(needed..) {
-                if let Err(e) = self.mattermost.delete_post(&stale.id) {
-                    crate::warn!("[{short}] stale reply post not removed: {e}");
                 }
             }
         }
