@@ -225,6 +225,40 @@ impl Queue {
                     _ => false,
                 })
             }
+            // What a removal removes need not wait; a later update of the same id then comes after it.
+            SessionMsg::Event(Event::PartRemoved {
+                session_id,
+                part_id,
+            }) => {
+                self.remove_where(|m| match m {
+                    SessionMsg::Event(Event::PartUpdated { part, .. }) => part.id == part_id,
+                    SessionMsg::Event(Event::PartDelta { part_id: p, .. }) => *p == part_id,
+                    _ => false,
+                });
+                Some(SessionMsg::Event(Event::PartRemoved {
+                    session_id,
+                    part_id,
+                }))
+            }
+            SessionMsg::Event(Event::MessageRemoved {
+                session_id,
+                message_id,
+            }) => {
+                self.remove_where(|m| match m {
+                    SessionMsg::Event(Event::MessageUpdated { message, .. }) => {
+                        message.id == message_id
+                    }
+                    SessionMsg::Event(Event::PartUpdated { part, .. }) => {
+                        part.message_id == message_id
+                    }
+                    SessionMsg::Event(Event::PartDelta { message_id: m, .. }) => *m == message_id,
+                    _ => false,
+                });
+                Some(SessionMsg::Event(Event::MessageRemoved {
+                    session_id,
+                    message_id,
+                }))
+            }
             message @ SessionMsg::Event(Event::MessageUpdated { .. }) => {
                 self.replace_in_place(message, |waiting, new| match (waiting, new) {
                     (
@@ -427,6 +461,29 @@ mod tests {
                 "part b other"
             ]
         );
+    }
+
+    #[test]
+    fn a_part_updated_again_after_its_removal_comes_after_the_removal() {
+        let (inbox, mailbox) = channel();
+        let removed = || {
+            SessionMsg::Event(Event::PartRemoved {
+                session_id: "ses".into(),
+                part_id: "a".into(),
+            })
+        };
+        for message in [
+            updated("a", "old"),
+            delta("a", "x"),
+            removed(),
+            updated("a", "new"),
+        ] {
+            inbox.send(message).expect("open");
+        }
+        let drained = drain(&mailbox);
+        assert_eq!(drained.len(), 2, "{drained:?}");
+        assert!(drained[0].starts_with("Event(PartRemoved"), "{drained:?}");
+        assert_eq!(drained[1], "part a new");
     }
 
     #[test]
