@@ -177,7 +177,14 @@ pub enum Outcome {
     Done,
     Stopped,
     Failed(String),
+    /// The session went idle without OpenCode finishing the answer (it was restarted mid-answer):
+    /// what the reply shows is only part of it.
+    Interrupted,
 }
+
+/// Ends the reply of an answer OpenCode never finished, so no one reads it as whole.
+pub const INCOMPLETE_NOTE: &str =
+    "_⚠️ This answer is incomplete: OpenCode stopped before finishing it._";
 
 /// The short line posted as a new post when a turn ends, so the owner's phone is notified.
 pub fn completion_line(outcome: &Outcome, elapsed_ms: u64, tokens: Tokens, cost: f64) -> String {
@@ -189,6 +196,7 @@ pub fn completion_line(outcome: &Outcome, elapsed_ms: u64, tokens: Tokens, cost:
             format_duration(elapsed_ms),
             truncate_chars(&one_line(error), 300)
         ),
+        Outcome::Interrupted => format!("⚠️ Interrupted after {}", format_duration(elapsed_ms)),
     };
     let total = tokens.input + tokens.output + tokens.reasoning;
     if total > 0 {
@@ -201,6 +209,12 @@ pub fn completion_line(outcome: &Outcome, elapsed_ms: u64, tokens: Tokens, cost:
     }
     if cost > 0.0 {
         line.push_str(&format!(" · {}", format_cost(cost)));
+    }
+    if *outcome == Outcome::Interrupted {
+        line.push_str(
+            "\nOpenCode stopped before finishing this answer, so the reply above is incomplete. \
+             To run it again, react 🔁 on your message or send it again.",
+        );
     }
     line
 }
@@ -321,6 +335,18 @@ mod tests {
             completion_line(&Outcome::Stopped, 800, Tokens::default(), 0.0),
             "⏹️ Stopped after 0.8s"
         );
+    }
+
+    #[test]
+    fn an_interrupted_answer_says_it_is_incomplete_and_how_to_run_it_again() {
+        assert_eq!(
+            completion_line(&Outcome::Interrupted, 12_300, Tokens::default(), 0.0),
+            "⚠️ Interrupted after 12s\nOpenCode stopped before finishing this answer, so the reply \
+             above is incomplete. To run it again, react 🔁 on your message or send it again."
+        );
+        assert!(!is_unfinished_reply(&format!(
+            "partial\n\n{INCOMPLETE_NOTE}"
+        )));
     }
 
     #[test]

@@ -102,6 +102,12 @@ pub struct ThreadRecord {
     /// The first post of a reply still streaming; a restart resumes it instead of starting another.
     #[serde(default)]
     pub streaming_post_id: Option<String>,
+    /// The owner's `!model` choice for the session, `provider/model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The owner's `!agent` choice for the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 /// Owns the state directory for as long as it lives: holds the instance lock and writes
@@ -749,6 +755,8 @@ mod tests {
             delivered_message_id: Some("msg_1".to_string()),
             delivered_at_ms: 7,
             streaming_post_id: None,
+            model: None,
+            agent: None,
         }
     }
 
@@ -767,6 +775,8 @@ mod tests {
             "ses_b".to_string(),
             ThreadRecord {
                 ended_ms: Some(7),
+                model: Some("fake/fake-model".to_string()),
+                agent: Some("plan".to_string()),
                 ..record("Beta")
             },
         );

@@ -10,6 +10,12 @@ use crate::reply::{self, ChildSummary, Outcome};
 
 /// How many finished assistant messages are remembered, so late repeats of their events are ignored.
 const REMEMBERED_MESSAGES: usize = 256;
+/// How many message roles one turn remembers (a long turn writes a message per step); the oldest
+/// are forgotten first, and a late part of one is then held as unplaced.
+const REMEMBERED_ROLES: usize = 1024;
+/// How many parts of messages whose role is unknown are held; past it the oldest message's parts go.
+/// The turn's end re-reads the stored messages, so what is dropped still reaches the final reply.
+const MAX_UNPLACED_PARTS: usize = 256;
 
 /// What an event did to the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,12 +32,102 @@ pub struct Tracker {
     pub turn: Option<Turn>,
     /// OpenCode says busy (or retrying).
     pub busy: bool,
-    roles: HashMap<String, Role>,
+    roles: Roles,
     /// Parts of messages whose role is not known yet; released when it is.
-    pending: HashMap<String, Vec<Part>>,
+    pending: Unplaced,
     finished: VecDeque<String>,
     /// The newest message id seen in the session: the bridge's next prompt id must sort after it.
     newest_message: Option<String>,
+}
+
+/// Message roles seen in the running turn, oldest forgotten first past `REMEMBERED_ROLES`.
+#[derive(Debug, Default)]
+struct Roles {
+    by_id: HashMap<String, Role>,
+    order: VecDeque<String>,
+}
+
+impl Roles {
+    fn get(&self, message_id: &str) -> Option<&Role> {
+        self.by_id.get(message_id)
+    }
+
+    fn insert(&mut self, message_id: &str, role: Role) {
+        if self.by_id.insert(message_id.to_string(), role).is_none() {
+            self.order.push_back(message_id.to_string());
+            if self.order.len() > REMEMBERED_ROLES
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.by_id.remove(&oldest);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.order.clear();
+    }
+}
+
+/// Parts of messages whose role is not known yet, by message in arrival order; at most
+/// `MAX_UNPLACED_PARTS`, the oldest message's dropped first.
+#[derive(Debug, Default)]
+struct Unplaced {
+    messages: VecDeque<(String, Vec<Part>)>,
+    parts: usize,
+}
+
+impl Unplaced {
+    fn hold(&mut self, part: Part) {
+        let index = match self
+            .messages
+            .iter()
+            .position(|(id, _)| *id == part.message_id)
+        {
+            Some(index) => index,
+            None => {
+                self.messages
+                    .push_back((part.message_id.clone(), Vec::new()));
+                self.messages.len() - 1
+            }
+        };
+        let parts = &mut self.messages[index].1;
+        match parts.iter_mut().find(|p| p.id == part.id) {
+            Some(existing) => *existing = part,
+            None => {
+                parts.push(part);
+                self.parts += 1;
+            }
+        }
+        while self.parts > MAX_UNPLACED_PARTS
+            && let Some((_, dropped)) = self.messages.pop_front()
+        {
+            self.parts -= dropped.len();
+        }
+    }
+
+    fn take(&mut self, message_id: &str) -> Vec<Part> {
+        match self.messages.iter().position(|(id, _)| id == message_id) {
+            Some(index) => {
+                let (_, parts) = self.messages.remove(index).unwrap_or_default();
+                self.parts -= parts.len();
+                parts
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn part_mut(&mut self, message_id: &str, part_id: &str) -> Option<&mut Part> {
+        self.messages
+            .iter_mut()
+            .find(|(id, _)| id == message_id)
+            .and_then(|(_, parts)| parts.iter_mut().find(|p| p.id == part_id))
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
+        self.parts = 0;
+    }
 }
 
 #[derive(Debug)]
@@ -312,8 +408,8 @@ impl Tracker {
                 turn.prompt_seen = true;
             }
         }
-        self.roles.insert(message.id.clone(), message.role);
-        let pending = self.pending.remove(&message.id).unwrap_or_default();
+        self.roles.insert(&message.id, message.role);
+        let pending = self.pending.take(&message.id);
         if message.role != Role::Assistant || self.finished.contains(&message.id) {
             return Change::Nothing;
         }
@@ -342,11 +438,7 @@ impl Tracker {
                 Change::Reply
             }
             None => {
-                let pending = self.pending.entry(part.message_id.clone()).or_default();
-                match pending.iter_mut().find(|p| p.id == part.id) {
-                    Some(existing) => *existing = part,
-                    None => pending.push(part),
-                }
+                self.pending.hold(part);
                 Change::Nothing
             }
         }
@@ -364,10 +456,7 @@ impl Tracker {
             .and_then(|turn| turn.index.get(part_id).copied().map(|i| &mut turn.parts[i]));
         let part = match in_turn {
             Some(part) => Some(part),
-            None => self
-                .pending
-                .get_mut(message_id)
-                .and_then(|parts| parts.iter_mut().find(|p| p.id == part_id)),
+            None => self.pending.part_mut(message_id, part_id),
         };
         match part.map(|p| &mut p.body) {
             Some(PartBody::Text(text) | PartBody::Reasoning(text)) => {
@@ -380,14 +469,7 @@ impl Tracker {
 
     /// An event of a subagent (child session); summarised in this session's reply.
     pub fn apply_child(&mut self, child_id: String, event: Event) -> Change {
-        let relevant = matches!(
-            &event,
-            Event::SessionCreated(_)
-                | Event::SessionUpdated(_)
-                | Event::PartUpdated { .. }
-                | Event::SessionStatus { .. }
-                | Event::SessionIdle { .. }
-        );
+        let relevant = child_event_matters(&event);
         // Subagents work inside their parent's turn; their late events must not start another.
         let Some(turn) = self.turn.as_mut().filter(|_| relevant) else {
             return Change::Nothing;
@@ -451,8 +533,30 @@ impl Tracker {
         now: Instant,
     ) -> Option<(Turn, Summary)> {
         if let Some(messages) = from_server {
-            self.take_final_parts(messages);
+            self.take_final_parts(messages, false);
         }
+        self.end_turn(now)
+    }
+
+    /// Ends a turn OpenCode never finished (it was restarted mid-answer): the stored answer may lack
+    /// the text that was only streamed, so the stored parts replace the streamed ones only when
+    /// they show at least as much text. The outcome is `Interrupted` unless the turn failed.
+    pub fn finish_cut_off(
+        &mut self,
+        from_server: Option<&[(MessageInfo, Vec<Part>)]>,
+        now: Instant,
+    ) -> Option<(Turn, Summary)> {
+        if let Some(messages) = from_server {
+            self.take_final_parts(messages, true);
+        }
+        let (turn, mut summary) = self.end_turn(now)?;
+        if summary.outcome == Outcome::Done {
+            summary.outcome = Outcome::Interrupted;
+        }
+        Some((turn, summary))
+    }
+
+    fn end_turn(&mut self, now: Instant) -> Option<(Turn, Summary)> {
         let turn = self.turn.take()?;
         for id in turn.assistant.keys() {
             self.finished.push_back(id.clone());
@@ -485,7 +589,8 @@ impl Tracker {
         Some((turn, summary))
     }
 
-    fn take_final_parts(&mut self, messages: &[(MessageInfo, Vec<Part>)]) {
+    /// `unless_shorter`: keep the streamed parts when the stored ones hold less text.
+    fn take_final_parts(&mut self, messages: &[(MessageInfo, Vec<Part>)], unless_shorter: bool) {
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
@@ -528,7 +633,8 @@ impl Tracker {
                     .cloned(),
             );
         }
-        if !parts.is_empty() {
+        let shorter = unless_shorter && text_len(&parts) < text_len(&turn.parts);
+        if !parts.is_empty() && !shorter {
             turn.parts = parts;
             turn.reindex();
         }
@@ -537,6 +643,42 @@ impl Tracker {
     fn turn_mut(&mut self, now: Instant) -> &mut Turn {
         self.turn.get_or_insert_with(|| Turn::new(now))
     }
+}
+
+/// How much text and reasoning `parts` hold.
+fn text_len(parts: &[Part]) -> usize {
+    parts
+        .iter()
+        .map(|p| match &p.body {
+            PartBody::Text(text) | PartBody::Reasoning(text) => text.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Whether an event of the session only changes the reply's content (never ends a turn, never asks
+/// the owner anything): a worker folds those waiting for it into the turn before it posts.
+pub fn is_content(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::MessageUpdated { .. }
+            | Event::MessageRemoved { .. }
+            | Event::PartUpdated { .. }
+            | Event::PartDelta { .. }
+            | Event::PartRemoved { .. }
+    )
+}
+
+/// Whether a subagent's event shows in its parent's reply (`Tracker::apply_child`).
+pub fn child_event_matters(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::SessionCreated(_)
+            | Event::SessionUpdated(_)
+            | Event::PartUpdated { .. }
+            | Event::SessionStatus { .. }
+            | Event::SessionIdle { .. }
+    )
 }
 
 /// The index just after message `id` in `messages`, if it is there.
@@ -898,6 +1040,83 @@ mod tests {
         ];
         let (turn, _) = tracker.finish(Some(&stored), now).expect("turn");
         assert_eq!(turn.body(false), "first answer\n\nsecond answer");
+    }
+
+    #[test]
+    fn parts_of_messages_whose_role_is_unknown_and_the_roles_stay_bounded() {
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        tracker.begin(now, None);
+        // Parts whose message is never announced: only the newest are held.
+        for n in 0..MAX_UNPLACED_PARTS + 50 {
+            tracker.apply(
+                Event::PartUpdated {
+                    session_id: "s".into(),
+                    part: text_part(&format!("p{n}"), &format!("m{n:04}"), "text"),
+                },
+                now,
+            );
+        }
+        assert!(tracker.pending.parts <= MAX_UNPLACED_PARTS);
+        assert!(tracker.pending.take("m0000").is_empty(), "the oldest went");
+        let newest = format!("m{:04}", MAX_UNPLACED_PARTS + 49);
+        assert_eq!(tracker.pending.take(&newest).len(), 1);
+        // A late message still gets its held part.
+        let last = format!("m{:04}", MAX_UNPLACED_PARTS + 48);
+        let change = tracker.apply(
+            Event::MessageUpdated {
+                session_id: "s".into(),
+                message: message(&last, Role::Assistant),
+            },
+            now,
+        );
+        assert_eq!(change, Change::Reply);
+        assert_eq!(tracker.turn.as_ref().expect("turn").body(false), "text");
+        for n in 0..REMEMBERED_ROLES + 10 {
+            tracker.apply(
+                Event::MessageUpdated {
+                    session_id: "s".into(),
+                    message: message(&format!("u{n:05}"), Role::User),
+                },
+                now,
+            );
+        }
+        assert_eq!(tracker.roles.by_id.len(), REMEMBERED_ROLES);
+        assert_eq!(tracker.roles.order.len(), REMEMBERED_ROLES);
+        assert!(tracker.roles.get("u00000").is_none());
+    }
+
+    #[test]
+    fn a_cut_off_turn_keeps_its_streamed_text_and_is_interrupted_not_done() {
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        tracker.begin(now, None);
+        tracker.apply(
+            Event::MessageUpdated {
+                session_id: "s".into(),
+                message: message("a1", Role::Assistant),
+            },
+            now,
+        );
+        tracker.apply(
+            Event::PartUpdated {
+                session_id: "s".into(),
+                part: text_part("p1", "a1", "Working on it"),
+            },
+            now,
+        );
+        // OpenCode restarted: the stored answer never got its streamed text, nor finished.
+        let stored = vec![
+            (message("u1", Role::User), vec![]),
+            (
+                message("a1", Role::Assistant),
+                vec![text_part("p1", "a1", "")],
+            ),
+        ];
+        assert!(!tracker.settled_in(&stored));
+        let (turn, summary) = tracker.finish_cut_off(Some(&stored), now).expect("turn");
+        assert_eq!(turn.body(false), "Working on it");
+        assert_eq!(summary.outcome, Outcome::Interrupted);
     }
 
     #[test]

@@ -150,6 +150,11 @@ impl Registry {
     ) {
         self.by_root.insert(root_post_id.to_string(), key.clone());
         self.recovered_intents.remove(key);
+        // A thread started anew (its root was deleted) keeps the owner's choices.
+        let (model, agent) = self
+            .record(key)
+            .map(|r| (r.model.clone(), r.agent.clone()))
+            .unwrap_or_default();
         let server = self.server_mut(&key.server);
         server.root_intents.remove(&key.session_id);
         server.sessions.insert(
@@ -166,9 +171,22 @@ impl Registry {
                 delivered_message_id: None,
                 delivered_at_ms: now_ms,
                 streaming_post_id: None,
+                model,
+                agent,
             },
         );
         self.save_now();
+    }
+
+    /// The owner's `!model`/`!agent` choices, saved at once: a restart keeps them.
+    pub fn choices(&mut self, key: &SessionKey, model: Option<String>, agent: Option<String>) {
+        if let Some(record) = self.record_mut(key)
+            && (record.model != model || record.agent != agent)
+        {
+            record.model = model;
+            record.agent = agent;
+            self.save_now();
+        }
     }
 
     pub fn learn_title(&mut self, key: &SessionKey, title: &str, slug: &str) {

@@ -54,6 +54,10 @@ impl Router {
         root_post_id: Option<String>,
     ) -> Option<Inbox> {
         let client = self.servers.get(&key.server)?.clone();
+        let (model, agent) = self
+            .record(key)
+            .map(|r| (r.model.clone(), r.agent.clone()))
+            .unwrap_or_default();
         let delivery = match self.record(key) {
             Some(record) => session::Delivery {
                 message_id: record.delivered_message_id.clone(),
@@ -78,6 +82,8 @@ impl Router {
             delivery,
             bot_user_id: self.identity.bot_user_id.clone(),
             find_root_since: self.registry.recovered_intent(key),
+            model,
+            agent,
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
@@ -186,8 +192,8 @@ impl Router {
                     .is_some_and(|h| h.worker_id == worker_id)
                     && let Some(handle) = self.workers.remove(&key)
                 {
-                    // Dropping the inbox ends the worker once it has handled what is queued;
-                    // anything sent from now on starts a new one.
+                    // The worker closed its inbox with nothing waiting and is ending; a message
+                    // sent meanwhile came back from `Inbox::send` and started a new one.
                     crate::debug!("[{}] idle worker retired", short_id(&key.session_id));
                     self.retiring.insert(worker_id, handle.thread);
                 }
@@ -195,6 +201,7 @@ impl Router {
             Report::ReplyStarted { key, post_id } => {
                 self.registry.reply_started(&key, post_id);
             }
+            Report::Choices { key, model, agent } => self.registry.choices(&key, model, agent),
             Report::Delivered { key, message_id } => {
                 self.registry
                     .delivered(&key, message_id, crate::log::now_ms());

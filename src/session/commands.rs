@@ -189,6 +189,7 @@ impl Worker {
             Ok(model) => {
                 let shown = format!("{}/{}", model.provider_id, model.model_id);
                 self.model = Some(model);
+                self.report_choices();
                 self.post_notice(&format!("🧠 This session's next prompts use `{shown}`."));
             }
             Err(problem) => {
@@ -215,6 +216,7 @@ impl Worker {
                     "🧭 This session's next prompts use the `{agent}` agent."
                 ));
                 self.agent = Some(agent);
+                self.report_choices();
             }
             Err(problem) => {
                 self.post_notice(&format!("❓ {problem}"));

@@ -1,20 +1,32 @@
-//! The per-session worker: one OS thread per session thread, fed by a channel. It owns everything about
+//! The per-session worker: one OS thread per session thread, fed by its inbox. It owns everything about
 //! its session's conversation: the running turn, the reply posts and their coalesced edits, the queue of
 //! prompts waiting for the session to go idle. A slow session only ever blocks its own thread.
 //!
-//! `pending.rs` holds what waits on the owner (permission requests, questions), `commands.rs` the thread
-//! commands, `attachments.rs` the files that come with a prompt.
+//! This file holds the loop, the prompt queue and the turn's end. `inbox.rs` is the bounded, folding
+//! inbox; `posting.rs` what the worker posts (reply, notices, typing), with `reply_posts.rs` planning
+//! a reply's posts; `recovery.rs` what an earlier run left in the thread and the catch-up;
+//! `pending.rs` what waits on the owner (permission requests, questions); `commands.rs` the thread
+//! commands; `attachments.rs` the files that come with a prompt.
 
 mod attachments;
 mod commands;
+mod inbox;
 mod pending;
+mod posting;
+mod recovery;
+mod reply_posts;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use recovery::DONE_PROP;
+use reply_posts::{ReplyPosts, SentPost};
+
+pub use inbox::{Inbox, MAX_STREAM_ENTRIES};
+
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use serde_json::json;
 
 use crate::command::{ReactionMeaning, ThreadCommand, short_id};
@@ -22,9 +34,9 @@ use crate::mattermost::WsAction;
 use crate::mattermost::rest::MattermostClient;
 use crate::opencode::rest::{OcError, OpenCodeClient};
 use crate::opencode::{Event, ModelRef, PromptInput, SessionInfo, SessionKey, Status};
-use crate::render::{MAX_POST_CHARS, format_duration, split_post};
+use crate::render::format_duration;
 use crate::reply;
-use crate::turn::{Change, Tracker, Turn};
+use crate::turn::{self, Change, Tracker};
 
 /// Edits of a streaming reply are coalesced to at most about two a second per session.
 pub const EDIT_INTERVAL: Duration = Duration::from_millis(500);
@@ -44,16 +56,6 @@ const SETTLE_RECHECK: Duration = Duration::from_secs(1);
 const UNSETTLED_GRACE: Duration = Duration::from_secs(3);
 /// How often a queued prompt is tried again while OpenCode is unreachable.
 const PROMPT_RETRY: Duration = Duration::from_secs(3);
-/// Reply posts carry the id of the user message they answer, and the completion line carries it
-/// under `DONE_PROP`: a worker started after a crash finds the reply it had begun, or finished,
-/// instead of posting it again.
-const PROMPT_PROP: &str = "opencode_prompt";
-const DONE_PROP: &str = "opencode_done";
-/// Permission and question posts carry their request, so a restarted worker binds a request still
-/// waiting to the post that shows it instead of posting it again.
-const REQUEST_PROP: &str = "opencode_request";
-/// Mattermost shows a typing indicator for about 5 s; refreshing a little sooner keeps it steady.
-const TYPING_INTERVAL: Duration = Duration::from_secs(4);
 
 /// A message as OpenCode stores it, with its parts.
 type StoredMessage = (crate::opencode::MessageInfo, Vec<crate::opencode::Part>);
@@ -136,6 +138,15 @@ pub enum Report {
         key: SessionKey,
         worker_id: u64,
     },
+    /// The owner chose a model or agent for the session's prompts (`!model`, `!agent`): kept with
+    /// the thread and given to its next worker (`Setup::model`, `Setup::agent`), so a restart or a
+    /// retirement does not lose them. None leaves the choice to OpenCode.
+    Choices {
+        key: SessionKey,
+        /// `provider/model`.
+        model: Option<String>,
+        agent: Option<String>,
+    },
     /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
         key: SessionKey,
@@ -163,6 +174,10 @@ pub struct Setup {
     /// Set when a previous run began creating this thread's root and may have posted it: look for
     /// a root made since then (ms since epoch) before posting one.
     pub find_root_since: Option<u64>,
+    /// The owner's `!model` choice as `provider/model` (from `Report::Choices`); None: OpenCode's.
+    pub model: Option<String>,
+    /// The owner's `!agent` choice; None: OpenCode's.
+    pub agent: Option<String>,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -183,33 +198,11 @@ pub struct SessionHandle {
     pub thread: JoinHandle<()>,
 }
 
-/// The sending side of a worker's inbox. `send` never blocks the caller (the router): a worker that
-/// is behind folds what waits for it into its own state.
-#[derive(Clone)]
-pub struct Inbox {
-    sender: Sender<SessionMsg>,
-}
-
-impl Inbox {
-    /// Hands a message to the worker without waiting; gives it back when the worker has exited.
-    #[allow(clippy::result_large_err)] // the message itself, handed back to be sent elsewhere
-    pub fn send(&self, message: SessionMsg) -> Result<(), SessionMsg> {
-        self.sender
-            .send(message)
-            .map_err(|crossbeam_channel::SendError(message)| message)
-    }
-
-    /// How many messages wait for the worker.
-    pub fn backlog(&self) -> usize {
-        self.sender.len()
-    }
-}
-
 pub fn spawn<T>(setup: Setup, worker_id: u64, reports: Sender<T>) -> std::io::Result<SessionHandle>
 where
     T: From<Report> + Send + 'static,
 {
-    let (inbox, messages) = crossbeam_channel::unbounded();
+    let (inbox, mailbox) = inbox::channel();
     let name = format!("session-{}", short_id(&setup.key.session_id));
     let thread = std::thread::Builder::new()
         .name(name)
@@ -220,12 +213,13 @@ where
             let worker = Worker::new(
                 setup,
                 worker_id,
+                mailbox,
                 Box::new(move |r: Report| {
                     let _ = reports_for_worker.send(T::from(r));
                 }),
             );
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                worker.run(messages);
+                worker.run();
             }));
             if result.is_err() {
                 crate::error!(
@@ -237,7 +231,7 @@ where
         })?;
     Ok(SessionHandle {
         worker_id,
-        inbox: Inbox { sender: inbox },
+        inbox,
         thread,
     })
 }
@@ -266,23 +260,28 @@ struct Worker {
     todo_post: Option<SentPost>,
     report: Box<dyn Fn(Report) + Send>,
     worker_id: u64,
-    offered_retirement: bool,
-    find_root_since: Option<u64>,
-    delivery: Delivery,
-    looked_for_cut_off: bool,
-    /// The thread was opened by an earlier run, which may have left a reply or a request post in it.
-    took_over: bool,
-    /// What an earlier run posted in this thread, by prompt; read once, when first needed.
-    earlier: Option<Earlier>,
-    /// OpenCode could not be reached; queued prompts wait for it.
-    server_down: bool,
+    mailbox: inbox::Mailbox,
+    /// What earlier runs left in the thread, and how far it is delivered.
+    recovery: recovery::Recovery,
+    outage: Outage,
+    settle: Settle,
+}
+
+/// OpenCode could not be reached (`down`): queued prompts wait for it.
+#[derive(Default)]
+struct Outage {
+    down: bool,
     /// The thread was told OpenCode is unreachable (by the router's notice or a refused prompt).
-    told_down: bool,
+    told: bool,
     /// When to try the queue again while OpenCode is unreachable.
     retry_at: Option<Instant>,
-    /// The session looks idle but its stored messages do not show the turn finished (yet): when
-    /// that was first seen, and when to look again.
-    unsettled_since: Option<Instant>,
+}
+
+/// The session looks idle but its stored messages do not show the turn finished (yet): when that
+/// was first seen, and when to look again.
+#[derive(Default)]
+struct Settle {
+    since: Option<Instant>,
     recheck_at: Option<Instant>,
 }
 
@@ -292,50 +291,20 @@ struct Queued {
     input: PromptInput,
 }
 
-/// The posts showing the running turn's reply, and when they were last edited.
-#[derive(Default)]
-struct ReplyPosts {
-    posts: Vec<SentPost>,
-    /// The id of the user message this reply answers (`PROMPT_PROP`), once known.
-    key: Option<String>,
-    text_shown: bool,
-    last_sent: Option<Instant>,
-    dirty: bool,
-}
-
-#[derive(Clone)]
-struct SentPost {
-    id: String,
-    text: String,
-}
-
-/// The reply posts and completion lines found in the thread, by the prompt they answer.
-#[derive(Default)]
-struct Earlier {
-    /// False when the thread could not be read: the older clues (`streaming_post_id`) then apply.
-    read: bool,
-    replies: HashMap<String, Vec<SentPost>>,
-    done: HashSet<String>,
-    /// `REQUEST_PROP` value → the post showing it.
-    requests: HashMap<String, String>,
-}
-
 impl Worker {
-    fn new(setup: Setup, worker_id: u64, report: Box<dyn Fn(Report) + Send>) -> Worker {
+    fn new(
+        setup: Setup,
+        worker_id: u64,
+        mailbox: inbox::Mailbox,
+        report: Box<dyn Fn(Report) + Send>,
+    ) -> Worker {
         Worker {
             worker_id,
-            offered_retirement: false,
+            mailbox,
             report,
-            find_root_since: setup.find_root_since,
-            looked_for_cut_off: false,
-            took_over: false,
-            earlier: None,
-            delivery: setup.delivery,
-            server_down: false,
-            told_down: false,
-            retry_at: None,
-            unsettled_since: None,
-            recheck_at: None,
+            recovery: recovery::Recovery::new(setup.delivery, setup.find_root_since),
+            outage: Outage::default(),
+            settle: Settle::default(),
             root_text: reply::root_post(&setup.info, &setup.command_prefix),
             key: setup.key,
             info: setup.info,
@@ -351,8 +320,8 @@ impl Worker {
             typing: setup.typing,
             last_typing: None,
             max_file_size: setup.max_file_size,
-            model: None,
-            agent: None,
+            model: setup.model.as_deref().and_then(model_ref),
+            agent: setup.agent,
             waiting: pending::Waiting::default(),
             todo_post: None,
         }
@@ -362,9 +331,9 @@ impl Worker {
         short_id(&self.key.session_id)
     }
 
-    fn run(mut self, inbox: Receiver<SessionMsg>) {
+    fn run(mut self) {
         let recorded = !self.root_post_id.is_empty();
-        self.took_over = recorded;
+        self.recovery.took_over = recorded;
         if !recorded && !self.create_root() {
             return;
         }
@@ -375,36 +344,63 @@ impl Worker {
             self.learn_status();
         }
         loop {
-            let message = match self.next_deadline() {
-                Some(deadline) => match inbox.recv_deadline(deadline) {
-                    Ok(message) => Some(message),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
-                },
-                None if !self.offered_retirement => match inbox.recv_timeout(IDLE_RETIRE) {
-                    Ok(message) => Some(message),
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.offer_retirement();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
-                },
-                None => match inbox.recv() {
-                    Ok(message) => Some(message),
-                    Err(_) => return self.stop(),
-                },
-            };
-            match message {
-                None => self.on_timer(),
-                Some(SessionMsg::Ended { ended_ms }) => {
-                    self.end(ended_ms);
+            self.note_dropped();
+            if let Some(message) = self.mailbox.pop() {
+                if let SessionMsg::Ended { ended_ms } = message {
+                    return self.end(ended_ms);
+                }
+                if !self.handle(message) {
                     return;
                 }
-                Some(message) => {
-                    if !self.handle(message) {
+                continue;
+            }
+            let (deadline, idle) = match self.next_deadline() {
+                Some(deadline) => (deadline, false),
+                None => (Instant::now() + IDLE_RETIRE, true),
+            };
+            match self.mailbox.wait(deadline) {
+                inbox::Wait::Woken => {}
+                inbox::Wait::Timeout if idle => {
+                    if self.retire() {
                         return;
                     }
                 }
+                inbox::Wait::Timeout => self.on_timer(),
+                // What was sent before the last sender went is still handled first.
+                inbox::Wait::Disconnected if self.mailbox.is_empty() => return self.stop(),
+                inbox::Wait::Disconnected => {}
+            }
+        }
+    }
+
+    /// Says once in the log that stream events were dropped (the inbox was full).
+    fn note_dropped(&mut self) {
+        let dropped = self.mailbox.take_dropped();
+        if dropped > 0 {
+            crate::warn!(
+                "[{}] {dropped} streamed event(s) dropped while the worker was behind; the turn's end re-reads the answer",
+                self.short()
+            );
+        }
+    }
+
+    /// Folds the stream events first in line into the turn, so the next post or edit shows what is
+    /// known now and a worker that is behind catches up in one call instead of one per event.
+    fn absorb(&mut self) {
+        let now = Instant::now();
+        let content = |message: &SessionMsg| match message {
+            SessionMsg::Event(event) => turn::is_content(event),
+            SessionMsg::Child { event, .. } => !pending::is_for_owner(event),
+            _ => false,
+        };
+        while let Some(message) = self.mailbox.pop_if(content) {
+            let change = match message {
+                SessionMsg::Event(event) => self.tracker.apply(event, now),
+                SessionMsg::Child { child_id, event } => self.tracker.apply_child(child_id, event),
+                _ => Change::Nothing,
+            };
+            if change == Change::Reply {
+                self.reply.dirty = true;
             }
         }
     }
@@ -427,25 +423,27 @@ impl Worker {
     }
 
     /// Only a worker whose loss would lose nothing retires: no turn, no queue, nothing asked of the
-    /// owner, no `!model`/`!agent` choice (kept only in memory), and OpenCode reachable.
-    fn offer_retirement(&mut self) {
+    /// owner, and OpenCode reachable (`!model`/`!agent` choices are kept by the router). It closes its inbox only if nothing waits in it, so a message
+    /// sent meanwhile is either handled here or handed back to the router, which starts a new worker.
+    /// True when the worker is retiring.
+    fn retire(&mut self) -> bool {
         let retirable = !self.tracker.is_running()
             && self.queue.is_empty()
             && !self.waiting.any()
-            && self.model.is_none()
-            && self.agent.is_none()
-            && !self.server_down;
-        if retirable {
-            self.offered_retirement = true;
-            (self.report)(Report::Idle {
-                key: self.key.clone(),
-                worker_id: self.worker_id,
-            });
+            && !self.outage.down;
+        if !retirable || !self.mailbox.close_if_empty() {
+            return false;
         }
+        crate::debug!("[{}] idle; retiring", self.short());
+        (self.report)(Report::Idle {
+            key: self.key.clone(),
+            worker_id: self.worker_id,
+        });
+        true
     }
 
     fn create_root(&mut self) -> bool {
-        if let Some(since_ms) = self.find_root_since.take() {
+        if let Some(since_ms) = self.recovery.find_root_since.take() {
             // A minute of slack for clocks that disagree between this host and Mattermost.
             let since = since_ms.saturating_sub(60_000);
             match crate::mattermost::search::find_thread_root(
@@ -536,9 +534,9 @@ impl Worker {
                 Change::Nothing
             }
             SessionMsg::ServerDown => {
-                self.server_down = true;
-                if !self.told_down {
-                    self.told_down = true;
+                self.outage.down = true;
+                if !self.outage.told {
+                    self.outage.told = true;
                     self.post_notice(
                         "⚠️ OpenCode is unreachable. Messages you send here are queued and delivered, in order, when it is back.",
                     );
@@ -546,12 +544,12 @@ impl Worker {
                 Change::Nothing
             }
             SessionMsg::ServerUp { told } => {
-                self.server_down = false;
-                self.retry_at = None;
-                if told || self.told_down {
+                self.outage.down = false;
+                self.outage.retry_at = None;
+                if told || self.outage.told {
                     self.post_notice("✅ OpenCode is reachable again.");
                 }
-                self.told_down = false;
+                self.outage.told = false;
                 self.sync_waiting();
                 Change::Nothing
             }
@@ -611,7 +609,7 @@ impl Worker {
         }
         if self.tracker.busy {
             // Working again: an earlier idle that the stored messages did not bear out was stale.
-            self.unsettled_since = None;
+            self.settle.since = None;
         }
         if !self.tracker.is_running() {
             return self.send_next();
@@ -642,14 +640,14 @@ impl Worker {
                 return true;
             }
         };
-        let must_wait = self.tracker.is_running() || !self.queue.is_empty() || self.server_down;
+        let must_wait = self.tracker.is_running() || !self.queue.is_empty() || self.outage.down;
         if must_wait {
             crate::debug!(
                 "[{}] prompt queued (running: {}, queued: {}, server down: {})",
                 self.short(),
                 self.tracker.is_running(),
                 self.queue.len(),
-                self.server_down
+                self.outage.down
             );
         }
         self.queue.push_back(Queued {
@@ -660,7 +658,7 @@ impl Worker {
                 ..PromptInput::default()
             },
         });
-        if self.server_down && !self.tracker.is_running() {
+        if self.outage.down && !self.tracker.is_running() {
             let ahead = self.queue.len() - 1;
             self.post_notice(&format!(
                 "⏳ OpenCode is unreachable; your message is queued ({ahead} ahead of it) and will be sent when it is back."
@@ -686,7 +684,7 @@ impl Worker {
     }
 
     fn send_next(&mut self) -> bool {
-        if self.server_down && self.retry_at.is_some_and(|t| t > Instant::now()) {
+        if self.outage.down && self.outage.retry_at.is_some_and(|t| t > Instant::now()) {
             return true;
         }
         let Some(Queued { post_id, mut input }) = self.queue.pop_front() else {
@@ -711,8 +709,8 @@ impl Worker {
         {
             Ok(()) => {
                 self.prompt_done(&post_id);
-                self.server_down = false;
-                self.retry_at = None;
+                self.outage.down = false;
+                self.outage.retry_at = None;
                 self.tracker.saw_message(&message_id);
                 self.tracker.begin(Instant::now(), Some(message_id));
                 self.reply = ReplyPosts::default();
@@ -738,10 +736,10 @@ impl Worker {
                     self.short()
                 );
                 self.queue.push_front(Queued { post_id, input });
-                self.server_down = true;
-                self.retry_at = Some(Instant::now() + PROMPT_RETRY);
-                if !self.told_down {
-                    self.told_down = true;
+                self.outage.down = true;
+                self.outage.retry_at = Some(Instant::now() + PROMPT_RETRY);
+                if !self.outage.told {
+                    self.outage.told = true;
                     self.post_notice(
                         "⏳ OpenCode is unreachable; your message is queued and will be sent, in order, when it is back.",
                     );
@@ -787,33 +785,13 @@ impl Worker {
         }
     }
 
-    /// Sends what changed: at once for the first visible output and the first text, else at most
-    /// every EDIT_INTERVAL.
-    fn schedule(&mut self) {
-        let Some(turn) = self.tracker.turn.as_ref() else {
-            return;
-        };
-        if !self.reply.dirty {
-            return;
-        }
-        let urgent = self.reply.posts.is_empty()
-            || (!self.reply.text_shown && turn.has_text())
-            || self
-                .reply
-                .last_sent
-                .is_none_or(|t| t.elapsed() >= EDIT_INTERVAL);
-        if urgent {
-            self.flush();
-        }
-    }
-
     fn next_deadline(&self) -> Option<Instant> {
-        let retry = self.retry_at.filter(|_| !self.queue.is_empty());
+        let retry = self.outage.retry_at.filter(|_| !self.queue.is_empty());
         [
             self.flush_deadline(),
             self.typing_deadline(),
             retry,
-            self.recheck_at,
+            self.settle.recheck_at,
         ]
         .into_iter()
         .flatten()
@@ -827,12 +805,12 @@ impl Worker {
         if self.typing_deadline().is_some_and(|d| d <= Instant::now()) {
             self.send_typing();
         }
-        if self.retry_at.is_some_and(|d| d <= Instant::now()) && !self.tracker.is_running() {
-            self.retry_at = None;
+        if self.outage.retry_at.is_some_and(|d| d <= Instant::now()) && !self.tracker.is_running() {
+            self.outage.retry_at = None;
             self.send_next();
         }
-        if self.recheck_at.is_some_and(|d| d <= Instant::now()) {
-            self.recheck_at = None;
+        if self.settle.recheck_at.is_some_and(|d| d <= Instant::now()) {
+            self.settle.recheck_at = None;
             if !self.tracker.busy {
                 self.finish_turn();
                 if !self.tracker.is_running() {
@@ -840,183 +818,6 @@ impl Worker {
                 }
             }
         }
-    }
-
-    /// While the session works (and is not waiting on the owner), the bot shows as typing in the thread.
-    fn typing_deadline(&self) -> Option<Instant> {
-        if !self.tracker.is_running() || self.waiting.any() || self.root_post_id.is_empty() {
-            return None;
-        }
-        Some(
-            self.last_typing
-                .map_or_else(Instant::now, |t| t + TYPING_INTERVAL),
-        )
-    }
-
-    fn send_typing(&mut self) {
-        self.last_typing = Some(Instant::now());
-        // Typing is ephemeral: when the socket is down or behind, skipping one is right.
-        let _ = self.typing.try_send(WsAction::Typing {
-            channel_id: self.channel_id.clone(),
-            parent_id: self.root_post_id.clone(),
-        });
-    }
-
-    fn flush_deadline(&self) -> Option<Instant> {
-        if !self.reply.dirty || self.tracker.turn.is_none() {
-            return None;
-        }
-        Some(
-            self.reply
-                .last_sent
-                .map_or_else(Instant::now, |t| t + EDIT_INTERVAL),
-        )
-    }
-
-    /// Sends the running turn's reply as it stands, with its "working…" status line.
-    fn flush(&mut self) {
-        self.flush_with_status(true);
-    }
-
-    /// `flush`; without the status line when a text part has just been completed, since that text is
-    /// most often the final answer: the turn's end then needs no further edit.
-    fn flush_with_status(&mut self, working: bool) {
-        let Some(turn) = self.tracker.turn.as_ref() else {
-            return;
-        };
-        self.reply.dirty = false;
-        if !turn.is_visible() && self.reply.posts.is_empty() {
-            return;
-        }
-        let body = turn.body(working);
-        self.reply.text_shown |= turn.has_text();
-        self.reply.key = turn.prompt_key().map(str::to_string);
-        self.send_reply(&body, false);
-    }
-
-    /// Sends a finished turn's clean reply, without the status line.
-    fn show_final(&mut self, turn: &Turn) {
-        self.reply.key = turn.prompt_key().map(str::to_string);
-        if turn.is_visible() || !self.reply.posts.is_empty() {
-            self.send_reply(&turn.body(false), true);
-        }
-    }
-
-    /// Makes the reply posts show `body`: edits the posts that changed, adds continuation posts, and
-    /// at the end removes posts the final text no longer needs.
-    fn send_reply(&mut self, body: &str, last: bool) {
-        if !self.try_send_reply(body, last) && self.recreate_root() {
-            // The old thread went with its root: the whole reply goes into the new one.
-            self.reply.posts.clear();
-            self.try_send_reply(body, last);
-        }
-        self.reply.last_sent = Some(Instant::now());
-    }
-
-    /// `send_reply`'s work; false when the thread's root has been deleted.
-    fn try_send_reply(&mut self, body: &str, last: bool) -> bool {
-        let short = short_id(&self.key.session_id).to_string();
-        let prompt_key = self.reply.key.clone();
-        if self.reply.posts.is_empty() {
-            // A reply begun by an earlier run goes on in its own posts.
-            self.reply.posts = self.earlier_reply(prompt_key.as_deref());
-        }
-        let props = prompt_key.map(|key| json!({ PROMPT_PROP: key }));
-        let chunks = split_post(body, MAX_POST_CHARS);
-        let needed = chunks.len();
-        for (index, chunk) in chunks.into_iter().enumerate() {
-            match self.reply.posts.get_mut(index) {
-                Some(sent) if sent.text == chunk => {}
-                Some(sent) => match self.mattermost.patch_post(&sent.id, &chunk) {
-                    Ok(_) => sent.text = chunk,
-                    // Deleted meanwhile: the text goes in a new post instead.
-                    Err(e) if e.status() == Some(404) => {
-                        crate::warn!("[{short}] reply post {} is gone; posting anew", sent.id);
-                        match self.mattermost.create_post(
-                            &self.channel_id,
-                            &self.root_post_id,
-                            &chunk,
-                            props.clone(),
-                        ) {
-                            Ok(post) => {
-                                *sent = SentPost {
-                                    id: post.id,
-                                    text: chunk,
-                                }
-                            }
-                            Err(e) if root_deleted(&e) => return false,
-                            Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
-                        }
-                    }
-                    // A reply deleted with its thread's root is refused as a permission error.
-                    Err(e) if e.status() == Some(403) && self.root_is_gone() => return false,
-                    Err(e) => crate::warn!("[{short}] reply edit failed: {e}"),
-                },
-                None => match self.mattermost.create_post(
-                    &self.channel_id,
-                    &self.root_post_id,
-                    &chunk,
-                    props.clone(),
-                ) {
-                    Ok(post) => {
-                        if index == 0 {
-                            (self.report)(Report::ReplyStarted {
-                                key: self.key.clone(),
-                                post_id: post.id.clone(),
-                            });
-                        }
-                        self.reply.posts.push(SentPost {
-                            id: post.id,
-                            text: chunk,
-                        })
-                    }
-                    Err(e) if root_deleted(&e) => return false,
-                    Err(e) => {
-                        crate::warn!("[{short}] reply post failed: {e}");
-                        break;
-                    }
-                },
-            }
-        }
-        if last && self.reply.posts.len() > needed {
-            for stale in self.reply.posts.drain(needed..) {
-                if let Err(e) = self.mattermost.delete_post(&stale.id) {
-                    crate::warn!("[{short}] stale reply post not removed: {e}");
-                }
-            }
-        }
-        true
-    }
-
-    fn root_is_gone(&self) -> bool {
-        matches!(
-            self.mattermost.get_post(&self.root_post_id),
-            Err(e) if matches!(e.status(), Some(403 | 404))
-        )
-    }
-
-    /// The thread's root was deleted (and its replies with it): the session gets a new thread.
-    fn recreate_root(&mut self) -> bool {
-        crate::warn!(
-            "[{}] the thread root {} was deleted; starting a new thread",
-            self.short(),
-            self.root_post_id
-        );
-        self.root_post_id.clear();
-        self.find_root_since = None;
-        self.todo_post = None;
-        // What the old thread showed went with it.
-        self.earlier = Some(Earlier {
-            read: true,
-            ..Earlier::default()
-        });
-        if !self.create_root() {
-            return false;
-        }
-        self.post_notice(
-            "🧵 This session's earlier thread was deleted, so it goes on here. Reply here to reach it.",
-        );
-        true
     }
 
     fn finish_turn(&mut self) {
@@ -1028,6 +829,9 @@ impl Worker {
                 None
             }
         };
+        // Settled nowhere in the stored messages: OpenCode was restarted mid-answer, which is never
+        // finished.
+        let mut interrupted = false;
         if let Some(messages) = &stored
             && !self.tracker.settled_in(messages)
         {
@@ -1039,23 +843,24 @@ impl Worker {
             if never_started {
                 return self.abandon_turn();
             }
-            let since = *self.unsettled_since.get_or_insert_with(Instant::now);
+            let since = *self.settle.since.get_or_insert_with(Instant::now);
             if since.elapsed() < UNSETTLED_GRACE {
                 crate::debug!(
                     "[{}] idle, but the stored messages do not show the turn finished yet",
                     self.short()
                 );
-                self.recheck_at = Some(Instant::now() + SETTLE_RECHECK);
+                self.settle.recheck_at = Some(Instant::now() + SETTLE_RECHECK);
                 return;
             }
             crate::warn!(
-                "[{}] the session stayed idle without finishing the turn; showing what it has",
+                "[{}] the session stayed idle without finishing the turn; showing what it has as incomplete",
                 self.short()
             );
+            interrupted = true;
         }
-        self.unsettled_since = None;
-        self.recheck_at = None;
-        self.complete_turn(stored.as_deref(), None);
+        self.settle.since = None;
+        self.settle.recheck_at = None;
+        self.complete_turn(stored.as_deref(), None, interrupted);
     }
 
     /// OpenCode took the prompt but never started on it (it may drop a prompt it cannot use, such
@@ -1066,8 +871,8 @@ impl Worker {
             self.short(),
             STALLED_TURN.as_secs()
         );
-        self.unsettled_since = None;
-        self.recheck_at = None;
+        self.settle.since = None;
+        self.settle.recheck_at = None;
         self.tracker.finish(None, Instant::now());
         self.reply = ReplyPosts::default();
         self.post_notice(&format!(
@@ -1078,12 +883,32 @@ impl Worker {
     }
 
     /// Shows the turn's final text and its completion line, and records it as delivered.
-    /// `elapsed_ms` overrides the turn's own clock (a turn that ran while the bridge was away).
-    fn complete_turn(&mut self, stored: Option<&[StoredMessage]>, elapsed_ms: Option<u64>) {
-        let Some((turn, summary)) = self.tracker.finish(stored, Instant::now()) else {
+    /// `elapsed_ms` overrides the turn's own clock (a turn that ran while the bridge was away);
+    /// `interrupted`: OpenCode never finished the answer, so the reply says it is incomplete.
+    fn complete_turn(
+        &mut self,
+        stored: Option<&[StoredMessage]>,
+        elapsed_ms: Option<u64>,
+        interrupted: bool,
+    ) {
+        let finished = match interrupted {
+            true => self.tracker.finish_cut_off(stored, Instant::now()),
+            false => self.tracker.finish(stored, Instant::now()),
+        };
+        let Some((turn, summary)) = finished else {
             return;
         };
-        self.show_final(&turn);
+        if summary.outcome == reply::Outcome::Interrupted {
+            self.reply.key = turn.prompt_key().map(str::to_string);
+            let shown = turn.body(false);
+            let body = match shown.is_empty() {
+                true => reply::INCOMPLETE_NOTE.to_string(),
+                false => format!("{shown}\n\n{}", reply::INCOMPLETE_NOTE),
+            };
+            self.send_reply(&body, true);
+        } else {
+            self.show_final(&turn);
+        }
         self.reply = ReplyPosts::default();
         self.todo_post = None;
         self.last_typing = None;
@@ -1115,119 +940,21 @@ impl Worker {
             "[{}] turn delivered: last assistant message {message_id:?}",
             self.short()
         );
-        self.delivery.message_id = message_id.clone();
-        self.delivery.streaming_post_id = None;
+        self.recovery.delivery.message_id = message_id.clone();
+        self.recovery.delivery.streaming_post_id = None;
         (self.report)(Report::Delivered {
             key: self.key.clone(),
             message_id,
         });
     }
 
-    /// The posts of the reply to `prompt_key` that an earlier run began, in order; empty when none.
-    fn earlier_reply(&mut self, prompt_key: Option<&str>) -> Vec<SentPost> {
-        let earlier = self.earlier();
-        if earlier.read {
-            return prompt_key
-                .and_then(|key| earlier.replies.get(key))
-                .cloned()
-                .unwrap_or_default();
-        }
-        // The thread could not be read: the saved post id, or the thread's last unfinished reply.
-        let cut_off = self
-            .delivery
-            .streaming_post_id
-            .take()
-            .or_else(|| self.find_cut_off_reply());
-        cut_off
-            .map(|id| {
-                vec![SentPost {
-                    id,
-                    text: String::new(),
-                }]
-            })
-            .unwrap_or_default()
-    }
-
-    fn earlier_done(&mut self, prompt_key: &str) -> bool {
-        self.earlier().done.contains(prompt_key)
-    }
-
-    /// Posts what a waiting request asks, tagged with `request_key`; or, after a restart, finds the
-    /// post an earlier run made for it. Returns the post's id.
-    fn post_request(&mut self, request_key: &str, text: &str) -> Option<String> {
-        if let Some(post_id) = self.earlier().requests.get(request_key).cloned() {
-            crate::info!(
-                "[{}] request {request_key} is still waiting; its post {post_id} answers it again",
-                self.short()
-            );
-            return Some(post_id);
-        }
-        self.post_tagged(text, Some(json!({ REQUEST_PROP: request_key })))
-    }
-
-    /// Reads the thread once per worker that took over a thread from an earlier run (a worker that
-    /// opened the thread itself has nothing earlier to find).
-    fn earlier(&mut self) -> &Earlier {
-        if self.earlier.is_none() {
-            let mut earlier = Earlier::default();
-            if self.took_over {
-                match crate::mattermost::search::thread_posts(&self.mattermost, &self.root_post_id)
-                {
-                    Ok(posts) => {
-                        earlier.read = true;
-                        for post in posts.into_iter().filter(|p| p.user_id == self.bot_user_id) {
-                            let prop = |name: &str| {
-                                post.props
-                                    .get(name)
-                                    .and_then(|v| v.as_str())
-                                    .map(str::to_string)
-                            };
-                            if let Some(key) = prop(PROMPT_PROP) {
-                                earlier.replies.entry(key).or_default().push(SentPost {
-                                    id: post.id.clone(),
-                                    text: post.message.clone(),
-                                });
-                            }
-                            if let Some(key) = prop(DONE_PROP) {
-                                earlier.done.insert(key);
-                            }
-                            if let Some(key) = prop(REQUEST_PROP) {
-                                earlier.requests.insert(key, post.id.clone());
-                            }
-                        }
-                    }
-                    Err(e) => crate::warn!(
-                        "[{}] thread not read, so a reply begun before the restart is found by its last post only: {e}",
-                        self.short()
-                    ),
-                }
-            } else {
-                earlier.read = true;
-            }
-            self.earlier = Some(earlier);
-        }
-        self.earlier.get_or_insert_with(Earlier::default)
-    }
-
-    /// A reply cut off by a crash before its post id was saved: the thread's last bot post, when it
-    /// still shows a streaming reply. Looked for once per worker, on its first reply.
-    fn find_cut_off_reply(&mut self) -> Option<String> {
-        if std::mem::replace(&mut self.looked_for_cut_off, true) {
-            return None;
-        }
-        let posts =
-            match crate::mattermost::search::thread_posts(&self.mattermost, &self.root_post_id) {
-                Ok(posts) => posts,
-                Err(e) => {
-                    crate::debug!("[{}] thread not read: {e}", self.short());
-                    return None;
-                }
-            };
-        let last = posts
-            .iter()
-            .rev()
-            .find(|p| p.user_id == self.bot_user_id && p.id != self.root_post_id)?;
-        reply::is_unfinished_reply(&last.message).then(|| last.id.clone())
+    /// Hands the owner's current `!model`/`!agent` choices to the router to keep.
+    fn report_choices(&self) {
+        (self.report)(Report::Choices {
+            key: self.key.clone(),
+            model: self.model.as_ref().map(model_setting),
+            agent: self.agent.clone(),
+        });
     }
 
     fn prompt_done(&self, post_id: &str) {
@@ -1247,100 +974,6 @@ impl Worker {
             self.tracker.saw_message(&newest.id);
         }
         Ok(messages)
-    }
-
-    /// Whether the session already has the prompt from `post_id`, sent from `since_ms` on (when it
-    /// was owed): a prompt handed over just before a crash must not run twice. The bridge's prompts
-    /// carry their post in their message id, so this is exact.
-    fn already_sent(&mut self, post_id: &str, since_ms: u64) -> bool {
-        let messages = match self.stored_messages() {
-            Ok(messages) => messages,
-            Err(e) => {
-                crate::warn!(
-                    "[{}] could not check whether prompt {post_id} arrived before the restart ({e}); sending it",
-                    self.short()
-                );
-                return false;
-            }
-        };
-        messages.iter().any(|(info, _)| {
-            info.role == crate::opencode::Role::User
-                && crate::opencode::ids::is_prompt_of(&info.id, post_id, since_ms)
-        })
-    }
-
-    /// After the bridge was away: the answers OpenCode finished meanwhile, shown as one reply.
-    fn catch_up(&mut self) {
-        if self.tracker.is_running() {
-            return;
-        }
-        let stored = match self.stored_messages() {
-            Ok(messages) => messages,
-            // Deleted: the router is ending the thread.
-            Err(OcError::SessionNotFound(_)) => return,
-            Err(e) => {
-                crate::warn!("[{}] missed answers not read: {e}", self.short());
-                return;
-            }
-        };
-        let after_delivered = self.delivery.message_id.as_ref().and_then(|id| {
-            stored
-                .iter()
-                .position(|(info, _)| &info.id == id)
-                .map(|i| i + 1)
-        });
-        let start = after_delivered.unwrap_or_else(|| {
-            stored
-                .iter()
-                .position(|(info, _)| info.created_ms >= self.delivery.since_ms)
-                .unwrap_or(stored.len())
-        });
-        // Up to the last finished answer: one still running is streamed live instead.
-        let end = stored
-            .iter()
-            .rposition(|(info, _)| {
-                info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
-            })
-            .map_or(0, |i| i + 1);
-        crate::debug!(
-            "[{}] catch-up: {} stored message(s), missed {start}..{end}",
-            self.short(),
-            stored.len()
-        );
-        if end <= start {
-            return;
-        }
-        let missed = &stored[start..end];
-        // One reply per turn: each user message starts a turn (OpenCode may have run several while
-        // the bridge was away, from prompts it had queued).
-        let mut turns: Vec<&[StoredMessage]> = Vec::new();
-        let mut from = 0;
-        for (i, (info, _)) in missed.iter().enumerate() {
-            if info.role == crate::opencode::Role::User && i > from {
-                turns.push(&missed[from..i]);
-                from = i;
-            }
-        }
-        turns.push(&missed[from..]);
-        for turn in turns {
-            let finished = turn
-                .iter()
-                .filter(|(info, _)| info.role == crate::opencode::Role::Assistant)
-                .filter_map(|(info, _)| info.completed_ms)
-                .max();
-            let Some(finished_ms) = finished else {
-                continue;
-            };
-            let began_ms = turn
-                .first()
-                .map_or(finished_ms, |(info, _)| info.created_ms);
-            crate::info!(
-                "[{}] posting an answer finished while the bridge was away",
-                self.short()
-            );
-            self.tracker.begin(Instant::now(), None);
-            self.complete_turn(Some(turn), Some(finished_ms.saturating_sub(began_ms)));
-        }
     }
 
     /// The bridge is stopping: a reply still streaming says so instead of "working…" forever.
@@ -1375,59 +1008,25 @@ impl Worker {
             n => format!(" {n} queued message(s) were not sent."),
         }
     }
+}
 
-    /// Posts in the thread, split when long. Returns the id of the first post, if it was accepted.
-    fn post_notice(&mut self, message: &str) -> Option<String> {
-        self.post_tagged(message, None)
-    }
-
-    /// `post_notice`, with props on each post.
-    fn post_tagged(&mut self, message: &str, props: Option<serde_json::Value>) -> Option<String> {
-        let mut first = None;
-        for chunk in split_post(message, MAX_POST_CHARS) {
-            let mut posted = self.mattermost.create_post(
-                &self.channel_id,
-                &self.root_post_id,
-                &chunk,
-                props.clone(),
-            );
-            if posted.as_ref().is_err_and(root_deleted) && self.recreate_root() {
-                posted = self.mattermost.create_post(
-                    &self.channel_id,
-                    &self.root_post_id,
-                    &chunk,
-                    props.clone(),
-                );
-            }
-            match posted {
-                Ok(post) => {
-                    first.get_or_insert(post.id);
-                }
-                Err(e) => {
-                    crate::warn!("[{}] notice not posted: {e}", self.short());
-                    break;
-                }
-            }
+/// A model as `Setup::model` and `Report::Choices` carry it: `provider/model` (the model id may hold
+/// more slashes).
+fn model_ref(setting: &str) -> Option<ModelRef> {
+    match setting.split_once('/') {
+        Some((provider_id, model_id)) if !provider_id.is_empty() && !model_id.is_empty() => {
+            Some(ModelRef {
+                provider_id: provider_id.to_string(),
+                model_id: model_id.to_string(),
+            })
         }
-        first
-    }
-
-    /// Replaces a post's text; a failure is logged, since the post's old text is still true enough.
-    fn edit_post(&self, post_id: &str, message: &str) {
-        if post_id.is_empty() {
-            return;
-        }
-        if let Err(e) = self.mattermost.patch_post(post_id, message) {
-            crate::warn!("[{}] post {post_id} not updated: {e}", self.short());
+        _ => {
+            crate::warn!("a saved model choice {setting:?} is not provider/model; ignored");
+            None
         }
     }
 }
 
-/// Mattermost refuses a reply whose root no longer exists with this error.
-fn root_deleted(error: &crate::mattermost::rest::MmError) -> bool {
-    matches!(
-        error,
-        crate::mattermost::rest::MmError::Http { status: 400, id, .. }
-            if id == "api.post.create_post.root_id.app_error"
-    )
+fn model_setting(model: &ModelRef) -> String {
+    format!("{}/{}", model.provider_id, model.model_id)
 }

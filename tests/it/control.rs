@@ -617,6 +617,42 @@ fn new_creates_a_session_with_its_thread_and_first_prompt() {
     });
 }
 
+/// Issue 11, defect 8: `!model` and `!agent` choices are kept with the thread, so the next run's
+/// worker still sends prompts with them.
+#[test]
+fn model_and_agent_choices_survive_a_bridge_restart() {
+    let mut world =
+        world_with(r#"{"provider": {"fake": {"models": {"other-model": {"name": "Other"}}}}}"#);
+    let (id, _) = world.new_session("Choices across a restart");
+    let root = world.wait_root(&id);
+    world.owner_says(&root.id, "!model other-model");
+    world.wait_bot_post(&root.id, "model chosen", |p| {
+        p.message.contains("`fake/other-model`")
+    });
+    world.owner_says(&root.id, "!agent plan");
+    world.wait_bot_post(&root.id, "agent chosen", |p| {
+        p.message.contains("`plan` agent")
+    });
+    world.stop_bridge();
+    world.start_bridge();
+    world.owner_says(&root.id, "which model answers");
+    wait_completions(&world, &root, 1);
+    let messages = world.opencode.messages(&id, world.opencode.project_dir());
+    let last_user = messages
+        .as_array()
+        .expect("messages")
+        .iter()
+        .rev()
+        .find(|m| m["info"]["role"] == "user")
+        .cloned()
+        .expect("a user message");
+    assert_eq!(last_user["info"]["agent"], "plan", "{last_user}");
+    assert_eq!(
+        last_user["info"]["model"]["modelID"], "other-model",
+        "{last_user}"
+    );
+}
+
 #[test]
 fn thread_commands_answer_in_the_thread() {
     let world = world_with("{}");

@@ -200,6 +200,7 @@ pub(crate) fn completion_lines(world: &World, root: &Post) -> Vec<Post> {
             p.message.starts_with("✅ Done")
                 || p.message.starts_with("⏹️ Stopped")
                 || p.message.starts_with("⚠️ Failed")
+                || p.message.starts_with("⚠️ Interrupted")
         })
         .collect()
 }

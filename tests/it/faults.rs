@@ -193,6 +193,26 @@ fn opencode_restarted_mid_turn_gets_notices_and_queued_prompts_are_delivered() {
     wait_for("the interrupted turn and the queued one to end", || {
         completion_lines(&world, &root).len() >= 2
     });
+    // The cut-off answer is not announced as done: the thread says it is incomplete and how to
+    // run it again (issue 11, defect 1).
+    let lines: Vec<String> = completion_lines(&world, &root)
+        .into_iter()
+        .map(|p| p.message)
+        .collect();
+    assert!(
+        lines[0].starts_with("⚠️ Interrupted") && lines[0].contains("incomplete"),
+        "{lines:#?}"
+    );
+    assert!(lines[0].contains("🔁"), "says how to resend: {lines:#?}");
+    assert!(lines[1].starts_with("✅ Done"), "{lines:#?}");
+    let cut_off = world.wait_bot_post(&root.id, "the cut-off reply", |p| {
+        p.message.contains("Working on it")
+    });
+    assert!(
+        cut_off.message.contains("incomplete"),
+        "{}",
+        cut_off.message
+    );
     assert_eq!(
         bot_posts_containing(&world, &root, "OpenCode is unreachable").len(),
         1,

@@ -1,0 +1,277 @@
+//! Continuing where an earlier run left off: the reply posts, completion lines and request posts it
+//! made in the thread (found by their props), a reply it cut off mid-stream, a prompt it may already
+//! have handed to OpenCode, and the answers OpenCode finished while no worker watched.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::opencode::rest::OcError;
+use crate::reply;
+
+use super::reply_posts::SentPost;
+use super::{Delivery, StoredMessage, Worker};
+
+/// What an earlier run left in this worker's thread, and how far the thread is delivered.
+pub(super) struct Recovery {
+    /// Set when a previous run began creating the root: look for it before posting one.
+    pub(super) find_root_since: Option<u64>,
+    pub(super) delivery: Delivery,
+    pub(super) looked_for_cut_off: bool,
+    /// The thread was opened by an earlier run, which may have left a reply or a request post in it.
+    pub(super) took_over: bool,
+    /// What an earlier run posted in this thread, by prompt; read once, when first needed.
+    pub(super) earlier: Option<Earlier>,
+}
+
+impl Recovery {
+    pub(super) fn new(delivery: Delivery, find_root_since: Option<u64>) -> Recovery {
+        Recovery {
+            find_root_since,
+            delivery,
+            looked_for_cut_off: false,
+            took_over: false,
+            earlier: None,
+        }
+    }
+}
+
+/// The reply posts and completion lines found in the thread, by the prompt they answer.
+#[derive(Default)]
+pub(super) struct Earlier {
+    /// False when the thread could not be read: the older clues (`streaming_post_id`) then apply.
+    read: bool,
+    replies: HashMap<String, Vec<SentPost>>,
+    done: HashSet<String>,
+    /// `REQUEST_PROP` value → the post showing it.
+    requests: HashMap<String, String>,
+}
+
+/// Reply posts carry the id of the user message they answer, and the completion line carries it
+/// under `DONE_PROP`: a worker started after a crash finds the reply it had begun, or finished,
+/// instead of posting it again.
+pub(super) const PROMPT_PROP: &str = "opencode_prompt";
+pub(super) const DONE_PROP: &str = "opencode_done";
+
+/// Permission and question posts carry their request, so a restarted worker binds a request still
+/// waiting to the post that shows it instead of posting it again.
+pub(super) const REQUEST_PROP: &str = "opencode_request";
+
+impl Worker {
+    /// The posts of the reply to `prompt_key` that an earlier run began, in order; empty when none.
+    pub(super) fn earlier_reply(&mut self, prompt_key: Option<&str>) -> Vec<SentPost> {
+        let earlier = self.earlier();
+        if earlier.read {
+            return prompt_key
+                .and_then(|key| earlier.replies.get(key))
+                .cloned()
+                .unwrap_or_default();
+        }
+        // The thread could not be read: the saved post id, or the thread's last unfinished reply.
+        let cut_off = self
+            .recovery
+            .delivery
+            .streaming_post_id
+            .take()
+            .or_else(|| self.find_cut_off_reply());
+        cut_off
+            .map(|id| {
+                vec![SentPost {
+                    id,
+                    text: String::new(),
+                }]
+            })
+            .unwrap_or_default()
+    }
+
+    pub(super) fn earlier_done(&mut self, prompt_key: &str) -> bool {
+        self.earlier().done.contains(prompt_key)
+    }
+
+    /// Posts what a waiting request asks, tagged with `request_key`; or, after a restart, finds the
+    /// post an earlier run made for it. Returns the post's id.
+    pub(super) fn post_request(&mut self, request_key: &str, text: &str) -> Option<String> {
+        if let Some(post_id) = self.earlier().requests.get(request_key).cloned() {
+            crate::info!(
+                "[{}] request {request_key} is still waiting; its post {post_id} answers it again",
+                self.short()
+            );
+            return Some(post_id);
+        }
+        self.post_tagged(text, Some(json!({ REQUEST_PROP: request_key })))
+    }
+
+    /// Reads the thread once per worker that took over a thread from an earlier run (a worker that
+    /// opened the thread itself has nothing earlier to find).
+    pub(super) fn earlier(&mut self) -> &Earlier {
+        if self.recovery.earlier.is_none() {
+            let mut earlier = Earlier::default();
+            if self.recovery.took_over {
+                match crate::mattermost::search::thread_posts(&self.mattermost, &self.root_post_id)
+                {
+                    Ok(posts) => {
+                        earlier.read = true;
+                        for post in posts.into_iter().filter(|p| p.user_id == self.bot_user_id) {
+                            let prop = |name: &str| {
+                                post.props
+                                    .get(name)
+                                    .and_then(|v| v.as_str())
+                                    .map(str::to_string)
+                            };
+                            if let Some(key) = prop(PROMPT_PROP) {
+                                earlier.replies.entry(key).or_default().push(SentPost {
+                                    id: post.id.clone(),
+                                    text: post.message.clone(),
+                                });
+                            }
+                            if let Some(key) = prop(DONE_PROP) {
+                                earlier.done.insert(key);
+                            }
+                            if let Some(key) = prop(REQUEST_PROP) {
+                                earlier.requests.insert(key, post.id.clone());
+                            }
+                        }
+                    }
+                    Err(e) => crate::warn!(
+                        "[{}] thread not read, so a reply begun before the restart is found by its last post only: {e}",
+                        self.short()
+                    ),
+                }
+            } else {
+                earlier.read = true;
+            }
+            self.recovery.earlier = Some(earlier);
+        }
+        self.recovery.earlier.get_or_insert_with(Earlier::default)
+    }
+
+    /// A reply cut off by a crash before its post id was saved: the thread's last bot post, when it
+    /// still shows a streaming reply. Looked for once per worker, on its first reply.
+    pub(super) fn find_cut_off_reply(&mut self) -> Option<String> {
+        if std::mem::replace(&mut self.recovery.looked_for_cut_off, true) {
+            return None;
+        }
+        let posts =
+            match crate::mattermost::search::thread_posts(&self.mattermost, &self.root_post_id) {
+                Ok(posts) => posts,
+                Err(e) => {
+                    crate::debug!("[{}] thread not read: {e}", self.short());
+                    return None;
+                }
+            };
+        let last = posts
+            .iter()
+            .rev()
+            .find(|p| p.user_id == self.bot_user_id && p.id != self.root_post_id)?;
+        reply::is_unfinished_reply(&last.message).then(|| last.id.clone())
+    }
+
+    /// Whether the session already has the prompt from `post_id`, sent from `since_ms` on (when it
+    /// was owed): a prompt handed over just before a crash must not run twice. The bridge's prompts
+    /// carry their post in their message id, so this is exact.
+    pub(super) fn already_sent(&mut self, post_id: &str, since_ms: u64) -> bool {
+        let messages = match self.stored_messages() {
+            Ok(messages) => messages,
+            Err(e) => {
+                crate::warn!(
+                    "[{}] could not check whether prompt {post_id} arrived before the restart ({e}); sending it",
+                    self.short()
+                );
+                return false;
+            }
+        };
+        messages.iter().any(|(info, _)| {
+            info.role == crate::opencode::Role::User
+                && crate::opencode::ids::is_prompt_of(&info.id, post_id, since_ms)
+        })
+    }
+
+    /// After the bridge was away: the answers OpenCode finished meanwhile, shown as one reply.
+    pub(super) fn catch_up(&mut self) {
+        if self.tracker.is_running() {
+            return;
+        }
+        let stored = match self.stored_messages() {
+            Ok(messages) => messages,
+            // Deleted: the router is ending the thread.
+            Err(OcError::SessionNotFound(_)) => return,
+            Err(e) => {
+                crate::warn!("[{}] missed answers not read: {e}", self.short());
+                return;
+            }
+        };
+        let after_delivered = self.recovery.delivery.message_id.as_ref().and_then(|id| {
+            stored
+                .iter()
+                .position(|(info, _)| &info.id == id)
+                .map(|i| i + 1)
+        });
+        let start = after_delivered.unwrap_or_else(|| {
+            stored
+                .iter()
+                .position(|(info, _)| info.created_ms >= self.recovery.delivery.since_ms)
+                .unwrap_or(stored.len())
+        });
+        // Up to the last finished answer: one still running is streamed live instead.
+        let end = stored
+            .iter()
+            .rposition(|(info, _)| {
+                info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
+            })
+            .map_or(0, |i| i + 1);
+        crate::debug!(
+            "[{}] catch-up: {} stored message(s), missed {start}..{end}",
+            self.short(),
+            stored.len()
+        );
+        if end <= start {
+            return;
+        }
+        let missed = &stored[start..end];
+        // One reply per turn: each user message starts a turn (OpenCode may have run several while
+        // the bridge was away, from prompts it had queued).
+        let mut turns: Vec<&[StoredMessage]> = Vec::new();
+        let mut from = 0;
+        for (i, (info, _)) in missed.iter().enumerate() {
+            if info.role == crate::opencode::Role::User && i > from {
+                turns.push(&missed[from..i]);
+                from = i;
+            }
+        }
+        turns.push(&missed[from..]);
+        for turn in turns {
+            let finished = turn
+                .iter()
+                .filter(|(info, _)| info.role == crate::opencode::Role::Assistant)
+                .filter_map(|(info, _)| info.completed_ms)
+                .max();
+            let Some(finished_ms) = finished else {
+                continue;
+            };
+            let began_ms = turn
+                .first()
+                .map_or(finished_ms, |(info, _)| info.created_ms);
+            crate::info!(
+                "[{}] posting an answer finished while the bridge was away",
+                self.short()
+            );
+            self.tracker.begin(Instant::now(), None);
+            self.complete_turn(
+                Some(turn),
+                Some(finished_ms.saturating_sub(began_ms)),
+                false,
+            );
+        }
+    }
+}
+
+impl Worker {
+    /// The thread was started anew (its root was deleted): what the old one showed went with it.
+    pub(super) fn forget_earlier(&mut self) {
+        self.recovery.earlier = Some(Earlier {
+            read: true,
+            ..Earlier::default()
+        });
+    }
+}
