@@ -206,7 +206,8 @@ pub fn help_text() -> String {
         "\nEXIT CODES:\n    0    clean stop (SIGINT or SIGTERM); check: every check passed; status: running and healthy\n    \
          1    fatal runtime error; check: a check failed; status: not running or not healthy\n    \
          2    configuration or usage error\n    \
-         3    another opencode-mattermost already runs on the state directory\n",
+         3    another opencode-mattermost already runs on the state directory\n    \
+         4    a bug: a thread other than a session worker panicked (the log has the message)\n",
     );
     text
 }

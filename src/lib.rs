@@ -90,7 +90,10 @@ pub fn run_with_ready(
         })
         .map_err(|e| RunError::Fatal(format!("cannot start the bridge thread: {e}")))?;
     crossbeam_channel::select! {
-        recv(done) -> result => return result.unwrap_or(Ok(())),
+        // No result means the bridge thread panicked: never a clean stop.
+        recv(done) -> result => return result.unwrap_or_else(|_| {
+            Err(RunError::Fatal("the bridge thread panicked (a bug; the log says where)".into()))
+        }),
         recv(stop) -> _ => {}
     }
     let _ = bridge_stop_tx.send(());

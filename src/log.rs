@@ -52,6 +52,8 @@ pub fn enabled(level: LogLevel) -> bool {
 }
 
 pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
+    #[cfg(debug_assertions)]
+    debug_panic::check(&message);
     // The crate root holds start-up (`run` and the bridge thread).
     let module = match module.strip_prefix("opencode_mattermost::") {
         Some(inner) => inner,
@@ -143,6 +145,33 @@ fn mask_secrets(mut message: String) -> String {
         }
     }
     message
+}
+
+/// Test-only: `OPENCODE_MM_DEBUG_PANIC_ON=NEEDLE|MESSAGE` panics with MESSAGE, once, on whichever
+/// thread first logs a line containing NEEDLE, so the tests can make a real thread of the real binary
+/// panic. Compiled into debug builds only; a release binary ignores the variable.
+#[cfg(debug_assertions)]
+mod debug_panic {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static TRIGGER: OnceLock<Option<(String, String)>> = OnceLock::new();
+    static FIRED: AtomicBool = AtomicBool::new(false);
+
+    pub fn check(message: &std::fmt::Arguments<'_>) {
+        let trigger = TRIGGER.get_or_init(|| {
+            let value = std::env::var("OPENCODE_MM_DEBUG_PANIC_ON").ok()?;
+            let (needle, panic_message) = value.split_once('|')?;
+            Some((needle.to_string(), panic_message.to_string()))
+        });
+        let Some((needle, panic_message)) = trigger else {
+            return;
+        };
+        // Fires once, so the panic hook's own log line cannot trigger it again.
+        if message.to_string().contains(needle.as_str()) && !FIRED.swap(true, Ordering::SeqCst) {
+            panic!("{panic_message}");
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
