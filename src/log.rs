@@ -107,6 +107,8 @@ pub fn format_line(
         LogLevel::Debug => "DEBUG",
         LogLevel::Trace => "TRACE",
     };
+    // Remote text (a session title, an error body) must not start a line of its own.
+    let text = escape_controls(text);
     match session {
         Some(session) => format!(
             "{} {label} {module}: [{session}] {text}\n",
@@ -114,6 +116,24 @@ pub fn format_line(
         ),
         None => format!("{} {label} {module}: {text}\n", utc_timestamp(ms)),
     }
+}
+
+/// Control characters (newlines, carriage returns, terminal escapes) and Unicode line separators as
+/// Rust escapes (`\n`, `\u{1b}`), so one event stays one line; other text is left as it is.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs_escape = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn level_name(level: LogLevel) -> &'static str {
@@ -279,6 +299,32 @@ mod tests {
             "ready",
             r#"{"level":"info","module":"session","msg":"ready","ts":"2026-11-22T06:34:05.123Z"}"#,
         );
+    }
+
+    #[test]
+    fn text_lines_escape_control_characters_so_remote_text_cannot_forge_a_line() {
+        let title = "Tour\n2026-11-22T06:34:05.123Z ERROR router: forged\r\u{1b}[2J\u{2028}x\ttab";
+        let line = format_line(false, 0, LogLevel::Info, "router", "bridge", title);
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000Z INFO  router: Tour\\n2026-11-22T06:34:05.123Z ERROR router: \
+             forged\\r\\u{1b}[2J\\u{2028}x\\ttab\n"
+        );
+        let line = format_line(
+            false,
+            0,
+            LogLevel::Info,
+            "router",
+            "bridge",
+            "[ab12cd34] a\nb ü",
+        );
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000Z INFO  router: [ab12cd34] a\\nb ü\n"
+        );
+        // JSON lines escape through serde_json already.
+        let line = format_line(true, 0, LogLevel::Info, "router", "bridge", "a\nb");
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
     }
 
     #[test]

@@ -11,8 +11,8 @@ const EXIT_PANIC: i32 = 4;
 
 fn main() -> ExitCode {
     install_panic_hook();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match config::parse(&args, &|name| std::env::var(name).ok()) {
+    let args = std::env::args_os().skip(1);
+    let config = match config::parse_os(args, &|name| std::env::var_os(name)) {
         Ok(Invocation::Run(config)) => config,
         Ok(Invocation::Check(config)) => return check(&config),
         Ok(Invocation::Status { state_dir, json }) => return status(&state_dir, json),

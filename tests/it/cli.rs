@@ -513,3 +513,31 @@ fn a_session_worker_panic_leaves_the_process_running() {
     let (code, _) = running.terminate();
     assert_eq!(code, 0, "{}", running.log_so_far());
 }
+
+/// Bytes that are not UTF-8 (a Latin-1 path) in an argument or a variable: exit 2 naming it, not a
+/// panic (exit 101) and not a variable silently taken as unset.
+#[test]
+fn an_argument_or_variable_that_is_not_utf8_exits_2_naming_it() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let state = TempDir::new("cli");
+    let latin1 = || OsString::from_vec(b"/srv/caf\xe9".to_vec());
+    let output = command(&state)
+        .arg("status")
+        .arg("--state-dir")
+        .arg(latin1())
+        .finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("argument 3 is not valid UTF-8"), "{stderr}");
+    let output = command(&state)
+        .arg("status")
+        .env("OPENCODE_MM_STATE_DIR", latin1())
+        .finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("OPENCODE_MM_STATE_DIR is not valid UTF-8"),
+        "{stderr}"
+    );
+}
