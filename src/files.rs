@@ -4,7 +4,14 @@
 
 use std::path::{Component, Path};
 
-use crate::opencode::FileAttachment;
+/// A file sent along with a prompt, as an OpenCode file part (re-exported by `opencode`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FileAttachment {
+    pub filename: String,
+    pub mime: String,
+    /// A `data:` URL carrying the bytes.
+    pub url: String,
+}
 
 /// Why a path given to `!file` is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,60 +109,21 @@ pub fn attachment(filename: &str, bytes: &[u8]) -> FileAttachment {
 
 /// Standard base64 with padding (RFC 4648 section 4).
 pub fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Decodes standard or URL-safe base64, padded or not, ignoring whitespace. `None` when it is not base64.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut buffer = 0u32;
-    let mut bits = 0u32;
-    let mut padding = 0usize;
-    for byte in text.bytes() {
-        let value = match byte {
-            b'A'..=b'Z' => byte - b'A',
-            b'a'..=b'z' => byte - b'a' + 26,
-            b'0'..=b'9' => byte - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => {
-                padding += 1;
-                continue;
-            }
-            b' ' | b'\n' | b'\r' | b'\t' => continue,
-            _ => return None,
-        };
-        if padding > 0 {
-            return None;
-        }
-        buffer = buffer << 6 | u32::from(value);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
-    }
-    // Leftover bits must be zero padding of less than a byte; a lone sixth of a byte is not base64.
-    if bits >= 6 || buffer != 0 || padding > 2 {
-        return None;
-    }
-    Some(out)
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD_PAD_INDIFFERENT, URL_SAFE_PAD_INDIFFERENT};
+    let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let engine = if compact.contains(['-', '_']) {
+        URL_SAFE_PAD_INDIFFERENT
+    } else {
+        STANDARD_PAD_INDIFFERENT
+    };
+    engine.decode(compact).ok()
 }
 
 /// Checks a path given to `!file`: relative, without `..`, NUL or control characters. Returns it with

@@ -176,9 +176,11 @@ pub fn percent_encode(text: &str) -> String {
 }
 
 pub fn basic_auth(username: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let credentials = format!("{username}:{password}");
     format!(
         "Basic {}",
-        crate::files::base64_encode(format!("{username}:{password}").as_bytes())
+        base64::engine::general_purpose::STANDARD.encode(credentials)
     )
 }
 
