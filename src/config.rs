@@ -14,23 +14,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Clone)]
 pub struct Secret(String);
 
-/// How much the daemon logs. The order is the order of verbosity, so `level <= configured` decides whether
-/// a line is printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-/// How log lines look: `text` for people, `json` (one object per line) for log collectors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+/// Defined by `log`, which must not depend on the configuration: imports run from `config` to `log`.
+pub use crate::log::{LogFormat, LogLevel};
 
 /// Everything the daemon needs to start, already validated and normalised.
 #[derive(Debug, Clone)]
@@ -100,6 +85,22 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+impl Config {
+    /// What the log must never show: the token, the OpenCode password and the basic-auth header made
+    /// from it.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![self.mattermost_token.expose().to_string()];
+        if let Some(password) = &self.opencode_password {
+            secrets.push(password.expose().to_string());
+            let header = crate::http::basic_auth(&self.opencode_username, password.expose());
+            if let Some(encoded) = header.strip_prefix("Basic ") {
+                secrets.push(encoded.to_string());
+            }
+        }
+        secrets
     }
 }
 

@@ -78,7 +78,7 @@ pub fn run_with_ready(
 ) -> Result<(), RunError> {
     log::set_level(config.log_level);
     log::set_format(config.log_format);
-    log::redact_secrets(&config);
+    log::redact(config.secrets());
     debug!("configuration: {config:?}");
     let (bridge_stop_tx, bridge_stop) = crossbeam_channel::bounded::<()>(1);
     let (done_tx, done) = crossbeam_channel::bounded(1);

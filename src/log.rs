@@ -9,7 +9,23 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{Config, LogFormat, LogLevel};
+/// How much the daemon logs. The order is the order of verbosity, so `level <= configured` decides whether
+/// a line is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// How log lines look: `text` for people, `json` (one object per line) for log collectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 static LEVEL: AtomicU8 = AtomicU8::new(LogLevel::Info as u8);
 static JSON: AtomicBool = AtomicBool::new(false);
@@ -17,25 +33,26 @@ static JSON: AtomicBool = AtomicBool::new(false);
 /// URL: a last line of defence behind `Secret`'s redacting `Debug`.
 static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+/// Sets the level, and routes the `log` facade (rustls, ureq, tungstenite) into these lines.
 pub fn set_level(level: LogLevel) {
     LEVEL.store(level as u8, Ordering::Relaxed);
+    // Fails harmlessly when already set (a second bridge in one test process).
+    let _ = ::log::set_logger(&Facade);
+    // One level below ours: their debug output is our trace.
+    ::log::set_max_level(match level {
+        LogLevel::Error => ::log::LevelFilter::Error,
+        LogLevel::Warn | LogLevel::Info => ::log::LevelFilter::Warn,
+        LogLevel::Debug => ::log::LevelFilter::Info,
+        LogLevel::Trace => ::log::LevelFilter::Debug,
+    });
 }
 
 pub fn set_format(format: LogFormat) {
     JSON.store(format == LogFormat::Json, Ordering::Relaxed);
 }
 
-/// Masks the configuration's token and password (and the basic-auth header made from it) in every
-/// later log line.
-pub fn redact_secrets(config: &Config) {
-    let mut secrets = vec![config.mattermost_token.expose().to_string()];
-    if let Some(password) = &config.opencode_password {
-        secrets.push(password.expose().to_string());
-        let header = crate::http::basic_auth(&config.opencode_username, password.expose());
-        if let Some(encoded) = header.strip_prefix("Basic ") {
-            secrets.push(encoded.to_string());
-        }
-    }
+/// Masks `secrets` (see `Config::secrets`) in every later log line.
+pub fn redact(secrets: impl IntoIterator<Item = String>) {
     let mut known = SECRETS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -45,6 +62,38 @@ pub fn redact_secrets(config: &Config) {
             known.push(secret);
         }
     }
+}
+
+/// The libraries' `log` records, as lines of ours (masked like any other), one level quieter: a
+/// library's info is our debug, its debug our trace; its trace is dropped.
+struct Facade;
+
+impl Facade {
+    fn level(level: ::log::Level) -> Option<LogLevel> {
+        match level {
+            ::log::Level::Error => Some(LogLevel::Error),
+            ::log::Level::Warn => Some(LogLevel::Warn),
+            ::log::Level::Info => Some(LogLevel::Debug),
+            ::log::Level::Debug => Some(LogLevel::Trace),
+            ::log::Level::Trace => None,
+        }
+    }
+}
+
+impl ::log::Log for Facade {
+    fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
+        Facade::level(metadata.level()).is_some_and(enabled)
+    }
+
+    fn log(&self, record: &::log::Record<'_>) {
+        if let Some(level) = Facade::level(record.level())
+            && enabled(level)
+        {
+            write(level, record.target(), *record.args());
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 pub fn enabled(level: LogLevel) -> bool {
@@ -71,6 +120,10 @@ pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
         &message,
     );
     // One write call per line keeps lines from different threads whole.
+    #[cfg(test)]
+    if tests::captured(&line) {
+        return;
+    }
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
@@ -248,19 +301,68 @@ macro_rules! log {
     };
 }
 #[macro_export]
-macro_rules! error { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Error, $($arg)+) }; }
+macro_rules! error { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Error, $($arg)+) }; }
 #[macro_export]
-macro_rules! warn { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Warn, $($arg)+) }; }
+macro_rules! warn { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Warn, $($arg)+) }; }
 #[macro_export]
-macro_rules! info { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Info, $($arg)+) }; }
+macro_rules! info { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Info, $($arg)+) }; }
 #[macro_export]
-macro_rules! debug { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Debug, $($arg)+) }; }
+macro_rules! debug { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Debug, $($arg)+) }; }
 #[macro_export]
-macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Trace, $($arg)+) }; }
+macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Trace, $($arg)+) }; }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Lines this test thread writes, when it asked for them.
+        static CAPTURE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    }
+
+    /// True when the line was kept for the test instead of going to stderr.
+    pub(super) fn captured(line: &str) -> bool {
+        CAPTURE.with(|capture| match capture.borrow_mut().as_mut() {
+            Some(lines) => {
+                lines.push(line.to_string());
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn capture(f: impl FnOnce()) -> Vec<String> {
+        CAPTURE.with(|capture| *capture.borrow_mut() = Some(Vec::new()));
+        f();
+        CAPTURE.with(|capture| capture.borrow_mut().take().unwrap_or_default())
+    }
+
+    #[test]
+    fn library_log_records_become_masked_lines_one_level_quieter() {
+        redact(["facade-secret-9876".to_string()]);
+        set_level(LogLevel::Info);
+        let lines = capture(|| {
+            ::log::warn!(target: "rustls::conn", "peer sent bad cert; token facade-secret-9876");
+            ::log::info!(target: "ureq::pool", "connection reused");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].ends_with(" WARN  rustls::conn: peer sent bad cert; token <redacted>\n"),
+            "{lines:?}"
+        );
+        set_level(LogLevel::Debug);
+        let lines = capture(|| {
+            ::log::info!(target: "ureq::pool", "connection reused");
+            ::log::debug!(target: "ureq::pool", "too chatty for debug");
+        });
+        set_level(LogLevel::Info);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains(" DEBUG ureq::pool: connection reused"),
+            "{lines:?}"
+        );
+    }
 
     #[test]
     fn lines_carry_time_level_module_and_session() {
@@ -343,7 +445,7 @@ mod tests {
         let Ok(crate::config::Invocation::Run(config)) = crate::config::parse(&args, &env) else {
             panic!("a valid configuration");
         };
-        redact_secrets(&config);
+        redact(config.secrets());
         let basic = crate::http::basic_auth("opencode", "pw-masked-42");
         let masked = mask_secrets(format!(
             "GET https://x/?access_token=tok-masked-0123456789 failed; Authorization: {basic}; \
