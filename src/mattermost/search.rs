@@ -8,16 +8,14 @@ use super::Post;
 use super::rest::{MattermostClient, MmError};
 use crate::http::percent_encode;
 
-/// `GET /channels/{id}/posts` answers a post list: the page's ids newest first, the posts keyed by
-/// id, and the id of the next older post (empty at the channel's start).
+/// `GET /channels/{id}/posts` answers a post list: the page's ids newest first and the posts keyed by
+/// id (which may also hold thread roots outside the page).
 #[derive(Deserialize)]
 struct PostList {
     #[serde(default)]
     order: Vec<String>,
     #[serde(default)]
     posts: HashMap<String, Post>,
-    #[serde(default)]
-    prev_post_id: String,
 }
 
 /// Posts per page when looking back, Mattermost's maximum.
@@ -56,7 +54,9 @@ pub fn find_thread_root(
             ),
         };
         let mut list = fetch(client, &path)?;
-        let at_start = list.prev_post_id.is_empty() || list.order.len() < PAGE;
+        // A short page is the channel's start. (`prev_post_id` would say so too, but a full last
+        // page costs only one more, empty, answer, and it is not needed then.)
+        let at_start = list.order.len() < PAGE;
         // `posts` may also hold older thread roots of the page's replies: only `order` is the page.
         let page: Vec<Post> = list
             .order
