@@ -14,23 +14,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Clone)]
 pub struct Secret(String);
 
-/// How much the daemon logs. The order is the order of verbosity, so `level <= configured` decides whether
-/// a line is printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-/// How log lines look: `text` for people, `json` (one object per line) for log collectors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+/// Defined by `log`, which must not depend on the configuration: imports run from `config` to `log`.
+pub use crate::log::{LogFormat, LogLevel};
 
 /// Everything the daemon needs to start, already validated and normalised.
 #[derive(Debug, Clone)]
@@ -105,6 +90,22 @@ impl fmt::Display for Secret {
     }
 }
 
+impl Config {
+    /// What the log must never show: the token, the OpenCode password and the basic-auth header made
+    /// from it.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![self.mattermost_token.expose().to_string()];
+        if let Some(password) = &self.opencode_password {
+            secrets.push(password.expose().to_string());
+            let header = crate::http::basic_auth(&self.opencode_username, password.expose());
+            if let Some(encoded) = header.strip_prefix("Basic ") {
+                secrets.push(encoded.to_string());
+            }
+        }
+        secrets
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
@@ -112,6 +113,47 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// `parse` for the process's own arguments (without argv[0]) and environment, which need not be UTF-8:
+/// a non-UTF-8 argument or variable is a usage error naming it, rather than a panic or a variable
+/// silently taken as unset. Neither value is shown: it may be a secret.
+pub fn parse_os(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<Invocation, ConfigError> {
+    let mut utf8_args = Vec::new();
+    for (position, arg) in args.into_iter().enumerate() {
+        match arg.into_string() {
+            Ok(arg) => utf8_args.push(arg),
+            Err(_) => {
+                return Err(usage_error(format!(
+                    "argument {} is not valid UTF-8; pass settings as UTF-8 text (a path with other \
+                     bytes can be reached through a symlink with a UTF-8 name)",
+                    position + 1
+                )));
+            }
+        }
+    }
+    let not_utf8 = std::cell::RefCell::new(None);
+    let utf8_env = |name: &str| match env(name)?.into_string() {
+        Ok(value) => Some(value),
+        Err(_) => {
+            not_utf8
+                .borrow_mut()
+                .get_or_insert_with(|| name.to_string());
+            None
+        }
+    };
+    let parsed = parse(&utf8_args, &utf8_env);
+    // Checked first: the variable read as unset may be what `parse` complains about.
+    if let Some(name) = not_utf8.into_inner() {
+        return Err(error(format!(
+            "{name} is not valid UTF-8; set it to UTF-8 text (a path with other bytes can be reached \
+             through a symlink with a UTF-8 name)"
+        )));
+    }
+    parsed
+}
 
 /// Parses the arguments (without argv[0]) and the environment into an `Invocation`.
 ///
@@ -208,7 +250,8 @@ pub fn help_text() -> String {
         "\nEXIT CODES:\n    0    clean stop (SIGINT or SIGTERM); check: every check passed; status: running and healthy\n    \
          1    fatal runtime error; check: a check failed; status: not running or not healthy\n    \
          2    configuration or usage error\n    \
-         3    another opencode-mattermost already runs on the state directory\n",
+         3    another opencode-mattermost already runs on the state directory\n    \
+         4    a bug: a thread other than a session worker panicked (the log has the message)\n",
     );
     text
 }
@@ -545,11 +588,18 @@ fn parse_args(args: &[String]) -> CommandLine {
         env_file: None,
     };
     let mut subcommand_seen = false;
+    // After `--`, every argument is a positional one (the subcommand), whatever it starts with.
+    let mut flags_ended = false;
     let mut index = 0;
     while index < args.len() {
         let arg = args[index].as_str();
         index += 1;
         let problem = match arg {
+            "--" if !flags_ended => {
+                flags_ended = true;
+                None
+            }
+            _ if flags_ended => positional(&mut command_line, &mut subcommand_seen, arg),
             "-h" | "--help" => {
                 command_line.early_exit.get_or_insert(EarlyExit::Help);
                 None
@@ -595,6 +645,13 @@ fn parse_args(args: &[String]) -> CommandLine {
                             },
                         };
                         match (value, target) {
+                            (None, _)
+                                if args.get(index).is_some_and(|next| next.starts_with('-')) =>
+                            {
+                                Some(format!(
+                                    "{flag} needs a value; for a value that starts with -, write {flag}=VALUE"
+                                ))
+                            }
                             (None, _) => Some(format!("{flag} needs a value")),
                             (Some(value), Some(name)) => {
                                 command_line.flags.insert(name, value);
@@ -609,19 +666,7 @@ fn parse_args(args: &[String]) -> CommandLine {
                 }
             }
             _ if arg.starts_with('-') && arg != "-" => Some(format!("unknown flag {arg:?}")),
-            "run" | "check" | "status" if !subcommand_seen => {
-                subcommand_seen = true;
-                command_line.subcommand = match arg {
-                    "check" => Subcommand::Check,
-                    "status" => Subcommand::Status,
-                    _ => Subcommand::Run,
-                };
-                None
-            }
-            // A stray argument may be a secret pasted in the wrong place: name it only if it looks
-            // like a word someone meant as a subcommand.
-            _ if subcommand_seen => Some(format!("unexpected argument {}", quote_if_word(arg))),
-            _ => Some(format!("unknown subcommand {}", quote_if_word(arg))),
+            _ => positional(&mut command_line, &mut subcommand_seen, arg),
         };
         if let Some(problem) = problem {
             command_line.error.get_or_insert(usage_error(problem));
@@ -633,6 +678,29 @@ fn parse_args(args: &[String]) -> CommandLine {
             .get_or_insert(usage_error("--json goes with status only".to_string()));
     }
     command_line
+}
+
+/// The subcommand, or the problem with a positional argument.
+fn positional(
+    command_line: &mut CommandLine,
+    subcommand_seen: &mut bool,
+    arg: &str,
+) -> Option<String> {
+    match arg {
+        "run" | "check" | "status" if !*subcommand_seen => {
+            *subcommand_seen = true;
+            command_line.subcommand = match arg {
+                "check" => Subcommand::Check,
+                "status" => Subcommand::Status,
+                _ => Subcommand::Run,
+            };
+            None
+        }
+        // A stray argument may be a secret pasted in the wrong place: name it only if it looks
+        // like a word someone meant as a subcommand.
+        _ if *subcommand_seen => Some(format!("unexpected argument {}", quote_if_word(arg))),
+        _ => Some(format!("unknown subcommand {}", quote_if_word(arg))),
+    }
 }
 
 fn quote_if_word(arg: &str) -> String {
@@ -1843,6 +1911,83 @@ mod tests {
         check(
             &["--env-file"],
             "--env-file needs a value; see opencode-mattermost --help",
+        );
+    }
+
+    #[test]
+    fn arguments_and_variables_that_are_not_utf8_are_usage_errors_naming_them() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(b"/srv/caf\xe9".to_vec());
+        let os_args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        let env = env_with(&[]);
+        let lookup = |name: &str| env.get(name).map(OsString::from);
+        let mut argv = os_args(&["--state-dir"]);
+        argv.push(bad());
+        let err = parse_os(argv, &lookup).expect_err("a non-UTF-8 argument");
+        assert_eq!(
+            err.to_string(),
+            "argument 2 is not valid UTF-8; pass settings as UTF-8 text (a path with other bytes can be \
+             reached through a symlink with a UTF-8 name); see opencode-mattermost --help"
+        );
+        let lookup_bad = |name: &str| match name {
+            "OPENCODE_MM_STATE_DIR" => Some(bad()),
+            _ => env.get(name).map(OsString::from),
+        };
+        let err = parse_os(os_args(&["run"]), &lookup_bad).expect_err("a non-UTF-8 variable");
+        assert!(
+            err.to_string()
+                .starts_with("OPENCODE_MM_STATE_DIR is not valid UTF-8; set it to UTF-8 text"),
+            "{err}"
+        );
+        // A missing MATTERMOST_URL would be the first complaint; the bad bytes are the real one.
+        let lookup_bad_url = |name: &str| match name {
+            "MATTERMOST_URL" => Some(bad()),
+            _ => env.get(name).map(OsString::from),
+        };
+        let err = parse_os(os_args(&["run"]), &lookup_bad_url).expect_err("a non-UTF-8 URL");
+        assert!(
+            err.to_string()
+                .starts_with("MATTERMOST_URL is not valid UTF-8"),
+            "{err}"
+        );
+        assert!(matches!(
+            parse_os(os_args(&["run"]), &lookup),
+            Ok(Invocation::Run(_))
+        ));
+    }
+
+    #[test]
+    fn double_dash_ends_the_flags_and_a_value_starting_with_a_dash_goes_after_equals() {
+        let env = env_with(&[]);
+        let lookup = |name: &str| env.get(name).cloned();
+        let outcome = |argv: &[&str]| match parse(&args(argv), &lookup) {
+            Ok(Invocation::Run(_)) => "run".to_string(),
+            Ok(Invocation::Check(_)) => "check".to_string(),
+            Ok(Invocation::Status { .. }) => "status".to_string(),
+            Ok(other) => format!("{other:?}"),
+            Err(err) => err.to_string(),
+        };
+        assert_eq!(outcome(&["--", "check"]), "check");
+        assert_eq!(outcome(&["--log", "debug", "--", "run"]), "run");
+        assert_eq!(outcome(&["--"]), "run");
+        assert_eq!(
+            outcome(&["--", "--help"]),
+            r#"unknown subcommand "--help"; see opencode-mattermost --help"#
+        );
+        assert_eq!(
+            outcome(&["run", "--", "--log"]),
+            r#"unexpected argument "--log"; see opencode-mattermost --help"#
+        );
+        assert_eq!(
+            outcome(&["--opencode-password", "--starts-with-dashes"]),
+            "--opencode-password needs a value; for a value that starts with -, write \
+             --opencode-password=VALUE; see opencode-mattermost --help"
+        );
+        let config = run_ok(&["--opencode-password=--starts-with-dashes"], &env);
+        assert_eq!(
+            config.opencode_password.as_ref().map(|p| p.expose()),
+            Some("--starts-with-dashes")
         );
     }
 

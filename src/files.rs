@@ -1,10 +1,17 @@
 //! Files going between a thread and a session: what kind a file is, how it travels in a prompt (a
-//! `data:` URL), and which paths `!file` may read. Pure apart from `resolve_inside`, which looks at
-//! the local disk when the session's directory is on this host.
+//! `data:` URL), and which paths `!file` may ask the OpenCode server for. Pure: `!file` never looks at
+//! this host's disk, which may not be the server's.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
-use crate::opencode::FileAttachment;
+/// A file sent along with a prompt, as an OpenCode file part (re-exported by `opencode`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FileAttachment {
+    pub filename: String,
+    pub mime: String,
+    /// A `data:` URL carrying the bytes.
+    pub url: String,
+}
 
 /// Why a path given to `!file` is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,60 +109,21 @@ pub fn attachment(filename: &str, bytes: &[u8]) -> FileAttachment {
 
 /// Standard base64 with padding (RFC 4648 section 4).
 pub fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Decodes standard or URL-safe base64, padded or not, ignoring whitespace. `None` when it is not base64.
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let mut buffer = 0u32;
-    let mut bits = 0u32;
-    let mut padding = 0usize;
-    for byte in text.bytes() {
-        let value = match byte {
-            b'A'..=b'Z' => byte - b'A',
-            b'a'..=b'z' => byte - b'a' + 26,
-            b'0'..=b'9' => byte - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => {
-                padding += 1;
-                continue;
-            }
-            b' ' | b'\n' | b'\r' | b'\t' => continue,
-            _ => return None,
-        };
-        if padding > 0 {
-            return None;
-        }
-        buffer = buffer << 6 | u32::from(value);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
-    }
-    // Leftover bits must be zero padding of less than a byte; a lone sixth of a byte is not base64.
-    if bits >= 6 || buffer != 0 || padding > 2 {
-        return None;
-    }
-    Some(out)
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD_PAD_INDIFFERENT, URL_SAFE_PAD_INDIFFERENT};
+    let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let engine = if compact.contains(['-', '_']) {
+        URL_SAFE_PAD_INDIFFERENT
+    } else {
+        STANDARD_PAD_INDIFFERENT
+    };
+    engine.decode(compact).ok()
 }
 
 /// Checks a path given to `!file`: relative, without `..`, NUL or control characters. Returns it with
@@ -205,40 +173,6 @@ pub fn checked_relative_path(requested: &str) -> Result<String, PathRefusal> {
         ));
     }
     Ok(parts.join("/"))
-}
-
-/// `checked_relative_path`, plus a symlink check when the session's directory is on this host: a path
-/// that resolves outside it is refused with a clear reason. OpenCode 1.18.33 refuses such paths itself,
-/// but only as a bare 500 ("Path escapes the location" in its log), so this check is what gives the
-/// owner a message, and a guard should a server follow links. When the directory is not on this host
-/// (a remote OpenCode), only the textual check applies and the server's own refusal remains.
-pub fn resolve_inside(directory: &str, requested: &str) -> Result<String, PathRefusal> {
-    let relative = checked_relative_path(requested)?;
-    let Ok(root) = Path::new(directory).canonicalize() else {
-        return Ok(relative);
-    };
-    let target = deepest_existing(&root.join(&relative));
-    match target.canonicalize() {
-        Ok(resolved) if resolved.starts_with(&root) => Ok(relative),
-        Ok(_) => Err(PathRefusal {
-            path: requested.to_string(),
-            reason: "it is a symbolic link that leads outside the session's directory".into(),
-        }),
-        // Vanished between the two calls: let the server answer that it does not exist.
-        Err(_) => Ok(relative),
-    }
-}
-
-/// The path itself when it exists, else its nearest existing ancestor, so a symlinked parent
-/// directory is caught even when the file under it does not exist.
-fn deepest_existing(path: &Path) -> PathBuf {
-    let mut current = path.to_path_buf();
-    while current.symlink_metadata().is_err() {
-        if !current.pop() {
-            break;
-        }
-    }
-    current
 }
 
 #[cfg(test)]
@@ -357,42 +291,5 @@ mod tests {
                 "{message}"
             );
         }
-    }
-
-    #[test]
-    fn symlinks_leading_outside_are_refused_when_the_directory_is_local() {
-        let base = std::env::temp_dir().join(format!("ocmm-files-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        let project = base.join("project");
-        let outside = base.join("outside");
-        std::fs::create_dir_all(project.join("src")).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::write(outside.join("secret.txt"), "secret").unwrap();
-        std::fs::write(project.join("src/lib.rs"), "").unwrap();
-        std::os::unix::fs::symlink(outside.join("secret.txt"), project.join("leak.txt")).unwrap();
-        std::os::unix::fs::symlink(&outside, project.join("out")).unwrap();
-        std::os::unix::fs::symlink(project.join("src/lib.rs"), project.join("inner.rs")).unwrap();
-        let dir = project.to_str().unwrap();
-
-        assert_eq!(
-            resolve_inside(dir, "src/lib.rs").as_deref(),
-            Ok("src/lib.rs")
-        );
-        assert_eq!(resolve_inside(dir, "inner.rs").as_deref(), Ok("inner.rs"));
-        assert_eq!(
-            resolve_inside(dir, "src/missing.rs").as_deref(),
-            Ok("src/missing.rs")
-        );
-        for path in ["leak.txt", "out/secret.txt", "out/missing.txt"] {
-            let refusal = resolve_inside(dir, path).expect_err(path);
-            assert!(refusal.to_string().contains("symbolic link"), "{refusal}");
-        }
-        // A directory that is not on this host: only the textual check.
-        assert_eq!(
-            resolve_inside("/nonexistent/ocmm/project", "a/b.rs").as_deref(),
-            Ok("a/b.rs")
-        );
-        assert!(resolve_inside("/nonexistent/ocmm/project", "../b.rs").is_err());
-        let _ = std::fs::remove_dir_all(&base);
     }
 }

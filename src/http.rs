@@ -161,23 +161,26 @@ pub fn stream_agent_with_tls(idle: Duration, tls: &Tls) -> ureq::Agent {
         .into()
 }
 
+/// Everything but RFC 3986's unreserved characters, less `.`: in a path segment, `.` and `..` are dot
+/// segments that a client, proxy or server resolves away.
+const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Encodes `text` (an id from a server, a directory, a file name) as one URL path segment or one query
+/// value: `/`, `?`, `#`, `%`, `&`, `=`, `.` and every non-ASCII byte are escaped, so the text can
+/// neither add path segments, climb with `..`, nor end the path or the value.
 pub fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(text, ENCODED).to_string()
 }
 
 pub fn basic_auth(username: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let credentials = format!("{username}:{password}");
     format!(
         "Basic {}",
-        crate::files::base64_encode(format!("{username}:{password}").as_bytes())
+        base64::engine::general_purpose::STANDARD.encode(credentials)
     )
 }
 
@@ -286,9 +289,21 @@ mod tests {
     }
 
     #[test]
-    fn percent_encoding_keeps_paths_readable() {
-        assert_eq!(percent_encode("/home/a b/ü"), "/home/a%20b/%C3%BC");
-        assert_eq!(percent_encode("a&b=c"), "a%26b%3Dc");
+    fn percent_encoding_makes_one_segment_of_anything() {
+        let check = |text: &str, expected: &str| assert_eq!(percent_encode(text), expected);
+        check("abcXYZ019-_~", "abcXYZ019-_~");
+        check("a/b", "a%2Fb");
+        check(".", "%2E");
+        check("..", "%2E%2E");
+        check("../../users/me", "%2E%2E%2F%2E%2E%2Fusers%2Fme");
+        check("100%", "100%25");
+        check("%2F", "%252F");
+        check("a?b=c", "a%3Fb%3Dc");
+        check("a#frag", "a%23frag");
+        check("a&b=c", "a%26b%3Dc");
+        check("a b+c", "a%20b%2Bc");
+        check("/home/ü 日", "%2Fhome%2F%C3%BC%20%E6%97%A5");
+        check("", "");
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub fn run_with_ready(
 ) -> Result<(), RunError> {
     log::set_level(config.log_level);
     log::set_format(config.log_format);
-    log::redact_secrets(&config);
+    log::redact(config.secrets());
     debug!("configuration: {config:?}");
     let (bridge_stop_tx, bridge_stop) = crossbeam_channel::bounded::<()>(1);
     let (done_tx, done) = crossbeam_channel::bounded(1);
@@ -90,7 +90,10 @@ pub fn run_with_ready(
         })
         .map_err(|e| RunError::Fatal(format!("cannot start the bridge thread: {e}")))?;
     crossbeam_channel::select! {
-        recv(done) -> result => return result.unwrap_or(Ok(())),
+        // No result means the bridge thread panicked: never a clean stop.
+        recv(done) -> result => return result.unwrap_or_else(|_| {
+            Err(RunError::Fatal("the bridge thread panicked (a bug; the log says where)".into()))
+        }),
         recv(stop) -> _ => {}
     }
     let _ = bridge_stop_tx.send(());

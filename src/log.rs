@@ -9,7 +9,23 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{Config, LogFormat, LogLevel};
+/// How much the daemon logs. The order is the order of verbosity, so `level <= configured` decides whether
+/// a line is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// How log lines look: `text` for people, `json` (one object per line) for log collectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 static LEVEL: AtomicU8 = AtomicU8::new(LogLevel::Info as u8);
 static JSON: AtomicBool = AtomicBool::new(false);
@@ -17,25 +33,26 @@ static JSON: AtomicBool = AtomicBool::new(false);
 /// URL: a last line of defence behind `Secret`'s redacting `Debug`.
 static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+/// Sets the level, and routes the `log` facade (rustls, ureq, tungstenite) into these lines.
 pub fn set_level(level: LogLevel) {
     LEVEL.store(level as u8, Ordering::Relaxed);
+    // Fails harmlessly when already set (a second bridge in one test process).
+    let _ = ::log::set_logger(&Facade);
+    // One level below ours: their debug output is our trace.
+    ::log::set_max_level(match level {
+        LogLevel::Error => ::log::LevelFilter::Error,
+        LogLevel::Warn | LogLevel::Info => ::log::LevelFilter::Warn,
+        LogLevel::Debug => ::log::LevelFilter::Info,
+        LogLevel::Trace => ::log::LevelFilter::Debug,
+    });
 }
 
 pub fn set_format(format: LogFormat) {
     JSON.store(format == LogFormat::Json, Ordering::Relaxed);
 }
 
-/// Masks the configuration's token and password (and the basic-auth header made from it) in every
-/// later log line.
-pub fn redact_secrets(config: &Config) {
-    let mut secrets = vec![config.mattermost_token.expose().to_string()];
-    if let Some(password) = &config.opencode_password {
-        secrets.push(password.expose().to_string());
-        let header = crate::http::basic_auth(&config.opencode_username, password.expose());
-        if let Some(encoded) = header.strip_prefix("Basic ") {
-            secrets.push(encoded.to_string());
-        }
-    }
+/// Masks `secrets` (see `Config::secrets`) in every later log line.
+pub fn redact(secrets: impl IntoIterator<Item = String>) {
     let mut known = SECRETS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -47,11 +64,45 @@ pub fn redact_secrets(config: &Config) {
     }
 }
 
+/// The libraries' `log` records, as lines of ours (masked like any other), one level quieter: a
+/// library's info is our debug, its debug our trace; its trace is dropped.
+struct Facade;
+
+impl Facade {
+    fn level(level: ::log::Level) -> Option<LogLevel> {
+        match level {
+            ::log::Level::Error => Some(LogLevel::Error),
+            ::log::Level::Warn => Some(LogLevel::Warn),
+            ::log::Level::Info => Some(LogLevel::Debug),
+            ::log::Level::Debug => Some(LogLevel::Trace),
+            ::log::Level::Trace => None,
+        }
+    }
+}
+
+impl ::log::Log for Facade {
+    fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
+        Facade::level(metadata.level()).is_some_and(enabled)
+    }
+
+    fn log(&self, record: &::log::Record<'_>) {
+        if let Some(level) = Facade::level(record.level())
+            && enabled(level)
+        {
+            write(level, record.target(), *record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 pub fn enabled(level: LogLevel) -> bool {
     level as u8 <= LEVEL.load(Ordering::Relaxed)
 }
 
 pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
+    #[cfg(debug_assertions)]
+    debug_panic::check(&message);
     // The crate root holds start-up (`run` and the bridge thread).
     let module = match module.strip_prefix("opencode_mattermost::") {
         Some(inner) => inner,
@@ -69,6 +120,10 @@ pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
         &message,
     );
     // One write call per line keeps lines from different threads whole.
+    #[cfg(test)]
+    if tests::captured(&line) {
+        return;
+    }
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
@@ -105,6 +160,8 @@ pub fn format_line(
         LogLevel::Debug => "DEBUG",
         LogLevel::Trace => "TRACE",
     };
+    // Remote text (a session title, an error body) must not start a line of its own.
+    let text = escape_controls(text);
     match session {
         Some(session) => format!(
             "{} {label} {module}: [{session}] {text}\n",
@@ -112,6 +169,24 @@ pub fn format_line(
         ),
         None => format!("{} {label} {module}: {text}\n", utc_timestamp(ms)),
     }
+}
+
+/// Control characters (newlines, carriage returns, terminal escapes) and Unicode line separators as
+/// Rust escapes (`\n`, `\u{1b}`), so one event stays one line; other text is left as it is.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs_escape = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn level_name(level: LogLevel) -> &'static str {
@@ -143,6 +218,33 @@ fn mask_secrets(mut message: String) -> String {
         }
     }
     message
+}
+
+/// Test-only: `OPENCODE_MM_DEBUG_PANIC_ON=NEEDLE|MESSAGE` panics with MESSAGE, once, on whichever
+/// thread first logs a line containing NEEDLE, so the tests can make a real thread of the real binary
+/// panic. Compiled into debug builds only; a release binary ignores the variable.
+#[cfg(debug_assertions)]
+mod debug_panic {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static TRIGGER: OnceLock<Option<(String, String)>> = OnceLock::new();
+    static FIRED: AtomicBool = AtomicBool::new(false);
+
+    pub fn check(message: &std::fmt::Arguments<'_>) {
+        let trigger = TRIGGER.get_or_init(|| {
+            let value = std::env::var("OPENCODE_MM_DEBUG_PANIC_ON").ok()?;
+            let (needle, panic_message) = value.split_once('|')?;
+            Some((needle.to_string(), panic_message.to_string()))
+        });
+        let Some((needle, panic_message)) = trigger else {
+            return;
+        };
+        // Fires once, so the panic hook's own log line cannot trigger it again.
+        if message.to_string().contains(needle.as_str()) && !FIRED.swap(true, Ordering::SeqCst) {
+            panic!("{panic_message}");
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -199,19 +301,68 @@ macro_rules! log {
     };
 }
 #[macro_export]
-macro_rules! error { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Error, $($arg)+) }; }
+macro_rules! error { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Error, $($arg)+) }; }
 #[macro_export]
-macro_rules! warn { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Warn, $($arg)+) }; }
+macro_rules! warn { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Warn, $($arg)+) }; }
 #[macro_export]
-macro_rules! info { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Info, $($arg)+) }; }
+macro_rules! info { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Info, $($arg)+) }; }
 #[macro_export]
-macro_rules! debug { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Debug, $($arg)+) }; }
+macro_rules! debug { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Debug, $($arg)+) }; }
 #[macro_export]
-macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::config::LogLevel::Trace, $($arg)+) }; }
+macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::log::LogLevel::Trace, $($arg)+) }; }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Lines this test thread writes, when it asked for them.
+        static CAPTURE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    }
+
+    /// True when the line was kept for the test instead of going to stderr.
+    pub(super) fn captured(line: &str) -> bool {
+        CAPTURE.with(|capture| match capture.borrow_mut().as_mut() {
+            Some(lines) => {
+                lines.push(line.to_string());
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn capture(f: impl FnOnce()) -> Vec<String> {
+        CAPTURE.with(|capture| *capture.borrow_mut() = Some(Vec::new()));
+        f();
+        CAPTURE.with(|capture| capture.borrow_mut().take().unwrap_or_default())
+    }
+
+    #[test]
+    fn library_log_records_become_masked_lines_one_level_quieter() {
+        redact(["facade-secret-9876".to_string()]);
+        set_level(LogLevel::Info);
+        let lines = capture(|| {
+            ::log::warn!(target: "rustls::conn", "peer sent bad cert; token facade-secret-9876");
+            ::log::info!(target: "ureq::pool", "connection reused");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].ends_with(" WARN  rustls::conn: peer sent bad cert; token <redacted>\n"),
+            "{lines:?}"
+        );
+        set_level(LogLevel::Debug);
+        let lines = capture(|| {
+            ::log::info!(target: "ureq::pool", "connection reused");
+            ::log::debug!(target: "ureq::pool", "too chatty for debug");
+        });
+        set_level(LogLevel::Info);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains(" DEBUG ureq::pool: connection reused"),
+            "{lines:?}"
+        );
+    }
 
     #[test]
     fn lines_carry_time_level_module_and_session() {
@@ -253,6 +404,32 @@ mod tests {
     }
 
     #[test]
+    fn text_lines_escape_control_characters_so_remote_text_cannot_forge_a_line() {
+        let title = "Tour\n2026-11-22T06:34:05.123Z ERROR router: forged\r\u{1b}[2J\u{2028}x\ttab";
+        let line = format_line(false, 0, LogLevel::Info, "router", "bridge", title);
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000Z INFO  router: Tour\\n2026-11-22T06:34:05.123Z ERROR router: \
+             forged\\r\\u{1b}[2J\\u{2028}x\\ttab\n"
+        );
+        let line = format_line(
+            false,
+            0,
+            LogLevel::Info,
+            "router",
+            "bridge",
+            "[ab12cd34] a\nb ü",
+        );
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000Z INFO  router: [ab12cd34] a\\nb ü\n"
+        );
+        // JSON lines escape through serde_json already.
+        let line = format_line(true, 0, LogLevel::Info, "router", "bridge", "a\nb");
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+    }
+
+    #[test]
     fn registered_secrets_are_masked_even_inside_urls_and_headers() {
         let args: Vec<String> = ["--mattermost-url", "https://chat.example.com"]
             .iter()
@@ -268,7 +445,7 @@ mod tests {
         let Ok(crate::config::Invocation::Run(config)) = crate::config::parse(&args, &env) else {
             panic!("a valid configuration");
         };
-        redact_secrets(&config);
+        redact(config.secrets());
         let basic = crate::http::basic_auth("opencode", "pw-masked-42");
         let masked = mask_secrets(format!(
             "GET https://x/?access_token=tok-masked-0123456789 failed; Authorization: {basic}; \

@@ -5,9 +5,14 @@ use std::process::ExitCode;
 
 use opencode_mattermost::config::{self, Invocation};
 
+/// A panic outside a session worker is a bug that leaves the process half alive: exit so that a
+/// supervisor (systemd's `Restart=on-failure`) starts a fresh one. Listed in the README's exit codes.
+const EXIT_PANIC: i32 = 4;
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match config::parse(&args, &|name| std::env::var(name).ok()) {
+    install_panic_hook();
+    let args = std::env::args_os().skip(1);
+    let config = match config::parse_os(args, &|name| std::env::var_os(name)) {
         Ok(Invocation::Run(config)) => config,
         Ok(Invocation::Check(config)) => return check(&config),
         Ok(Invocation::Status { state_dir, json }) => return status(&state_dir, json),
@@ -36,6 +41,39 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), e.exit_code()),
     }
+}
+
+/// Replaces the default hook, which prints the unmasked message over several lines, with one masked
+/// log line. A session worker (thread `session-…`, or its `compact-…` helper) stands for one session:
+/// the worker catches its own panic at its boundary and the other sessions go on. Any other thread
+/// (the router, a reader, the heartbeat, start-up) ends the process with `EXIT_PANIC`.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let place = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        if name.starts_with("session-") || name.starts_with("compact-") {
+            opencode_mattermost::error!(
+                "thread {name} panicked at {place}: {message}; this is a bug; that session's worker stops, \
+                 the others go on"
+            );
+            return;
+        }
+        opencode_mattermost::error!(
+            "thread {name} panicked at {place}: {message}; this is a bug; exiting with code {EXIT_PANIC} \
+             so that a supervisor restarts the bridge"
+        );
+        std::process::exit(EXIT_PANIC);
+    }));
 }
 
 fn check(config: &Result<config::Config, config::ConfigError>) -> ExitCode {

@@ -8,15 +8,32 @@ use super::Post;
 use super::rest::{MattermostClient, MmError};
 use crate::http::percent_encode;
 
-/// `GET /channels/{id}/posts?since=…` answers a post list: posts keyed by id, plus their order.
+/// `GET /channels/{id}/posts` answers a post list: the page's ids newest first and the posts keyed by
+/// id (which may also hold thread roots outside the page).
 #[derive(Deserialize)]
 struct PostList {
+    #[serde(default)]
+    order: Vec<String>,
     #[serde(default)]
     posts: HashMap<String, Post>,
 }
 
-/// The root post `user_id` made in `channel_id` since `since_ms` for the OpenCode session
-/// `session_id`, if there is one (its props name the session).
+/// Posts per page when looking back, Mattermost's maximum.
+const PAGE: usize = 200;
+/// Looking back stops this far before `since_ms`: the bridge's clock and Mattermost's may disagree.
+const CLOCK_SKEW_MS: i64 = 60 * 60 * 1000;
+/// And after this many pages, so a busy channel costs a bounded number of calls.
+const MAX_PAGES: usize = 25;
+
+/// The root post `user_id` made in `channel_id` for the OpenCode session `session_id` (its props
+/// name the session), looking back from the newest post to about `since_ms`, when the bridge meant
+/// to post it.
+///
+/// Pages back by post id (`before=<id>&per_page=200`) rather than asking for `since=`, which can miss
+/// posts (mattermost#13846) and trusts that both clocks agree; the time only says where to stop,
+/// an hour early. `before` compares `create_at`, so the next page is anchored on the page's oldest
+/// post that is newer than the page's oldest time: posts sharing a millisecond across pages are
+/// seen again rather than skipped. One page at a time is held.
 pub fn find_thread_root(
     client: &MattermostClient,
     channel_id: &str,
@@ -24,11 +41,48 @@ pub fn find_thread_root(
     session_id: &str,
     since_ms: u64,
 ) -> Result<Option<Post>, MmError> {
-    let path = format!(
-        "/channels/{}/posts?since={since_ms}",
-        percent_encode(channel_id)
-    );
-    Ok(pick_root(post_list(client, &path)?, user_id, session_id))
+    let stop_before = (since_ms as i64).saturating_sub(CLOCK_SKEW_MS);
+    let channel = percent_encode(channel_id);
+    let mut found: Option<Post> = None;
+    let mut anchor: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let path = match &anchor {
+            None => format!("/channels/{channel}/posts?page=0&per_page={PAGE}"),
+            Some(id) => format!(
+                "/channels/{channel}/posts?before={}&per_page={PAGE}",
+                percent_encode(id)
+            ),
+        };
+        let mut list = fetch(client, &path)?;
+        // A short page is the channel's start. (`prev_post_id` would say so too, but a full last
+        // page costs only one more, empty, answer, and it is not needed then.)
+        let at_start = list.order.len() < PAGE;
+        // `posts` may also hold older thread roots of the page's replies: only `order` is the page.
+        let page: Vec<Post> = list
+            .order
+            .iter()
+            .filter_map(|id| list.posts.remove(id))
+            .collect();
+        let Some(oldest) = page.iter().map(|p| p.create_at).min() else {
+            break;
+        };
+        let next_anchor = page
+            .iter()
+            .filter(|p| p.create_at > oldest)
+            .min_by_key(|p| p.create_at)
+            .or_else(|| page.iter().find(|p| p.create_at == oldest))
+            .map(|p| p.id.clone());
+        if let Some(root) = pick_root(page.into_iter(), user_id, session_id)
+            && found.as_ref().is_none_or(|f| root.create_at < f.create_at)
+        {
+            found = Some(root);
+        }
+        if at_start || oldest < stop_before || next_anchor == anchor {
+            break;
+        }
+        anchor = next_anchor;
+    }
+    Ok(found)
 }
 
 /// The channel's posts changed since `since_ms`, oldest first. Only for a cursor that has no post
@@ -59,10 +113,12 @@ pub fn thread_posts(client: &MattermostClient, root_id: &str) -> Result<Vec<Post
 
 /// The posts of a post-list answer (`{"order": […], "posts": {id: post}}`), in no order.
 fn post_list(client: &MattermostClient, path: &str) -> Result<impl Iterator<Item = Post>, MmError> {
+    Ok(fetch(client, path)?.posts.into_values())
+}
+
+fn fetch(client: &MattermostClient, path: &str) -> Result<PostList, MmError> {
     let text = client.call("GET", path, None)?;
-    let list: PostList =
-        serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))?;
-    Ok(list.posts.into_values())
+    serde_json::from_str(&text).map_err(|e| MmError::Decode(format!("GET {path}: {e}")))
 }
 
 fn pick_root(posts: impl Iterator<Item = Post>, user_id: &str, session_id: &str) -> Option<Post> {

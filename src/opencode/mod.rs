@@ -299,14 +299,8 @@ pub struct AgentChoice {
     pub mode: String,
 }
 
-/// A file sent along with a prompt, as an OpenCode file part.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct FileAttachment {
-    pub filename: String,
-    pub mime: String,
-    /// A `data:` URL carrying the bytes.
-    pub url: String,
-}
+/// Defined by `files`, which builds it: imports run from `opencode` to `files`, not back.
+pub use crate::files::FileAttachment;
 
 /// Everything one prompt carries.
 #[derive(Debug, Clone, PartialEq, Default)]

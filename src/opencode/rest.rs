@@ -51,6 +51,31 @@ impl std::fmt::Display for OcError {
     }
 }
 
+/// What `OpenCodeClient::read_file` found.
+#[derive(Debug)]
+pub enum FileRead {
+    Content(FileContent),
+    /// Over the `max_bytes` given: refuse, naming the limit.
+    TooLarge,
+    /// The server would not read it.
+    Refused(Refusal),
+}
+
+/// Why the server would not read a file; OpenCode 1.18.33 says only "500".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Refusal {
+    Directory,
+    /// Not in its listing: a symbolic link (which the server refuses when it leads outside the
+    /// session's directory), or something it cannot read.
+    NotARegularFile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Listed {
+    File,
+    Directory,
+}
+
 impl From<ureq::Error> for OcError {
     fn from(error: ureq::Error) -> OcError {
         use ureq::{Error, Timeout};
@@ -325,23 +350,48 @@ impl OpenCodeClient {
         super::decode::decode_session_diff(&body).map_err(|e| OcError::Decode(e.to_string()))
     }
 
-    /// A file of the session's directory, by a path relative to it; check the path with
-    /// `files::resolve_inside` first. OpenCode 1.18.33 answers text files with their trailing
-    /// newline trimmed, binary ones base64-encoded (decoded here), a path leaving the directory with a
-    /// bare 500, and a missing file as empty text: an empty answer is therefore checked against the
-    /// listing of its directory and becomes `NotFound` when the file is not there.
-    pub fn read_file(&self, directory: &str, relative_path: &str) -> Result<FileContent, OcError> {
+    /// A file of the session's directory, by a path relative to it (checked with
+    /// `files::checked_relative_path` first), read by the server: the bridge may run on another
+    /// host, and the server reads with its own rights. At most `max_bytes` of content: the answer's
+    /// body is read with a limit, so a bigger file costs no more memory than the limit.
+    ///
+    /// OpenCode 1.18.33 answers text files with their trailing whitespace trimmed, binary ones
+    /// base64-encoded (decoded here), a missing file as empty text (checked against the listing of
+    /// its directory, so it becomes `NotFound`), and a path it will not read (a directory, a
+    /// symbolic link leading outside the directory) with a bare 500.
+    pub fn read_file(
+        &self,
+        directory: &str,
+        relative_path: &str,
+        max_bytes: u64,
+    ) -> Result<FileRead, OcError> {
         let mut path = with_directory("/file/content", directory);
         path.push_str(&format!("&path={}", percent_encode(relative_path)));
-        let body = self.get(&path).map_err(not_found_is_file(relative_path))?;
+        // Base64 is 4/3 of the bytes; the rest of the JSON object is small.
+        let body_limit = max_bytes.saturating_add(2) / 3 * 4 + 4096;
+        let body = match self.get_limited(&path, body_limit) {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(FileRead::TooLarge),
+            Err(OcError::Http { status: 500, .. }) => {
+                return Ok(match self.listed(directory, relative_path)? {
+                    Some(Listed::Directory) => FileRead::Refused(Refusal::Directory),
+                    _ => FileRead::Refused(Refusal::NotARegularFile),
+                });
+            }
+            Err(e) => return Err(not_found_is_file(relative_path)(e)),
+        };
         let content = super::decode::decode_file_content(&body, relative_path)
             .map_err(|e| OcError::Decode(e.to_string()))?;
-        if content.bytes.is_empty() && !self.listed(directory, relative_path)? {
+        if content.bytes.len() as u64 > max_bytes {
+            return Ok(FileRead::TooLarge);
+        }
+        if content.bytes.is_empty() && self.listed(directory, relative_path)? != Some(Listed::File)
+        {
             return Err(OcError::NotFound(format!(
                 "no file {relative_path} in {directory}; check the path (it is relative to the session's directory)"
             )));
         }
-        Ok(content)
+        Ok(FileRead::Content(content))
     }
 
     /// Whether `directory` exists on the server's host. Asked of the server, because the bridge may
@@ -354,8 +404,9 @@ impl OpenCodeClient {
         }
     }
 
-    /// Whether the server's listing of the file's directory names it. Listings leave out symlinks.
-    fn listed(&self, directory: &str, relative_path: &str) -> Result<bool, OcError> {
+    /// How the server's listing of the file's directory shows it; `None` when it is not there.
+    /// Listings leave out symbolic links.
+    fn listed(&self, directory: &str, relative_path: &str) -> Result<Option<Listed>, OcError> {
         let parent = match relative_path.rsplit_once('/') {
             Some((parent, _)) => parent,
             None => ".",
@@ -365,14 +416,20 @@ impl OpenCodeClient {
         let listing = match self.get(&path) {
             Ok(listing) => listing,
             // The parent directory does not exist either.
-            Err(OcError::Http { .. }) => return Ok(false),
+            Err(OcError::Http { .. }) => return Ok(None),
             Err(other) => return Err(other),
         };
-        Ok(listing.as_array().is_some_and(|entries| {
-            entries.iter().any(|entry| {
-                entry.get("path").and_then(Value::as_str) == Some(relative_path)
-                    && entry.get("type").and_then(Value::as_str) == Some("file")
-            })
+        let entries = listing.as_array().map(Vec::as_slice).unwrap_or_default();
+        // Directories are listed with a trailing slash: "sub/".
+        Ok(entries.iter().find_map(|entry| {
+            let path = entry.get("path").and_then(Value::as_str)?;
+            match entry.get("type").and_then(Value::as_str)? {
+                "file" if path == relative_path => Some(Listed::File),
+                "directory" if path.trim_end_matches('/') == relative_path => {
+                    Some(Listed::Directory)
+                }
+                _ => None,
+            }
         }))
     }
 
@@ -406,6 +463,26 @@ impl OpenCodeClient {
 
     fn get(&self, path: &str) -> Result<Value, OcError> {
         self.send("GET", path, None)
+    }
+
+    /// `get`, reading at most `limit` bytes of the body: `Ok(None)` when the body is longer.
+    fn get_limited(&self, path: &str, limit: u64) -> Result<Option<Value>, OcError> {
+        let url = format!("{}{}", self.base, path);
+        let mut response = self.with_auth_get(self.agent.get(&url)).call()?;
+        let status = response.status().as_u16();
+        let text = match response
+            .body_mut()
+            .with_config()
+            .limit(limit)
+            .read_to_string()
+        {
+            Ok(text) => text,
+            Err(ureq::Error::BodyExceedsLimit(_)) if (200..300).contains(&status) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(OcError::Unreachable(e.to_string())),
+        };
+        interpret(status, &text).map(Some)
     }
 
     fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, OcError> {

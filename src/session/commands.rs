@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::asks;
 use crate::command::ThreadCommand;
 use crate::files;
-use crate::opencode::rest::OcError;
+use crate::opencode::rest::{FileRead, OcError, Refusal};
 use crate::opencode::{MessageInfo, ModelRef, PermissionReply, Role, Todo, Tokens};
 use crate::render::{format_cost, format_duration, format_tokens, truncate_chars};
 
@@ -363,38 +363,43 @@ impl Worker {
         self.attach(&name, diff.as_bytes(), &format!("📄 {summary}: `{name}`"));
     }
 
-    /// `!file <path>`: a file from the session's directory, refused outside it.
+    /// `!file <path>`: a file from the session's directory, refused outside it. Always read by the
+    /// OpenCode server, never from this host's disk: the bridge may run elsewhere, and the server
+    /// reads with its own rights.
     fn send_file(&mut self, requested: &str) {
-        let relative = match files::resolve_inside(&self.info.directory, requested) {
+        let relative = match files::checked_relative_path(requested) {
             Ok(relative) => relative,
             Err(refusal) => {
                 self.post_notice(&format!("🚫 {refusal}"));
                 return;
             }
         };
-        let local = std::path::Path::new(&self.info.directory).join(&relative);
-        if let Ok(meta) = std::fs::metadata(&local)
-            && meta.is_file()
-        {
-            // On this host (checked inside by `resolve_inside`): the exact bytes, which the server's
-            // file API does not give (it trims a text file's last newline).
-            if meta.len() > self.max_file_size {
-                self.refuse_large(&relative, meta.len());
+        let read = self
+            .opencode
+            .read_file(&self.info.directory, &relative, self.max_file_size);
+        let content = match read {
+            Ok(FileRead::Content(content)) => content,
+            Ok(FileRead::TooLarge) => {
+                self.post_notice(&format!(
+                    "🚫 `{relative}` is over the {} byte limit (OPENCODE_MM_MAX_FILE_SIZE).",
+                    self.max_file_size
+                ));
                 return;
             }
-            match std::fs::read(&local) {
-                Ok(bytes) => {
-                    let name = relative.rsplit('/').next().unwrap_or(&relative).to_string();
-                    self.attach(&name, &bytes, &format!("📎 `{relative}`"));
-                }
-                Err(e) => {
-                    self.post_notice(&format!("⚠️ Could not read `{relative}`: {e}"));
-                }
+            Ok(FileRead::Refused(Refusal::Directory)) => {
+                self.post_notice(&format!(
+                    "🚫 `{relative}` is a directory; name a file in it."
+                ));
+                return;
             }
-            return;
-        }
-        let content = match self.opencode.read_file(&self.info.directory, &relative) {
-            Ok(content) => content,
+            Ok(FileRead::Refused(Refusal::NotARegularFile)) => {
+                self.post_notice(&format!(
+                    "🚫 OpenCode refused to read `{relative}`: it is not a regular file of `{}` (a \
+                     symbolic link leading outside the session's directory is refused).",
+                    self.info.directory
+                ));
+                return;
+            }
             Err(OcError::NotFound(_)) => {
                 self.post_notice(&format!(
                     "❓ `{relative}` was not found in `{}`.",
@@ -407,19 +412,8 @@ impl Worker {
                 return;
             }
         };
-        if content.bytes.len() as u64 > self.max_file_size {
-            self.refuse_large(&relative, content.bytes.len() as u64);
-            return;
-        }
         let name = relative.rsplit('/').next().unwrap_or(&relative).to_string();
         self.attach(&name, &content.bytes, &format!("📎 `{relative}`"));
-    }
-
-    fn refuse_large(&mut self, relative: &str, size: u64) {
-        self.post_notice(&format!(
-            "🚫 `{relative}` is {size} bytes, over the {} byte limit (OPENCODE_MM_MAX_FILE_SIZE).",
-            self.max_file_size
-        ));
     }
 
     fn attach(&mut self, name: &str, bytes: &[u8], message: &str) {

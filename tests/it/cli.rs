@@ -443,3 +443,101 @@ fn a_trace_level_run_never_logs_a_secret_and_every_line_is_json() {
         .count();
     assert!(session_lines > 0, "no line carries the session's short id");
 }
+
+/// The router (thread `bridge`) panics when it logs the websocket's connection, through the debug
+/// build's `OPENCODE_MM_DEBUG_PANIC_ON`: the process must not stay half alive or exit 0, but exit 4
+/// with one masked log line.
+#[test]
+fn a_panic_outside_a_session_worker_exits_4_with_one_masked_line() {
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let token = mattermost.bot().token;
+    let mut command = command(&state);
+    bridge_env(&mut command, &mattermost, &token);
+    command.env(
+        "OPENCODE_MM_DEBUG_PANIC_ON",
+        format!("mattermost websocket connected|router broke holding {token}"),
+    );
+    let output = command.finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("panicked")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("ERROR")
+            && lines[0].contains("thread bridge panicked")
+            && lines[0].contains("router broke holding <redacted>"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&token),
+        "the token reached stderr: {stderr}"
+    );
+}
+
+/// A session worker's panic stops that worker only: the process goes on and stops cleanly.
+#[test]
+fn a_session_worker_panic_leaves_the_process_running() {
+    use crate::support::llm::FakeLlm;
+    use crate::support::opencode::OpenCode;
+    use serde_json::json;
+
+    let llm = FakeLlm::start();
+    let opencode = OpenCode::start(&llm, json!({}));
+    let mattermost = FakeMattermost::start();
+    let state = TempDir::new("cli");
+    let mut bridge = command(&state);
+    bridge_env(&mut bridge, &mattermost, &mattermost.bot().token);
+    bridge
+        .env("OPENCODE_URL", opencode.url())
+        .env("OPENCODE_MM_DEBUG_PANIC_ON", "thread created|worker broke");
+    let mut running = Running::start(bridge);
+    running.wait_for_line("ready:");
+    opencode.create_session(opencode.project_dir(), Some("Panics"));
+    let line = running.wait_for_line("panicked");
+    assert!(
+        line.contains("thread session-") && line.contains("worker broke"),
+        "{line}"
+    );
+    // Still serving: a second session gets its thread.
+    let second = opencode.create_session(opencode.project_dir(), Some("After the panic"));
+    let second_id = second["id"].as_str().expect("session id").to_string();
+    let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
+    mattermost
+        .wait_until(crate::support::SOON, |view| {
+            view.posts_in(&dm)
+                .into_iter()
+                .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == second_id)
+        })
+        .unwrap_or_else(|| panic!("no thread after the panic:\n{}", running.log_so_far()));
+    let (code, _) = running.terminate();
+    assert_eq!(code, 0, "{}", running.log_so_far());
+}
+
+/// Bytes that are not UTF-8 (a Latin-1 path) in an argument or a variable: exit 2 naming it, not a
+/// panic (exit 101) and not a variable silently taken as unset.
+#[test]
+fn an_argument_or_variable_that_is_not_utf8_exits_2_naming_it() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let state = TempDir::new("cli");
+    let latin1 = || OsString::from_vec(b"/srv/caf\xe9".to_vec());
+    let output = command(&state)
+        .arg("status")
+        .arg("--state-dir")
+        .arg(latin1())
+        .finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("argument 3 is not valid UTF-8"), "{stderr}");
+    let output = command(&state)
+        .arg("status")
+        .env("OPENCODE_MM_STATE_DIR", latin1())
+        .finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("OPENCODE_MM_STATE_DIR is not valid UTF-8"),
+        "{stderr}"
+    );
+}

@@ -536,7 +536,8 @@ fn diff_and_file_commands_post_changes_and_refuse_paths_outside() {
     let file_id = &attached.file_ids[0];
     let (name, bytes) = world.mattermost.file(file_id).expect("uploaded file");
     assert_eq!(name, "notes.md");
-    assert_eq!(bytes, b"# Notes\nalpha line\nbeta line\n");
+    // Read through OpenCode's file API, which trims a text file's trailing newline.
+    assert_eq!(bytes, b"# Notes\nalpha line\nbeta line");
 
     world.owner_says(&root.id, "!file ../../etc/passwd");
     world.wait_bot_post(&root.id, "traversal refused", |p| {
@@ -791,5 +792,21 @@ fn an_attachment_over_the_size_cap_is_refused_by_name_and_nothing_is_sent() {
     assert!(
         !prompts.iter().any(|p| p.contains("summarise the big log")),
         "{prompts:?}"
+    );
+    // `!file` keeps to the same cap, in either direction.
+    let dir = world.opencode.project_dir().to_path_buf();
+    std::fs::write(dir.join("big.bin"), [0u8; 2000]).expect("write");
+    world.owner_says(&root.id, "!file big.bin");
+    world.wait_bot_post(&root.id, "!file refusal", |p| {
+        p.message.starts_with("🚫")
+            && p.message.contains("big.bin")
+            && p.message.contains("1000 byte limit")
+    });
+    assert!(
+        world
+            .bot_posts_in_thread(&root.id)
+            .iter()
+            .all(|p| p.file_ids.is_empty()),
+        "a file over the cap was attached"
     );
 }

@@ -263,3 +263,61 @@ fn typing_asked_for_while_disconnected_is_dropped() {
     });
     assert_eq!(seen, Some(vec![(bot, channel, "fresh".to_string())]));
 }
+
+/// A thread root posted before a crash is found by paging back through the channel by post id: across
+/// pages, and even when Mattermost's clock is behind the bridge's (`since=` missed it then).
+#[test]
+fn an_unrecorded_thread_root_is_found_by_paging_back_by_post_id() {
+    use opencode_mattermost::mattermost::search::find_thread_root;
+    use serde_json::json;
+
+    let mattermost = FakeMattermost::start();
+    let client = bot_client(&mattermost);
+    let channel = dm(&mattermost);
+    let (bot, owner) = (mattermost.bot().id, mattermost.owner().id);
+    mattermost
+        .post_as(&owner, &channel, "", "older chatter")
+        .expect("post");
+    let other = client
+        .create_post(
+            &channel,
+            "",
+            "another session",
+            Some(json!({"opencode_session_id": "ses_other"})),
+        )
+        .expect("other root");
+    let root = client
+        .create_post(
+            &channel,
+            "",
+            "the root",
+            Some(json!({"opencode_session_id": "ses_lost"})),
+        )
+        .expect("root");
+    // More than two pages of posts after it, replies and roots.
+    for i in 0..450 {
+        let root_id = if i % 3 == 0 { root.id.as_str() } else { "" };
+        mattermost
+            .post_as(&owner, &channel, root_id, &format!("post {i}"))
+            .expect("post");
+    }
+    let find = |session: &str, since_ms: i64| {
+        find_thread_root(&client, &channel, &bot, session, since_ms as u64).expect("look-up")
+    };
+    let found = find("ses_lost", root.create_at).expect("the root");
+    assert_eq!(found.id, root.id);
+    // Mattermost's clock five minutes behind the bridge's.
+    let found = find("ses_lost", root.create_at + 5 * 60 * 1000).expect("the root, despite skew");
+    assert_eq!(found.id, root.id);
+    assert_eq!(
+        find("ses_other", other.create_at).map(|p| p.id),
+        Some(other.id)
+    );
+    assert!(find("ses_never_posted", root.create_at).is_none());
+    // Only the bot's own roots count.
+    assert!(
+        find_thread_root(&client, &channel, &owner, "ses_lost", root.create_at as u64)
+            .expect("look-up")
+            .is_none()
+    );
+}

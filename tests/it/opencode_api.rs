@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use opencode_mattermost::files;
-use opencode_mattermost::opencode::rest::{OcError, OpenCodeClient};
+use opencode_mattermost::opencode::rest::{FileRead, OcError, OpenCodeClient, Refusal};
 use opencode_mattermost::opencode::{ModelRef, PermissionReply, PromptInput, Role};
 
 use crate::support::SOON;
@@ -364,33 +364,49 @@ fn session_commands_work_against_a_real_server() {
     std::fs::create_dir_all(project.join("notes")).unwrap();
     std::fs::write(project.join("notes/readme.txt"), "line one\nline two\n").unwrap();
     std::fs::write(project.join("notes/pixel.png"), PNG).unwrap();
-    let text = client.read_file(&directory, "notes/readme.txt").unwrap();
+    const LIMIT: u64 = 1024 * 1024;
+    let read = |path: &str| client.read_file(&directory, path, LIMIT);
+    let content = |path: &str| match read(path) {
+        Ok(FileRead::Content(content)) => content,
+        other => panic!("{path}: {other:?}"),
+    };
+    let text = content("notes/readme.txt");
     // OpenCode trims the trailing newline of text files.
-    assert_eq!(
-        String::from_utf8_lossy(&text.bytes).trim_end(),
-        "line one\nline two"
-    );
+    assert_eq!(text.bytes, b"line one\nline two");
     assert_eq!(text.mime, "text/plain");
-    let image = client.read_file(&directory, "notes/pixel.png").unwrap();
+    let image = content("notes/pixel.png");
     assert_eq!(image.bytes, PNG);
     assert_eq!(image.mime, "image/png");
     assert!(matches!(
-        client.read_file(&directory, "notes/missing.txt"),
+        read("notes/missing.txt"),
         Err(OcError::NotFound(_))
     ));
-    // A symlink leading outside: the bridge refuses it, and so does the server.
+    assert!(matches!(
+        read("notes"),
+        Ok(FileRead::Refused(Refusal::Directory))
+    ));
+    // Over the limit, whether the server sends it base64-encoded or as text: refused, and the body is
+    // read no further than the limit allows.
+    let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    std::fs::write(project.join("notes/big.bin"), &big).unwrap();
+    assert!(matches!(read("notes/big.bin"), Ok(FileRead::TooLarge)));
+    std::fs::write(project.join("notes/big.txt"), "x".repeat(1024 * 1024 + 1)).unwrap();
+    assert!(matches!(read("notes/big.txt"), Ok(FileRead::TooLarge)));
+    std::fs::write(project.join("notes/fits.txt"), "y".repeat(1024 * 1024)).unwrap();
+    assert_eq!(content("notes/fits.txt").bytes.len(), 1024 * 1024);
+    // A symlink leading outside: the server refuses it, and so does the textual check for "..".
     let outside = server.new_project_dir("outside");
     std::fs::write(outside.join("secret.txt"), "secret").unwrap();
     std::os::unix::fs::symlink(outside.join("secret.txt"), project.join("leak.txt")).unwrap();
-    let refusal = files::resolve_inside(&directory, "leak.txt").unwrap_err();
-    assert!(refusal.to_string().contains("symbolic link"), "{refusal}");
-    assert!(files::resolve_inside(&directory, "../outside/secret.txt").is_err());
-    assert!(client.read_file(&directory, "leak.txt").is_err());
-    assert!(
-        client
-            .read_file(&directory, "../outside/secret.txt")
-            .is_err()
-    );
+    assert!(matches!(
+        read("leak.txt"),
+        Ok(FileRead::Refused(Refusal::NotARegularFile))
+    ));
+    assert!(files::checked_relative_path("../outside/secret.txt").is_err());
+    assert!(!matches!(
+        read("../outside/secret.txt"),
+        Ok(FileRead::Content(_))
+    ));
 
     // Summarize.
     let model = ModelRef {
