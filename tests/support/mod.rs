@@ -142,7 +142,12 @@ fn watch() {
         std::thread::sleep(Duration::from_secs(1));
         let now = std::time::Instant::now();
         if let Some((_, what)) = armed().values().find(|(deadline, _)| *deadline <= now) {
-            eprintln!("watchdog: {what}; a wait without a deadline? ending the test run");
+            // Straight to stderr: eprintln! from here would be captured with the test and lost.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "watchdog: {what}; a wait without a deadline? ending the test run"
+            );
             std::process::exit(124);
         }
     }
