@@ -41,8 +41,9 @@ static-check: static opencode
 demo: opencode
 	$(OPENCODE_BIN_CMD) $(CARGO) test --test demo
 
-# The property tests of tests/it/properties.rs, long: each random property for FUZZ_SECONDS (15 of them,
-# two at a time: about a minute). FUZZ_SEED=n explores other cases; a failure prints its seed.
+# The property tests of tests/it/properties.rs (arbtest), long: each random property for FUZZ_SECONDS
+# (15 of them, two at a time: about a minute). FUZZ_SEED=n explores other cases; a failure is
+# minimized and prints the seed that replays it.
 FUZZ_SECONDS ?= 8
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --test it properties:: -- --test-threads 2 --nocapture

@@ -135,6 +135,8 @@ pub struct MattermostClient {
     call_timeout: Option<Duration>,
     /// First and longest delay between retries of a transient failure.
     retry_delays: (Duration, Duration),
+    /// `PENDING_MEMORY`, or shorter in tests.
+    pending_memory: Duration,
 }
 
 /// What every client of one connection shares.
@@ -185,6 +187,7 @@ impl MattermostClient {
             patient: false,
             call_timeout: None,
             retry_delays: (RETRY_BASE, IMPATIENT_RETRY_CAP),
+            pending_memory: PENDING_MEMORY,
         }
     }
 
@@ -204,6 +207,15 @@ impl MattermostClient {
     pub fn with_retry_delays(&self, first: Duration, longest: Duration) -> MattermostClient {
         MattermostClient {
             retry_delays: (first, longest),
+            ..self.clone()
+        }
+    }
+
+    /// This client looking for a create's post after `memory` instead of 25 s: tests pair it with
+    /// the fake Mattermost's `advance_clock`, so a long outage takes no real time.
+    pub fn with_pending_memory(&self, memory: Duration) -> MattermostClient {
+        MattermostClient {
+            pending_memory: memory,
             ..self.clone()
         }
     }
@@ -333,26 +345,30 @@ impl MattermostClient {
     }
 
     /// The post a create with `pending_post_id` made, if any, among the channel's latest 200: one
-    /// attempt, so a server still down just means the create is tried again.
-    fn find_created(&self, channel_id: &str, pending_post_id: &str) -> Option<Vec<u8>> {
-        self.wait_for_budget().ok()?;
+    /// attempt. `Err` when the look-up failed: the post may exist, so the create must not be sent.
+    fn find_created(
+        &self,
+        channel_id: &str,
+        pending_post_id: &str,
+    ) -> Result<Option<Vec<u8>>, Attempt> {
         let path = format!(
             "/channels/{}/posts?page=0&per_page=200",
             percent_encode(channel_id)
         );
-        let bytes = self
-            .attempt("GET", &path, Body::None, MAX_JSON_BYTES)
-            .ok()?;
-        let list: Value = serde_json::from_slice(&bytes).ok()?;
-        let post = list["posts"]
-            .as_object()?
-            .values()
-            .find(|p| p["props"][PENDING_PROP] == pending_post_id)?;
+        let bytes = self.attempt("GET", &path, Body::None, MAX_JSON_BYTES)?;
+        let list: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let Some(post) = list["posts"].as_object().and_then(|posts| {
+            posts
+                .values()
+                .find(|p| p["props"][PENDING_PROP] == pending_post_id)
+        }) else {
+            return Ok(None);
+        };
         crate::info!(
             "a post created before a long outage was found ({}); not posting it again",
             post["id"].as_str().unwrap_or_default()
         );
-        serde_json::to_vec(post).ok()
+        Ok(serde_json::to_vec(post).ok())
     }
 
     pub fn patch_post(&self, post_id: &str, message: &str) -> Result<Post, MmError> {
@@ -562,7 +578,7 @@ impl MattermostClient {
         path: &str,
         body: Body<'_>,
         max_bytes: u64,
-        find_done: Option<&dyn Fn() -> Option<Vec<u8>>>,
+        find_done: Option<&dyn Fn() -> Result<Option<Vec<u8>>, Attempt>>,
     ) -> Result<Vec<u8>, MmError> {
         let mut backoff = Backoff::new(self.retry_delays.0, self.retry_delays.1);
         let mut failures = 0;
@@ -571,16 +587,25 @@ impl MattermostClient {
         let mut in_outage = false;
         let started = Instant::now();
         loop {
-            if let Some(find_done) = find_done
-                && outage_failures > 0
-                && started.elapsed() >= PENDING_MEMORY
-                && let Some(bytes) = find_done()
-            {
-                self.recovered(in_outage);
-                return Ok(bytes);
-            }
-            self.wait_for_budget()?;
-            let error = match self.attempt(method, path, body, max_bytes) {
+            let looked = match find_done {
+                Some(find_done)
+                    if outage_failures > 0 && started.elapsed() >= self.pending_memory =>
+                {
+                    self.wait_for_budget()?;
+                    find_done()
+                }
+                _ => Ok(None),
+            };
+            let result = match looked {
+                Ok(Some(bytes)) => Ok(bytes),
+                Ok(None) => {
+                    self.wait_for_budget()?;
+                    self.attempt(method, path, body, max_bytes)
+                }
+                // Whether the call took effect is unknown: sending it again could do it twice.
+                Err(failed) => Err(failed),
+            };
+            let error = match result {
                 Ok(bytes) => {
                     self.recovered(in_outage);
                     return Ok(bytes);

@@ -317,9 +317,19 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
         json!({"calls": rounds.short_calls}),
     );
 
-    for n in [1, 10, 50] {
+    for n in [1, 10] {
         concurrent(fakes, &bridge, &sessions[..n], report);
     }
+    let peak = PeakRss::start(&bridge);
+    concurrent(fakes, &bridge, &sessions, report);
+    let (peak_kib, how) = peak.stop(&bridge);
+    report.row(
+        &format!("peak RSS during the {SESSIONS}-session streaming run"),
+        format!("{:.1} MiB ({how})", mib(peak_kib)),
+        "peak < 10 MiB",
+        Some(peak_kib < 10 * 1024),
+        json!({"peak_rss_kib": peak_kib, "how": how}),
+    );
     std::thread::sleep(Duration::from_secs(1));
     let rss_50_after = bridge.rss_kib();
     let memory_after = bridge.memory_breakdown();
@@ -371,6 +381,7 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
         json!({"cpu_ms": cpu_seconds * 1000.0, "seconds": seconds, "percent": percent}),
     );
     let problems = bridge.problems();
+    outage(fakes, &bridge, &sessions, report);
     if !problems.is_empty() {
         report.note(format!(
             "the bridge logged {} warning(s)/error(s) during the fake pass; first: {}",
@@ -383,6 +394,111 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
         "the bridge stopped {:.0} ms after SIGTERM",
         stop_took.as_secs_f64() * 1000.0
     ));
+}
+
+/// How long Mattermost is down while the sessions stream, in the outage row.
+const OUTAGE: Duration = Duration::from_secs(30);
+
+/// The highest RSS over a stretch of the run: `VmHWM` reset at the start where the kernel allows,
+/// and `VmRSS` polled every 10 ms in any case.
+struct PeakRss {
+    reset: bool,
+    sampler: process::RssSampler,
+}
+
+impl PeakRss {
+    fn start(bridge: &BridgeProcess) -> PeakRss {
+        PeakRss {
+            reset: bridge.reset_peak_rss(),
+            sampler: bridge.sample_rss(),
+        }
+    }
+
+    /// The peak in KiB, and how it was taken.
+    fn stop(self, bridge: &BridgeProcess) -> (u64, String) {
+        let (sampled, samples) = self.sampler.stop();
+        if self.reset {
+            let hwm = bridge.peak_rss_kib();
+            (
+                hwm.max(sampled),
+                format!(
+                    "VmHWM reset before; VmRSS polled {samples} times, highest {:.1} MiB",
+                    mib(sampled)
+                ),
+            )
+        } else {
+            (sampled, format!("VmRSS polled {samples} times every 10 ms"))
+        }
+    }
+}
+
+/// Every session streams a 2,000-character reply while Mattermost is down for `OUTAGE`: the
+/// workers hold what they could not post. RSS is watched throughout; once Mattermost is back,
+/// every reply must complete with its exact text.
+fn outage(
+    fakes: &Fakes,
+    bridge: &BridgeProcess,
+    sessions: &[(String, String)],
+    report: &mut Report,
+) {
+    let n = sessions.len();
+    println!(
+        "{n} sessions streaming {LONG_REPLY_CHARS} characters through a {} s Mattermost outage",
+        OUTAGE.as_secs()
+    );
+    let done_before: Vec<usize> = sessions
+        .iter()
+        .map(|(_, root)| done_count(fakes, root))
+        .collect();
+    // A run number of its own, so the texts differ from the concurrent runs'.
+    let texts: Vec<String> = (0..n)
+        .map(|i| reply_text(i, 99, LONG_REPLY_CHARS))
+        .collect();
+    let replies: Vec<(&str, &str)> = sessions
+        .iter()
+        .zip(&texts)
+        .map(|((id, _), text)| (id.as_str(), text.as_str()))
+        .collect();
+    let peak = PeakRss::start(bridge);
+    let down_at = Instant::now();
+    fakes.mattermost.set_down(true);
+    fakes.opencode.reply(&replies, LONG_PACE);
+    let streamed = down_at.elapsed();
+    std::thread::sleep(OUTAGE.saturating_sub(down_at.elapsed()));
+    let rss_end = bridge.rss_kib();
+    let (peak_kib, how) = peak.stop(bridge);
+    fakes.mattermost.set_down(false);
+    let up_at = Instant::now();
+    let mut complete = 0;
+    let mut last_done = up_at;
+    for ((_, root), before) in sessions.iter().zip(&done_before) {
+        if let Some(at) = fakes.wait_done(root, before + 1, Duration::from_secs(180)) {
+            complete += 1;
+            last_done = last_done.max(at);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let exact = exact_finals(fakes, sessions, &texts, down_at);
+    let catch_up = last_done.saturating_duration_since(up_at);
+    report.row(
+        &format!(
+            "RSS while {n} sessions stream through a {} s Mattermost outage",
+            OUTAGE.as_secs()
+        ),
+        format!(
+            "peak {:.1} MiB while down, {:.1} MiB as it ends ({how}); afterwards {complete}/{n} \
+             complete, {exact}/{n} exact final text, the last {:.1} s after Mattermost was back",
+            mib(peak_kib),
+            mib(rss_end),
+            catch_up.as_secs_f64()
+        ),
+        "≤ 8 MiB at 50 live sessions; all complete after",
+        Some(peak_kib <= 8 * 1024 && complete == n && exact == n),
+        json!({"sessions": n, "outage_secs": OUTAGE.as_secs(), "peak_rss_kib": peak_kib,
+               "rss_kib_at_end_of_outage": rss_end, "how": how, "complete": complete,
+               "exact_final": exact, "stream_secs": streamed.as_secs_f64(),
+               "done_after_back_ms": catch_up.as_secs_f64() * 1000.0}),
+    );
 }
 
 #[derive(Default)]

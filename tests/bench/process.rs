@@ -124,6 +124,34 @@ impl BridgeProcess {
         self.status_field("VmHWM:")
     }
 
+    /// Resets `VmHWM` to the current RSS (`/proc/<pid>/clear_refs`, Linux ≥ 4.0), so the next
+    /// `peak_rss_kib` is the peak of what follows; false where the kernel refuses.
+    pub fn reset_peak_rss(&self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5").is_ok()
+    }
+
+    /// Polls `VmRSS` every 10 ms on its own thread until `RssSampler::stop`.
+    pub fn sample_rss(&self) -> RssSampler {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let path = format!("/proc/{}/status", self.pid);
+        let handle = thread::Builder::new()
+            .name("bench-rss".into())
+            .spawn(move || {
+                let mut peak = 0;
+                let mut samples = 0;
+                loop {
+                    let status = std::fs::read_to_string(&path).unwrap_or_default();
+                    peak = peak.max(field(&status, "VmRSS:"));
+                    samples += 1;
+                    if stopped.recv_timeout(Duration::from_millis(10)).is_ok() {
+                        return (peak, samples);
+                    }
+                }
+            })
+            .expect("spawn the RSS sampler");
+        RssSampler { stop, handle }
+    }
+
     /// OS threads (`Threads`).
     pub fn threads(&self) -> u64 {
         self.status_field("Threads:")
@@ -186,12 +214,7 @@ impl BridgeProcess {
     fn status_field(&self, name: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .unwrap_or_else(|e| panic!("read /proc/{}/status: {e}", self.pid));
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        field(&status, name)
     }
 
     /// SIGTERM, then SIGKILL after 3 s; how long it took to exit.
@@ -222,6 +245,29 @@ impl BridgeProcess {
 impl Drop for BridgeProcess {
     fn drop(&mut self) {
         self.terminate();
+    }
+}
+
+/// A `/proc/<pid>/status` field in KiB (or a count), 0 when missing.
+fn field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub struct RssSampler {
+    stop: crossbeam_channel::Sender<()>,
+    handle: thread::JoinHandle<(u64, u64)>,
+}
+
+impl RssSampler {
+    /// The largest `VmRSS` seen, in KiB, and how many samples were taken.
+    pub fn stop(self) -> (u64, u64) {
+        let _ = self.stop.send(());
+        self.handle.join().unwrap_or((0, 0))
     }
 }
 

@@ -3,14 +3,13 @@
 //! wait; `posts_after` catches up over REST; the websocket reader skips frames it cannot read and
 //! reports resumed and fresh connections as they are.
 
-use std::thread;
 use std::time::{Duration, Instant};
 
 use opencode_mattermost::config::Secret;
 use opencode_mattermost::mattermost::rest::{MattermostClient, MmError};
 
-use crate::support::SOON;
 use crate::support::mattermost::{FakeMattermost, RateLimit};
+use crate::support::{SOON, spawn_bounded};
 
 /// Short retry delays, so a run of failures takes seconds, not minutes.
 const FIRST_RETRY: Duration = Duration::from_millis(20);
@@ -24,6 +23,13 @@ fn patient_client(mattermost: &FakeMattermost) -> MattermostClient {
 
 fn dm(mattermost: &FakeMattermost) -> String {
     mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id)
+}
+
+/// Waits until the server, while down, has turned away `n` connections or requests.
+fn refused_at_least(mattermost: &FakeMattermost, n: u64) {
+    mattermost
+        .wait_until(SOON, |view| (view.refused_while_down() >= n).then_some(()))
+        .unwrap_or_else(|| panic!("the client did not try {n} times during the outage"));
 }
 
 fn post_creates(mattermost: &FakeMattermost) -> usize {
@@ -42,17 +48,18 @@ fn a_patient_create_waits_out_a_server_that_is_down() {
     mattermost.set_down(true);
     let sender = client.clone();
     let target = channel.clone();
-    let create = thread::spawn(move || sender.create_post(&target, "", "after the outage", None));
-    // The outage lasts a while, so the call has to keep retrying through it.
-    thread::sleep(Duration::from_secs(3));
+    let create = spawn_bounded("the create", move || {
+        sender.create_post(&target, "", "after the outage", None)
+    });
+    // The call has to keep retrying through the outage.
+    refused_at_least(&mattermost, 3);
     assert!(
         !create.is_finished(),
         "the create gave up during the outage"
     );
     mattermost.set_down(false);
     let post = create
-        .join()
-        .unwrap()
+        .join_within(SOON)
         .expect("delivered once the server is back");
     let posts = mattermost.posts_in(&channel);
     assert_eq!(posts.len(), 1, "{posts:?}");
@@ -151,24 +158,28 @@ fn a_lost_answer_is_retried_without_a_duplicate_post() {
 }
 
 /// A post stored while its answer was lost, then an outage longer than the 30 s Mattermost remembers
-/// a `pending_post_id`: the retry finds the stored post instead of making a second one.
+/// a `pending_post_id`: the retry finds the stored post instead of making a second one. The fake's
+/// clock jumps past its memory and the client's threshold is shortened to match, so the outage takes
+/// no real time; without the look-up the retry makes a second post.
 #[test]
 fn a_lost_answer_then_a_long_outage_still_makes_one_post() {
     let mattermost = FakeMattermost::start();
-    // Slow first retries leave time to take the server down before the lost post is tried again.
-    let client = MattermostClient::new(&mattermost.url(), &Secret::new(mattermost.bot().token))
-        .patient()
-        .with_retry_delays(Duration::from_secs(1), Duration::from_secs(3));
+    let memory = Duration::from_millis(300);
+    let client = patient_client(&mattermost).with_pending_memory(memory);
     let channel = dm(&mattermost);
     let root = client
         .create_post(&channel, "", "the thread", None)
         .expect("root");
-    mattermost.lose_next_responses(1);
+    // Stored, then its answer held long enough for the test to take the server down under it.
+    mattermost.delay_next_responses(1, Duration::from_secs(5));
+    let started = Instant::now();
     let creating = {
         let client = client.clone();
         let channel = channel.clone();
         let root = root.id.clone();
-        thread::spawn(move || client.create_post(&channel, &root, "stored, answer lost", None))
+        spawn_bounded("the create", move || {
+            client.create_post(&channel, &root, "stored, answer lost", None)
+        })
     };
     mattermost
         .wait_until(SOON, |view| {
@@ -178,11 +189,22 @@ fn a_lost_answer_then_a_long_outage_still_makes_one_post() {
         })
         .expect("the first try stored the post");
     mattermost.set_down(true);
-    thread::sleep(Duration::from_secs(32));
+    mattermost.advance_clock(Duration::from_secs(31));
+    // As with the real 25 s and 30 s, the server comes back after the client's memory has passed:
+    // a try turned away after that, so every later try looks for the post first.
+    let mut refused_before = u64::MAX;
+    mattermost
+        .wait_until(SOON, |view| {
+            let refused = view.refused_while_down();
+            if started.elapsed() < memory {
+                refused_before = refused;
+            }
+            (refused > refused_before && refused >= 4).then_some(())
+        })
+        .expect("the create kept trying during the outage");
     mattermost.set_down(false);
     let post = creating
-        .join()
-        .expect("no panic")
+        .join_within(SOON)
         .expect("delivered after the outage");
     let copies: Vec<_> = mattermost
         .thread(&root.id)
@@ -207,7 +229,7 @@ fn a_429_storm_delivers_every_post_once() {
         .map(|t| {
             let client = client.clone();
             let channel = channel.clone();
-            thread::spawn(move || {
+            spawn_bounded("a storm thread", move || {
                 for i in 0..50 {
                     client
                         .create_post(&channel, "", &format!("storm {t}-{i}"), None)
@@ -217,7 +239,7 @@ fn a_429_storm_delivers_every_post_once() {
         })
         .collect();
     for thread in threads {
-        thread.join().unwrap();
+        thread.join_within(Duration::from_secs(120));
     }
     mattermost.set_rate_limit(None);
     let posts = mattermost.posts_in(&channel);
@@ -256,12 +278,14 @@ fn shut_down_ends_a_patient_wait() {
     let channel = dm(&mattermost);
     mattermost.set_down(true);
     let sender = client.clone();
-    let waiting = thread::spawn(move || sender.create_post(&channel, "", "never sent", None));
+    let waiting = spawn_bounded("the create", move || {
+        sender.create_post(&channel, "", "never sent", None)
+    });
     // Let it fail a few times first, so the shutdown finds it waiting.
-    thread::sleep(Duration::from_secs(1));
+    refused_at_least(&mattermost, 2);
     let asked = Instant::now();
     client.shut_down();
-    let result = waiting.join().unwrap();
+    let result = waiting.join_within(Duration::from_secs(10));
     let took = asked.elapsed();
     eprintln!("shut_down ended the wait after {took:?}");
     assert!(matches!(result, Err(MmError::Stopping)), "{result:?}");

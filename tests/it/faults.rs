@@ -301,6 +301,7 @@ fn a_websocket_gap_without_replay_loses_no_prompt_and_the_reply_completes() {
     }
 }
 
+/// An outage the server's clock sees as over 30 s; in real time it lasts until the turn has ended.
 #[test]
 fn mattermost_down_for_30_seconds_then_the_replies_arrive() {
     let world = World::started();
@@ -323,9 +324,25 @@ fn mattermost_down_for_30_seconds_then_the_replies_arrive() {
         p.message.contains("outage stream: beginning.")
     });
     world.mattermost.set_down(true);
-    // The turn finishes while nothing can be posted.
+    // Past the server's 30 s memory of `pending_post_id`s, without waiting them out.
+    world.mattermost.advance_clock(Duration::from_secs(31));
+    // The turn finishes while nothing can be posted, and the bridge keeps trying.
     gate.open();
-    std::thread::sleep(Duration::from_secs(30));
+    wait_for("the turn to end on the server", || {
+        world
+            .opencode
+            .messages(&id, world.opencode.project_dir())
+            .as_array()
+            .is_some_and(|m| {
+                m.iter().any(|m| {
+                    m["info"]["role"] == "assistant" && m["info"]["time"]["completed"].is_number()
+                })
+            })
+    });
+    world
+        .mattermost
+        .wait_until(SOON, |view| (view.refused_while_down() >= 6).then_some(()))
+        .expect("the bridge kept trying during the outage");
     world.mattermost.set_down(false);
     assert_completed_once(&world, &root, "outage stream");
     // Streamed text held back while the worker was behind is whole in the end.
@@ -439,17 +456,27 @@ fn a_permission_waiting_across_a_kill_is_answered_from_its_first_post() {
 
 const ROUNDS: usize = 8;
 
+/// KILL_SEED when set (to replay a failed run's kill times and pauses), else from the clock.
+fn kill_loop_seed() -> u64 {
+    if let Ok(seed) = std::env::var("KILL_SEED") {
+        return seed.trim().parse::<u64>().unwrap_or_else(|_| {
+            panic!("KILL_SEED={seed:?} is not a number; use the seed a failed run printed")
+        }) | 1;
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.as_nanos() as u64)
+        | 1
+}
+
 /// SIGKILL at random moments of a busy run: prompts queued, answers streaming in two parts with a
 /// pause between, threads being created, and a prompt sent while no bridge runs. Afterwards every
 /// prompt ran once, every answer is in its thread once, and every session has one thread.
 #[test]
 fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
     let world = World::new();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(7, |d| d.as_nanos() as u64)
-        | 1;
-    eprintln!("kill loop seed {seed}");
+    let seed = kill_loop_seed();
+    eprintln!("kill loop seed {seed} (KILL_SEED={seed} replays its timings)");
     let mut rng = seed;
     let mut random_ms = |max: u64| {
         rng ^= rng << 13;
@@ -563,7 +590,7 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
             .map(|p| format!("{} {} {}: {:?}", p.root_id, p.id, p.user_id, p.message))
             .collect();
         panic!(
-            "seed {seed}: {}\nthe LLM saw {seen:?}\nbridge logs:\n{logs}\nthe threads:\n{}",
+            "seed {seed} (KILL_SEED={seed} to replay): {}\nthe LLM saw {seen:?}\nbridge logs:\n{logs}\nthe threads:\n{}",
             problems.join("; "),
             threads.join("\n")
         );

@@ -3,14 +3,19 @@
 //! hold for every case: any chunking of an event stream gives the same events, posts fit their
 //! limit and keep their code fences balanced, commands round-trip, refused paths stay refused.
 //!
-//! Each property runs a fixed number of seeded cases, so `make test` is fast and repeatable.
-//! `FUZZ_ITERATIONS=n` runs n cases per property; `FUZZ_SECONDS=s` runs each property for s
-//! seconds instead (`make fuzz`). A failing case prints its seed: rerun it alone with
+//! Cases come from arbtest (a dev-only crate): each is a seed naming a byte string the generators
+//! draw their choices from. Each property runs a fixed sequence of seeds, so `make test` is fast
+//! and repeatable. `FUZZ_ITERATIONS=n` runs n cases per property; `FUZZ_SECONDS=s` runs each
+//! property for s seconds instead (`make fuzz`); `FUZZ_SEED=n` starts another sequence. A failing
+//! case is minimized (arbtest tries ever shorter byte strings that still fail, printing each seed)
+//! and the smallest seed replays alone with
 //! `FUZZ_SEED=<seed> FUZZ_ITERATIONS=1 cargo test --test it properties::<name>`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::time::{Duration, Instant};
 
+use arbtest::arbitrary::{self, Unstructured};
+use arbtest::arbtest;
 use serde_json::{Map, Value, json};
 
 use opencode_mattermost::asks::parse_answer;
@@ -27,41 +32,28 @@ use opencode_mattermost::render::{MAX_POST_CHARS, split_post};
 // Case runner and generator
 // =========================================================================================================
 
-/// A seeded xorshift64* generator: the same seed gives the same case on every machine.
-struct Rng(u64);
+/// A case's source of choices: the finite byte string arbtest gives it (`arbitrary::Unstructured`).
+/// Once the bytes run out every choice is its simplest (the lowest number, the rare branch not
+/// taken), so fewer bytes make a simpler case: that is how arbtest's `minimize` shrinks a failure.
+struct Rng<'a, 'b>(&'a mut Unstructured<'b>);
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64, so that consecutive seeds give unrelated streams (and never the zero state).
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
+impl Rng<'_, '_> {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.arbitrary().unwrap_or(0)
     }
 
     /// A number in `0..n` (0 when n is 0).
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
+        if n == 0 { 0 } else { self.range(0, n - 1) }
     }
 
     fn range(&mut self, low: usize, high_inclusive: usize) -> usize {
-        low + self.below(high_inclusive - low + 1)
+        self.0.int_in_range(low..=high_inclusive).unwrap_or(low)
     }
 
-    /// True with probability 1/n.
+    /// True with probability 1/n; false once the bytes run out.
     fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
+        !self.0.is_empty() && self.below(n) == 0
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
@@ -89,21 +81,48 @@ impl Budget {
     }
 }
 
-/// Runs `case` with a fresh generator per case, and names the failing seed so it can be replayed.
+/// Most bytes a case gets; arbtest's own default.
+const MAX_CASE_BYTES: f64 = 65_536.0;
+/// How long a failure is minimized before the test fails.
+const MINIMIZE_FOR: Duration = Duration::from_secs(10);
+
+/// The arbtest seed of case `index`: its byte count in the low 32 bits, growing from 32 as
+/// arbtest's own search does (×5/4 every 3 cases), and its randomness from `base` in the high ones.
+/// Case 0 of a run with FUZZ_SEED is that seed itself, so a printed seed replays exactly.
+fn case_seed(base: u64, explicit: bool, index: u64) -> u64 {
+    if explicit && index == 0 {
+        return base;
+    }
+    let size = (32.0 * 1.25f64.powi((index / 3).min(64) as i32)).min(MAX_CASE_BYTES) as u64;
+    // splitmix64, so neighbouring cases get unrelated bytes (and never the all-zero stream).
+    let mut z = base.wrapping_add(index).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let random = ((z ^ (z >> 31)) >> 32) | 1;
+    size | (random << 32)
+}
+
+/// Runs `case` on a fixed sequence of seeds (repeatable), or for FUZZ_SECONDS. A failure is
+/// minimized by arbtest (it prints ever smaller failing seeds) and names the seed to replay.
 fn run_cases(name: &str, default_cases: u64, mut case: impl FnMut(&mut Rng)) {
     let budget = Budget::from_env(default_cases);
-    let base = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| {
-            let s = s.trim();
-            match s.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16).ok(),
-                None => s.parse().ok(),
-            }
+    let given = std::env::var("FUZZ_SEED").ok().map(|s| {
+        let s = s.trim().to_string();
+        let parsed = match s.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => s.parse(),
+        };
+        parsed.unwrap_or_else(|_| {
+            panic!("FUZZ_SEED={s:?} is not a number; use a seed a failed run printed")
         })
-        .unwrap_or(0x0C0D_E5EE_D000_0000);
+    });
+    let base = given.unwrap_or(0x0C0D_E5EE_D000_0000);
     let started = Instant::now();
     let mut done = 0u64;
+    let mut property = |u: &mut Unstructured<'_>| -> arbitrary::Result<()> {
+        case(&mut Rng(u));
+        Ok(())
+    };
     loop {
         let more = match budget {
             Budget::Cases(n) => done < n,
@@ -112,11 +131,20 @@ fn run_cases(name: &str, default_cases: u64, mut case: impl FnMut(&mut Rng)) {
         if !more {
             break;
         }
-        let seed = base.wrapping_add(done);
-        let mut rng = Rng::new(seed);
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| case(&mut rng))) {
+        let seed = case_seed(base, given.is_some(), done);
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            arbtest(&mut property).seed(seed).run();
+        }));
+        if let Err(panic) = run {
+            eprintln!("property {name} failed at case {done} (seed {seed:#018x}); minimizing");
+            arbtest(&mut property)
+                .seed(seed)
+                .minimize()
+                .budget(MINIMIZE_FOR)
+                .run();
             eprintln!(
-                "property {name} failed at case {done}; replay it with FUZZ_SEED={seed:#x} FUZZ_ITERATIONS=1"
+                "property {name} failed; replay the smallest seed printed above with \
+                 FUZZ_SEED=<seed> FUZZ_ITERATIONS=1 cargo test --test it properties::{name}"
             );
             resume_unwind(panic);
         }
@@ -579,6 +607,12 @@ fn feed_chunked(rng: &mut Rng, max: usize, stream: &[u8]) -> (Vec<SseEvent>, u64
         let (chunk, after) = rest.split_at(take.min(rest.len()));
         events.extend(parser.feed(chunk));
         rest = after;
+        if take == 0 {
+            // An empty chunk is fed as it is, then one byte: the loop ends even on exhausted bytes.
+            let (chunk, after) = rest.split_at(1);
+            events.extend(parser.feed(chunk));
+            rest = after;
+        }
     }
     (events, parser.dropped_oversized())
 }
@@ -738,8 +772,17 @@ fn sse_every_split_point_of_recorded_streams_gives_the_same_events() {
         let points: Vec<usize> = if stream.len() <= 4000 {
             (0..=stream.len()).collect()
         } else {
-            let mut rng = Rng::new(stream.len() as u64);
-            (0..300).map(|_| rng.below(stream.len() + 1)).collect()
+            // 300 split points from a fixed xorshift, the same on every run.
+            let mut x = stream.len() as u64 | 1;
+            let bound = stream.len() as u64 + 1;
+            (0..300)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % bound) as usize
+                })
+                .collect()
         };
         for at in points {
             let mut parser = SseParser::new(1 << 20);

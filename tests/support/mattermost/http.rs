@@ -155,6 +155,7 @@ pub(super) fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream) {
         };
         let head: Vec<u8> = buffer.drain(..head_len).collect();
         if shared.is_down() {
+            shared.refuse();
             return;
         }
         let Some(mut request) = parse_head(&head) else {

@@ -38,6 +38,8 @@ pub struct FakeMattermost {
     owner: TestUser,
     stranger: TestUser,
     admin: TestUser,
+    /// In tests (not the benchmark or the demo), a hung test ends the run instead of hanging it.
+    _watchdog: Option<super::Watchdog>,
 }
 
 /// One of the fake's users with a personal access token.
@@ -151,6 +153,11 @@ impl<'a> FakeView<'a> {
         self.state.open_websockets
     }
 
+    /// Connections and requests turned away while the server was down.
+    pub fn refused_while_down(&self) -> u64 {
+        self.state.refused_while_down
+    }
+
     /// `(user_id, emoji_name)` of the reactions on a post.
     pub fn reactions(&self, post_id: &str) -> Vec<(String, String)> {
         self.state.reaction_names(post_id)
@@ -197,6 +204,7 @@ impl FakeMattermost {
             owner,
             stranger,
             admin,
+            _watchdog: cfg!(test).then(|| super::Watchdog::arm("a fake Mattermost")),
         }
     }
 
@@ -474,6 +482,13 @@ impl FakeMattermost {
         self.shared.lock().open_websockets
     }
 
+    /// Moves the server's clock `by` ahead for what it remembers only a while: `pending_post_id`s
+    /// (30 s) and disconnected websocket sessions (5 min). Stands in for a long outage without the
+    /// test waiting it out; post times stay on the wall clock.
+    pub fn advance_clock(&self, by: Duration) {
+        self.shared.update(|state| state.advance_clock(by));
+    }
+
     /// On (the default, like servers after 5.36): `hello` has a `connection_id` and reconnects
     /// can resume. Off: 5.36's default, empty `connection_id` and no replay.
     pub fn set_reliable_websockets(&self, on: bool) {
@@ -602,6 +617,11 @@ impl Shared {
         }
     }
 
+    /// Counts a request turned away because the server is down.
+    fn refuse(&self) {
+        self.update(|state| state.refused_while_down += 1);
+    }
+
     fn is_down(&self) -> bool {
         self.down.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst)
     }
@@ -668,6 +688,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         if shared.is_down() {
             let _ = stream.shutdown(Shutdown::Both);
+            shared.refuse();
             continue;
         }
         let Ok(clone) = stream.try_clone() else {

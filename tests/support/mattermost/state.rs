@@ -221,6 +221,11 @@ pub(super) struct State {
     pub(super) post_versions: Vec<PostVersion>,
     pub(super) typing: Vec<(String, String, String)>,
     pending_posts: HashMap<String, (String, Instant)>,
+    /// How far `advance_clock` has moved the server's notion of time (its memories: pending post
+    /// ids, inactive websocket sessions) ahead of the real one.
+    clock_offset: Duration,
+    /// Connections and requests turned away while `set_down` was on.
+    pub(super) refused_while_down: u64,
     last_post_ms: i64,
     pub(super) limiter: Option<Limiter>,
     pub(super) fail_next: (u32, u16),
@@ -273,6 +278,8 @@ impl State {
             post_versions: Vec::new(),
             typing: Vec::new(),
             pending_posts: HashMap::new(),
+            clock_offset: Duration::ZERO,
+            refused_while_down: 0,
             last_post_ms: 0,
             limiter: None,
             fail_next: (0, 500),
@@ -426,6 +433,15 @@ impl State {
         self.posts.get(id).filter(|r| r.post.delete_at == 0)
     }
 
+    /// The server's clock for what it remembers a while: the real one plus `advance_clock`.
+    fn now(&self) -> Instant {
+        Instant::now() + self.clock_offset
+    }
+
+    pub(super) fn advance_clock(&mut self, by: Duration) {
+        self.clock_offset += by;
+    }
+
     /// A fresh `create_at`: wall-clock milliseconds, but strictly increasing, so that
     /// `after=<post_id>` (which compares `create_at`) never skips a post created in the same ms.
     fn next_post_time(&mut self) -> i64 {
@@ -439,7 +455,7 @@ impl State {
         author: &str,
         new: NewPost,
     ) -> Result<CreatedPost, ApiError> {
-        let now = Instant::now();
+        let now = self.now();
         self.pending_posts
             .retain(|_, (_, at)| now.duration_since(*at) < PENDING_POST_TTL);
         if let Some((id, _)) = self.pending_posts.get(&new.pending_post_id)
@@ -1201,6 +1217,7 @@ impl State {
     /// The connection of session `key` ended. A reliable session stays resumable; the user goes
     /// offline once no connection of theirs is active.
     pub(super) fn ws_close(&mut self, key: u64, sender_of_this_connection: &Sender<WsOut>) {
+        let now = self.now();
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -1215,7 +1232,7 @@ impl State {
         let user_id = session.user_id.clone();
         if self.reliable_websockets && !session.connection_id.is_empty() {
             session.sender = None;
-            session.inactive_since = Some(Instant::now());
+            session.inactive_since = Some(now);
         } else {
             self.sessions.remove(&key);
         }
@@ -1230,7 +1247,7 @@ impl State {
 
     /// Forgets disconnected sessions older than `ttl`, so their reconnects get a fresh `hello`.
     pub(super) fn expire_sessions(&mut self, ttl: Duration) {
-        let now = Instant::now();
+        let now = self.now();
         self.sessions.retain(|_, s| match s.inactive_since {
             Some(since) => now.duration_since(since) < ttl,
             None => true,

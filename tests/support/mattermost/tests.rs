@@ -1065,11 +1065,34 @@ fn fault_controls() {
             .call()
             .is_err()
     );
+    fake.wait_until(WAIT, |v| (v.refused_while_down() >= 1).then_some(()))
+        .expect("the refused request is counted");
     fake.set_down(false);
     assert_eq!(client.get("/api/v4/users/me", &bot.token).status, 200);
     let statuses: Vec<u16> = fake.requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 2);
     assert!(statuses.contains(&101));
+}
+
+#[test]
+fn pending_post_ids_are_remembered_30_seconds_of_the_fakes_clock() {
+    let fake = FakeMattermost::start();
+    let (bot, owner) = (fake.bot(), fake.owner());
+    let client = Client::new(&fake);
+    let dm = fake.dm_channel(&owner.id, &bot.id);
+    let body =
+        json!({"channel_id": dm, "message": "once", "pending_post_id": format!("{}:1", bot.id)});
+    let create = || {
+        let reply = client.call("POST", "/api/v4/posts", Some(&bot.token), Some(&body));
+        assert_eq!(reply.status, 201);
+        reply.json()["id"].as_str().unwrap().to_string()
+    };
+    let first = create();
+    fake.advance_clock(Duration::from_secs(29));
+    assert_eq!(create(), first, "still remembered");
+    fake.advance_clock(Duration::from_secs(2));
+    assert_ne!(create(), first, "forgotten after 30 s");
+    assert_eq!(fake.posts_in(&dm).len(), 2);
 }
 
 #[test]
