@@ -450,6 +450,7 @@ impl Router {
             );
             return;
         }
+        let root_id = post.root_id.clone();
         let message = match command::parse_thread(&post.message, &self.command_prefix) {
             Some(command) => SessionMsg::Command {
                 post_id: post.id,
@@ -457,17 +458,12 @@ impl Router {
             },
             None => {
                 self.owe_prompt(&key, &post);
-                SessionMsg::Prompt {
-                    post_id: post.id,
-                    text: post.message,
-                    file_ids: post.file_ids.unwrap_or_default(),
-                    recovered_since_ms: None,
-                }
+                prompt_of(post)
             }
         };
         if !self.deliver(&key, message) {
             self.reply(
-                &post.root_id,
+                &root_id,
                 "⚠️ The message could not be handed to this session's worker; please send it again.",
             );
         }
@@ -532,12 +528,7 @@ impl Router {
                 }
                 crate::info!("[{}] prompt {} resent", short_id(&key.session_id), post.id);
                 self.owe_prompt(&key, &post);
-                SessionMsg::Prompt {
-                    post_id: post.id,
-                    text: post.message,
-                    file_ids: post.file_ids.unwrap_or_default(),
-                    recovered_since_ms: None,
-                }
+                prompt_of(post)
             }
             meaning => SessionMsg::Reaction {
                 post_id: post.id,
@@ -783,3 +774,13 @@ impl Shell {
 
 #[cfg(test)]
 mod tests;
+
+/// The owner's post as a prompt sent now (not one recovered from before a restart).
+fn prompt_of(post: Post) -> SessionMsg {
+    SessionMsg::Prompt {
+        post_id: post.id,
+        text: post.message,
+        file_ids: post.file_ids.unwrap_or_default(),
+        recovered_since_ms: None,
+    }
+}
