@@ -638,15 +638,7 @@ fn model_and_agent_choices_survive_a_bridge_restart() {
     world.start_bridge();
     world.owner_says(&root.id, "which model answers");
     wait_completions(&world, &root, 1);
-    let messages = world.opencode.messages(&id, world.opencode.project_dir());
-    let last_user = messages
-        .as_array()
-        .expect("messages")
-        .iter()
-        .rev()
-        .find(|m| m["info"]["role"] == "user")
-        .cloned()
-        .expect("a user message");
+    let last_user = last_user_message(&world, &id);
     assert_eq!(last_user["info"]["agent"], "plan", "{last_user}");
     assert_eq!(
         last_user["info"]["model"]["modelID"], "other-model",
@@ -684,15 +676,7 @@ fn thread_commands_answer_in_the_thread() {
     });
     world.owner_says(&root.id, "what mode are you in");
     wait_completions(&world, &root, 2);
-    let messages = world.opencode.messages(&id, world.opencode.project_dir());
-    let last_user = messages
-        .as_array()
-        .expect("messages")
-        .iter()
-        .rev()
-        .find(|m| m["info"]["role"] == "user")
-        .cloned()
-        .expect("a user message");
+    let last_user = last_user_message(&world, &id);
     assert_eq!(last_user["info"]["agent"], "plan", "{last_user}");
 
     world.owner_says(&root.id, "!rename Renamed from the thread");
@@ -809,4 +793,19 @@ fn an_attachment_over_the_size_cap_is_refused_by_name_and_nothing_is_sent() {
             .all(|p| p.file_ids.is_empty()),
         "a file over the cap was attached"
     );
+}
+
+/// The session's newest user message as OpenCode stores it.
+fn last_user_message(world: &World, session_id: &str) -> Value {
+    let messages = world
+        .opencode
+        .messages(session_id, world.opencode.project_dir());
+    messages
+        .as_array()
+        .expect("messages")
+        .iter()
+        .rev()
+        .find(|m| m["info"]["role"] == "user")
+        .cloned()
+        .expect("a user message")
 }
