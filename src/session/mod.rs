@@ -718,10 +718,11 @@ impl Worker {
                 true
             }
             Err(OcError::SessionNotFound(_)) => {
+                // The note counts the others waiting; this one is named in the sentence itself.
+                let others = self.unsent_queue_note();
                 self.queue.push_front(Queued { post_id, input });
                 self.post_notice(&format!(
-                    "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{}",
-                    self.unsent_queue_note()
+                    "⚠️ This session no longer exists on the OpenCode server; the message was not sent.{others}"
                 ));
                 (self.report)(Report::Gone {
                     key: self.key.clone(),

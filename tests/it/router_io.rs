@@ -123,6 +123,11 @@ fn a_session_deleted_while_the_bridge_was_away_is_announced_once() {
     world.stop_bridge();
     let notices = end_notices(&world, &root.id);
     assert_eq!(notices.len(), 1, "{notices:#?}");
+    // The prompt that found the session gone is the one "not sent", not also a queued one.
+    assert!(
+        !(notices[0].contains("no longer exists") && notices[0].contains("queued message")),
+        "{notices:#?}"
+    );
     assert!(
         world.prompts_seen_by_llm().is_empty(),
         "a prompt went to a deleted session"
