@@ -118,12 +118,7 @@ impl Worker {
                         // Deleted meanwhile: the text goes in a new post instead.
                         Err(e) if e.status() == Some(404) => {
                             crate::warn!("[{short}] reply post {} is gone; posting anew", sent.id);
-                            match self.mattermost.create_post(
-                                &self.channel_id,
-                                &self.root_post_id,
-                                &text,
-                                props.clone(),
-                            ) {
+                            match self.create_reply_post(&text, &props) {
                                 Ok(post) => {
                                     self.reply.posts[index] = SentPost { id: post.id, text }
                                 }
@@ -137,12 +132,7 @@ impl Worker {
                     }
                 }
                 PostStep::Create { index, text } => {
-                    match self.mattermost.create_post(
-                        &self.channel_id,
-                        &self.root_post_id,
-                        &text,
-                        props.clone(),
-                    ) {
+                    match self.create_reply_post(&text, &props) {
                         Ok(post) => {
                             if index == 0 {
                                 (self.report)(Report::ReplyStarted {
@@ -170,6 +160,16 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// One post of the reply, in the thread, tagged with the prompt it answers.
+    fn create_reply_post(
+        &self,
+        text: &str,
+        props: &Option<serde_json::Value>,
+    ) -> Result<crate::mattermost::Post, crate::mattermost::rest::MmError> {
+        self.mattermost
+            .create_post(&self.channel_id, &self.root_post_id, text, props.clone())
     }
 
     pub(super) fn root_is_gone(&self) -> bool {

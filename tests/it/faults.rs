@@ -53,17 +53,7 @@ fn a_bridge_killed_mid_turn_completes_the_same_reply_after_restart() {
     bridge.kill();
     // The turn ends while no bridge is running.
     gate.open();
-    wait_for("the turn to end on the server", || {
-        world
-            .opencode
-            .messages(&id, world.opencode.project_dir())
-            .as_array()
-            .is_some_and(|m| {
-                m.iter().any(|m| {
-                    m["info"]["role"] == "assistant" && m["info"]["time"]["completed"].is_number()
-                })
-            })
-    });
+    wait_for_turn_end_on_server(&world, &id);
     let mut bridge = world.spawn_binary();
     bridge.wait_for_line("ready");
     wait_for("the cut-off reply to be completed", || {
@@ -328,17 +318,7 @@ fn mattermost_down_for_30_seconds_then_the_replies_arrive() {
     world.mattermost.advance_clock(Duration::from_secs(31));
     // The turn finishes while nothing can be posted, and the bridge keeps trying.
     gate.open();
-    wait_for("the turn to end on the server", || {
-        world
-            .opencode
-            .messages(&id, world.opencode.project_dir())
-            .as_array()
-            .is_some_and(|m| {
-                m.iter().any(|m| {
-                    m["info"]["role"] == "assistant" && m["info"]["time"]["completed"].is_number()
-                })
-            })
-    });
+    wait_for_turn_end_on_server(&world, &id);
     world
         .mattermost
         .wait_until(SOON, |view| (view.refused_while_down() >= 6).then_some(()))
@@ -598,4 +578,19 @@ fn random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing() {
     let state = std::fs::read_to_string(world.state.path().join("state.json")).expect("state");
     let state: serde_json::Value = serde_json::from_str(&state).expect("state.json is valid");
     assert!(state["servers"].is_object());
+}
+
+/// Waits until OpenCode has stored a finished answer in the session.
+fn wait_for_turn_end_on_server(world: &World, session_id: &str) {
+    wait_for("the turn to end on the server", || {
+        world
+            .opencode
+            .messages(session_id, world.opencode.project_dir())
+            .as_array()
+            .is_some_and(|m| {
+                m.iter().any(|m| {
+                    m["info"]["role"] == "assistant" && m["info"]["time"]["completed"].is_number()
+                })
+            })
+    });
 }
