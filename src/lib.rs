@@ -11,6 +11,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod log;
 pub mod mattermost;
+pub mod memory;
 pub mod opencode;
 pub mod ratelimit;
 pub mod render;

@@ -356,6 +356,18 @@ impl MattermostClient {
             percent_encode(channel_id)
         );
         let bytes = self.attempt("GET", &path, Body::None, MAX_JSON_BYTES)?;
+        // Up to 200 whole posts: only their props are read, so that 50 workers looking at once
+        // after an outage do not each hold the page as a tree of values.
+        let probe: PendingProbe = serde_json::from_slice(&bytes).unwrap_or_default();
+        let made_here = |post: &PostProbe| {
+            post.props
+                .as_ref()
+                .and_then(|props| props.pending_post_id.as_ref())
+                .is_some_and(|id| id.as_str() == Some(pending_post_id))
+        };
+        if !probe.posts.values().any(made_here) {
+            return Ok(None);
+        }
         let list: Value = serde_json::from_slice(&bytes).unwrap_or_default();
         let Some(post) = list["posts"].as_object().and_then(|posts| {
             posts
@@ -585,11 +597,14 @@ impl MattermostClient {
         // Failures other than 429: only these mean the server is in trouble.
         let mut outage_failures = 0;
         let mut in_outage = false;
-        let started = Instant::now();
+        // When the first attempt left that the server may have acted on: its memory of the
+        // `pending_post_id` runs from then at the earliest.
+        let mut maybe_done_at: Option<Instant> = None;
         loop {
+            let attempt_started = Instant::now();
             let looked = match find_done {
                 Some(find_done)
-                    if outage_failures > 0 && started.elapsed() >= self.pending_memory =>
+                    if maybe_done_at.is_some_and(|at| at.elapsed() >= self.pending_memory) =>
                 {
                     self.wait_for_budget()?;
                     find_done()
@@ -622,7 +637,11 @@ impl MattermostClient {
                         message: "rate limited".into(),
                     }
                 }
-                Err(Attempt::Failed(error)) => error,
+                Err(Attempt::Failed(error)) => {
+                    maybe_done_at.get_or_insert(attempt_started);
+                    error
+                }
+                Err(Attempt::NeverSent(error)) => error,
             };
             failures += 1;
             let step = next_step(self.patient, failures, &error);
@@ -682,6 +701,11 @@ impl MattermostClient {
 
     /// Sleeps `total` in short steps; `Err(Stopping)` as soon as `shut_down` is called.
     fn pause(&self, total: Duration) -> Result<(), MmError> {
+        if total >= Duration::from_secs(1) {
+            // A worker waiting out an outage holds only its turn: what its calls used goes back.
+            crate::memory::return_unused_stack();
+            crate::memory::return_free_heap();
+        }
         let deadline = Instant::now() + total;
         loop {
             if self.is_shut_down() {
@@ -753,8 +777,14 @@ impl MattermostClient {
                 }
             }
         };
-        let mut response =
-            result.map_err(|e| Attempt::Failed(MmError::Unreachable(e.to_string())))?;
+        let mut response = result.map_err(|e| {
+            let error = MmError::Unreachable(e.to_string());
+            if never_sent(&e) {
+                Attempt::NeverSent(error)
+            } else {
+                Attempt::Failed(error)
+            }
+        })?;
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -840,6 +870,40 @@ fn error_answer(status: u16, response: &mut ureq::http::Response<ureq::Body>) ->
 enum Attempt {
     RateLimited(Duration),
     Failed(MmError),
+    /// Failed before the request left (refused, no such host, no connection in time): the server
+    /// cannot have acted on it.
+    NeverSent(MmError),
+}
+
+/// A page of posts as `find_created` reads it: nothing but each post's create marker.
+#[derive(Deserialize, Default)]
+struct PendingProbe {
+    #[serde(default)]
+    posts: std::collections::HashMap<String, PostProbe>,
+}
+
+#[derive(Deserialize)]
+struct PostProbe {
+    #[serde(default)]
+    props: Option<PropsProbe>,
+}
+
+#[derive(Deserialize)]
+struct PropsProbe {
+    #[serde(rename = "ocmm_pending_post_id", default)]
+    pending_post_id: Option<Value>,
+}
+
+/// Whether a transport failure happened before any byte of the request reached the server.
+fn never_sent(error: &ureq::Error) -> bool {
+    use ureq::Timeout;
+    match error {
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+        ureq::Error::Timeout(Timeout::Resolve | Timeout::Connect) => true,
+        // A refused connection is a fresh one: a reused one fails otherwise.
+        ureq::Error::Io(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
 }
 
 /// What a call does after its `failures`-th failed attempt.
@@ -1006,6 +1070,32 @@ fn quoted_filename(filename: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A closed port refuses before anything is sent; a server that takes the request and hangs up
+    /// may have acted on it.
+    #[test]
+    fn only_a_failure_before_sending_counts_as_never_sent() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let closed_url = format!("http://{}/", closed.local_addr().expect("address"));
+        drop(closed);
+        let agent = http::agent(Duration::from_secs(5));
+        let refused = agent
+            .post(&closed_url)
+            .send(&b"{}"[..])
+            .expect_err("refused");
+        assert!(never_sent(&refused), "{refused:?}");
+
+        let hangs_up = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/", hangs_up.local_addr().expect("address"));
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = hangs_up.accept().expect("accept");
+            let mut head = [0u8; 512];
+            let _ = stream.read(&mut head);
+        });
+        let lost = agent.post(&url).send(&b"{}"[..]).expect_err("no answer");
+        server.join().expect("server");
+        assert!(!never_sent(&lost), "{lost:?}");
+    }
 
     fn split_parts(body: &[u8], boundary: &str) -> Vec<String> {
         let text = String::from_utf8_lossy(body).into_owned();

@@ -343,9 +343,11 @@ impl Worker {
             self.catch_up();
             self.learn_status();
         }
+        let mut memory_returned = false;
         loop {
             self.note_dropped();
             if let Some(message) = self.mailbox.pop() {
+                memory_returned = false;
                 if let SessionMsg::Ended { ended_ms } = message {
                     return self.end(ended_ms);
                 }
@@ -358,6 +360,12 @@ impl Worker {
                 Some(deadline) => (deadline, false),
                 None => (Instant::now() + IDLE_RETIRE, true),
             };
+            if idle && !memory_returned {
+                // Nothing to do until the owner or OpenCode speaks: what the work used goes back.
+                crate::memory::return_unused_stack();
+                crate::memory::return_free_heap();
+                memory_returned = true;
+            }
             match self.mailbox.wait(deadline) {
                 inbox::Wait::Woken => {}
                 inbox::Wait::Timeout if idle => {

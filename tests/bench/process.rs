@@ -45,6 +45,7 @@ impl BridgeProcess {
             .env("OPENCODE_MM_LOG", "info")
             // Passed through for allocator experiments (see BENCHMARKS.md).
             .envs(std::env::var("MALLOC_ARENA_MAX").map(|v| ("MALLOC_ARENA_MAX", v)))
+            .envs(std::env::var("GLIBC_TUNABLES").map(|v| ("GLIBC_TUNABLES", v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
