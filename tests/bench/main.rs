@@ -93,7 +93,7 @@ fn main() {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "idle_secs": idle_secs,
         "bench_secs": started.elapsed().as_secs(),
-        "binary": env!("CARGO_BIN_EXE_opencode-mattermost"),
+        "binary": process::bridge_binary(),
     });
     let path = target_dir().join("bench.json");
     let text = serde_json::to_string_pretty(&report.json(context)).unwrap_or_default();
@@ -204,7 +204,7 @@ impl Fakes {
 }
 
 fn binary_size(report: &mut Report) {
-    let binary = env!("CARGO_BIN_EXE_opencode-mattermost");
+    let binary = process::bridge_binary();
     let bytes = std::fs::metadata(binary).map(|m| m.len()).unwrap_or(0);
     report.row(
         "stripped release binary size",

@@ -29,11 +29,18 @@ pub struct Target<'a> {
     pub state_dir: &'a Path,
 }
 
+/// The binary under test: `BENCH_BINARY` (for example the static build of `make static`), else
+/// cargo's release build.
+pub fn bridge_binary() -> String {
+    std::env::var("BENCH_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_opencode-mattermost").to_string())
+}
+
 impl BridgeProcess {
     pub fn spawn(target: &Target) -> BridgeProcess {
-        let binary = env!("CARGO_BIN_EXE_opencode-mattermost");
+        let binary = bridge_binary();
         let spawned_at = Instant::now();
-        let mut child = Command::new(binary)
+        let mut child = Command::new(&binary)
             .arg("run")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
