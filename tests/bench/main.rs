@@ -606,14 +606,16 @@ fn concurrent(
     sessions: &[(String, String)],
     report: &mut Report,
 ) -> StreamFigures {
-    concurrent_with(fakes, bridge, sessions, report, |_| {})
+    concurrent_with(fakes, bridge, sessions, "", report, |_| {})
 }
 
-/// `concurrent`; `meanwhile` runs on this thread while the replies stream.
+/// `concurrent`; `meanwhile` runs on this thread while the replies stream, and `label` ends the
+/// row's name.
 fn concurrent_with(
     fakes: &Fakes,
     bridge: &BridgeProcess,
     sessions: &[(String, String)],
+    label: &str,
     report: &mut Report,
     meanwhile: impl FnOnce(&Fakes),
 ) -> StreamFigures {
@@ -677,7 +679,7 @@ fn concurrent_with(
     let per_reply = calls as f64 / n as f64;
     let ok = complete == n && exact == n && cross_talk == 0 && limited == 0;
     report.row(
-        &format!("{n} session(s) streaming {LONG_REPLY_CHARS} characters at once"),
+        &format!("{n} session(s) streaming {LONG_REPLY_CHARS} characters at once{label}"),
         format!(
             "{complete}/{n} complete, {exact}/{n} exact final text, {cross_talk} cross-talk, {limited} × 429; \
              {per_reply:.1} calls/reply; all done {:.2} s after the last delta; CPU {:.0} ms/reply",
@@ -788,30 +790,38 @@ fn budget_rows(
     refill_budget();
     let (asking_id, asking_root) = sessions[SESSIONS].clone();
     let mut visible: Option<Duration> = None;
-    concurrent_with(fakes, bridge, &sessions[..SESSIONS], report, |fakes| {
-        std::thread::sleep(
-            LONG_PACE.interval * (LONG_REPLY_CHARS / LONG_PACE.delta_chars) as u32 / 2,
-        );
-        let event = json!({
-            "directory": fakes.opencode.directory(),
-            "payload": {"id": "evt_bench_permission", "type": "permission.asked", "properties": {
-                "id": "per_bench_1", "sessionID": asking_id, "permission": "bash",
-                "patterns": ["echo bench"], "metadata": {"command": "echo bench"},
-                "always": ["echo *"],
-            }},
-        });
-        let asked_at = Instant::now();
-        fakes.opencode.emit_raw(&format!("data: {event}\n\n"));
-        visible = fakes
-            .mattermost
-            .wait_until(WAIT, |view| {
-                view.post_versions()
-                    .iter()
-                    .find(|v| v.root_id == asking_root && v.message.contains("echo bench"))
-                    .map(|v| v.at)
-            })
-            .map(|at| at.saturating_duration_since(asked_at));
-    });
+    let label = ", a permission request meanwhile";
+    concurrent_with(
+        fakes,
+        bridge,
+        &sessions[..SESSIONS],
+        label,
+        report,
+        |fakes| {
+            std::thread::sleep(
+                LONG_PACE.interval * (LONG_REPLY_CHARS / LONG_PACE.delta_chars) as u32 / 2,
+            );
+            let event = json!({
+                "directory": fakes.opencode.directory(),
+                "payload": {"id": "evt_bench_permission", "type": "permission.asked", "properties": {
+                    "id": "per_bench_1", "sessionID": asking_id, "permission": "bash",
+                    "patterns": ["echo bench"], "metadata": {"command": "echo bench"},
+                    "always": ["echo *"],
+                }},
+            });
+            let asked_at = Instant::now();
+            fakes.opencode.emit_raw(&format!("data: {event}\n\n"));
+            visible = fakes
+                .mattermost
+                .wait_until(WAIT, |view| {
+                    view.post_versions()
+                        .iter()
+                        .find(|v| v.root_id == asking_root && v.message.contains("echo bench"))
+                        .map(|v| v.at)
+                })
+                .map(|at| at.saturating_duration_since(asked_at));
+        },
+    );
     let visible_ms = visible.map(|d| d.as_secs_f64() * 1000.0);
     report.row(
         &format!("a permission request while {SESSIONS} sessions stream: event → post accepted"),
