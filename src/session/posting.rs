@@ -151,6 +151,10 @@ impl Worker {
                                     self.reply.posts[index] = SentPost { id: post.id, text }
                                 }
                                 Err(e) if root_deleted(&e) => return false,
+                                Err(crate::mattermost::rest::MmError::Deferred) => {
+                                    self.reply.dirty = true;
+                                    break;
+                                }
                                 Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
                             }
                         }
