@@ -44,6 +44,8 @@ pub struct Config {
     pub catchup_max_age: Duration,
     /// Records of sessions that ended longer ago than this are dropped from `state.json`.
     pub forget_after: Duration,
+    /// The most Mattermost requests a second while the server sends no rate-limit headers.
+    pub max_rps: u32,
 }
 
 /// What the command line asked for.
@@ -397,7 +399,16 @@ const OPENCODE_MM_FORGET_AFTER: Var = Var {
     default: Some("30d"),
 };
 
-const ALL_VARS: [&Var; 17] = [
+const OPENCODE_MM_MAX_RPS: Var = Var {
+    name: "OPENCODE_MM_MAX_RPS",
+    flag: "--max-rps",
+    placeholder: "N",
+    about: "the most requests a second to a Mattermost that sends no rate-limit headers (its \
+            default: rate limiting off); a server that sends them is followed instead",
+    default: Some("20"),
+};
+
+const ALL_VARS: [&Var; 18] = [
     &MATTERMOST_URL,
     &MATTERMOST_TOKEN,
     &MATTERMOST_TOKEN_FILE,
@@ -415,6 +426,7 @@ const ALL_VARS: [&Var; 17] = [
     &OPENCODE_MM_MAX_FILE_SIZE,
     &OPENCODE_MM_CATCHUP_MAX_AGE,
     &OPENCODE_MM_FORGET_AFTER,
+    &OPENCODE_MM_MAX_RPS,
 ];
 
 const DEFAULT_OPENCODE_URL: &str = "http://127.0.0.1:4096";
@@ -912,6 +924,11 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         })?,
         None => DEFAULT_FORGET_AFTER,
     };
+    let max_rps = match sources.optional(&OPENCODE_MM_MAX_RPS) {
+        Some(raw) => parse_max_rps(&raw)
+            .map_err(|problem| error(format!("{}: {raw:?} {problem}", OPENCODE_MM_MAX_RPS.name)))?,
+        None => crate::budget::DEFAULT_MAX_RPS,
+    };
     Ok(Config {
         mattermost_url,
         mattermost_token,
@@ -928,7 +945,18 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         max_file_size,
         catchup_max_age,
         forget_after,
+        max_rps,
     })
+}
+
+/// A request rate: a whole number from 1 to 1000.
+fn parse_max_rps(raw: &str) -> Result<u32, String> {
+    match raw.trim().parse::<u64>() {
+        Ok(0) => Err("is zero, which would stop every request; use a rate like 20".into()),
+        Ok(n) if n > 1000 => Err("is more than 1000 requests a second; use at most 1000".into()),
+        Ok(n) => Ok(n as u32),
+        Err(_) => Err("is not a whole number of requests a second; use a rate like 20".into()),
+    }
 }
 
 /// Checks a base URL and normalises it: lowercase scheme, no trailing slashes, and (for Mattermost,
@@ -2094,6 +2122,17 @@ mod tests {
         );
         let config = run_ok(&[], &env_with(&[("OPENCODE_MM_FORGET_AFTER", Some("7d"))]));
         assert_eq!(config.forget_after, Duration::from_secs(7 * 86_400));
+        assert_eq!(run_ok(&[], &env_with(&[])).max_rps, 20);
+        let config = run_ok(&[], &env_with(&[("OPENCODE_MM_MAX_RPS", Some("50"))]));
+        assert_eq!(config.max_rps, 50);
+        check_error_env(
+            &[("OPENCODE_MM_MAX_RPS", Some("fast"))],
+            r#"OPENCODE_MM_MAX_RPS: "fast" is not a whole number of requests a second; use a rate like 20"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_MAX_RPS", Some("0"))],
+            r#"OPENCODE_MM_MAX_RPS: "0" is zero, which would stop every request; use a rate like 20"#,
+        );
         check_error_env(
             &[("OPENCODE_MM_LOG_FORMAT", Some("xml"))],
             r#"OPENCODE_MM_LOG_FORMAT: "xml" is not a log format; use text or json"#,

@@ -3,6 +3,7 @@
 //! `run` wires the pieces together; ARCHITECTURE.md has the map of threads and channels.
 
 pub mod asks;
+pub mod budget;
 pub mod check;
 pub mod command;
 pub mod config;
@@ -163,6 +164,7 @@ fn bridge(
         &config.mattermost_token,
         &tls,
     ));
+    mattermost.set_max_rps(config.max_rps);
     let Some(identity) = identify(&mattermost, &config, &stop)? else {
         return Ok(());
     };

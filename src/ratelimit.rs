@@ -119,6 +119,36 @@ impl TokenBucket {
         self.tokens = 1.0;
     }
 
+    /// The most tokens the bucket holds now: the configured burst, or the server's if smaller.
+    pub fn capacity(&self) -> f64 {
+        self.capacity
+    }
+
+    /// Take one token only if at least `keep` tokens are left after it; never waits. For calls that
+    /// may use only what others will not need.
+    pub fn try_take_keeping(&mut self, keep: f64, now: Instant) -> bool {
+        if self.paused_until.is_some_and(|until| now < until) {
+            return false;
+        }
+        self.refill(now);
+        if self.tokens + EPSILON >= 1.0 + keep.max(0.0) {
+            self.tokens = (self.tokens - 1.0).max(0.0);
+            return true;
+        }
+        false
+    }
+
+    /// Another rate and burst (the server turned out to announce its limit): full at the new burst,
+    /// which `observe` then lowers to what the server says remains. A pause stands.
+    pub fn retune(&mut self, per_second: f64, burst: f64, now: Instant) {
+        let fresh = TokenBucket::new(per_second, burst, now);
+        self.refill(now);
+        self.per_second = fresh.per_second;
+        self.burst = fresh.burst;
+        self.capacity = fresh.burst;
+        self.tokens = fresh.burst;
+    }
+
     /// Adds the tokens earned since `updated`. Instants older than `updated` change nothing.
     fn refill(&mut self, now: Instant) {
         if now <= self.updated {

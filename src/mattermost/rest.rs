@@ -8,7 +8,7 @@
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -16,13 +16,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{FileInfo, Post, User};
+use crate::budget::{DEFAULT_MAX_RPS, Poll, Priority, Scheduler};
 use crate::config::Secret;
 use crate::http::{self, Backoff, percent_encode};
-use crate::ratelimit::TokenBucket;
 
-/// Mattermost's default rate limit: 10 requests a second with a burst of 100.
-const DEFAULT_PER_SECOND: f64 = 10.0;
-const DEFAULT_BURST: f64 = 100.0;
 /// How long after a create's first try its retries may still rely on Mattermost recognising the
 /// `pending_post_id` (it keeps them 30 s); later retries first look for the post.
 const PENDING_MEMORY: Duration = Duration::from_secs(25);
@@ -61,6 +58,9 @@ pub enum MmError {
     Decode(String),
     /// A download was larger than the caller allows; not retryable.
     TooLarge { what: String, limit: u64 },
+    /// An intermediate edit (`Priority::Progress`) found the budget short and was not sent: the
+    /// caller sends a newer state later. Not retryable.
+    Deferred,
     /// `shut_down` was called while the call waited; not retryable.
     Stopping,
 }
@@ -70,7 +70,10 @@ impl MmError {
         match self {
             MmError::Unreachable(_) => true,
             MmError::Http { status, .. } => *status == 429 || *status >= 500,
-            MmError::Decode(_) | MmError::TooLarge { .. } | MmError::Stopping => false,
+            MmError::Decode(_)
+            | MmError::TooLarge { .. }
+            | MmError::Deferred
+            | MmError::Stopping => false,
         }
     }
 
@@ -100,6 +103,10 @@ impl std::fmt::Display for MmError {
             MmError::TooLarge { what, limit } => {
                 write!(f, "{what} is larger than the {limit}-byte limit")
             }
+            MmError::Deferred => write!(
+                f,
+                "the rate budget is short, so the intermediate edit was left for a later one"
+            ),
             MmError::Stopping => write!(
                 f,
                 "the bridge is stopping, so the mattermost call was abandoned"
@@ -121,8 +128,8 @@ pub struct CallStats {
     pub outages_waited: u64,
 }
 
-/// Clonable handle on one Mattermost connection. Clones (and `patient()`) share the rate budget, the
-/// stats, the shutdown flag and the HTTP connection pool.
+/// Clonable handle on one Mattermost connection. Clones (and `patient()`, `at()`) share the rate
+/// budget, the stats, the shutdown flag and the HTTP connection pool.
 #[derive(Clone)]
 pub struct MattermostClient {
     base: String,
@@ -137,11 +144,15 @@ pub struct MattermostClient {
     retry_delays: (Duration, Duration),
     /// `PENDING_MEMORY`, or shorter in tests.
     pending_memory: Duration,
+    /// The class of this client's calls in the shared budget (`at()` picks another).
+    priority: Priority,
 }
 
 /// What every client of one connection shares.
 struct Shared {
-    budget: Mutex<TokenBucket>,
+    budget: Mutex<Scheduler>,
+    /// Signalled whenever a call took its token or left the line, so the next in line looks again.
+    line_moved: Condvar,
     stats: Mutex<CallStats>,
     stopping: AtomicBool,
     /// When calls started failing, while an outage is being waited out; logged once per outage.
@@ -157,11 +168,8 @@ struct Shared {
 impl Shared {
     fn new() -> Shared {
         Shared {
-            budget: Mutex::new(TokenBucket::new(
-                DEFAULT_PER_SECOND,
-                DEFAULT_BURST,
-                Instant::now(),
-            )),
+            budget: Mutex::new(Scheduler::new(DEFAULT_MAX_RPS, Instant::now())),
+            line_moved: Condvar::new(),
             stats: Mutex::new(CallStats::default()),
             stopping: AtomicBool::new(false),
             outage_since: Mutex::new(None),
@@ -188,6 +196,35 @@ impl MattermostClient {
             call_timeout: None,
             retry_delays: (RETRY_BASE, IMPATIENT_RETRY_CAP),
             pending_memory: PENDING_MEMORY,
+            priority: Priority::Ask,
+        }
+    }
+
+    /// While the server sends no rate-limit headers, at most `max_rps` calls a second
+    /// (`OPENCODE_MM_MAX_RPS`); once it does, its limit applies. Call before the first request.
+    pub fn set_max_rps(&self, max_rps: u32) {
+        if let Ok(mut budget) = self.shared.budget.lock() {
+            *budget = Scheduler::new(max_rps, Instant::now());
+        }
+    }
+
+    /// This client with its calls in class `priority` of the shared budget (see `budget.rs`).
+    /// `Priority::Progress` calls never wait for the budget: they fail with `MmError::Deferred`.
+    pub fn at(&self, priority: Priority) -> MattermostClient {
+        MattermostClient {
+            priority,
+            ..self.clone()
+        }
+    }
+
+    /// Counts a running turn's reply as open until the guard is dropped: intermediate edits leave
+    /// the budget its final text and completion line need.
+    pub fn open_stream(&self) -> StreamGuard {
+        if let Ok(mut budget) = self.shared.budget.lock() {
+            budget.stream_opened();
+        }
+        StreamGuard {
+            shared: self.shared.clone(),
         }
     }
 
@@ -630,6 +667,7 @@ impl MattermostClient {
                     if let Ok(mut budget) = self.shared.budget.lock() {
                         budget.pause_until(Instant::now() + wait);
                     }
+                    self.shared.line_moved.notify_all();
                     crate::debug!("{method} {path}: 429, waiting {wait:?}");
                     MmError::Http {
                         status: 429,
@@ -719,21 +757,43 @@ impl MattermostClient {
         }
     }
 
-    /// Waits for a token of the shared budget (a 429 pauses it for everyone). After `shut_down` it
-    /// does not wait: the last calls of a stopping bridge go out at once.
+    /// Waits for a token of the shared budget (a 429 pauses it for everyone), in line by this
+    /// client's class. An intermediate edit does not wait: `Err(Deferred)` when the budget is
+    /// short. After `shut_down` it does not wait: the last calls of a stopping bridge go out at once.
     fn wait_for_budget(&self) -> Result<(), MmError> {
+        if self.is_shut_down() {
+            return Ok(());
+        }
+        let Ok(mut budget) = self.shared.budget.lock() else {
+            return Ok(());
+        };
+        if self.priority == Priority::Progress {
+            return match budget.try_spare(Instant::now()) {
+                true => Ok(()),
+                false => Err(MmError::Deferred),
+            };
+        }
+        let ticket = budget.join(self.priority);
         loop {
             if self.is_shut_down() {
+                budget.leave(&ticket);
+                drop(budget);
+                self.shared.line_moved.notify_all();
                 return Ok(());
             }
-            let wait = match self.shared.budget.lock() {
-                Ok(mut budget) => match budget.try_take(Instant::now()) {
-                    Ok(()) => return Ok(()),
-                    Err(wait) => wait,
-                },
+            let wait = match budget.poll(&ticket, Instant::now()) {
+                Poll::Go => {
+                    drop(budget);
+                    self.shared.line_moved.notify_all();
+                    return Ok(());
+                }
+                Poll::Wait(wait) => wait.clamp(Duration::from_millis(1), STOP_CHECK),
+                Poll::Behind => STOP_CHECK,
+            };
+            budget = match self.shared.line_moved.wait_timeout(budget, wait) {
+                Ok((guard, _)) => guard,
                 Err(_) => return Ok(()),
             };
-            std::thread::sleep(wait.clamp(Duration::from_millis(1), STOP_CHECK));
         }
     }
 
@@ -836,6 +896,27 @@ impl MattermostClient {
         if let Ok(mut stats) = self.shared.stats.lock() {
             update(&mut stats);
         }
+    }
+}
+
+/// An open reply in the shared budget, from `MattermostClient::open_stream`; closes when dropped.
+pub struct StreamGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Ok(mut budget) = self.shared.budget.lock() {
+            budget.stream_closed();
+        }
+        // Edits may go again; nobody waits on that, but a waiting class-5 call may look sooner.
+        self.shared.line_moved.notify_all();
+    }
+}
+
+impl std::fmt::Debug for StreamGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamGuard")
     }
 }
 

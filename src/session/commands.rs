@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::asks;
+use crate::budget::Priority;
 use crate::command::ThreadCommand;
 use crate::files;
 use crate::opencode::rest::{FileRead, OcError, Refusal};
@@ -252,10 +253,10 @@ impl Worker {
             Some(post) => {
                 let id = post.id.clone();
                 post.text = text.clone();
-                self.edit_post(&id, &text);
+                self.edit_post_at(Priority::Background, &id, &text);
             }
             None => {
-                if let Some(id) = self.post_notice(&text) {
+                if let Some(id) = self.post_at(Priority::Background, &text, None) {
                     self.todo_post = Some(SentPost { id, text });
                 }
             }

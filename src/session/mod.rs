@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use serde_json::json;
 
+use crate::budget::Priority;
 use crate::command::{ReactionMeaning, ThreadCommand, short_id};
 use crate::mattermost::WsAction;
 use crate::mattermost::rest::MattermostClient;
@@ -485,10 +486,12 @@ impl Worker {
             "opencode_session_id": self.key.session_id,
             "opencode_server": self.key.server.0,
         });
-        match self
-            .mattermost
-            .create_post(&self.channel_id, "", &self.root_text, Some(props))
-        {
+        match self.mattermost.at(Priority::First).create_post(
+            &self.channel_id,
+            "",
+            &self.root_text,
+            Some(props),
+        ) {
             Ok(post) => {
                 crate::info!("[{}] thread created: post {}", self.short(), post.id);
                 self.root_post_id = post.id.clone();
@@ -787,6 +790,7 @@ impl Worker {
             self.root_text = root;
             if let Err(e) = self
                 .mattermost
+                .at(Priority::Background)
                 .patch_post(&self.root_post_id, &self.root_text)
             {
                 crate::warn!("[{}] could not update the root post: {e}", self.short());
@@ -938,10 +942,10 @@ impl Worker {
                 );
             }
             Some(key) => {
-                self.post_tagged(&line, Some(json!({ DONE_PROP: key })));
+                self.post_at(Priority::Final, &line, Some(json!({ DONE_PROP: key })));
             }
             None => {
-                self.post_notice(&line);
+                self.post_at(Priority::Final, &line, None);
             }
         }
         let message_id = turn.last_assistant_id().map(str::to_string);
@@ -1003,11 +1007,12 @@ impl Worker {
             self.show_final(&turn);
         }
         let lived = ended_ms.saturating_sub(self.info.created_ms);
-        self.post_notice(&format!(
+        let ended = format!(
             "🏁 This session ended after {} (deleted on the OpenCode server). Replies here are no longer delivered.{}",
             format_duration(lived),
             self.unsent_queue_note()
-        ));
+        );
+        self.post_at(Priority::Final, &ended, None);
     }
 
     /// Said when the session is gone with prompts still waiting, so none vanish silently.

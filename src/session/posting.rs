@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::budget::Priority;
 use crate::command::short_id;
 use crate::mattermost::WsAction;
 use crate::render::{MAX_POST_CHARS, split_post};
@@ -75,9 +76,18 @@ impl Worker {
             return;
         }
         let body = turn.body(working);
+        // A part's finished text goes before anyone's intermediate edits; the first post and the
+        // first text are the owner's first sign of life; everything else only uses what is left.
+        let priority = if !working {
+            Priority::Final
+        } else if self.reply.posts.is_empty() || (!self.reply.text_shown && turn.has_text()) {
+            Priority::First
+        } else {
+            Priority::Progress
+        };
         self.reply.text_shown |= turn.has_text();
         self.reply.key = turn.prompt_key().map(str::to_string);
-        self.send_reply(&body, false);
+        self.send_reply_as(&body, false, priority);
     }
 
     /// Sends a finished turn's clean reply, without the status line.
@@ -91,38 +101,60 @@ impl Worker {
     /// Makes the reply posts show `body`: edits the posts that changed, adds continuation posts, and
     /// at the end removes posts the final text no longer needs.
     pub(super) fn send_reply(&mut self, body: &str, last: bool) {
-        if !self.try_send_reply(body, last) && self.recreate_root() {
+        self.send_reply_as(body, last, Priority::Final);
+    }
+
+    /// `send_reply` in class `priority` of the shared budget. An intermediate edit
+    /// (`Priority::Progress`) the budget cannot spare is not sent: the reply stays dirty and its
+    /// newer state goes at the next edit instead.
+    fn send_reply_as(&mut self, body: &str, last: bool, priority: Priority) {
+        if !self.try_send_reply(body, last, priority) && self.recreate_root() {
             // The old thread went with its root: the whole reply goes into the new one.
             self.reply.posts.clear();
-            self.try_send_reply(body, last);
+            self.try_send_reply(body, last, priority);
         }
         self.reply.last_sent = Some(Instant::now());
     }
 
     /// `send_reply`'s work; false when the thread's root has been deleted.
-    pub(super) fn try_send_reply(&mut self, body: &str, last: bool) -> bool {
+    fn try_send_reply(&mut self, body: &str, last: bool, priority: Priority) -> bool {
         let short = short_id(&self.key.session_id).to_string();
         let prompt_key = self.reply.key.clone();
         if self.reply.posts.is_empty() {
             // A reply begun by an earlier run goes on in its own posts.
             self.reply.posts = self.earlier_reply(prompt_key.as_deref());
         }
+        if !last && self.reply.stream.is_none() {
+            self.reply.stream = Some(self.mattermost.open_stream());
+        }
         let props = prompt_key.map(|key| json!({ PROMPT_PROP: key }));
+        let mattermost = self.mattermost.at(priority);
+        // The reply's first post is a first sign of life even when an edit would not be.
+        let first_post = self.mattermost.at(priority.min(Priority::First));
         let mut deleted = 0;
         for step in reply_posts::plan(&self.reply.posts, body, last) {
             match step {
                 PostStep::Edit { index, text } => {
                     let sent = &mut self.reply.posts[index];
-                    match self.mattermost.patch_post(&sent.id, &text) {
+                    match mattermost.patch_post(&sent.id, &text) {
                         Ok(_) => sent.text = text,
+                        // The rest waits for the next edit, which sends the newer state.
+                        Err(crate::mattermost::rest::MmError::Deferred) => {
+                            self.reply.dirty = true;
+                            break;
+                        }
                         // Deleted meanwhile: the text goes in a new post instead.
                         Err(e) if e.status() == Some(404) => {
                             crate::warn!("[{short}] reply post {} is gone; posting anew", sent.id);
-                            match self.create_reply_post(&text, &props) {
+                            match create_reply_post(&mattermost, self, &text, &props) {
                                 Ok(post) => {
                                     self.reply.posts[index] = SentPost { id: post.id, text }
                                 }
                                 Err(e) if root_deleted(&e) => return false,
+                                Err(crate::mattermost::rest::MmError::Deferred) => {
+                                    self.reply.dirty = true;
+                                    break;
+                                }
                                 Err(e) => crate::warn!("[{short}] reply post failed: {e}"),
                             }
                         }
@@ -132,7 +164,8 @@ impl Worker {
                     }
                 }
                 PostStep::Create { index, text } => {
-                    match self.create_reply_post(&text, &props) {
+                    let client = if index == 0 { &first_post } else { &mattermost };
+                    match create_reply_post(client, self, &text, &props) {
                         Ok(post) => {
                             if index == 0 {
                                 (self.report)(Report::ReplyStarted {
@@ -143,6 +176,10 @@ impl Worker {
                             self.reply.posts.push(SentPost { id: post.id, text })
                         }
                         Err(e) if root_deleted(&e) => return false,
+                        Err(crate::mattermost::rest::MmError::Deferred) => {
+                            self.reply.dirty = true;
+                            break;
+                        }
                         // The posts after it wait for the next edit, so they stay in order.
                         Err(e) => {
                             crate::warn!("[{short}] reply post failed: {e}");
@@ -153,23 +190,13 @@ impl Worker {
                 PostStep::Delete { index } => {
                     let stale = self.reply.posts.remove(index - deleted);
                     deleted += 1;
-                    if let Err(e) = self.mattermost.delete_post(&stale.id) {
+                    if let Err(e) = mattermost.delete_post(&stale.id) {
                         crate::warn!("[{short}] stale reply post not removed: {e}");
                     }
                 }
             }
         }
         true
-    }
-
-    /// One post of the reply, in the thread, tagged with the prompt it answers.
-    fn create_reply_post(
-        &self,
-        text: &str,
-        props: &Option<serde_json::Value>,
-    ) -> Result<crate::mattermost::Post, crate::mattermost::rest::MmError> {
-        self.mattermost
-            .create_post(&self.channel_id, &self.root_post_id, text, props.clone())
     }
 
     pub(super) fn root_is_gone(&self) -> bool {
@@ -201,6 +228,7 @@ impl Worker {
     }
 
     /// Posts in the thread, split when long. Returns the id of the first post, if it was accepted.
+    /// Notices answer or warn the owner: first in the budget.
     pub(super) fn post_notice(&mut self, message: &str) -> Option<String> {
         self.post_tagged(message, None)
     }
@@ -211,16 +239,23 @@ impl Worker {
         message: &str,
         props: Option<serde_json::Value>,
     ) -> Option<String> {
+        self.post_at(Priority::Ask, message, props)
+    }
+
+    /// `post_tagged` in class `priority` of the shared budget (a completion line, a todo list).
+    pub(super) fn post_at(
+        &mut self,
+        priority: Priority,
+        message: &str,
+        props: Option<serde_json::Value>,
+    ) -> Option<String> {
         let mut first = None;
         for chunk in split_post(message, MAX_POST_CHARS) {
-            let mut posted = self.mattermost.create_post(
-                &self.channel_id,
-                &self.root_post_id,
-                &chunk,
-                props.clone(),
-            );
+            let mattermost = self.mattermost.at(priority);
+            let mut posted =
+                mattermost.create_post(&self.channel_id, &self.root_post_id, &chunk, props.clone());
             if posted.as_ref().is_err_and(root_deleted) && self.recreate_root() {
-                posted = self.mattermost.create_post(
+                posted = mattermost.create_post(
                     &self.channel_id,
                     &self.root_post_id,
                     &chunk,
@@ -242,10 +277,15 @@ impl Worker {
 
     /// Replaces a post's text; a failure is logged, since the post's old text is still true enough.
     pub(super) fn edit_post(&self, post_id: &str, message: &str) {
+        self.edit_post_at(Priority::Ask, post_id, message);
+    }
+
+    /// `edit_post` in class `priority` of the shared budget (a todo refresh).
+    pub(super) fn edit_post_at(&self, priority: Priority, post_id: &str, message: &str) {
         if post_id.is_empty() {
             return;
         }
-        if let Err(e) = self.mattermost.patch_post(post_id, message) {
+        if let Err(e) = self.mattermost.at(priority).patch_post(post_id, message) {
             crate::warn!("[{}] post {post_id} not updated: {e}", self.short());
         }
     }
@@ -269,4 +309,19 @@ impl Worker {
             parent_id: self.root_post_id.clone(),
         });
     }
+}
+
+/// One post of the reply, in the thread, tagged with the prompt it answers.
+fn create_reply_post(
+    mattermost: &crate::mattermost::rest::MattermostClient,
+    worker: &Worker,
+    text: &str,
+    props: &Option<serde_json::Value>,
+) -> Result<crate::mattermost::Post, crate::mattermost::rest::MmError> {
+    mattermost.create_post(
+        &worker.channel_id,
+        &worker.root_post_id,
+        text,
+        props.clone(),
+    )
 }

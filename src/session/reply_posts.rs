@@ -15,6 +15,8 @@ pub(super) struct ReplyPosts {
     pub(super) text_shown: bool,
     pub(super) last_sent: Option<Instant>,
     pub(super) dirty: bool,
+    /// Counts the reply as open in the shared budget until the turn ends (dropped with the value).
+    pub(super) stream: Option<crate::mattermost::rest::StreamGuard>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

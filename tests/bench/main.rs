@@ -321,8 +321,10 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
         concurrent(fakes, &bridge, &sessions[..n], report);
     }
     let peak = PeakRss::start(&bridge);
-    concurrent(fakes, &bridge, &sessions, report);
+    refill_budget();
+    let figures = concurrent(fakes, &bridge, &sessions, report);
     let (peak_kib, how) = peak.stop(&bridge);
+    figures.report(SESSIONS, true, report);
     report.row(
         &format!("peak RSS during the {SESSIONS}-session streaming run"),
         format!("{:.1} MiB ({how})", mib(peak_kib)),
@@ -382,6 +384,7 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
     );
     let problems = bridge.problems();
     outage(fakes, &bridge, &sessions, report);
+    budget_rows(fakes, &bridge, &mut sessions, report);
     if !problems.is_empty() {
         report.note(format!(
             "the bridge logged {} warning(s)/error(s) during the fake pass; first: {}",
@@ -602,7 +605,20 @@ fn concurrent(
     bridge: &BridgeProcess,
     sessions: &[(String, String)],
     report: &mut Report,
-) {
+) -> StreamFigures {
+    concurrent_with(fakes, bridge, sessions, "", report, |_| {})
+}
+
+/// `concurrent`; `meanwhile` runs on this thread while the replies stream, and `label` ends the
+/// row's name.
+fn concurrent_with(
+    fakes: &Fakes,
+    bridge: &BridgeProcess,
+    sessions: &[(String, String)],
+    label: &str,
+    report: &mut Report,
+    meanwhile: impl FnOnce(&Fakes),
+) -> StreamFigures {
     let n = sessions.len();
     println!("{n} session(s) streaming {LONG_REPLY_CHARS} characters at once");
     let done_before: Vec<usize> = sessions
@@ -617,7 +633,11 @@ fn concurrent(
         .collect();
     let started = Instant::now();
     let ticks_before = bridge.cpu_ticks();
-    let times = fakes.opencode.reply(&replies, LONG_PACE);
+    let times = std::thread::scope(|scope| {
+        let streams = scope.spawn(|| fakes.opencode.reply(&replies, LONG_PACE));
+        meanwhile(fakes);
+        streams.join().expect("the fake OpenCode's streams")
+    });
     let last_delta = times
         .iter()
         .map(|t| t.last_delta_at)
@@ -625,10 +645,28 @@ fn concurrent(
         .unwrap_or(started);
     let mut complete = 0;
     let mut last_done = last_delta;
-    for ((_, root), before) in sessions.iter().zip(&done_before) {
+    let mut figures = StreamFigures::default();
+    for (((_, root), before), (reply, text)) in sessions
+        .iter()
+        .zip(&done_before)
+        .zip(times.iter().zip(&texts))
+    {
         if let Some(at) = fakes.wait_done(root, before + 1, Duration::from_secs(180)) {
             complete += 1;
             last_done = last_done.max(at);
+            figures
+                .completion
+                .push(at.saturating_duration_since(reply.last_delta_at));
+        }
+        if let Some(at) = fakes.first_showing(root, started, &reply.first_delta) {
+            figures
+                .first_text
+                .push(at.saturating_duration_since(reply.first_delta_at));
+        }
+        if let Some(at) = fakes.first_showing(root, started, text) {
+            figures
+                .final_text
+                .push(at.saturating_duration_since(reply.last_delta_at));
         }
     }
     std::thread::sleep(Duration::from_millis(50));
@@ -641,7 +679,7 @@ fn concurrent(
     let per_reply = calls as f64 / n as f64;
     let ok = complete == n && exact == n && cross_talk == 0 && limited == 0;
     report.row(
-        &format!("{n} session(s) streaming {LONG_REPLY_CHARS} characters at once"),
+        &format!("{n} session(s) streaming {LONG_REPLY_CHARS} characters at once{label}"),
         format!(
             "{complete}/{n} complete, {exact}/{n} exact final text, {cross_talk} cross-talk, {limited} × 429; \
              {per_reply:.1} calls/reply; all done {:.2} s after the last delta; CPU {:.0} ms/reply",
@@ -665,6 +703,200 @@ fn concurrent(
             json!({"calls": calls}),
         );
     }
+    figures
+}
+
+/// Per session of a concurrent run: first delta → first text shown, last delta → complete text
+/// shown, last delta → completion line.
+#[derive(Default)]
+struct StreamFigures {
+    first_text: Samples,
+    final_text: Samples,
+    completion: Samples,
+}
+
+impl StreamFigures {
+    /// Three rows; `targets`: judged against issue 14's goals (else reported).
+    fn report(&self, n: usize, targets: bool, report: &mut Report) {
+        let bound = |ms: f64| if targets { ms } else { f64::INFINITY };
+        let target = |t: &str| {
+            if targets {
+                t.to_string()
+            } else {
+                "reported".into()
+            }
+        };
+        report.latency(
+            &format!(
+                "{n} sessions streaming at once: final text (last delta → complete text accepted)"
+            ),
+            &self.final_text,
+            &target("max ≤ 2 s"),
+            (100.0, bound(2000.0)),
+        );
+        report.latency(
+            &format!(
+                "{n} sessions streaming at once: completion line (last delta → line accepted)"
+            ),
+            &self.completion,
+            &target("max ≤ 5 s"),
+            (100.0, bound(5000.0)),
+        );
+        report.latency(
+            &format!("{n} sessions streaming at once: first text (first delta → shown)"),
+            &self.first_text,
+            &target("max ≤ 5 s"),
+            (100.0, bound(5000.0)),
+        );
+    }
+}
+
+/// Mattermost's bucket (10/s, burst 100) is full again 10 s after it was last drawn on; the
+/// scheduling rows start from a full burst, as a burst of sessions after a quiet spell would.
+const BUDGET_REFILL: Duration = Duration::from_secs(10);
+
+fn refill_budget() {
+    println!(
+        "  (waiting {} s for the rate budget to refill)",
+        BUDGET_REFILL.as_secs()
+    );
+    std::thread::sleep(BUDGET_REFILL);
+}
+
+/// Sessions created at once in the last row.
+const CREATED_AT_ONCE: usize = 500;
+
+/// Issue 14's rows: 100 sessions streaming at once, a permission request while 50 stream, and 500
+/// sessions created at once. Adds sessions to `sessions` (up to 100).
+fn budget_rows(
+    fakes: &Fakes,
+    bridge: &BridgeProcess,
+    sessions: &mut Vec<(String, String)>,
+    report: &mut Report,
+) {
+    let created: Vec<String> = (sessions.len()..2 * SESSIONS)
+        .map(|i| fakes.opencode.create_session(&format!("bench {i}")).0)
+        .collect();
+    for id in created {
+        let (root, _) = fakes.wait_root(&id);
+        sessions.push((id, root));
+    }
+
+    refill_budget();
+    let figures = concurrent(fakes, bridge, sessions, report);
+    figures.report(sessions.len(), false, report);
+
+    // The permission comes from a session that is not streaming.
+    refill_budget();
+    let (asking_id, asking_root) = sessions[SESSIONS].clone();
+    let mut visible: Option<Duration> = None;
+    let label = ", a permission request meanwhile";
+    concurrent_with(
+        fakes,
+        bridge,
+        &sessions[..SESSIONS],
+        label,
+        report,
+        |fakes| {
+            std::thread::sleep(
+                LONG_PACE.interval * (LONG_REPLY_CHARS / LONG_PACE.delta_chars) as u32 / 2,
+            );
+            let event = json!({
+                "directory": fakes.opencode.directory(),
+                "payload": {"id": "evt_bench_permission", "type": "permission.asked", "properties": {
+                    "id": "per_bench_1", "sessionID": asking_id, "permission": "bash",
+                    "patterns": ["echo bench"], "metadata": {"command": "echo bench"},
+                    "always": ["echo *"],
+                }},
+            });
+            let asked_at = Instant::now();
+            fakes.opencode.emit_raw(&format!("data: {event}\n\n"));
+            visible = fakes
+                .mattermost
+                .wait_until(WAIT, |view| {
+                    view.post_versions()
+                        .iter()
+                        .find(|v| v.root_id == asking_root && v.message.contains("echo bench"))
+                        .map(|v| v.at)
+                })
+                .map(|at| at.saturating_duration_since(asked_at));
+        },
+    );
+    let visible_ms = visible.map(|d| d.as_secs_f64() * 1000.0);
+    report.row(
+        &format!("a permission request while {SESSIONS} sessions stream: event → post accepted"),
+        match visible_ms {
+            Some(ms) => format!("{ms:.1} ms"),
+            None => format!("not posted within {WAIT:?}"),
+        },
+        "≤ 1 s",
+        Some(visible_ms.is_some_and(|ms| ms <= 1000.0)),
+        json!({"visible_ms": visible_ms}),
+    );
+
+    created_at_once(fakes, report);
+    let _ = bridge;
+}
+
+/// `CREATED_AT_ONCE` sessions created at once: when the last root post lands, and that every
+/// session has exactly one.
+fn created_at_once(fakes: &Fakes, report: &mut Report) {
+    refill_budget();
+    println!("{CREATED_AT_ONCE} sessions created at once");
+    let ids: Vec<String> = (0..CREATED_AT_ONCE)
+        .map(|i| fakes.opencode.create_session(&format!("burst {i}")).0)
+        .collect();
+    let created_at = Instant::now();
+    let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let limit = Duration::from_secs(180);
+    // Under the fake's lock, so kept cheap: roots only, then a set look-up.
+    let roots = fakes.mattermost.wait_until(limit, |view| {
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+        for v in view.post_versions().iter().filter(|v| v.root_id.is_empty()) {
+            if let Some(id) = v.props["opencode_session_id"].as_str()
+                && wanted.contains(id)
+                && seen.insert(v.post_id.as_str())
+            {
+                first = Some(first.map_or(v.at, |f| f.min(v.at)));
+                last = Some(last.map_or(v.at, |l| l.max(v.at)));
+            }
+        }
+        (seen.len() >= CREATED_AT_ONCE).then_some((first, last))
+    });
+    // Wait a little more for any root posted twice.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut per_session: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::new();
+    for post in fakes.mattermost.posts_in(&fakes.dm) {
+        if let Some(id) = post.props["opencode_session_id"].as_str()
+            && wanted.contains(id)
+            && post.root_id.is_empty()
+        {
+            *per_session.entry(id.to_string()).or_default() += 1;
+        }
+    }
+    let lost = ids
+        .iter()
+        .filter(|id| !per_session.contains_key(*id))
+        .count();
+    let doubled = per_session.values().filter(|n| **n > 1).count();
+    let (first, last) = roots.unwrap_or((None, None));
+    let span =
+        |at: Option<Instant>| at.map(|at| at.saturating_duration_since(created_at).as_secs_f64());
+    let (first_s, last_s) = (span(first), span(last));
+    report.row(
+        &format!("{CREATED_AT_ONCE} sessions created at once: root posts"),
+        format!(
+            "first {} s, last {} s after the sessions were created; {lost} lost, {doubled} doubled",
+            first_s.map_or("-".into(), |s| format!("{s:.1}")),
+            last_s.map_or("-".into(), |s| format!("{s:.1}")),
+        ),
+        "last ≈ (500 − 100) / 10 = 40 s after the first; 0 lost, 0 doubled",
+        Some(lost == 0 && doubled == 0),
+        json!({"sessions": CREATED_AT_ONCE, "first_root_secs": first_s, "last_root_secs": last_s,
+               "lost": lost, "doubled": doubled}),
+    );
 }
 
 fn done_count(fakes: &Fakes, root_id: &str) -> usize {

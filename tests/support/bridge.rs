@@ -40,6 +40,7 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
         max_file_size: 20 * 1024 * 1024,
         catchup_max_age: Duration::from_secs(24 * 3600),
         forget_after: Duration::from_secs(30 * 24 * 3600),
+        max_rps: opencode_mattermost::budget::DEFAULT_MAX_RPS,
     }
 }
 
