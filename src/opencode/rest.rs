@@ -53,7 +53,7 @@ impl std::fmt::Display for OcError {
             ),
             OcError::Http { status, message } => write!(f, "opencode answered {status}: {message}"),
             OcError::Decode(e) => write!(f, "unexpected answer from opencode: {e}"),
-            OcError::Unsupported(m) => write!(f, "not available on this OpenCode server: {m}"),
+            OcError::Unsupported(m) => f.write_str(m),
         }
     }
 }

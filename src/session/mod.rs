@@ -524,6 +524,10 @@ impl Worker {
                 }
                 return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
+            SessionMsg::Command {
+                post_id,
+                command: ThreadCommand::Steer { text },
+            } => return self.steer(post_id, text),
             SessionMsg::Command { post_id, command } => {
                 crate::debug!("[{}] command from post {post_id}", self.short());
                 self.command(command);
