@@ -171,6 +171,7 @@ impl Registry {
                 delivered_message_id: None,
                 delivered_at_ms: now_ms,
                 streaming_post_id: None,
+                delivered_seq: None,
                 model,
                 agent,
             },
@@ -272,12 +273,21 @@ impl Registry {
         }
     }
 
-    pub fn delivered(&mut self, key: &SessionKey, message_id: Option<String>, now_ms: u64) {
+    pub fn delivered(
+        &mut self,
+        key: &SessionKey,
+        message_id: Option<String>,
+        seq: Option<u64>,
+        now_ms: u64,
+    ) {
         if let Some(record) = self.record_mut(key) {
             record.streaming_post_id = None;
             record.delivered_at_ms = now_ms;
             if message_id.is_some() {
                 record.delivered_message_id = message_id;
+            }
+            if seq.is_some() {
+                record.delivered_seq = seq;
             }
             self.dirty = true;
         }

@@ -131,6 +131,8 @@ pub enum Report {
     Delivered {
         key: SessionKey,
         message_id: Option<String>,
+        /// v2: the durable log's `seq` the thread is now complete up to.
+        seq: Option<u64>,
     },
     /// The worker has had nothing to do for a while and holds nothing that would be lost: the router
     /// may drop its inbox, after which it ends once it has handled what was already sent.
@@ -190,6 +192,8 @@ pub struct Delivery {
     pub since_ms: u64,
     /// The first post of a reply that was still streaming when the bridge stopped.
     pub streaming_post_id: Option<String>,
+    /// v2: the durable log's `seq` up to which the thread is complete.
+    pub seq: Option<u64>,
 }
 
 pub struct SessionHandle {
@@ -947,9 +951,14 @@ impl Worker {
         );
         self.recovery.delivery.message_id = message_id.clone();
         self.recovery.delivery.streaming_post_id = None;
+        let seq = self.delivered_seq(message_id.as_deref());
+        if seq.is_some() {
+            self.recovery.delivery.seq = seq;
+        }
         (self.report)(Report::Delivered {
             key: self.key.clone(),
             message_id,
+            seq,
         });
     }
 

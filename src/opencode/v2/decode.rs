@@ -244,17 +244,8 @@ impl V2Decoder {
                 let error = data
                     .pointer("/error/message")
                     .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                // An interrupt ends a step this way; name it as v1 does, so the reply says stopped.
-                let name = if error.to_lowercase().contains("abort")
-                    || error.to_lowercase().contains("interrupt")
-                {
-                    "MessageAbortedError"
-                } else {
-                    "UnknownError"
-                };
-                let message = self.assistant(data, at, Some(at), Some((name.to_string(), error)));
+                    .unwrap_or_default();
+                let message = self.assistant(data, at, Some(at), Some(step_error(error)));
                 vec![
                     Event::MessageUpdated {
                         session_id: session_id.clone(),
@@ -417,6 +408,18 @@ impl V2Decoder {
     }
 }
 
+/// v2 errors carry only a message (`SessionErrorUnknown`). An interrupt ends a step with "Provider
+/// turn interrupted" (1.18.33): named as v1 names an abort, so the thread says stopped, not failed.
+fn step_error(message: &str) -> (String, String) {
+    let lower = message.to_lowercase();
+    let name = if lower.contains("interrupt") || lower.contains("abort") {
+        "MessageAbortedError"
+    } else {
+        "UnknownError"
+    };
+    (name.to_string(), message.to_string())
+}
+
 fn tool_call(
     tool: String,
     main_argument: String,
@@ -553,7 +556,7 @@ pub fn decode_context(data: &Value) -> Result<Vec<(MessageInfo, Vec<Part>)>, Dec
                 info.error = item
                     .pointer("/error/message")
                     .and_then(Value::as_str)
-                    .map(|m| ("UnknownError".to_string(), m.to_string()));
+                    .map(step_error);
                 let parts = item
                     .get("content")
                     .and_then(Value::as_array)
@@ -614,6 +617,67 @@ fn context_part(message_id: &str, content: &Value) -> Option<Part> {
         message_id: message_id.to_string(),
         body,
     })
+}
+
+/// A message as OpenCode stores it, with its parts: what the worker's catch-up posts.
+pub type LoggedMessage = (MessageInfo, Vec<Part>);
+
+/// One turn that ended in a session's durable log: its messages, and the `seq` of the event that
+/// ended it, which becomes the thread's delivery position once the turn is in the thread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedTurn {
+    pub messages: Vec<LoggedMessage>,
+    pub end_seq: u64,
+}
+
+/// The turns that ended in `items` (a session's durable log, oldest first) after `after`, each
+/// once, in order; a turn still running at the end of the log is left out (it is streamed live).
+/// Events repeated or out of order are skipped by the durable decoder.
+pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedTurn> {
+    let mut decoder = V2Decoder::durable();
+    decoder.resume_after(session_id, after);
+    let mut turns = Vec::new();
+    let mut messages: Vec<LoggedMessage> = Vec::new();
+    for item in items {
+        let envelopes = match decoder.decode_value(item) {
+            Ok(envelopes) => envelopes,
+            Err(e) => {
+                crate::warn!("{e}; skipped in the durable log of {session_id}");
+                continue;
+            }
+        };
+        for envelope in envelopes {
+            if envelope.event.session_id() != Some(session_id) {
+                continue;
+            }
+            match envelope.event {
+                Event::MessageUpdated { message, .. } => {
+                    match messages.iter_mut().find(|(m, _)| m.id == message.id) {
+                        Some((stored, _)) => *stored = message,
+                        None => messages.push((message, Vec::new())),
+                    }
+                }
+                Event::PartUpdated { part, .. } => {
+                    if let Some((_, parts)) =
+                        messages.iter_mut().find(|(m, _)| m.id == part.message_id)
+                    {
+                        match parts.iter_mut().find(|p| p.id == part.id) {
+                            Some(stored) => *stored = part,
+                            None => parts.push(part),
+                        }
+                    }
+                }
+                Event::SessionIdle { .. } if !messages.is_empty() => {
+                    turns.push(LoggedTurn {
+                        messages: std::mem::take(&mut messages),
+                        end_seq: envelope.seq.map_or(after, |s| s.get()),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    turns
 }
 
 #[cfg(test)]
@@ -723,6 +787,26 @@ mod tests {
         assert!(decoder.decode(unknown).unwrap().is_empty());
         // A stream cut mid-event is not JSON: an error for the caller to log, not a panic.
         assert!(decoder.decode(&TOOL_CALLED[..40]).is_err());
+    }
+
+    #[test]
+    fn the_log_after_a_position_gives_each_ended_turn_once_with_its_end_seq() {
+        let session = "ses_dbe209d60ffeARMigCctWJcK6p";
+        let items: Vec<Value> = RECORDED_TURN
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let turns = ended_turns(session, 0, &items);
+        assert_eq!(turns.len(), 1);
+        assert_eq!(turns[0].end_seq, 6);
+        let (user, _) = &turns[0].messages[0];
+        assert_eq!(user.id, "msg_dbe2000000001abcdefghijklm");
+        let (answer, parts) = &turns[0].messages[1];
+        assert!(answer.completed_ms.is_some());
+        assert_eq!(parts[0].body, PartBody::Text("Hello world.".into()));
+        // Delivered up to its end: nothing follows. A log cut before the end: no turn yet.
+        assert!(ended_turns(session, 6, &items).is_empty());
+        assert!(ended_turns(session, 0, &items[..5]).is_empty());
     }
 
     #[test]

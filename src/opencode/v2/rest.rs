@@ -444,6 +444,32 @@ pub fn history(
     Ok((items, more))
 }
 
+/// Most pages of the durable log read at once (10 000 events); the rest waits for the next read.
+const MAX_HISTORY_PAGES: usize = 100;
+
+/// The session's durable log after `after`, oldest first, page by page.
+pub fn read_log(
+    client: &OpenCodeClient,
+    session_id: &str,
+    after: u64,
+) -> Result<Vec<Value>, OcError> {
+    let mut items = Vec::new();
+    let mut position = after;
+    for _ in 0..MAX_HISTORY_PAGES {
+        let (page, more) = history(client, session_id, position)?;
+        let last = page
+            .iter()
+            .filter_map(|item| item.pointer("/durable/seq").and_then(Value::as_u64))
+            .max();
+        items.extend(page);
+        match last {
+            Some(last) if more && last > position => position = last,
+            _ => break,
+        }
+    }
+    Ok(items)
+}
+
 /// The answer's `data`.
 fn data(body: &Value) -> Result<&Value, OcError> {
     body.get("data")
