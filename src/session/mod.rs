@@ -420,6 +420,7 @@ impl Worker {
                     crate::debug!("[{}] session is {status:?} at worker start", self.short());
                     self.tracker
                         .apply_polled(*status, Instant::now(), STALLED_TURN);
+                    self.learn_running_answer();
                 }
             }
             Err(e) => crate::debug!("[{}] status not read: {e}", self.short()),

@@ -282,6 +282,45 @@ impl Worker {
         true
     }
 
+    /// v2, a session already running at worker start: its stream no longer says which prompt the
+    /// running answer is for (v2 step events name no parent), so the stored answer tells the turn,
+    /// and a reply an earlier run was streaming for that prompt is continued, not posted again.
+    pub(super) fn learn_running_answer(&mut self) {
+        if self.opencode.dialect() != crate::opencode::Dialect::V2 {
+            return;
+        }
+        let stored = match self.stored_messages() {
+            Ok(stored) => stored,
+            Err(e) => {
+                crate::debug!("[{}] running answer not read: {e}", self.short());
+                return;
+            }
+        };
+        let Some((answer, parts)) = stored.into_iter().rev().find(|(info, _)| {
+            info.role == crate::opencode::Role::Assistant && info.completed_ms.is_none()
+        }) else {
+            return;
+        };
+        let now = Instant::now();
+        let session_id = self.key.session_id.clone();
+        self.tracker.apply(
+            crate::opencode::Event::MessageUpdated {
+                session_id: session_id.clone(),
+                message: answer,
+            },
+            now,
+        );
+        for part in parts {
+            self.tracker.apply(
+                crate::opencode::Event::PartUpdated {
+                    session_id: session_id.clone(),
+                    part,
+                },
+                now,
+            );
+        }
+    }
+
     /// After the bridge was away: the answers OpenCode finished meanwhile, shown as one reply.
     pub(super) fn catch_up(&mut self) {
         if self.tracker.is_running() {
