@@ -391,3 +391,75 @@ fn v2_models_agents_files_and_what_v2_lacks() {
         Err(OcError::Unsupported(_))
     ));
 }
+
+/// The bridge, forced to v2, on a fresh world.
+fn v2_world() -> crate::e2e::World {
+    let mut world = crate::e2e::World::new();
+    let mut config = crate::support::bridge::config(
+        &world.mattermost,
+        &world.opencode.url(),
+        world.state.path(),
+    );
+    config.opencode_api = ApiChoice::V2;
+    world.bridge = Some(crate::support::bridge::Bridge::start_with(config));
+    world
+}
+
+#[test]
+fn steer_joins_the_running_turn_on_v2_and_is_a_plain_prompt_when_idle() {
+    let world = v2_world();
+    let (id, _) = world.new_session("Steer");
+    let root = world.wait_root(&id);
+    let gate = Gate::new();
+    world.llm.script(
+        "steer me",
+        vec![vec![
+            crate::e2e::text("Step one. "),
+            Step::Gate(gate.clone()),
+            crate::e2e::text("Step one done."),
+        ]],
+    );
+    world.owner_says(&root.id, "steer me");
+    world.wait_bot_post(&root.id, "the streaming reply", |p| {
+        p.message.contains("Step one.")
+    });
+    world.owner_says(&root.id, "!steer also cheese");
+    world.wait_bot_post(&root.id, "the steer notice", |p| {
+        p.message.contains("Sent into the running turn")
+    });
+    gate.open();
+    // The steer is read when the step ends: the next model request ends with it.
+    world.wait_bot_post(&root.id, "the answer to the steer", |p| {
+        p.message.contains("echo: also cheese")
+    });
+    let prompts = world.prompts_seen_by_llm();
+    assert_eq!(
+        prompts
+            .iter()
+            .filter(|p| p.as_str() == "also cheese")
+            .count(),
+        1,
+        "{prompts:?}"
+    );
+    assert!(
+        !world
+            .bot_posts_in_thread(&root.id)
+            .iter()
+            .any(|p| p.message.contains("Queued")),
+        "a steer is not queued"
+    );
+    // Idle: an ordinary prompt.
+    crate::e2e::wait_for("the session to be idle", || {
+        world
+            .bot_posts_in_thread(&root.id)
+            .iter()
+            .any(|p| p.message.contains("echo: also cheese"))
+            && world.opencode.get("/api/session/active")["data"]
+                .as_object()
+                .is_some_and(|m| m.is_empty())
+    });
+    world.owner_says(&root.id, "!steer when idle");
+    world.wait_bot_post(&root.id, "the idle steer's answer", |p| {
+        p.message.contains("echo: when idle")
+    });
+}
