@@ -66,6 +66,10 @@ pub struct ServerState {
     /// running turn, or waiting for the server): post id → the session. A restart sends them on.
     #[serde(default)]
     pub pending_prompts: BTreeMap<String, PendingPrompt>,
+    /// The OpenCode API the bridge speaks to this server and why, as last probed (`v2: only
+    /// /api/health answers …`), for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// A prompt the bridge owes a session.

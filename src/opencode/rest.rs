@@ -1,6 +1,7 @@
 //! The OpenCode REST client: one value per server, holding its base URL, credentials and agent.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
@@ -112,6 +113,8 @@ pub struct OpenCodeClient {
     /// The dialect every call speaks now: 1 = v1, 2 = v2. Set by `probe` (at every connect of the
     /// event stream), so a server upgraded in place is followed.
     dialect: AtomicU8,
+    /// What the last `probe` found, for the router to keep in `state.json` (shown by `status`).
+    last_probe: Mutex<Option<Probe>>,
 }
 
 /// What `OpenCodeClient::probe` found: the dialect and, in words, why.
@@ -143,6 +146,7 @@ impl OpenCodeClient {
             tls: tls.clone(),
             api: ApiChoice::Auto,
             dialect: AtomicU8::new(1),
+            last_probe: Mutex::new(None),
         }
     }
 
@@ -240,7 +244,19 @@ impl OpenCodeClient {
             }
         };
         self.set_dialect(probe.dialect);
+        *self
+            .last_probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(probe.clone());
         Ok(probe)
+    }
+
+    /// What the last successful `probe` found.
+    pub fn last_probe(&self) -> Option<Probe> {
+        self.last_probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// An agent for this server's event stream, with the same trust roots as the client.

@@ -8,6 +8,10 @@ impl Router {
         match event {
             WatchEvent::StreamUp => {
                 crate::info!("opencode event stream connected: {}", server.0);
+                if let Some(probe) = self.servers.get(&server).and_then(|c| c.last_probe()) {
+                    let api = format!("{}: {}", probe.dialect.name(), probe.reason);
+                    self.registry.server_api(&server, api);
+                }
                 self.stream_up.insert(server.clone(), true);
                 self.catch_up_due.insert(server.clone());
                 let reconnected = self.down_since.remove(&server).is_some();

@@ -414,6 +414,15 @@ impl Registry {
         }))
     }
 
+    /// The dialect spoken to `server` and why, as its event stream's probe found it.
+    pub fn server_api(&mut self, server: &ServerKey, api: String) {
+        let entry = self.server_mut(server);
+        if entry.api.as_ref() != Some(&api) {
+            entry.api = Some(api);
+            self.dirty = true;
+        }
+    }
+
     fn server_mut(&mut self, server: &ServerKey) -> &mut crate::store::ServerState {
         self.state.servers.entry(server.0.clone()).or_default()
     }
