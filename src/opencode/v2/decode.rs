@@ -193,21 +193,29 @@ impl V2Decoder {
             delta: str_at(data, "delta"),
         };
         let events = match kind {
-            "session.next.prompted" => vec![Event::MessageUpdated {
-                session_id: session_id.clone(),
-                message: MessageInfo {
-                    id: str_at(data, "messageID"),
-                    role: Role::User,
-                    created_ms: at,
-                    completed_ms: None,
-                    tokens: Tokens::default(),
-                    cost: 0.0,
-                    error: None,
-                    model: None,
-                    agent: None,
-                    parent_id: None,
+            // The session runs from here: an interrupt before the first step ends it with no
+            // event, and the poll's idle then ends the turn.
+            "session.next.prompted" => vec![
+                Event::MessageUpdated {
+                    session_id: session_id.clone(),
+                    message: MessageInfo {
+                        id: str_at(data, "messageID"),
+                        role: Role::User,
+                        created_ms: at,
+                        completed_ms: None,
+                        tokens: Tokens::default(),
+                        cost: 0.0,
+                        error: None,
+                        model: None,
+                        agent: None,
+                        parent_id: None,
+                    },
                 },
-            }],
+                Event::SessionStatus {
+                    session_id: session_id.clone(),
+                    status: Status::Busy,
+                },
+            ],
             "session.next.step.started" => {
                 let model = model_name(data.get("model"));
                 let agent = Some(str_at(data, "agent")).filter(|a| !a.is_empty());
