@@ -286,13 +286,22 @@ fn check_opencode(config: &Config, tls: &Tls, emit: &mut Emit<'_>) {
         &config.opencode_username,
         config.opencode_password.as_ref(),
         tls,
-    );
-    match client.health() {
-        Ok(version) => {
+    )
+    .with_api(config.opencode_api);
+    match client.probe() {
+        Ok(probe) => {
+            let version = match &probe.version {
+                Some(version) => format!("version {version}"),
+                None => "no version (it serves only the v2 API)".to_string(),
+            };
             emit(
                 Outcome::Pass,
                 "opencode",
-                format!("{url} answers, version {version}"),
+                format!(
+                    "{url} answers, {version}; the bridge speaks {} to it: {}",
+                    probe.dialect.name(),
+                    probe.reason
+                ),
             );
             let detail = if config.opencode_password.is_some() {
                 format!("credentials of {} accepted", config.opencode_username)
@@ -315,6 +324,10 @@ fn check_opencode(config: &Config, tls: &Tls, emit: &mut Emit<'_>) {
                      OPENCODE_SERVER_PASSWORD to the values `opencode serve` runs with"
                 ),
             );
+        }
+        Err(e @ OcError::Unsupported(_)) => {
+            emit(Outcome::Fail, "opencode", format!("{url}: {e}"));
+            emit(Outcome::Skipped, "auth", "skipped: needs OpenCode".into());
         }
         Err(e) => {
             let text = e.to_string();

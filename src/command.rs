@@ -48,6 +48,10 @@ pub enum ThreadCommand {
     Skip,
     /// `stop`: abort the session's current run.
     Stop,
+    /// `steer <text>`: send the text into the running turn (v2 only); when idle, a plain prompt.
+    Steer {
+        text: String,
+    },
     /// `status`.
     Status,
     /// `model [provider/model]`: list, or choose for this session's next prompts.
@@ -143,6 +147,11 @@ pub const THREAD_USAGE: &[(&str, &str, &str)] = &[
     ),
     ("skip", "skip", "decline the pending question"),
     ("stop", "stop", "abort the current run"),
+    (
+        "steer",
+        "steer <text>",
+        "send the text into the running turn, read at its next step (OpenCode v2 servers; when the session is idle, an ordinary message)",
+    ),
     ("status", "status", "what the session is doing"),
     (
         "model",
@@ -246,7 +255,7 @@ pub fn parse_thread(text: &str, prefix: &str) -> Option<ThreadCommand> {
         "model" => single_word(|choice| ThreadCommand::Model { choice }),
         "agent" => single_word(|name| ThreadCommand::Agent { name }),
         "help" => ThreadCommand::Help,
-        "rename" | "file" if argument.is_empty() => {
+        "rename" | "file" | "steer" if argument.is_empty() => {
             ThreadCommand::MissingArgument { command, usage }
         }
         "rename" => ThreadCommand::Rename {
@@ -254,6 +263,9 @@ pub fn parse_thread(text: &str, prefix: &str) -> Option<ThreadCommand> {
         },
         "file" => ThreadCommand::File {
             path: unquote(argument).to_string(),
+        },
+        "steer" => ThreadCommand::Steer {
+            text: argument.to_string(),
         },
         _ if !argument.is_empty() => thread_unexpected(command, usage, argument),
         "allow" => ThreadCommand::Allow,
@@ -592,6 +604,19 @@ mod tests {
             }),
         );
         check_thread("!help me", Some(ThreadCommand::Help));
+        check_thread(
+            "!steer use the staging db\nnot prod",
+            Some(ThreadCommand::Steer {
+                text: "use the staging db\nnot prod".into(),
+            }),
+        );
+        check_thread(
+            "!steer",
+            Some(ThreadCommand::MissingArgument {
+                command: "steer",
+                usage: "steer <text>",
+            }),
+        );
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Config {
     pub opencode_url: String,
     pub opencode_username: String,
     pub opencode_password: Option<Secret>,
+    /// OPENCODE_API: which OpenCode API to speak; `Auto` probes the server at every connect.
+    pub opencode_api: crate::opencode::ApiChoice,
     pub state_dir: PathBuf,
     pub command_prefix: String,
     pub log_level: LogLevel,
@@ -322,6 +324,13 @@ const OPENCODE_SERVER_PASSWORD: Var = Var {
             flag, which other users can see in ps)",
     default: None,
 };
+const OPENCODE_API: Var = Var {
+    name: "OPENCODE_API",
+    flag: "--opencode-api",
+    placeholder: "API",
+    about: "OpenCode API to speak: auto (v1 on 1.x servers, v2 when only /api/* answers), v1 or v2",
+    default: Some("auto"),
+};
 const OPENCODE_MM_STATE_DIR: Var = Var {
     name: "OPENCODE_MM_STATE_DIR",
     flag: "--state-dir",
@@ -408,7 +417,7 @@ const OPENCODE_MM_MAX_RPS: Var = Var {
     default: Some("20"),
 };
 
-const ALL_VARS: [&Var; 18] = [
+const ALL_VARS: [&Var; 19] = [
     &MATTERMOST_URL,
     &MATTERMOST_TOKEN,
     &MATTERMOST_TOKEN_FILE,
@@ -416,6 +425,7 @@ const ALL_VARS: [&Var; 18] = [
     &OPENCODE_URL,
     &OPENCODE_SERVER_USERNAME,
     &OPENCODE_SERVER_PASSWORD,
+    &OPENCODE_API,
     &OPENCODE_MM_STATE_DIR,
     &OPENCODE_MM_COMMAND_PREFIX,
     &OPENCODE_MM_LOG,
@@ -865,6 +875,10 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         Lookup::Value(password, _) => Some(Secret::new(password)),
         Lookup::Empty | Lookup::Unset => None,
     };
+    let opencode_api = match sources.optional(&OPENCODE_API) {
+        Some(api) => parse_api(&api)?,
+        None => crate::opencode::ApiChoice::Auto,
+    };
     let state_dir = state_dir(sources)?;
     let command_prefix = sources
         .optional(&OPENCODE_MM_COMMAND_PREFIX)
@@ -936,6 +950,7 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         opencode_url,
         opencode_username,
         opencode_password,
+        opencode_api,
         state_dir,
         command_prefix,
         log_level,
@@ -1203,6 +1218,19 @@ fn parse_log_level(raw: &str) -> Result<LogLevel, ConfigError> {
         "trace" => Ok(LogLevel::Trace),
         _ => Err(error(format!(
             "OPENCODE_MM_LOG: {raw:?} is not a log level; use error, warn, info, debug or trace"
+        ))),
+    }
+}
+
+fn parse_api(raw: &str) -> Result<crate::opencode::ApiChoice, ConfigError> {
+    use crate::opencode::ApiChoice;
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(ApiChoice::Auto),
+        "v1" | "1" => Ok(ApiChoice::V1),
+        "v2" | "2" => Ok(ApiChoice::V2),
+        _ => Err(error(format!(
+            "OPENCODE_API: {raw:?} is not an OpenCode API; use auto (the default: v1 on OpenCode \
+             1.x, v2 when the server serves only /api/*), v1 or v2"
         ))),
     }
 }
@@ -2133,6 +2161,16 @@ mod tests {
             &[("OPENCODE_MM_MAX_RPS", Some("0"))],
             r#"OPENCODE_MM_MAX_RPS: "0" is zero, which would stop every request; use a rate like 20"#,
         );
+        check_error_env(
+            &[("OPENCODE_API", Some("v3"))],
+            r#"OPENCODE_API: "v3" is not an OpenCode API; use auto (the default: v1 on OpenCode 1.x, v2 when the server serves only /api/*), v1 or v2"#,
+        );
+        let config = run_ok(&[], &env_with(&[]));
+        assert_eq!(config.opencode_api, crate::opencode::ApiChoice::Auto);
+        let config = run_ok(&["--opencode-api", "V2"], &env_with(&[]));
+        assert_eq!(config.opencode_api, crate::opencode::ApiChoice::V2);
+        let config = run_ok(&[], &env_with(&[("OPENCODE_API", Some("v1"))]));
+        assert_eq!(config.opencode_api, crate::opencode::ApiChoice::V1);
         check_error_env(
             &[("OPENCODE_MM_LOG_FORMAT", Some("xml"))],
             r#"OPENCODE_MM_LOG_FORMAT: "xml" is not a log format; use text or json"#,

@@ -173,12 +173,15 @@ fn bridge(
         identity.bot_username, identity.owner_username, identity.dm_channel_id
     );
 
-    let opencode = Arc::new(OpenCodeClient::with_tls(
-        &config.opencode_url,
-        &config.opencode_username,
-        config.opencode_password.as_ref(),
-        &tls,
-    ));
+    let opencode = Arc::new(
+        OpenCodeClient::with_tls(
+            &config.opencode_url,
+            &config.opencode_username,
+            config.opencode_password.as_ref(),
+            &tls,
+        )
+        .with_api(config.opencode_api),
+    );
     match opencode.health() {
         Ok(version) => info!("opencode {version} at {}", config.opencode_url),
         Err(opencode::rest::OcError::Unauthorized) => {

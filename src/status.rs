@@ -27,7 +27,15 @@ pub struct Report {
     pub heartbeat: Option<Side>,
     pub mattermost: Option<Side>,
     pub opencode: Option<Side>,
+    /// Per OpenCode server: the API the bridge speaks to it and why (`v1: …`, `v2: …`).
+    pub opencode_api: Vec<ServerApi>,
     pub sessions: Vec<SessionLine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerApi {
+    pub server: String,
+    pub api: String,
 }
 
 /// A moment and how long ago it was.
@@ -82,6 +90,17 @@ pub fn report(state_dir: &Path, now_ms: u64) -> Report {
     if pid.is_some() {
         problems.extend(heartbeat_problems(current.as_ref(), now_ms));
     }
+    let opencode_api = state
+        .iter()
+        .flat_map(|state| {
+            state.servers.iter().filter_map(|(server, entry)| {
+                Some(ServerApi {
+                    server: server.clone(),
+                    api: entry.api.clone()?,
+                })
+            })
+        })
+        .collect();
     let sessions = state
         .map(|state| {
             state
@@ -117,6 +136,7 @@ pub fn report(state_dir: &Path, now_ms: u64) -> Report {
         opencode: current
             .as_ref()
             .and_then(|beat| side(beat.opencode_heard_ms)),
+        opencode_api,
         sessions,
     }
 }
@@ -162,6 +182,13 @@ pub fn render_text(report: &Report) -> String {
         text.push_str(&format!(
             "  opencode    last heard {}\n",
             when(&report.opencode)
+        ));
+    }
+    for server in &report.opencode_api {
+        text.push_str(&format!(
+            "  opencode    speaks {}
+",
+            server.api
         ));
     }
     text.push_str(&format!("sessions: {}\n", report.sessions.len()));

@@ -66,6 +66,10 @@ pub struct ServerState {
     /// running turn, or waiting for the server): post id → the session. A restart sends them on.
     #[serde(default)]
     pub pending_prompts: BTreeMap<String, PendingPrompt>,
+    /// The OpenCode API the bridge speaks to this server and why, as last probed (`v2: only
+    /// /api/health answers …`), for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// A prompt the bridge owes a session.
@@ -102,6 +106,10 @@ pub struct ThreadRecord {
     /// The first post of a reply still streaming; a restart resumes it instead of starting another.
     #[serde(default)]
     pub streaming_post_id: Option<String>,
+    /// v2 servers: the `seq` of the session's durable log up to which the thread is complete; a
+    /// restarted worker posts exactly the turns that ended after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_seq: Option<u64>,
     /// The owner's `!model` choice for the session, `provider/model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -755,6 +763,7 @@ mod tests {
             delivered_message_id: Some("msg_1".to_string()),
             delivered_at_ms: 7,
             streaming_post_id: None,
+            delivered_seq: Some(12),
             model: None,
             agent: None,
         }

@@ -29,16 +29,21 @@ pub fn decode_global_event(data: &str) -> Result<Option<Envelope>, DecodeError> 
         // `/event` sends the payload itself; accept it too.
         return decode_payload(&value).map(|event| {
             event.map(|event| Envelope {
-                directory: String::new(),
+                directory: Box::default(),
                 event,
+                seq: None,
             })
         });
     };
     let directory = str_at(&value, "directory");
-    Ok(decode_payload(payload)?.map(|event| Envelope { directory, event }))
+    Ok(decode_payload(payload)?.map(|event| Envelope {
+        directory: directory.into(),
+        event,
+        seq: None,
+    }))
 }
 
-fn decode_payload(payload: &Value) -> Result<Option<Event>, DecodeError> {
+pub(super) fn decode_payload(payload: &Value) -> Result<Option<Event>, DecodeError> {
     let kind = payload
         .get("type")
         .and_then(Value::as_str)
@@ -454,7 +459,7 @@ pub fn decode_part(part: &Value) -> Result<Part, DecodeError> {
     })
 }
 
-fn decode_tool(part: &Value) -> ToolCall {
+pub(super) fn decode_tool(part: &Value) -> ToolCall {
     let empty = Value::Null;
     let state = part.get("state").unwrap_or(&empty);
     let status = match state.get("status").and_then(Value::as_str) {
@@ -477,7 +482,7 @@ fn decode_tool(part: &Value) -> ToolCall {
 }
 
 /// The input field that names what a tool call is about.
-fn main_argument(tool: &str, input: &Value) -> String {
+pub(super) fn main_argument(tool: &str, input: &Value) -> String {
     let preferred: &[&str] = match tool {
         "bash" => &["command"],
         "read" | "write" | "edit" | "patch" => &["filePath", "path"],
@@ -533,7 +538,7 @@ fn required_request(props: &Value, kind: &str) -> Result<String, DecodeError> {
     Ok(id)
 }
 
-fn strings_at(value: &Value, key: &str) -> Vec<String> {
+pub(super) fn strings_at(value: &Value, key: &str) -> Vec<String> {
     value
         .get(key)
         .and_then(Value::as_array)
@@ -547,7 +552,7 @@ fn strings_at(value: &Value, key: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn str_at(value: &Value, key: &str) -> String {
+pub(super) fn str_at(value: &Value, key: &str) -> String {
     value
         .get(key)
         .and_then(Value::as_str)
@@ -555,7 +560,7 @@ fn str_at(value: &Value, key: &str) -> String {
         .to_string()
 }
 
-fn u64_at(value: &Value, key: &str) -> u64 {
+pub(super) fn u64_at(value: &Value, key: &str) -> u64 {
     value
         .get(key)
         .and_then(Value::as_f64)

@@ -5,6 +5,7 @@ pub mod decode;
 pub mod ids;
 pub mod rest;
 pub mod sse;
+pub mod v2;
 pub mod watch;
 
 pub use decode::decode_global_event;
@@ -108,11 +109,49 @@ pub struct Part {
     pub body: PartBody,
 }
 
-/// One decoded event of `/global/event`, with the directory it came from.
+/// One decoded event of `/global/event` (v1) or `/api/event` (v2), with the directory it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
-    pub directory: String,
+    /// Boxed to keep `WatchEvent` small (a `String` is a word longer).
+    pub directory: Box<str>,
     pub event: Event,
+    /// v2 only: the event's place in its session's durable log (`durable.seq`); `None` for v1 and
+    /// for v2 events that are not durable (deltas, permissions). Logs count from 1.
+    pub seq: Option<std::num::NonZeroU64>,
+}
+
+/// Which API a server is spoken to in: v1 (`/global/event`, `/session/*`), or v2 (`/api/*`, the only
+/// one OpenCode 2.x serves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    V1,
+    V2,
+}
+
+impl Dialect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::V1 => "v1",
+            Dialect::V2 => "v2",
+        }
+    }
+}
+
+/// `OPENCODE_API`: which dialect to speak. `Auto` probes the server at every (re)connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiChoice {
+    #[default]
+    Auto,
+    V1,
+    V2,
+}
+
+/// How a v2 prompt joins a session: `Queue` waits for the running turn to end, `Steer` joins it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    #[default]
+    Queue,
+    Steer,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -313,6 +352,8 @@ pub struct PromptInput {
     /// The id the user message is to have (`messageID`), so the bridge can tell its own prompts
     /// apart; see `prompt_message_id`.
     pub message_id: Option<String>,
+    /// v2 only; v1 always queues.
+    pub delivery: Delivery,
 }
 
 /// A file read from a session's directory through the server (`!file`).

@@ -1,6 +1,8 @@
 //! The OpenCode REST client: one value per server, holding its base URL, credentials and agent.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -9,9 +11,11 @@ use super::decode::{
     decode_agent, decode_message, decode_part, decode_permission_request, decode_question_request,
     decode_session, decode_status, decode_todo,
 };
+use super::v2;
 use super::{
-    AgentChoice, FileContent, MessageInfo, ModelChoice, ModelRef, Part, PermissionReply,
-    PermissionRequest, PromptInput, QuestionRequest, ServerKey, SessionInfo, Status, Todo,
+    AgentChoice, ApiChoice, Dialect, FileContent, MessageInfo, ModelChoice, ModelRef, Part,
+    PermissionReply, PermissionRequest, PromptInput, QuestionRequest, ServerKey, SessionInfo,
+    Status, Todo,
 };
 use crate::config::Secret;
 use crate::http::{self, percent_encode};
@@ -33,6 +37,9 @@ pub enum OcError {
     Http { status: u16, message: String },
     /// The server answered something this client cannot read.
     Decode(String),
+    /// The server's API has no such operation (a v2 server has no delete, rename or diff); the text
+    /// says what is missing and why.
+    Unsupported(String),
 }
 
 impl std::fmt::Display for OcError {
@@ -47,6 +54,7 @@ impl std::fmt::Display for OcError {
             ),
             OcError::Http { status, message } => write!(f, "opencode answered {status}: {message}"),
             OcError::Decode(e) => write!(f, "unexpected answer from opencode: {e}"),
+            OcError::Unsupported(m) => f.write_str(m),
         }
     }
 }
@@ -100,6 +108,22 @@ pub struct OpenCodeClient {
     authorization: Option<String>,
     agent: ureq::Agent,
     tls: http::Tls,
+    /// `OPENCODE_API`; with `Auto`, `dialect` is whatever the last `probe` found.
+    api: ApiChoice,
+    /// The dialect every call speaks now: 1 = v1, 2 = v2. Set by `probe` (at every connect of the
+    /// event stream), so a server upgraded in place is followed.
+    dialect: AtomicU8,
+    /// What the last `probe` found, for the router to keep in `state.json` (shown by `status`).
+    last_probe: Mutex<Option<Probe>>,
+}
+
+/// What `OpenCodeClient::probe` found: the dialect and, in words, why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub dialect: Dialect,
+    /// The server's version, when it says (only v1's `/global/health` does).
+    pub version: Option<String>,
+    pub reason: String,
 }
 
 impl OpenCodeClient {
@@ -120,7 +144,119 @@ impl OpenCodeClient {
             authorization: password.map(|p| http::basic_auth(username, p.expose())),
             agent: http::agent_with_tls(Duration::from_secs(30), tls),
             tls: tls.clone(),
+            api: ApiChoice::Auto,
+            dialect: AtomicU8::new(1),
+            last_probe: Mutex::new(None),
         }
+    }
+
+    /// This client with `OPENCODE_API`'s choice; a forced dialect is used at once, `Auto` waits for
+    /// the first `probe` (and speaks v1 until then).
+    pub fn with_api(mut self, api: ApiChoice) -> OpenCodeClient {
+        self.api = api;
+        if api == ApiChoice::V2 {
+            self.set_dialect(Dialect::V2);
+        }
+        self
+    }
+
+    pub fn api(&self) -> ApiChoice {
+        self.api
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.dialect.load(Ordering::Relaxed) {
+            2 => Dialect::V2,
+            _ => Dialect::V1,
+        }
+    }
+
+    fn set_dialect(&self, dialect: Dialect) {
+        let value = match dialect {
+            Dialect::V1 => 1,
+            Dialect::V2 => 2,
+        };
+        self.dialect.store(value, Ordering::Relaxed);
+    }
+
+    fn is_v2(&self) -> bool {
+        self.dialect() == Dialect::V2
+    }
+
+    /// Finds out which dialect the server speaks and switches to it: v1 when `/global/health`
+    /// answers with a version (1.x servers serve both, and their terminals drive sessions through
+    /// v1), v2 when only `/api/health` answers (2.x). A forced `OPENCODE_API` is checked, not
+    /// changed: a server that does not serve it is an error naming the variable.
+    pub fn probe(&self) -> Result<Probe, OcError> {
+        let v1 = match self.get("/global/health") {
+            Ok(body) => body
+                .get("version")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            Err(e @ (OcError::NotSent(_) | OcError::Unreachable(_) | OcError::Unauthorized)) => {
+                return Err(e);
+            }
+            Err(_) => None,
+        };
+        let v2 = match self.api {
+            ApiChoice::V1 => false,
+            ApiChoice::Auto if v1.is_some() => false,
+            _ => v2::rest::health(self).is_ok(),
+        };
+        let probe = match (self.api, v1, v2) {
+            (ApiChoice::V1 | ApiChoice::Auto, Some(version), _) => Probe {
+                dialect: Dialect::V1,
+                reason: if self.api == ApiChoice::V1 {
+                    "OPENCODE_API=v1".to_string()
+                } else {
+                    format!("/global/health answers with version {version}")
+                },
+                version: Some(version),
+            },
+            (ApiChoice::V2 | ApiChoice::Auto, version, true) => Probe {
+                dialect: Dialect::V2,
+                reason: if self.api == ApiChoice::V2 {
+                    "OPENCODE_API=v2".to_string()
+                } else {
+                    "only /api/health answers (an OpenCode 2.x server)".to_string()
+                },
+                version,
+            },
+            (ApiChoice::V1, None, _) => {
+                return Err(OcError::Unsupported(
+                    "OPENCODE_API=v1, but /global/health does not answer with a version; unset \
+                     OPENCODE_API (or set it to auto) to speak v2 to an OpenCode 2.x server"
+                        .into(),
+                ));
+            }
+            (ApiChoice::V2, _, false) => {
+                return Err(OcError::Unsupported(
+                    "OPENCODE_API=v2, but /api/health does not answer; this server has no v2 API \
+                     (OpenCode before 1.18?); unset OPENCODE_API (or set it to auto)"
+                        .into(),
+                ));
+            }
+            (ApiChoice::Auto, None, false) => {
+                return Err(OcError::Decode(
+                    "neither /global/health nor /api/health answers; is this an OpenCode server?"
+                        .into(),
+                ));
+            }
+        };
+        self.set_dialect(probe.dialect);
+        *self
+            .last_probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(probe.clone());
+        Ok(probe)
+    }
+
+    /// What the last successful `probe` found.
+    pub fn last_probe(&self) -> Option<Probe> {
+        self.last_probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// An agent for this server's event stream, with the same trust roots as the client.
@@ -136,9 +272,21 @@ impl OpenCodeClient {
         self.authorization.as_deref()
     }
 
-    /// `GET /global/health`: the server's version.
+    /// `GET /global/health`: the server's version; a server that serves only v2 (`/api/health`)
+    /// says none.
     pub fn health(&self) -> Result<String, OcError> {
-        let body = self.get("/global/health")?;
+        let body = match self.get("/global/health") {
+            Ok(body) => body,
+            Err(e @ (OcError::NotSent(_) | OcError::Unreachable(_) | OcError::Unauthorized)) => {
+                return Err(e);
+            }
+            Err(e) => {
+                return match v2::rest::health(self) {
+                    Ok(()) => Ok("unknown (it serves only the v2 API)".to_string()),
+                    Err(_) => Err(e),
+                };
+            }
+        };
         Ok(body
             .get("version")
             .and_then(Value::as_str)
@@ -148,6 +296,9 @@ impl OpenCodeClient {
 
     /// Every session on the server, across all projects and directories.
     pub fn list_sessions(&self) -> Result<Vec<SessionInfo>, OcError> {
+        if self.is_v2() {
+            return v2::rest::list_sessions(self);
+        }
         let body = self.get("/experimental/session")?;
         let items = body
             .as_array()
@@ -159,12 +310,18 @@ impl OpenCodeClient {
     }
 
     pub fn get_session(&self, session_id: &str, directory: &str) -> Result<SessionInfo, OcError> {
+        if self.is_v2() {
+            return v2::rest::get_session(self, session_id);
+        }
         let body = self.get(&session_path(session_id, "", directory))?;
         decode_session(&body).map_err(|e| OcError::Decode(e.to_string()))
     }
 
     /// Busy or retrying sessions of one directory; absent ones are idle.
     pub fn session_status(&self, directory: &str) -> Result<HashMap<String, Status>, OcError> {
+        if self.is_v2() {
+            return v2::rest::session_status(self, directory);
+        }
         let body = self.get(&with_directory("/session/status", directory))?;
         let map = body
             .as_object()
@@ -193,6 +350,9 @@ impl OpenCodeClient {
         directory: &str,
         input: &PromptInput,
     ) -> Result<(), OcError> {
+        if self.is_v2() {
+            return v2::rest::prompt(self, session_id, input);
+        }
         self.send(
             "POST",
             &session_path(session_id, "/prompt_async", directory),
@@ -207,6 +367,9 @@ impl OpenCodeClient {
         directory: &str,
         title: Option<&str>,
     ) -> Result<SessionInfo, OcError> {
+        if self.is_v2() {
+            return v2::rest::create_session(self, directory, title);
+        }
         let body = match title {
             Some(title) => json!({"title": title}),
             None => json!({}),
@@ -222,6 +385,9 @@ impl OpenCodeClient {
         directory: &str,
         title: &str,
     ) -> Result<SessionInfo, OcError> {
+        if self.is_v2() {
+            return Err(v2::rest::unsupported("renaming a session"));
+        }
         let body = json!({"title": title});
         let answer = self.send(
             "PATCH",
@@ -233,6 +399,9 @@ impl OpenCodeClient {
 
     /// `POST /session/{id}/abort`: stops the running turn; harmless when the session is idle.
     pub fn abort(&self, session_id: &str, directory: &str) -> Result<(), OcError> {
+        if self.is_v2() {
+            return v2::rest::interrupt(self, session_id);
+        }
         self.send("POST", &session_path(session_id, "/abort", directory), None)
             .map(drop)
     }
@@ -244,6 +413,9 @@ impl OpenCodeClient {
         directory: &str,
         model: &ModelRef,
     ) -> Result<(), OcError> {
+        if self.is_v2() {
+            return v2::rest::compact(self, session_id, model);
+        }
         let body = json!({"providerID": model.provider_id, "modelID": model.model_id});
         self.send_with_timeout(
             "POST",
@@ -256,6 +428,9 @@ impl OpenCodeClient {
 
     /// Pending permission requests of one directory.
     pub fn permissions(&self, directory: &str) -> Result<Vec<PermissionRequest>, OcError> {
+        if self.is_v2() {
+            return v2::rest::permissions(self, directory);
+        }
         let body = self.get(&with_directory("/permission", directory))?;
         decode_list(&body, "permission list", |v| {
             decode_permission_request(v).ok()
@@ -271,6 +446,9 @@ impl OpenCodeClient {
         reply: PermissionReply,
         message: Option<&str>,
     ) -> Result<(), OcError> {
+        if self.is_v2() {
+            return v2::rest::reply_permission(self, request_id, directory, reply, message);
+        }
         let mut body = json!({"reply": permission_reply_name(reply)});
         if let Some(message) = message.filter(|m| !m.trim().is_empty()) {
             body["message"] = json!(message);
@@ -286,6 +464,9 @@ impl OpenCodeClient {
 
     /// Pending questions of one directory.
     pub fn questions(&self, directory: &str) -> Result<Vec<QuestionRequest>, OcError> {
+        if self.is_v2() {
+            return v2::rest::questions(self, directory);
+        }
         let body = self.get(&with_directory("/question", directory))?;
         decode_list(&body, "question list", |v| decode_question_request(v).ok())
     }
@@ -297,6 +478,9 @@ impl OpenCodeClient {
         directory: &str,
         answers: &[Vec<String>],
     ) -> Result<(), OcError> {
+        if self.is_v2() {
+            return v2::rest::reply_question(self, request_id, directory, answers);
+        }
         let body = json!({"answers": answers});
         let path = with_directory(
             &format!("/question/{}/reply", percent_encode(request_id)),
@@ -309,6 +493,9 @@ impl OpenCodeClient {
 
     /// Dismisses a question request; the question tool call fails and the turn stops.
     pub fn reject_question(&self, request_id: &str, directory: &str) -> Result<(), OcError> {
+        if self.is_v2() {
+            return v2::rest::reject_question(self, request_id, directory);
+        }
         let path = with_directory(
             &format!("/question/{}/reject", percent_encode(request_id)),
             directory,
@@ -320,18 +507,27 @@ impl OpenCodeClient {
 
     /// The session's todo list.
     pub fn todos(&self, session_id: &str, directory: &str) -> Result<Vec<Todo>, OcError> {
+        if self.is_v2() {
+            return Err(v2::rest::unsupported("the todo list"));
+        }
         let body = self.get(&session_path(session_id, "/todo", directory))?;
         decode_list(&body, "todo list", |v| Some(decode_todo(v)))
     }
 
     /// The agents the server offers, hidden ones left out.
     pub fn agents(&self, directory: &str) -> Result<Vec<AgentChoice>, OcError> {
+        if self.is_v2() {
+            return v2::rest::agents(self, directory);
+        }
         let body = self.get(&with_directory("/agent", directory))?;
         decode_list(&body, "agent list", decode_agent)
     }
 
     /// The models of the configured providers, each provider's default first.
     pub fn models(&self, directory: &str) -> Result<Vec<ModelChoice>, OcError> {
+        if self.is_v2() {
+            return v2::rest::models(self, directory);
+        }
         let body = self.get(&with_directory("/config/providers", directory))?;
         super::decode::decode_models(&body).map_err(|e| OcError::Decode(e.to_string()))
     }
@@ -342,6 +538,9 @@ impl OpenCodeClient {
     /// that turn's changes. So this asks git, through `GET /vcs/diff?mode=git`, which also shows
     /// changes made outside the session; `session_id` is kept for when the server offers more.
     pub fn diff(&self, session_id: &str, directory: &str) -> Result<String, OcError> {
+        if self.is_v2() {
+            return Err(v2::rest::unsupported("the diff"));
+        }
         let _ = session_id;
         let body = self.get(&format!(
             "{}&mode=git",
@@ -365,6 +564,9 @@ impl OpenCodeClient {
         relative_path: &str,
         max_bytes: u64,
     ) -> Result<FileRead, OcError> {
+        if self.is_v2() {
+            return v2::rest::read_file(self, directory, relative_path, max_bytes);
+        }
         let mut path = with_directory("/file/content", directory);
         path.push_str(&format!("&path={}", percent_encode(relative_path)));
         // Base64 is 4/3 of the bytes; the rest of the JSON object is small.
@@ -397,6 +599,9 @@ impl OpenCodeClient {
     /// Whether `directory` exists on the server's host. Asked of the server, because the bridge may
     /// run elsewhere: listing a directory that does not exist (or is a file) fails with a 500.
     pub fn directory_exists(&self, directory: &str) -> Result<bool, OcError> {
+        if self.is_v2() {
+            return v2::rest::directory_exists(self, directory);
+        }
         match self.get(&format!("{}&path=.", with_directory("/file", directory))) {
             Ok(_) => Ok(true),
             Err(OcError::Http { .. } | OcError::SessionNotFound(_)) => Ok(false),
@@ -440,6 +645,9 @@ impl OpenCodeClient {
         directory: &str,
         limit: usize,
     ) -> Result<Vec<(MessageInfo, Vec<Part>)>, OcError> {
+        if self.is_v2() {
+            return v2::rest::messages(self, session_id, limit);
+        }
         let mut path = session_path(session_id, "/message", directory);
         path.push_str(&format!("&limit={limit}"));
         let body = self.get(&path)?;
@@ -461,12 +669,12 @@ impl OpenCodeClient {
         Ok(messages)
     }
 
-    fn get(&self, path: &str) -> Result<Value, OcError> {
+    pub(super) fn get(&self, path: &str) -> Result<Value, OcError> {
         self.send("GET", path, None)
     }
 
     /// `get`, reading at most `limit` bytes of the body: `Ok(None)` when the body is longer.
-    fn get_limited(&self, path: &str, limit: u64) -> Result<Option<Value>, OcError> {
+    pub(super) fn get_limited(&self, path: &str, limit: u64) -> Result<Option<Value>, OcError> {
         let url = format!("{}{}", self.base, path);
         let mut response = self.with_auth_get(self.agent.get(&url)).call()?;
         let status = response.status().as_u16();
@@ -485,13 +693,44 @@ impl OpenCodeClient {
         interpret(status, &text).map(Some)
     }
 
-    fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, OcError> {
+    /// A GET whose answer is raw bytes (v2's `/api/fs/read`): at most `limit` of them, `Ok(None)`
+    /// when the body is longer; an error status is read as JSON like any other.
+    pub(super) fn get_bytes_limited(
+        &self,
+        path: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, OcError> {
+        let url = format!("{}{}", self.base, path);
+        let mut response = self.with_auth_get(self.agent.get(&url)).call()?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response
+                .body_mut()
+                .with_config()
+                .limit(1024 * 1024)
+                .read_to_string()
+                .map_err(|e| OcError::Unreachable(e.to_string()))?;
+            return interpret(status, &text).map(|_| None);
+        }
+        match response.body_mut().with_config().limit(limit).read_to_vec() {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(ureq::Error::BodyExceedsLimit(_)) => Ok(None),
+            Err(e) => Err(OcError::Unreachable(e.to_string())),
+        }
+    }
+
+    pub(super) fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, OcError> {
         let (status, text) = self.exchange(method, path, body, None)?;
         interpret(status, &text)
     }
 
     /// `send` for calls that take as long as a model turn.
-    fn send_with_timeout(
+    pub(super) fn send_with_timeout(
         &self,
         method: &str,
         path: &str,
@@ -503,7 +742,7 @@ impl OpenCodeClient {
     }
 
     /// One request; the status and the body text.
-    fn exchange(
+    pub(super) fn exchange(
         &self,
         method: &str,
         path: &str,
@@ -569,7 +808,7 @@ impl OpenCodeClient {
     }
 }
 
-fn interpret(status: u16, text: &str) -> Result<Value, OcError> {
+pub(super) fn interpret(status: u16, text: &str) -> Result<Value, OcError> {
     match status {
         200..=299 if text.trim().is_empty() => Ok(Value::Null),
         200..=299 => serde_json::from_str(text).map_err(|e| OcError::Decode(e.to_string())),
@@ -583,7 +822,7 @@ fn interpret(status: u16, text: &str) -> Result<Value, OcError> {
 }
 
 /// Summarizing runs a whole model turn.
-const SLOW_CALL: Duration = Duration::from_secs(300);
+pub(super) const SLOW_CALL: Duration = Duration::from_secs(300);
 
 fn prompt_body(input: &PromptInput) -> Value {
     let mut parts = Vec::with_capacity(1 + input.files.len());
@@ -611,7 +850,7 @@ fn prompt_body(input: &PromptInput) -> Value {
     body
 }
 
-fn permission_reply_name(reply: PermissionReply) -> &'static str {
+pub(super) fn permission_reply_name(reply: PermissionReply) -> &'static str {
     match reply {
         PermissionReply::Once => "once",
         PermissionReply::Always => "always",
@@ -621,7 +860,7 @@ fn permission_reply_name(reply: PermissionReply) -> &'static str {
 
 /// A 404 on a permission or question id means the request was already answered, not that the
 /// session is gone.
-fn not_found_is_request(request_id: &str) -> impl Fn(OcError) -> OcError + '_ {
+pub(super) fn not_found_is_request(request_id: &str) -> impl Fn(OcError) -> OcError + '_ {
     move |error| match error {
         OcError::SessionNotFound(message) => OcError::NotFound(format!(
             "request {request_id} is no longer pending ({message}); it was answered or its turn ended"
@@ -630,7 +869,7 @@ fn not_found_is_request(request_id: &str) -> impl Fn(OcError) -> OcError + '_ {
     }
 }
 
-fn not_found_is_file(relative_path: &str) -> impl Fn(OcError) -> OcError + '_ {
+pub(super) fn not_found_is_file(relative_path: &str) -> impl Fn(OcError) -> OcError + '_ {
     move |error| match error {
         OcError::SessionNotFound(message) => {
             OcError::NotFound(format!("file {relative_path}: {message}"))
@@ -666,7 +905,7 @@ fn with_directory(path: &str, directory: &str) -> String {
 }
 
 /// OpenCode errors look like `{"name":"NotFoundError","data":{"message":"…"}}`.
-fn error_message(body: &str) -> String {
+pub(super) fn error_message(body: &str) -> String {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
     parsed
         .as_ref()

@@ -12,7 +12,8 @@ use crate::stopped;
 
 use super::rest::OpenCodeClient;
 use super::sse::SseParser;
-use super::{Envelope, ServerKey, SessionInfo, Status, decode_global_event};
+use super::v2::decode::V2Decoder;
+use super::{Dialect, Envelope, ServerKey, SessionInfo, Status, decode_global_event};
 use crate::http::Backoff;
 
 /// OpenCode sends a heartbeat about every 10 s; a stream silent for this long is dead.
@@ -59,7 +60,27 @@ pub fn run<T>(
         if stopped(&stop, Duration::ZERO) {
             return;
         }
-        let url = format!("{}/global/event", client.base_url());
+        // Probed at every connect: a server can be upgraded in place (1.x to 2.x) between two.
+        let dialect = match client.probe() {
+            Ok(probe) => {
+                crate::debug!(
+                    "opencode at {} speaks {}: {}",
+                    key.0,
+                    probe.dialect.name(),
+                    probe.reason
+                );
+                probe.dialect
+            }
+            Err(e) => {
+                crate::debug!("opencode at {} not probed: {e}", key.0);
+                client.dialect()
+            }
+        };
+        let path = match dialect {
+            Dialect::V1 => "/global/event",
+            Dialect::V2 => "/api/event",
+        };
+        let url = format!("{}{path}", client.base_url());
         let mut request = stream_agent.get(&url).header("Accept", "text/event-stream");
         if let Some(auth) = client.authorization() {
             request = request.header("Authorization", auth);
@@ -69,7 +90,17 @@ pub fn run<T>(
                 crate::debug!("event stream open on {}", key.0);
                 backoff.reset();
                 let mut reader = response.into_body().into_reader();
-                match pump(&mut reader, &send, &client, &mut next_poll, &stop, &heard) {
+                let mut decoder = Decoder::new(dialect);
+                let pumped = pump(
+                    &mut reader,
+                    &send,
+                    &client,
+                    &mut next_poll,
+                    &stop,
+                    &heard,
+                    &mut decoder,
+                );
+                match pumped {
                     Pump::Stopped => return,
                     Pump::Ended(reason) => reason,
                 }
@@ -103,6 +134,28 @@ enum Pump {
     Ended(String),
 }
 
+/// The event decoding of the dialect the stream was opened in.
+enum Decoder {
+    V1,
+    V2(Box<V2Decoder>),
+}
+
+impl Decoder {
+    fn new(dialect: Dialect) -> Decoder {
+        match dialect {
+            Dialect::V1 => Decoder::V1,
+            Dialect::V2 => Decoder::V2(Box::new(V2Decoder::live())),
+        }
+    }
+
+    fn decode(&mut self, data: &str) -> Result<Vec<Envelope>, super::decode::DecodeError> {
+        match self {
+            Decoder::V1 => decode_global_event(data).map(|e| e.into_iter().collect()),
+            Decoder::V2(decoder) => decoder.decode(data),
+        }
+    }
+}
+
 fn pump(
     reader: &mut impl Read,
     send: &impl Fn(WatchEvent) -> bool,
@@ -110,6 +163,7 @@ fn pump(
     next_poll: &mut Instant,
     stop: &Receiver<()>,
     heard: &crate::heartbeat::Heard,
+    decoder: &mut Decoder,
 ) -> Pump {
     let mut parser = SseParser::new(MAX_EVENT_BYTES);
     let mut buffer = vec![0u8; 16 * 1024];
@@ -158,13 +212,14 @@ fn pump(
                 poll(client, send);
                 *next_poll = Instant::now() + POLL_INTERVAL;
             }
-            match decode_global_event(&sse.data) {
-                Ok(Some(envelope)) => {
-                    if !send(WatchEvent::Event(envelope)) {
-                        return Pump::Stopped;
+            match decoder.decode(&sse.data) {
+                Ok(envelopes) => {
+                    for envelope in envelopes {
+                        if !send(WatchEvent::Event(envelope)) {
+                            return Pump::Stopped;
+                        }
                     }
                 }
-                Ok(None) => {}
                 Err(e) => crate::warn!("{e}; skipped: {}", preview(&sse.data)),
             }
         }

@@ -8,6 +8,10 @@ impl Router {
         match event {
             WatchEvent::StreamUp => {
                 crate::info!("opencode event stream connected: {}", server.0);
+                if let Some(probe) = self.servers.get(&server).and_then(|c| c.last_probe()) {
+                    let api = format!("{}: {}", probe.dialect.name(), probe.reason);
+                    self.registry.server_api(&server, api);
+                }
                 self.stream_up.insert(server.clone(), true);
                 self.catch_up_due.insert(server.clone());
                 let reconnected = self.down_since.remove(&server).is_some();
@@ -181,6 +185,14 @@ impl Router {
     /// An idle session that changed since its thread was last complete may have answered while
     /// the bridge (or the stream) was away: its worker posts what is missing.
     pub(super) fn catch_up(&mut self, key: &SessionKey, updated_ms: Option<u64>) {
+        // A v2 turn leaves the session's `time.updated` as it was (1.18.33), so on v2 any open
+        // thread may have moved on: its worker reads the durable log after its position, a call
+        // that finds nothing when nothing happened.
+        let v2 = self
+            .servers
+            .get(&key.server)
+            .is_some_and(|c| c.dialect() == crate::opencode::Dialect::V2);
+        let updated_ms = if v2 { Some(u64::MAX) } else { updated_ms };
         if self
             .registry
             .changed_since_delivered(key, updated_ms, crate::log::now_ms())

@@ -171,6 +171,7 @@ impl Registry {
                 delivered_message_id: None,
                 delivered_at_ms: now_ms,
                 streaming_post_id: None,
+                delivered_seq: None,
                 model,
                 agent,
             },
@@ -272,12 +273,21 @@ impl Registry {
         }
     }
 
-    pub fn delivered(&mut self, key: &SessionKey, message_id: Option<String>, now_ms: u64) {
+    pub fn delivered(
+        &mut self,
+        key: &SessionKey,
+        message_id: Option<String>,
+        seq: Option<u64>,
+        now_ms: u64,
+    ) {
         if let Some(record) = self.record_mut(key) {
             record.streaming_post_id = None;
             record.delivered_at_ms = now_ms;
             if message_id.is_some() {
                 record.delivered_message_id = message_id;
+            }
+            if seq.is_some() {
+                record.delivered_seq = seq;
             }
             self.dirty = true;
         }
@@ -402,6 +412,15 @@ impl Registry {
         Some(self.last_saved.map_or(Duration::ZERO, |at| {
             FLUSH_EVERY.saturating_sub(now.duration_since(at))
         }))
+    }
+
+    /// The dialect spoken to `server` and why, as its event stream's probe found it.
+    pub fn server_api(&mut self, server: &ServerKey, api: String) {
+        let entry = self.server_mut(server);
+        if entry.api.as_ref() != Some(&api) {
+            entry.api = Some(api);
+            self.dirty = true;
+        }
     }
 
     fn server_mut(&mut self, server: &ServerKey) -> &mut crate::store::ServerState {

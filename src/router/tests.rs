@@ -397,10 +397,11 @@ fn a_worker_that_said_its_session_is_gone_is_not_followed_by_a_second_notice() {
     fixture.router.handle(Input::OpenCode(
         server,
         WatchEvent::Event(crate::opencode::Envelope {
-            directory: String::new(),
+            directory: Box::default(),
             event: Event::SessionDeleted {
                 session_id: "ses_a".to_string(),
             },
+            seq: None,
         }),
     ));
     assert!(fixture.router.workers.is_empty());

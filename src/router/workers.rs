@@ -63,6 +63,7 @@ impl Router {
                 message_id: record.delivered_message_id.clone(),
                 since_ms: record.delivered_at_ms,
                 streaming_post_id: record.streaming_post_id.clone(),
+                seq: record.delivered_seq,
             },
             None => session::Delivery {
                 since_ms: crate::log::now_ms(),
@@ -202,9 +203,13 @@ impl Router {
                 self.registry.reply_started(&key, post_id);
             }
             Report::Choices { key, model, agent } => self.registry.choices(&key, model, agent),
-            Report::Delivered { key, message_id } => {
+            Report::Delivered {
+                key,
+                message_id,
+                seq,
+            } => {
                 self.registry
-                    .delivered(&key, message_id, crate::log::now_ms());
+                    .delivered(&key, message_id, seq, crate::log::now_ms());
             }
             Report::Exited { key, worker_id } => {
                 if let Some(thread) = self.retiring.remove(&worker_id) {

@@ -29,6 +29,8 @@ impl Worker {
             }
             ThreadCommand::Skip => self.skip_question(),
             ThreadCommand::Stop => self.stop_run(),
+            // Handled with its post id by `steer`, before commands.
+            ThreadCommand::Steer { .. } => {}
             ThreadCommand::Status => self.show_status(),
             ThreadCommand::Model { choice } => self.choose_model(choice.as_deref()),
             ThreadCommand::Agent { name } => self.choose_agent(name.as_deref()),
@@ -60,6 +62,53 @@ impl Worker {
                 ));
             }
         }
+    }
+
+    /// `!steer <text>`: into the running turn with `delivery: "steer"` (OpenCode reads it when the
+    /// current step ends); when nothing runs, or the server speaks v1, which cannot steer, an ordinary
+    /// prompt. Returns false when the worker should stop.
+    pub(super) fn steer(&mut self, post_id: String, text: String) -> bool {
+        if !self.tracker.is_running() {
+            return self.prompt(post_id, text, Vec::new(), false);
+        }
+        if self.opencode.dialect() != crate::opencode::Dialect::V2 {
+            self.post_notice(
+                "ℹ️ Steering needs an OpenCode v2 server; this one is spoken to in v1, so your message waits for the running turn like any other.",
+            );
+            return self.prompt(post_id, text, Vec::new(), false);
+        }
+        let message_id = crate::opencode::ids::prompt_message_id(
+            &post_id,
+            crate::log::now_ms(),
+            self.tracker.newest_message(),
+        );
+        let input = crate::opencode::PromptInput {
+            text,
+            message_id: Some(message_id.clone()),
+            delivery: crate::opencode::Delivery::Steer,
+            ..crate::opencode::PromptInput::default()
+        };
+        match self
+            .opencode
+            .prompt_with(&self.key.session_id, &self.info.directory, &input)
+        {
+            Ok(()) => {
+                crate::info!(
+                    "[{}] steered {post_id} into the running turn as {message_id}",
+                    self.short()
+                );
+                self.tracker.saw_message(&message_id);
+                self.post_notice(
+                    "↪️ Sent into the running turn; the agent reads it when its current step ends.",
+                );
+            }
+            Err(e) => {
+                self.post_notice(&format!(
+                    "⚠️ Could not steer the running turn: {e}. Your message was not sent."
+                ));
+            }
+        }
+        true
     }
 
     /// `!stop` or 🛑: aborts the current run. The completion line that follows says it stopped.

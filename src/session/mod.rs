@@ -132,6 +132,8 @@ pub enum Report {
     Delivered {
         key: SessionKey,
         message_id: Option<String>,
+        /// v2: the durable log's `seq` the thread is now complete up to.
+        seq: Option<u64>,
     },
     /// The worker has had nothing to do for a while and holds nothing that would be lost: the router
     /// may drop its inbox, after which it ends once it has handled what was already sent.
@@ -191,6 +193,8 @@ pub struct Delivery {
     pub since_ms: u64,
     /// The first post of a reply that was still streaming when the bridge stopped.
     pub streaming_post_id: Option<String>,
+    /// v2: the durable log's `seq` up to which the thread is complete.
+    pub seq: Option<u64>,
 }
 
 pub struct SessionHandle {
@@ -425,6 +429,7 @@ impl Worker {
                     crate::debug!("[{}] session is {status:?} at worker start", self.short());
                     self.tracker
                         .apply_polled(*status, Instant::now(), STALLED_TURN);
+                    self.learn_running_answer();
                 }
             }
             Err(e) => crate::debug!("[{}] status not read: {e}", self.short()),
@@ -535,6 +540,10 @@ impl Worker {
                 }
                 return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
+            SessionMsg::Command {
+                post_id,
+                command: ThreadCommand::Steer { text },
+            } => return self.steer(post_id, text),
             SessionMsg::Command { post_id, command } => {
                 crate::debug!("[{}] command from post {post_id}", self.short());
                 self.command(command);
@@ -955,9 +964,14 @@ impl Worker {
         );
         self.recovery.delivery.message_id = message_id.clone();
         self.recovery.delivery.streaming_post_id = None;
+        let seq = self.delivered_seq(message_id.as_deref());
+        if seq.is_some() {
+            self.recovery.delivery.seq = seq;
+        }
         (self.report)(Report::Delivered {
             key: self.key.clone(),
             message_id,
+            seq,
         });
     }
 

@@ -193,6 +193,13 @@ impl Worker {
                     message,
                 );
                 self.edit_post(&pending.post_id, &text);
+                if message.is_some_and(|m| !m.trim().is_empty())
+                    && self.opencode.dialect() == crate::opencode::Dialect::V2
+                {
+                    self.post_notice(
+                        "ℹ️ Rejected, but without your message: OpenCode's v2 API takes no message with a permission answer, so the agent was not told why.",
+                    );
+                }
             }
             // Answered or withdrawn meanwhile: OpenCode no longer has it.
             Err(OcError::NotFound(_)) => self.show_no_longer_waiting(&pending),

@@ -23,6 +23,8 @@ pub(super) struct Recovery {
     pub(super) took_over: bool,
     /// What an earlier run posted in this thread, by prompt; read once, when first needed.
     pub(super) earlier: Option<Earlier>,
+    /// v2: the end `seq` of the turn the catch-up is posting, for its `Delivered` report.
+    pub(super) posting_seq: Option<u64>,
 }
 
 impl Recovery {
@@ -33,6 +35,7 @@ impl Recovery {
             looked_for_cut_off: false,
             took_over: false,
             earlier: None,
+            posting_seq: None,
         }
     }
 }
@@ -187,9 +190,143 @@ impl Worker {
         })
     }
 
+    /// v2: the durable log's position once the turn whose last answer is `message_id` is in the
+    /// thread: the `seq` of the event that ended it. None on v1, or when the log cannot tell (the
+    /// saved position then stays).
+    pub(super) fn delivered_seq(&mut self, message_id: Option<&str>) -> Option<u64> {
+        if let Some(seq) = self.recovery.posting_seq.take() {
+            return Some(seq);
+        }
+        if self.opencode.dialect() != crate::opencode::Dialect::V2 {
+            return None;
+        }
+        let message_id = message_id?;
+        let after = self.recovery.delivery.seq.unwrap_or(0);
+        let log = match crate::opencode::v2::rest::read_log(
+            &self.opencode,
+            &self.key.session_id,
+            after,
+        ) {
+            Ok(log) => log,
+            Err(e) => {
+                crate::warn!("[{}] durable log not read: {e}", self.short());
+                return None;
+            }
+        };
+        crate::opencode::v2::decode::ended_turns(&self.key.session_id, after, &log)
+            .into_iter()
+            .find(|turn| turn.messages.iter().any(|(m, _)| m.id == message_id))
+            .map(|turn| turn.end_seq)
+    }
+
+    /// v2, with a saved position: posts exactly the turns that ended in the durable log after it.
+    /// False when there is no position to go by (v1, or a thread from before v2), so the caller
+    /// goes by the stored messages instead.
+    fn catch_up_from_log(&mut self) -> bool {
+        if self.opencode.dialect() != crate::opencode::Dialect::V2 {
+            return false;
+        }
+        let Some(after) = self.recovery.delivery.seq else {
+            return false;
+        };
+        let log = match crate::opencode::v2::rest::read_log(
+            &self.opencode,
+            &self.key.session_id,
+            after,
+        ) {
+            Ok(log) => log,
+            // Deleted: the router is ending the thread.
+            Err(OcError::SessionNotFound(_)) => return true,
+            Err(e) => {
+                crate::warn!("[{}] missed answers not read: {e}", self.short());
+                return true;
+            }
+        };
+        let turns = crate::opencode::v2::decode::ended_turns(&self.key.session_id, after, &log);
+        crate::debug!(
+            "[{}] catch-up from the durable log after seq {after}: {} turn(s)",
+            self.short(),
+            turns.len()
+        );
+        for turn in turns {
+            let finished_ms = turn
+                .messages
+                .iter()
+                .filter_map(|(info, _)| info.completed_ms)
+                .max()
+                .unwrap_or(0);
+            let began_ms = turn
+                .messages
+                .first()
+                .map_or(finished_ms, |(info, _)| info.created_ms);
+            if let Some((newest, _)) = turn.messages.last() {
+                self.tracker.saw_message(&newest.id);
+            }
+            crate::info!(
+                "[{}] posting an answer finished while the bridge was away (log seq {})",
+                self.short(),
+                turn.end_seq
+            );
+            self.recovery.posting_seq = Some(turn.end_seq);
+            self.tracker.begin(Instant::now(), None);
+            self.complete_turn(
+                Some(&turn.messages),
+                Some(finished_ms.saturating_sub(began_ms)),
+                false,
+            );
+            // A turn that showed nothing reports nothing: its position still counts.
+            if self.recovery.posting_seq.take().is_some() {
+                self.recovery.delivery.seq = Some(turn.end_seq);
+            }
+        }
+        true
+    }
+
+    /// v2, a session already running at worker start: its stream no longer says which prompt the
+    /// running answer is for (v2 step events name no parent), so the stored answer tells the turn,
+    /// and a reply an earlier run was streaming for that prompt is continued, not posted again.
+    pub(super) fn learn_running_answer(&mut self) {
+        if self.opencode.dialect() != crate::opencode::Dialect::V2 {
+            return;
+        }
+        let stored = match self.stored_messages() {
+            Ok(stored) => stored,
+            Err(e) => {
+                crate::debug!("[{}] running answer not read: {e}", self.short());
+                return;
+            }
+        };
+        let Some((answer, parts)) = stored.into_iter().rev().find(|(info, _)| {
+            info.role == crate::opencode::Role::Assistant && info.completed_ms.is_none()
+        }) else {
+            return;
+        };
+        let now = Instant::now();
+        let session_id = self.key.session_id.clone();
+        self.tracker.apply(
+            crate::opencode::Event::MessageUpdated {
+                session_id: session_id.clone(),
+                message: answer,
+            },
+            now,
+        );
+        for part in parts {
+            self.tracker.apply(
+                crate::opencode::Event::PartUpdated {
+                    session_id: session_id.clone(),
+                    part,
+                },
+                now,
+            );
+        }
+    }
+
     /// After the bridge was away: the answers OpenCode finished meanwhile, shown as one reply.
     pub(super) fn catch_up(&mut self) {
         if self.tracker.is_running() {
+            return;
+        }
+        if self.catch_up_from_log() {
             return;
         }
         let stored = match self.stored_messages() {

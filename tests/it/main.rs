@@ -14,6 +14,7 @@ mod e2e;
 mod faults;
 mod mattermost_api;
 mod opencode_api;
+mod opencode_api_v2;
 mod properties;
 mod router_io;
 mod static_binary;

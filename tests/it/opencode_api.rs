@@ -483,6 +483,7 @@ fn prompt_with_sends_images_text_files_model_and_agent() {
         }),
         agent: Some("plan".into()),
         message_id: None,
+        delivery: Default::default(),
     };
     client.prompt_with(&session, &directory, &input).unwrap();
     let request = wait_for("the prompt to reach the LLM", || {

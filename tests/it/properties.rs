@@ -1094,7 +1094,7 @@ fn thread_commands_round_trip() {
             "model" => ThreadCommand::Model { choice: given },
             "agent" => ThreadCommand::Agent { name: given },
             "help" => ThreadCommand::Help,
-            "rename" | "file" if argument.is_empty() => ThreadCommand::MissingArgument {
+            "rename" | "file" | "steer" if argument.is_empty() => ThreadCommand::MissingArgument {
                 command: name,
                 usage: usage_of(name),
             },
@@ -1103,6 +1103,9 @@ fn thread_commands_round_trip() {
             },
             "file" => ThreadCommand::File {
                 path: argument.clone(),
+            },
+            "steer" => ThreadCommand::Steer {
+                text: argument.clone(),
             },
             _ if !argument.is_empty() => unexpected(),
             "allow" => ThreadCommand::Allow,

@@ -26,6 +26,12 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
         opencode_url: opencode_url.to_string(),
         opencode_username: "opencode".into(),
         opencode_password: None,
+        // OPENCODE_API=v2 in the test's environment runs the bridge in the v2 dialect.
+        opencode_api: match std::env::var("OPENCODE_API").as_deref() {
+            Ok("v1") => opencode_mattermost::opencode::ApiChoice::V1,
+            Ok("v2") => opencode_mattermost::opencode::ApiChoice::V2,
+            _ => opencode_mattermost::opencode::ApiChoice::Auto,
+        },
         state_dir: state_dir.to_path_buf(),
         command_prefix: "!".into(),
         log_level: match std::env::var("TEST_LOG").as_deref() {
