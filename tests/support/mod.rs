@@ -8,6 +8,7 @@ pub mod llm;
 pub mod mattermost;
 pub mod opencode;
 pub mod tls;
+pub mod v2proxy;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
