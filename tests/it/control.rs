@@ -639,11 +639,8 @@ fn model_and_agent_choices_survive_a_bridge_restart() {
     world.owner_says(&root.id, "which model answers");
     wait_completions(&world, &root, 1);
     let last_user = last_user_message(&world, &id);
-    assert_eq!(last_user["info"]["agent"], "plan", "{last_user}");
-    assert_eq!(
-        last_user["info"]["model"]["modelID"], "other-model",
-        "{last_user}"
-    );
+    assert_eq!(last_user["agent"], "plan", "{last_user}");
+    assert_eq!(last_user["model"], "other-model", "{last_user}");
 }
 
 #[test]
@@ -677,7 +674,7 @@ fn thread_commands_answer_in_the_thread() {
     world.owner_says(&root.id, "what mode are you in");
     wait_completions(&world, &root, 2);
     let last_user = last_user_message(&world, &id);
-    assert_eq!(last_user["info"]["agent"], "plan", "{last_user}");
+    assert_eq!(last_user["agent"], "plan", "{last_user}");
 
     world.owner_says(&root.id, "!rename Renamed from the thread");
     wait_for("root post follows the new title", || {
@@ -695,9 +692,9 @@ fn thread_commands_answer_in_the_thread() {
     wait_for("a summary message on the server", || {
         world
             .opencode
-            .messages(&id, world.opencode.project_dir())
-            .as_array()
-            .is_some_and(|m| m.iter().any(|m| m["info"]["summary"] == true))
+            .history(&id, world.opencode.project_dir())
+            .iter()
+            .any(|m| m["summary"] == true)
     });
 
     world.owner_says(&root.id, "!frobnicate");
@@ -753,7 +750,7 @@ fn an_attachment_over_the_size_cap_is_refused_by_name_and_nothing_is_sent() {
     let mut world = World::with(llm, opencode);
     let mut config = crate::support::bridge::config(
         &world.mattermost,
-        &world.opencode.url(),
+        &world.opencode.bridge_url(),
         world.state.path(),
     );
     config.max_file_size = 1000;
@@ -795,17 +792,18 @@ fn an_attachment_over_the_size_cap_is_refused_by_name_and_nothing_is_sent() {
     );
 }
 
-/// The session's newest user message as OpenCode stores it.
+/// The session's newest turn as OpenCode stores it (`OpenCode::history`): v1 keeps the agent and
+/// model on the user message, v2 on the answer.
 fn last_user_message(world: &World, session_id: &str) -> Value {
-    let messages = world
+    let role = match crate::support::dialect() {
+        crate::support::Dialect::V1 => "user",
+        crate::support::Dialect::V2 => "assistant",
+    };
+    world
         .opencode
-        .messages(session_id, world.opencode.project_dir());
-    messages
-        .as_array()
-        .expect("messages")
-        .iter()
+        .history(session_id, world.opencode.project_dir())
+        .into_iter()
         .rev()
-        .find(|m| m["info"]["role"] == "user")
-        .cloned()
-        .expect("a user message")
+        .find(|m| m["role"] == role)
+        .expect("a message of the newest turn")
 }

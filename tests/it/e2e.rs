@@ -54,7 +54,7 @@ impl World {
         assert!(self.bridge.is_none());
         self.bridge = Some(Bridge::start(
             &self.mattermost,
-            &self.opencode.url(),
+            &self.opencode.bridge_url(),
             self.state.path(),
         ));
     }
@@ -68,12 +68,15 @@ impl World {
             .env("MATTERMOST_URL", self.mattermost.url())
             .env("MATTERMOST_TOKEN", self.mattermost.bot().token)
             .env("MATTERMOST_OWNER", self.mattermost.owner().id)
-            .env("OPENCODE_URL", self.opencode.url())
+            .env("OPENCODE_URL", self.opencode.bridge_url())
             .env("OPENCODE_MM_STATE_DIR", self.state.path())
             .env(
                 "OPENCODE_MM_LOG",
                 std::env::var("TEST_BINARY_LOG").unwrap_or("info".into()),
             );
+        if crate::support::dialect() == crate::support::Dialect::V2 {
+            command.env("OPENCODE_API", "v2");
+        }
         crate::cli::Running::start(command)
     }
 
@@ -238,7 +241,11 @@ fn a_password_protected_opencode_works_and_a_wrong_password_stops_start_up() {
     let llm = FakeLlm::start();
     let opencode = OpenCode::start_with_password(&llm, json!({}), "open-sesame-1");
     let mut world = World::with(llm, opencode);
-    let mut config = bridge::config(&world.mattermost, &world.opencode.url(), world.state.path());
+    let mut config = bridge::config(
+        &world.mattermost,
+        &world.opencode.bridge_url(),
+        world.state.path(),
+    );
 
     config.opencode_password = Some(Secret::new("wrong-password-2".into()));
     match Bridge::spawn(config.clone()).wait_exit(SOON) {
