@@ -9,6 +9,7 @@ pub mod mattermost;
 pub mod opencode;
 pub mod tls;
 pub mod v2proxy;
+mod v2record;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
