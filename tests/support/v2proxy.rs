@@ -67,6 +67,7 @@ impl V2Proxy {
                 }
             })
             .expect("v2 proxy: spawn");
+        running().push(format!("http://{addr}"));
         V2Proxy { addr, shared }
     }
 
@@ -83,6 +84,8 @@ impl V2Proxy {
 
 impl Drop for V2Proxy {
     fn drop(&mut self) {
+        let url = self.url();
+        running().retain(|u| *u != url);
         self.shared.stopping.store(true, Ordering::Relaxed);
         // Wakes the accept loop so that it sees the flag.
         let _ = TcpStream::connect(self.addr);
@@ -90,6 +93,17 @@ impl Drop for V2Proxy {
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// The URLs of the proxies alive now, so that the bridge's settings can tell a proxied server.
+fn running() -> std::sync::MutexGuard<'static, Vec<String>> {
+    static RUNNING: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    lock(&RUNNING)
+}
+
+/// Whether `url` is a v2 proxy of this test process: a bridge pointed there speaks v2.
+pub fn is_proxy(url: &str) -> bool {
+    running().iter().any(|u| u == url.trim_end_matches('/'))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
