@@ -6,6 +6,10 @@
 //! shape of the `NotFoundError` that both SDK generations declare (`{"name":"NotFoundError","data":
 //! {"message":…}}`, as 1.18.33 sends for a missing session).
 //!
+//! As 1.18.33 checks credentials before it routes (401 on any route, even an unknown one), a refused
+//! route is first checked with `GET /api/health` and the request's `Authorization`: bad credentials
+//! get the server's own 401.
+//!
 //! Each connection carries one request: the proxy sets `Connection: close` both ways, so a client's
 //! next request comes on a new connection and has its route checked too. Bytes are copied as they
 //! arrive, so event streams are not buffered.
@@ -137,7 +141,22 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, shared: &Arc<Shared>) {
     };
     if !is_v2_route(&target) {
         lock(&shared.refused).push(format!("{method} {target}"));
-        refuse(client, &head, rest, &method, &target);
+        // OpenCode checks credentials before routes: a request it would refuse as unauthorized
+        // gets that answer, whatever its route. A dead server refuses the connection either way.
+        match authorization_answer(upstream, &head) {
+            Err(()) => {}
+            Ok(Some(unauthorized)) => answer(client, &head, rest, &unauthorized),
+            Ok(None) => {
+                let path = target.split('?').next().unwrap_or(&target);
+                let body = not_found_body(&method, path);
+                let not_found = format!(
+                    "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                answer(client, &head, rest, not_found.as_bytes());
+            }
+        }
         return;
     }
     // A dead server: the client sees its connection closed, as near as a proxy gets to "refused".
@@ -191,9 +210,38 @@ fn forget(shared: &Shared, key: u64) {
     lock(&shared.live).retain(|(k, _)| *k != key);
 }
 
-/// Answers 404 after reading the request body, so that closing does not reset the connection under
-/// an answer the client has not read yet.
-fn refuse(mut client: TcpStream, head: &[u8], rest: Vec<u8>, method: &str, target: &str) {
+/// The server's own answer when it refuses the request's credentials (asked with `GET /api/health`
+/// and the request's `Authorization`), `None` when it accepts them; `Err` when it is down.
+fn authorization_answer(upstream: SocketAddr, head: &[u8]) -> Result<Option<Vec<u8>>, ()> {
+    let mut server = TcpStream::connect(upstream).map_err(|_| ())?;
+    let _ = server.set_read_timeout(Some(Duration::from_secs(30)));
+    let authorization = header(head, "authorization")
+        .map(|value| format!("authorization: {value}\r\n"))
+        .unwrap_or_default();
+    let probe = format!(
+        "GET /api/health HTTP/1.1\r\nhost: {upstream}\r\n{authorization}connection: close\r\n\r\n"
+    );
+    server.write_all(probe.as_bytes()).map_err(|_| ())?;
+    let mut response = Vec::new();
+    let _ = server.read_to_end(&mut response);
+    if response.starts_with(b"HTTP/1.1 401") {
+        let end = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(response.len(), |i| i + 4);
+        let mut answer = with_close(&response[..end]);
+        answer.extend_from_slice(&response[end..]);
+        Ok(Some(answer))
+    } else if response.starts_with(b"HTTP/") {
+        Ok(None)
+    } else {
+        Err(())
+    }
+}
+
+/// Sends `response` after reading the request body, so that closing does not reset the connection
+/// under an answer the client has not read yet.
+fn answer(mut client: TcpStream, head: &[u8], rest: Vec<u8>, response: &[u8]) {
     let length = header(head, "content-length")
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(0);
@@ -202,14 +250,7 @@ fn refuse(mut client: TcpStream, head: &[u8], rest: Vec<u8>, method: &str, targe
         let mut body = vec![0u8; (length - rest.len()).min(16 * 1024 * 1024)];
         let _ = client.read_exact(&mut body);
     }
-    let path = target.split('?').next().unwrap_or(target);
-    let body = not_found_body(method, path);
-    let answer = format!(
-        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = client.write_all(answer.as_bytes());
+    let _ = client.write_all(response);
     let _ = client.flush();
     let _ = client.shutdown(Shutdown::Write);
     // Lets the client read the answer before the socket goes.
@@ -319,11 +360,35 @@ mod tests {
         response.body_mut().read_to_string().expect("body")
     }
 
+    /// An upstream that answers every connection with `answer` and reports each request line.
+    fn answer_all(answer: &'static [u8]) -> (String, crossbeam_channel::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (sender, lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                stream.set_read_timeout(Some(WAIT)).unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                while matches!(reader.read_line(&mut String::new()), Ok(n) if n > 2) {}
+                let _ = stream.write_all(answer);
+                if sender.send(line.trim_end().to_string()).is_err() {
+                    return;
+                }
+            }
+        });
+        (url, lines)
+    }
+
     #[test]
-    fn routes_outside_api_get_a_not_found_error_and_never_reach_the_server() {
-        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
-        upstream.set_nonblocking(true).unwrap();
-        let proxy = V2Proxy::start(&format!("http://{}", upstream.local_addr().unwrap()));
+    fn routes_outside_api_get_a_not_found_error_and_only_a_credentials_check_reaches_the_server() {
+        let (upstream, seen) = answer_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 16\r\n\r\n\
+              {\"healthy\":true}",
+        );
+        let proxy = V2Proxy::start(&upstream);
         let agent = agent();
         for (method, path) in [
             ("GET", "/global/health"),
@@ -350,12 +415,39 @@ mod tests {
                 body,
                 json!({"name": "NotFoundError", "data": {"message": format!("Route not found: {method} {route}")}})
             );
+            assert_eq!(
+                seen.recv_timeout(WAIT).as_deref(),
+                Ok("GET /api/health HTTP/1.1"),
+                "{method} {path}"
+            );
         }
         assert!(
-            matches!(upstream.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            seen.try_recv().is_err(),
             "a refused route reached the server"
         );
         assert_eq!(proxy.refused().len(), 5);
+    }
+
+    /// As OpenCode checks credentials before routes, bad ones get its 401 on any route.
+    #[test]
+    fn a_refused_password_gets_the_servers_401_on_any_route() {
+        let (upstream, _seen) = answer_all(
+            b"HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"Secure Area\"\r\n\
+              content-type: application/json\r\ncontent-length: 17\r\n\r\n{\"_tag\":\"Unauth\"}",
+        );
+        let proxy = V2Proxy::start(&upstream);
+        let mut response = agent()
+            .get(&format!("{}/global/health", proxy.url()))
+            .header("authorization", "Basic eDp5")
+            .call()
+            .expect("an answer");
+        assert_eq!(response.status(), 401);
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Basic realm=\"Secure Area\""
+        );
+        assert_eq!(response.headers()["connection"], "close");
+        assert_eq!(text(&mut response), "{\"_tag\":\"Unauth\"}");
     }
 
     /// One scripted upstream connection: returns the request it got, after answering `answer`.
