@@ -507,13 +507,18 @@ fn diff_and_file_commands_post_changes_and_refuse_paths_outside() {
     let (id, _) = world.new_session("Diff and file");
     let root = world.wait_root(&id);
     let dir = world.opencode.project_dir().to_path_buf();
+    // The write tool's argument is `filePath` in v1 sessions and `path` in v2 ones.
+    let path_key = match crate::support::dialect() {
+        crate::support::Dialect::V1 => "filePath",
+        crate::support::Dialect::V2 => "path",
+    };
     world.llm.script(
         "write the notes",
         vec![
             vec![Step::ToolCall {
                 name: "write".into(),
                 arguments: json!({
-                    "filePath": dir.join("notes.md").to_string_lossy(),
+                    path_key: dir.join("notes.md").to_string_lossy(),
                     "content": "# Notes\nalpha line\nbeta line\n"
                 }),
             }],

@@ -493,6 +493,12 @@ fn tool_calls_get_a_one_line_summary() {
 
 #[test]
 fn subagents_show_in_the_parents_reply_and_get_no_thread() {
+    if crate::support::dialect() == crate::support::Dialect::V2 {
+        // A v2 session has no `task` tool ("Unknown tool: task"), so no subagents; a child session
+        // getting no thread is checked in v2 by sessions_in_other_directories_get_threads....
+        eprintln!("skipped in v2: v2 sessions have no task tool");
+        return;
+    }
     let world = World::started();
     let (id, _) = world.new_session("Delegation");
     let root = world.wait_root(&id);
