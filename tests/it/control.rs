@@ -533,16 +533,27 @@ fn diff_and_file_commands_post_changes_and_refuse_paths_outside() {
     );
 
     world.owner_says(&root.id, "!diff");
-    let diff = world.wait_bot_post(&root.id, "diff", |p| p.message.contains("+beta line"));
-    assert!(diff.message.contains("notes.md"), "{}", diff.message);
+    if crate::support::is_v2() {
+        // v2 has no diff route.
+        world.wait_bot_post(&root.id, "no diff on v2", |p| {
+            p.message.contains(crate::support::NOT_ON_V2)
+        });
+    } else {
+        let diff = world.wait_bot_post(&root.id, "diff", |p| p.message.contains("+beta line"));
+        assert!(diff.message.contains("notes.md"), "{}", diff.message);
+    }
 
     world.owner_says(&root.id, "!file notes.md");
     let attached = world.wait_bot_post(&root.id, "attached file", |p| !p.file_ids.is_empty());
     let file_id = &attached.file_ids[0];
     let (name, bytes) = world.mattermost.file(file_id).expect("uploaded file");
     assert_eq!(name, "notes.md");
-    // Read through OpenCode's file API, which trims a text file's trailing newline.
-    assert_eq!(bytes, b"# Notes\nalpha line\nbeta line");
+    // Read through OpenCode's file API: v1's trims a text file's trailing newline, v2's does not.
+    if crate::support::is_v2() {
+        assert_eq!(bytes, b"# Notes\nalpha line\nbeta line\n");
+    } else {
+        assert_eq!(bytes, b"# Notes\nalpha line\nbeta line");
+    }
 
     world.owner_says(&root.id, "!file ../../etc/passwd");
     world.wait_bot_post(&root.id, "traversal refused", |p| {
@@ -553,8 +564,14 @@ fn diff_and_file_commands_post_changes_and_refuse_paths_outside() {
     std::os::unix::fs::symlink(outside.path().join("secret.txt"), dir.join("link.txt"))
         .expect("symlink");
     world.owner_says(&root.id, "!file link.txt");
+    // v2's file route does not follow a link out of the directory: the file is "not found" there.
+    let refusal = if crate::support::is_v2() {
+        "❓"
+    } else {
+        "🚫"
+    };
     world.wait_bot_post(&root.id, "symlink refused", |p| {
-        p.message.starts_with("🚫") && p.message.contains("link.txt")
+        p.message.starts_with(refusal) && p.message.contains("link.txt")
     });
     let leaked = world.bot_posts_in_thread(&root.id).iter().any(|p| {
         p.message.contains("top secret")
@@ -682,25 +699,36 @@ fn thread_commands_answer_in_the_thread() {
     assert_eq!(last_user["agent"], "plan", "{last_user}");
 
     world.owner_says(&root.id, "!rename Renamed from the thread");
-    wait_for("root post follows the new title", || {
-        world
-            .mattermost
-            .post(&root.id)
-            .is_some_and(|p| p.message.contains("Renamed from the thread"))
-    });
-
     world.owner_says(&root.id, "!todo");
-    world.wait_bot_post(&root.id, "todo", |p| p.message.contains("no todo list"));
+    if crate::support::is_v2() {
+        // v2 has no rename and no todo route.
+        let said = |p: &Post, what: &str| {
+            p.message.contains(what) && p.message.contains(crate::support::NOT_ON_V2)
+        };
+        world.wait_bot_post(&root.id, "no rename on v2", |p| said(p, "rename"));
+        world.wait_bot_post(&root.id, "no todo on v2", |p| said(p, "todo"));
+    } else {
+        wait_for("root post follows the new title", || {
+            world
+                .mattermost
+                .post(&root.id)
+                .is_some_and(|p| p.message.contains("Renamed from the thread"))
+        });
+        world.wait_bot_post(&root.id, "todo", |p| p.message.contains("no todo list"));
+    }
 
     world.owner_says(&root.id, "!compact");
     world.wait_bot_post(&root.id, "compacting", |p| p.message.contains("Compacting"));
-    wait_for("a summary message on the server", || {
-        world
-            .opencode
-            .history(&id, world.opencode.project_dir())
-            .iter()
-            .any(|m| m["summary"] == true)
-    });
+    // 1.18.33 answers v2's compact 503 "Session compact is not available yet".
+    if !crate::support::is_v2() {
+        wait_for("a summary message on the server", || {
+            world
+                .opencode
+                .history(&id, world.opencode.project_dir())
+                .iter()
+                .any(|m| m["summary"] == true)
+        });
+    }
 
     world.owner_says(&root.id, "!frobnicate");
     world.wait_bot_post(&root.id, "unknown command", |p| {
@@ -744,6 +772,10 @@ fn the_todo_list_is_one_post_edited_as_it_changes() {
 
     world.owner_says(&root.id, "!todo");
     world.wait_bot_post(&root.id, "todo command", |p| {
+        if crate::support::is_v2() {
+            // v2 has no todo route: the list lives only in the tool call's post.
+            return p.message.contains(crate::support::NOT_ON_V2);
+        }
         p.message.contains("write the parser") && p.id != todo_posts[0].id
     });
 }

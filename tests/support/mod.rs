@@ -34,6 +34,14 @@ pub fn dialect() -> Dialect {
     }
 }
 
+/// Whether the tests run in v2, for the few checks of what v2 does differently.
+pub fn is_v2() -> bool {
+    dialect() == Dialect::V2
+}
+
+/// What the bridge says of a thread command that a v2 server has no route for.
+pub const NOT_ON_V2: &str = "not available on an OpenCode v2 server";
+
 impl Dialect {
     /// The value of the bridge's `OPENCODE_API` for this dialect.
     pub fn name(self) -> &'static str {
