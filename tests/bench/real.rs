@@ -1,6 +1,8 @@
 //! The smaller pass against a real `opencode serve` answering with the scripted LLM: the same
-//! latencies, with OpenCode's own timing in the loop. The bench reads OpenCode's `/global/event`
-//! itself, beside the bridge, to know when each event was sent.
+//! latencies, with OpenCode's own timing in the loop, once per dialect. v1 is the bridge on the server
+//! itself; v2 the bridge behind `support::v2proxy` (every v1 route 404, so its probe picks v2). The
+//! bench reads the server's own event stream (`/global/event`, `/api/event`) beside the bridge, to
+//! know when each event was sent.
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -8,21 +10,34 @@ use std::time::{Duration, Instant};
 
 use opencode_mattermost::opencode::sse::SseParser;
 use opencode_mattermost::opencode::{Event, Role, decode_global_event};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::process::{BridgeProcess, Target};
 use crate::report::{Report, Samples};
-use crate::support::TempDir;
 use crate::support::llm::{FakeLlm, Step};
 use crate::support::mattermost::FakeMattermost;
 use crate::support::opencode::{OpenCode, opencode_binary};
+use crate::support::v2proxy::V2Proxy;
+use crate::support::{Dialect, TempDir};
 use crate::{DONE_PREFIX, MATTERMOST_LIMIT};
 
 const ROUNDS: usize = 8;
 const WAIT: Duration = Duration::from_secs(60);
 
+/// What the bench needs of the server's events, in either dialect.
+#[derive(Clone, Debug)]
+enum Mark {
+    /// A session was created; the event as JSON, to find the session's id in.
+    Created(String),
+    /// The owner's prompt reached the session as a user message.
+    User(String),
+    Delta(String, String),
+    /// The turn ended: `session.idle` in v1, a `step.ended` other than for tool calls in v2.
+    Idle(String),
+}
+
 /// Events of the real server as the bench saw them arrive.
-type Seen = Arc<Mutex<Vec<(Instant, Event)>>>;
+type Seen = Arc<Mutex<Vec<(Instant, Mark)>>>;
 
 pub fn pass(report: &mut Report) {
     let installed = std::panic::catch_unwind(opencode_binary);
@@ -30,7 +45,14 @@ pub fn pass(report: &mut Report) {
         report.note("real OpenCode pass skipped: opencode is not installed (run `make test` once, or set OPENCODE_BIN)".into());
         return;
     }
-    println!("real OpenCode pass: {ROUNDS} sessions");
+    for dialect in [Dialect::V1, Dialect::V2] {
+        pass_in(report, dialect);
+    }
+}
+
+fn pass_in(report: &mut Report, dialect: Dialect) {
+    let api = dialect.name();
+    println!("real OpenCode pass ({api}): {ROUNDS} sessions");
     let llm = FakeLlm::start();
     let reply: String = (0..6)
         .map(|i| format!("Sentence {i} of a real answer, streamed by the scripted model. "))
@@ -38,7 +60,9 @@ pub fn pass(report: &mut Report) {
     let reply = reply.trim_end().to_string();
     llm.script("bench question", vec![vec![Step::Text(reply.clone())]]);
     let opencode = OpenCode::start(&llm, json!({}));
-    let seen = listen(&opencode.url());
+    let proxy = (dialect == Dialect::V2).then(|| V2Proxy::start(&opencode.url()));
+    let bridge_url = proxy.as_ref().map_or_else(|| opencode.url(), V2Proxy::url);
+    let seen = listen(&opencode.url(), dialect);
     // OpenCode 1.18 attaches a new stream shortly after `server.connected`.
     std::thread::sleep(Duration::from_millis(600));
 
@@ -51,7 +75,7 @@ pub fn pass(report: &mut Report) {
         mattermost_url: &mattermost.url(),
         token: &bot.token,
         owner: &owner.username,
-        opencode_url: &opencode.url(),
+        opencode_url: &bridge_url,
         state_dir: state.path(),
     });
     let ready = bridge.wait_ready(WAIT);
@@ -73,7 +97,7 @@ pub fn pass(report: &mut Report) {
         let session_id = created["id"].as_str().unwrap_or_default().to_string();
         let created_at = wait_event(
             &seen,
-            |e| matches!(e, Event::SessionCreated(info) if info.id == session_id),
+            |e| matches!(e, Mark::Created(raw) if raw.contains(&session_id)),
         );
         let (root_id, root_at) = mattermost
             .wait_until(WAIT, |view| {
@@ -91,10 +115,7 @@ pub fn pass(report: &mut Report) {
         mattermost
             .post_as(&owner.id, &dm, &root_id, &format!("bench question {index}"))
             .unwrap_or_else(|e| panic!("owner post refused: {e:?}"));
-        let user_at = wait_event(
-            &seen,
-            |e| matches!(e, Event::MessageUpdated { session_id: s, message } if *s == session_id && message.role == Role::User),
-        );
+        let user_at = wait_event(&seen, |e| matches!(e, Mark::User(s) if *s == session_id));
         if let Some(at) = user_at {
             routing.push(at.saturating_duration_since(posted_at));
         }
@@ -105,27 +126,24 @@ pub fn pass(report: &mut Report) {
                 .map(|v| v.at)
         });
         if done.is_none() {
+            // The rest would most likely wait as long again for nothing.
             report.note(format!(
-                "real pass: reply {index} did not complete within {WAIT:?}"
+                "real pass ({api}): reply {index} did not complete within {WAIT:?}; the pass stops"
             ));
-            continue;
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
         let events = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let deltas: Vec<(Instant, String)> = events
             .iter()
             .filter_map(|(at, e)| match e {
-                Event::PartDelta {
-                    session_id: s,
-                    delta,
-                    ..
-                } if *s == session_id => Some((*at, delta.clone())),
+                Mark::Delta(s, delta) if *s == session_id => Some((*at, delta.clone())),
                 _ => None,
             })
             .collect();
-        let idle_at = events.iter().find_map(|(at, e)| {
-            matches!(e, Event::SessionIdle { session_id: s } if *s == session_id).then_some(*at)
-        });
+        let idle_at = events
+            .iter()
+            .find_map(|(at, e)| matches!(e, Mark::Idle(s) if *s == session_id).then_some(*at));
         let versions = mattermost.post_versions();
         let bot_versions: Vec<_> = versions
             .iter()
@@ -173,8 +191,13 @@ pub fn pass(report: &mut Report) {
         .filter(|r| r.status == 429)
         .count();
     bridge.stop();
+    drop(proxy);
 
-    let figure = |name: &str| format!("real OpenCode: {name}");
+    let figure = |name: &str| format!("real OpenCode {api}: {name}");
+    let turn_end = match dialect {
+        Dialect::V1 => "session.idle",
+        Dialect::V2 => "last step.ended",
+    };
     report.row(
         &figure("start to ready"),
         format!("{ready_ms:.1} ms (one start)"),
@@ -207,7 +230,9 @@ pub fn pass(report: &mut Report) {
         (99.0, 50.0),
     );
     report.latency(
-        &figure("final text (session.idle seen → complete text shown)"),
+        &figure(&format!(
+            "final text ({turn_end} seen → complete text shown)"
+        )),
         &final_from_idle,
         "reported",
         (99.0, f64::INFINITY),
@@ -223,9 +248,12 @@ pub fn pass(report: &mut Report) {
 }
 
 /// Reads the server's event stream on a thread, noting when each event arrived.
-fn listen(url: &str) -> Seen {
+fn listen(url: &str, dialect: Dialect) -> Seen {
     let seen: Seen = Arc::new(Mutex::new(Vec::new()));
-    let url = format!("{url}/global/event");
+    let url = match dialect {
+        Dialect::V1 => format!("{url}/global/event"),
+        Dialect::V2 => format!("{url}/api/event"),
+    };
     let sink = Arc::clone(&seen);
     std::thread::Builder::new()
         .name("bench-events".into())
@@ -242,10 +270,14 @@ fn listen(url: &str) -> Seen {
                 }
                 let at = Instant::now();
                 for sse in parser.feed(&buffer[..n]) {
-                    if let Ok(Some(envelope)) = decode_global_event(&sse.data) {
+                    let mark = match dialect {
+                        Dialect::V1 => v1_mark(&sse.data),
+                        Dialect::V2 => v2_mark(&sse.data),
+                    };
+                    if let Some(mark) = mark {
                         sink.lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .push((at, envelope.event));
+                            .push((at, mark));
                     }
                 }
             }
@@ -254,8 +286,41 @@ fn listen(url: &str) -> Seen {
     seen
 }
 
+fn v1_mark(data: &str) -> Option<Mark> {
+    match decode_global_event(data).ok()??.event {
+        Event::SessionCreated(info) => Some(Mark::Created(info.id)),
+        Event::MessageUpdated {
+            session_id,
+            message,
+        } if message.role == Role::User => Some(Mark::User(session_id)),
+        Event::PartDelta {
+            session_id, delta, ..
+        } => Some(Mark::Delta(session_id, delta)),
+        Event::SessionIdle { session_id } => Some(Mark::Idle(session_id)),
+        _ => None,
+    }
+}
+
+/// The v2 events the bench needs, read as JSON (the fixtures in tests/fixtures/v2 show them).
+fn v2_mark(data: &str) -> Option<Mark> {
+    let event: Value = serde_json::from_str(data).ok()?;
+    let body = &event["data"];
+    let session = || body["sessionID"].as_str().unwrap_or_default().to_string();
+    match event["type"].as_str()? {
+        "session.created" => Some(Mark::Created(data.to_string())),
+        "session.next.prompted" => Some(Mark::User(session())),
+        "session.next.text.delta" => Some(Mark::Delta(
+            session(),
+            body["delta"].as_str().unwrap_or_default().to_string(),
+        )),
+        "session.next.step.ended" if body["finish"] != "tool-calls" => Some(Mark::Idle(session())),
+        "session.next.step.failed" => Some(Mark::Idle(session())),
+        _ => None,
+    }
+}
+
 /// When the first event matching `wanted` arrived, waiting up to `WAIT` for it.
-fn wait_event(seen: &Seen, wanted: impl Fn(&Event) -> bool) -> Option<Instant> {
+fn wait_event(seen: &Seen, wanted: impl Fn(&Mark) -> bool) -> Option<Instant> {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         let found = seen

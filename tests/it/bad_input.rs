@@ -172,7 +172,7 @@ fn a_thread_naming_a_session_the_bridge_does_not_know_is_refused_clearly() {
     let body = json!({
         "channel_id": world.dm,
         "message": "an old thread",
-        "props": {"opencode_session_id": "ses_notinthestatefile00000", "opencode_server": world.opencode.url()},
+        "props": {"opencode_session_id": "ses_notinthestatefile00000", "opencode_server": world.opencode.bridge_url()},
     });
     let mut response = ureq::post(&format!("{}/api/v4/posts", world.mattermost.url()))
         .header("Authorization", &format!("Bearer {}", bot.token))

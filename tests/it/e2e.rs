@@ -54,7 +54,7 @@ impl World {
         assert!(self.bridge.is_none());
         self.bridge = Some(Bridge::start(
             &self.mattermost,
-            &self.opencode.url(),
+            &self.opencode.bridge_url(),
             self.state.path(),
         ));
     }
@@ -68,12 +68,15 @@ impl World {
             .env("MATTERMOST_URL", self.mattermost.url())
             .env("MATTERMOST_TOKEN", self.mattermost.bot().token)
             .env("MATTERMOST_OWNER", self.mattermost.owner().id)
-            .env("OPENCODE_URL", self.opencode.url())
+            .env("OPENCODE_URL", self.opencode.bridge_url())
             .env("OPENCODE_MM_STATE_DIR", self.state.path())
             .env(
                 "OPENCODE_MM_LOG",
                 std::env::var("TEST_BINARY_LOG").unwrap_or("info".into()),
             );
+        if crate::support::dialect() == crate::support::Dialect::V2 {
+            command.env("OPENCODE_API", "v2");
+        }
         crate::cli::Running::start(command)
     }
 
@@ -238,7 +241,11 @@ fn a_password_protected_opencode_works_and_a_wrong_password_stops_start_up() {
     let llm = FakeLlm::start();
     let opencode = OpenCode::start_with_password(&llm, json!({}), "open-sesame-1");
     let mut world = World::with(llm, opencode);
-    let mut config = bridge::config(&world.mattermost, &world.opencode.url(), world.state.path());
+    let mut config = bridge::config(
+        &world.mattermost,
+        &world.opencode.bridge_url(),
+        world.state.path(),
+    );
 
     config.opencode_password = Some(Secret::new("wrong-password-2".into()));
     match Bridge::spawn(config.clone()).wait_exit(SOON) {
@@ -272,7 +279,10 @@ fn new_session_gets_a_thread_with_its_details() {
     let short = &id[id.len() - 8..];
     let message = &root.message;
     assert!(message.contains("Refactor the parser"), "{message}");
-    assert!(message.contains(&format!("`{slug}`")), "{message}");
+    // A v2 session has no slug (SessionV2Info), so only v1 can show it.
+    if crate::support::dialect() == crate::support::Dialect::V1 {
+        assert!(message.contains(&format!("`{slug}`")), "{message}");
+    }
     assert!(message.contains(&format!("`{short}`")), "{message}");
     let directory = world.opencode.project_dir().to_string_lossy().to_string();
     assert!(message.contains(&directory), "{message}");
@@ -483,6 +493,12 @@ fn tool_calls_get_a_one_line_summary() {
 
 #[test]
 fn subagents_show_in_the_parents_reply_and_get_no_thread() {
+    if crate::support::dialect() == crate::support::Dialect::V2 {
+        // A v2 session has no `task` tool ("Unknown tool: task"), so no subagents; a child session
+        // getting no thread is checked in v2 by sessions_in_other_directories_get_threads....
+        eprintln!("skipped in v2: v2 sessions have no task tool");
+        return;
+    }
     let world = World::started();
     let (id, _) = world.new_session("Delegation");
     let root = world.wait_root(&id);
@@ -738,7 +754,13 @@ fn main_dm_commands_help_sessions_attach_and_errors() {
     );
     assert!(list.message.contains("idle"), "{}", list.message);
 
-    say(&format!("!attach {old_slug}"));
+    // A v2 session has no slug: attach it by the end of its id.
+    let old_name = if crate::support::is_v2() {
+        old_id[old_id.len() - 8..].to_string()
+    } else {
+        old_slug
+    };
+    say(&format!("!attach {old_name}"));
     let old_root = world.wait_root(&old_id);
     world.wait_bot_post("", "attach confirmation", |p| {
         p.message.contains("is attached") && p.message.contains(&old_root.id)
@@ -924,17 +946,20 @@ fn a_dropped_websocket_resumes_and_replays_what_was_missed() {
     };
 
     // A resumed connection gets no new hello. Staying quiet past the 5 s hello deadline is the
-    // scenario itself: the bridge must not take it for a rejected token and reconnect.
+    // scenario itself: the bridge must not take it for a rejected token and reconnect. Mattermost's
+    // side alone, so the v1 run checks it and the v2 run does not wait for it again.
     let before = upgrades(&world.mattermost.requests());
     world.mattermost.drop_websockets();
     wait_reconnect(before);
     let resumed = upgrades(&world.mattermost.requests());
-    std::thread::sleep(Duration::from_secs(6));
-    assert_eq!(
-        upgrades(&world.mattermost.requests()),
-        resumed,
-        "a quiet resumed websocket was dropped"
-    );
+    if crate::support::dialect() == crate::support::Dialect::V1 {
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(
+            upgrades(&world.mattermost.requests()),
+            resumed,
+            "a quiet resumed websocket was dropped"
+        );
+    }
 
     // Posted while the bridge is disconnected: the resumed connection replays it.
     world.mattermost.drop_websockets();

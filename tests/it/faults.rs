@@ -585,12 +585,8 @@ fn wait_for_turn_end_on_server(world: &World, session_id: &str) {
     wait_for("the turn to end on the server", || {
         world
             .opencode
-            .messages(session_id, world.opencode.project_dir())
-            .as_array()
-            .is_some_and(|m| {
-                m.iter().any(|m| {
-                    m["info"]["role"] == "assistant" && m["info"]["time"]["completed"].is_number()
-                })
-            })
+            .history(session_id, world.opencode.project_dir())
+            .iter()
+            .any(|m| m["role"] == "assistant" && m["completed"] == true)
     });
 }

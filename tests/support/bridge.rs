@@ -18,6 +18,8 @@ pub struct Bridge {
     pub state_dir: PathBuf,
 }
 
+/// The bridge's settings. Under `TEST_OPENCODE_API=v2` the tests pass `OpenCode::bridge_url`, the
+/// proxy where every v1 route is 404, so the bridge's own probe has to find v2 there.
 pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path) -> Config {
     Config {
         mattermost_url: mattermost.url(),

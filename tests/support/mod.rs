@@ -8,10 +8,49 @@ pub mod llm;
 pub mod mattermost;
 pub mod opencode;
 pub mod tls;
+pub mod v2proxy;
+mod v2record;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// The OpenCode API the bridge under test speaks, from `TEST_OPENCODE_API` (`v1`, the default, or
+/// `v2`). For v2 the bridge reaches the real server through `v2proxy`, which refuses every v1 route, and
+/// is started with `OPENCODE_API=v2`; a test's own calls to the server stay direct.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    V1,
+    V2,
+}
+
+pub fn dialect() -> Dialect {
+    match std::env::var("TEST_OPENCODE_API").as_deref() {
+        Err(_) | Ok("") | Ok("v1") => Dialect::V1,
+        Ok("v2") => Dialect::V2,
+        Ok(other) => panic!(
+            "TEST_OPENCODE_API={other:?} is not a dialect: set it to v1 or v2, or unset it for v1"
+        ),
+    }
+}
+
+/// Whether the tests run in v2, for the few checks of what v2 does differently.
+pub fn is_v2() -> bool {
+    dialect() == Dialect::V2
+}
+
+/// What the bridge says of a thread command that a v2 server has no route for.
+pub const NOT_ON_V2: &str = "not available on an OpenCode v2 server";
+
+impl Dialect {
+    /// The value of the bridge's `OPENCODE_API` for this dialect.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::V1 => "v1",
+            Dialect::V2 => "v2",
+        }
+    }
+}
 
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);

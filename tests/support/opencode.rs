@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::TempDir;
 use super::llm::{FakeLlm, MODEL_ID};
+use super::v2proxy::V2Proxy;
+use super::{Dialect, TempDir, dialect};
 
 /// The OpenCode release the tests are written against; `tests/install-opencode.sh` installs the same one.
 pub const OPENCODE_VERSION: &str = "1.18.33";
@@ -37,6 +38,8 @@ pub struct OpenCode {
     password: Option<String>,
     /// Killed by `kill` and not restarted: its pid is reaped and must not be signalled again.
     killed: bool,
+    /// In front of the server when the tests run in v2 (`TEST_OPENCODE_API=v2`): the bridge's way in.
+    proxy: Option<V2Proxy>,
     /// Declared last so it is removed after the server is dead.
     _temp: TempDir,
 }
@@ -102,7 +105,9 @@ impl OpenCode {
             let url = format!("http://127.0.0.1:{port}");
             match wait_until_ready(&agent, &url, &mut child, authorization.as_deref()) {
                 Ok(()) => {
+                    let proxy = (dialect() == Dialect::V2).then(|| V2Proxy::start(&url));
                     return OpenCode {
+                        proxy,
                         child,
                         url,
                         root,
@@ -137,6 +142,19 @@ impl OpenCode {
         self.url.clone()
     }
 
+    /// Where the bridge under test reaches the server: the server itself in v1, the proxy that
+    /// refuses every v1 route in v2. The test's own calls use `url`.
+    pub fn bridge_url(&self) -> String {
+        self.proxy
+            .as_ref()
+            .map_or_else(|| self.url.clone(), V2Proxy::url)
+    }
+
+    /// The v2 proxy in front of the server, when the tests run in v2.
+    pub fn proxy(&self) -> Option<&V2Proxy> {
+        self.proxy.as_ref()
+    }
+
     /// The directory the server was started in.
     pub fn project_dir(&self) -> &Path {
         &self.project_dir
@@ -163,8 +181,14 @@ impl OpenCode {
         );
     }
 
-    /// Sends a text prompt with `prompt_async`, which returns at once while the turn runs in the background.
+    /// Sends a text prompt as a terminal on the same server would, in the dialect under test (v1 and
+    /// v2 keep separate records, and a bridge on v2 follows only v2 turns); returns while the turn runs.
     pub fn prompt(&self, id: &str, directory: &Path, text: &str) {
+        if dialect() == Dialect::V2 {
+            let body = json!({"prompt": {"text": text}, "delivery": "queue"});
+            self.call("POST", &format!("/api/session/{id}/prompt"), Some(body));
+            return;
+        }
         let body = json!({"parts": [{"type": "text", "text": text}]});
         self.call(
             "POST",
@@ -179,6 +203,43 @@ impl OpenCode {
             &with_directory(&format!("/session/{id}/message"), directory),
             None,
         )
+    }
+
+    /// The session's stored messages in the dialect under test, each as `{"role", "agent", "model",
+    /// "completed", "summary"}`: v1 `…/message` and v2 `/api/session/{id}/context` hold different turns.
+    pub fn history(&self, id: &str, directory: &Path) -> Vec<Value> {
+        if dialect() == Dialect::V2 {
+            let context = self.get(&format!("/api/session/{id}/context"));
+            let entries = context["data"].as_array().cloned().unwrap_or_default();
+            return entries
+                .iter()
+                .map(|m| {
+                    json!({
+                        "role": m["type"],
+                        "agent": m["agent"],
+                        "model": m["model"]["id"],
+                        "completed": m["time"]["completed"].is_number()
+                            || m["finish"].is_string(),
+                        "summary": m["type"] == "compaction",
+                    })
+                })
+                .collect();
+        }
+        let messages = self.messages(id, directory);
+        let entries = messages.as_array().cloned().unwrap_or_default();
+        entries
+            .iter()
+            .map(|m| {
+                let info = &m["info"];
+                json!({
+                    "role": info["role"],
+                    "agent": info["agent"],
+                    "model": info["model"]["modelID"].as_str().or(info["modelID"].as_str()),
+                    "completed": info["time"]["completed"].is_number(),
+                    "summary": info["summary"] == true,
+                })
+            })
+            .collect()
     }
 
     /// `GET` on the server; panics unless the answer is a 2xx. An empty body reads as `null`.
