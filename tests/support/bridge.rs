@@ -28,11 +28,12 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
         opencode_url: opencode_url.to_string(),
         opencode_username: "opencode".into(),
         opencode_password: None,
-        // OPENCODE_API=v2 in the test's environment runs the bridge in the v2 dialect.
-        opencode_api: match std::env::var("OPENCODE_API").as_deref() {
-            Ok("v1") => opencode_mattermost::opencode::ApiChoice::V1,
-            Ok("v2") => opencode_mattermost::opencode::ApiChoice::V2,
-            _ => opencode_mattermost::opencode::ApiChoice::Auto,
+        // In front of the v2 proxy the bridge is told v2 (as `OPENCODE_API=v2`); elsewhere, such as
+        // the fake OpenCode of bad_input, it probes.
+        opencode_api: if super::v2proxy::is_proxy(opencode_url) {
+            opencode_mattermost::opencode::ApiChoice::V2
+        } else {
+            opencode_mattermost::opencode::ApiChoice::Auto
         },
         state_dir: state_dir.to_path_buf(),
         command_prefix: "!".into(),
