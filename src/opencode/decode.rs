@@ -215,15 +215,7 @@ pub fn decode_session(info: &Value) -> Result<SessionInfo, DecodeError> {
 /// A permission request, from `permission.asked` or `GET /permission`.
 pub fn decode_permission_request(value: &Value) -> Result<PermissionRequest, DecodeError> {
     let (id, session_id) = request_ids(value, "permission request")?;
-    let metadata = value
-        .get("metadata")
-        .and_then(Value::as_object)
-        .map(|map| {
-            map.iter()
-                .filter_map(|(key, v)| Some((key.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let metadata = string_fields(value, "metadata");
     Ok(PermissionRequest {
         id,
         session_id,
@@ -536,6 +528,19 @@ fn required_request(props: &Value, kind: &str) -> Result<String, DecodeError> {
         return Err(DecodeError(format!("{kind} without requestID")));
     }
     Ok(id)
+}
+
+/// The string-valued fields of the object at `key`, in wire order; others are skipped.
+pub(super) fn string_fields(value: &Value, key: &str) -> Vec<(String, String)> {
+    value
+        .get(key)
+        .and_then(Value::as_object)
+        .map(|map| {
+            map.iter()
+                .filter_map(|(key, v)| Some((key.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub(super) fn strings_at(value: &Value, key: &str) -> Vec<String> {

@@ -73,6 +73,24 @@ pub struct MessageInfo {
     pub parent_id: Option<String>,
 }
 
+impl MessageInfo {
+    /// A message known only by its id, role and creation time; the rest comes later, if at all.
+    pub fn new(id: String, role: Role, created_ms: u64) -> MessageInfo {
+        MessageInfo {
+            id,
+            role,
+            created_ms,
+            completed_ms: None,
+            tokens: Tokens::default(),
+            cost: 0.0,
+            error: None,
+            model: None,
+            agent: None,
+            parent_id: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolStatus {
     Pending,

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::opencode::decode::{
     DecodeError, decode_payload, decode_question_request, decode_session, main_argument, str_at,
-    strings_at, u64_at,
+    string_fields, strings_at, u64_at,
 };
 use crate::opencode::{
     Envelope, Event, MessageInfo, Part, PartBody, PermissionReply, PermissionRequest,
@@ -198,18 +198,7 @@ impl V2Decoder {
             "session.next.prompted" => vec![
                 Event::MessageUpdated {
                     session_id: session_id.clone(),
-                    message: MessageInfo {
-                        id: str_at(data, "messageID"),
-                        role: Role::User,
-                        created_ms: at,
-                        completed_ms: None,
-                        tokens: Tokens::default(),
-                        cost: 0.0,
-                        error: None,
-                        model: None,
-                        agent: None,
-                        parent_id: None,
-                    },
+                    message: MessageInfo::new(str_at(data, "messageID"), Role::User, at),
                 },
                 Event::SessionStatus {
                     session_id: session_id.clone(),
@@ -402,16 +391,11 @@ impl V2Decoder {
         let id = str_at(data, "assistantMessageID");
         let (model, agent) = self.steps.get(&id).cloned().unwrap_or_default();
         MessageInfo {
-            id,
-            role: Role::Assistant,
-            created_ms: at,
             completed_ms: completed,
-            tokens: Tokens::default(),
-            cost: 0.0,
             error,
             model,
             agent,
-            parent_id: None,
+            ..MessageInfo::new(id, Role::Assistant, at)
         }
     }
 }
@@ -490,15 +474,7 @@ pub fn decode_v2_permission(value: &Value) -> Result<PermissionRequest, DecodeEr
             "permission request without id or sessionID".into(),
         ));
     }
-    let metadata = value
-        .get("metadata")
-        .and_then(Value::as_object)
-        .map(|map| {
-            map.iter()
-                .filter_map(|(key, v)| Some((key.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let metadata = string_fields(value, "metadata");
     Ok(PermissionRequest {
         id,
         session_id,
@@ -530,19 +506,11 @@ pub fn decode_context(data: &Value) -> Result<Vec<(MessageInfo, Vec<Part>)>, Dec
         let empty = Value::Null;
         let time = item.get("time").unwrap_or(&empty);
         let mut info = MessageInfo {
-            id: id.clone(),
-            role: Role::User,
-            created_ms: u64_at(time, "created"),
             completed_ms: time
                 .get("completed")
                 .and_then(Value::as_f64)
                 .map(|t| t as u64),
-            tokens: Tokens::default(),
-            cost: 0.0,
-            error: None,
-            model: None,
-            agent: None,
-            parent_id: None,
+            ..MessageInfo::new(id.clone(), Role::User, u64_at(time, "created"))
         };
         match item.get("type").and_then(Value::as_str) {
             Some("user") => {
