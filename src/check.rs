@@ -88,7 +88,9 @@ fn config_summary(config: &Config) -> String {
     };
     format!(
         "valid; Mattermost {}, owner @{}, OpenCode {}; TLS trusts {trust}",
-        config.mattermost_url, config.owner, config.opencode_url
+        config.mattermost_url,
+        config.owner,
+        server_list(config)
     )
 }
 
@@ -279,15 +281,45 @@ fn find_owner(client: &MattermostClient, owner: &str) -> Result<User, String> {
     })
 }
 
+/// OPENCODE_URL as understood: `name=url` for each, and `auto`.
+fn server_list(config: &Config) -> String {
+    let mut names: Vec<String> = config
+        .opencode_servers
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.url))
+        .collect();
+    if config.opencode_auto {
+        names.push("auto".into());
+    }
+    names.join(", ")
+}
+
+/// One `opencode` and one `auth` line per server, each naming it when there are several.
 fn check_opencode(config: &Config, tls: &Tls, emit: &mut Emit<'_>) {
-    let url = &config.opencode_url;
-    let client = OpenCodeClient::with_tls(
-        url,
-        &config.opencode_username,
-        config.opencode_password.as_ref(),
-        tls,
-    )
-    .with_api(config.opencode_api);
+    let servers = config.start_servers();
+    let several = servers.len() > 1;
+    for server in &servers {
+        if several {
+            let mut named = |outcome: Outcome, what: &'static str, detail: String| {
+                emit(outcome, what, format!("{}: {detail}", server.name))
+            };
+            check_server(config, server, tls, &mut named);
+        } else {
+            check_server(config, server, tls, emit);
+        }
+    }
+}
+
+fn check_server(
+    config: &Config,
+    server: &crate::config::ServerEntry,
+    tls: &Tls,
+    emit: &mut Emit<'_>,
+) {
+    let url = &server.url;
+    let password = config.password_for(server);
+    let client = OpenCodeClient::with_tls(url, &config.opencode_username, password, tls)
+        .with_api(config.opencode_api);
     match client.probe() {
         Ok(probe) => {
             let version = match &probe.version {
@@ -303,7 +335,7 @@ fn check_opencode(config: &Config, tls: &Tls, emit: &mut Emit<'_>) {
                     probe.reason
                 ),
             );
-            let detail = if config.opencode_password.is_some() {
+            let detail = if password.is_some() {
                 format!("credentials of {} accepted", config.opencode_username)
             } else {
                 "no password set, and the server asks for none".to_string()

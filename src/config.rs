@@ -25,9 +25,12 @@ pub struct Config {
     pub mattermost_token: Secret,
     /// Lowercased username without the leading `@`, or a 26-character user id.
     pub owner: String,
-    /// Base URL without a trailing slash, like `http://127.0.0.1:4096`.
-    pub opencode_url: String,
+    /// OPENCODE_URL's servers, in the order given (empty when only `auto`).
+    pub opencode_servers: Vec<ServerEntry>,
+    /// OPENCODE_URL has `auto` (or is unset): OpenCode processes on this machine are found.
+    pub opencode_auto: bool,
     pub opencode_username: String,
+    /// OPENCODE_SERVER_PASSWORD: for every server without its own.
     pub opencode_password: Option<Secret>,
     /// OPENCODE_API: which OpenCode API to speak; `Auto` probes the server at every connect.
     pub opencode_api: crate::opencode::ApiChoice,
@@ -48,6 +51,17 @@ pub struct Config {
     pub forget_after: Duration,
     /// The most Mattermost requests a second while the server sends no rate-limit headers.
     pub max_rps: u32,
+}
+
+/// One OpenCode server named in OPENCODE_URL.
+#[derive(Debug, Clone)]
+pub struct ServerEntry {
+    /// `NAME` of `NAME=URL`, else `host:port`.
+    pub name: String,
+    /// Base URL without a trailing slash, like `http://127.0.0.1:4096`.
+    pub url: String,
+    /// OPENCODE_SERVER_PASSWORD_<NAME> (or its _FILE form): overrides OPENCODE_SERVER_PASSWORD.
+    pub password: Option<Secret>,
 }
 
 /// What the command line asked for.
@@ -99,7 +113,11 @@ impl Config {
     /// from it.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = vec![self.mattermost_token.expose().to_string()];
-        if let Some(password) = &self.opencode_password {
+        let passwords = self
+            .opencode_servers
+            .iter()
+            .filter_map(|s| s.password.as_ref());
+        for password in self.opencode_password.iter().chain(passwords) {
             secrets.push(password.expose().to_string());
             let header = crate::http::basic_auth(&self.opencode_username, password.expose());
             if let Some(encoded) = header.strip_prefix("Basic ") {
@@ -107,6 +125,25 @@ impl Config {
             }
         }
         secrets
+    }
+
+    /// The password `server` is called with: its own, else OPENCODE_SERVER_PASSWORD.
+    pub fn password_for<'a>(&'a self, server: &'a ServerEntry) -> Option<&'a Secret> {
+        server.password.as_ref().or(self.opencode_password.as_ref())
+    }
+
+    /// The servers to call at start: OPENCODE_URL's list, and with `auto` the usual local address
+    /// `opencode serve` listens on when nothing else names it (found ones are added at run time).
+    pub fn start_servers(&self) -> Vec<ServerEntry> {
+        let mut servers = self.opencode_servers.clone();
+        if self.opencode_auto && !servers.iter().any(|s| s.url == DEFAULT_OPENCODE_URL) {
+            servers.push(ServerEntry {
+                name: default_server_name(DEFAULT_OPENCODE_URL),
+                url: DEFAULT_OPENCODE_URL.to_string(),
+                password: None,
+            });
+        }
+        servers
     }
 }
 
@@ -148,7 +185,11 @@ pub fn parse_os(
             None
         }
     };
-    let parsed = parse(&utf8_args, &utf8_env);
+    let env_names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with(PASSWORD_PREFIX) && env(name).is_some())
+        .collect();
+    let parsed = parse_with_names(&utf8_args, &utf8_env, &env_names);
     // Checked first: the variable read as unset may be what `parse` complains about.
     if let Some(name) = not_utf8.into_inner() {
         return Err(error(format!(
@@ -167,6 +208,16 @@ pub fn parse(
     args: &[String],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Invocation, ConfigError> {
+    parse_with_names(args, env, &[])
+}
+
+/// `parse`, also given the environment's variable names, so that a per-server password variable
+/// for a server OPENCODE_URL does not name is reported rather than ignored.
+pub fn parse_with_names(
+    args: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+    env_names: &[String],
+) -> Result<Invocation, ConfigError> {
     let command_line = parse_args(args);
     match command_line.early_exit {
         Some(EarlyExit::Help) => return Ok(Invocation::Help),
@@ -184,6 +235,7 @@ pub fn parse(
         flags: &command_line.flags,
         env,
         env_file: env_file.as_ref(),
+        env_names,
     };
     match command_line.subcommand {
         Subcommand::Run => build_config(&sources).map(Invocation::Run),
@@ -306,8 +358,10 @@ const OPENCODE_URL: Var = Var {
     name: "OPENCODE_URL",
     flag: "--opencode-url",
     placeholder: "URL",
-    about: "base URL of `opencode serve`",
-    default: Some(DEFAULT_OPENCODE_URL),
+    about: "OpenCode servers, comma-separated: URL, NAME=URL (NAME: a-z, 0-9 and -, at most 20), or \
+            auto to find OpenCode processes of this user on this machine; \
+            OPENCODE_SERVER_PASSWORD_<NAME> (or _<NAME>_FILE) gives one server its own password",
+    default: Some("auto"),
 };
 const OPENCODE_SERVER_USERNAME: Var = Var {
     name: "OPENCODE_SERVER_USERNAME",
@@ -440,6 +494,9 @@ const ALL_VARS: [&Var; 19] = [
 ];
 
 const DEFAULT_OPENCODE_URL: &str = "http://127.0.0.1:4096";
+const OPENCODE_SERVER_PASSWORD_FILE: &str = "OPENCODE_SERVER_PASSWORD_FILE";
+const PASSWORD_PREFIX: &str = "OPENCODE_SERVER_PASSWORD_";
+const MAX_SERVER_NAME: usize = 20;
 const DEFAULT_OPENCODE_USERNAME: &str = "opencode";
 const DEFAULT_COMMAND_PREFIX: &str = "!";
 const STATE_SUBDIR: &str = "opencode-mattermost";
@@ -492,6 +549,8 @@ struct Sources<'a> {
     flags: &'a HashMap<&'static str, String>,
     env: &'a dyn Fn(&str) -> Option<String>,
     env_file: Option<&'a EnvFile>,
+    /// The environment's variable names, for the per-server ones whose names are not known ahead.
+    env_names: &'a [String],
 }
 
 /// The parsed `--env-file`: its path (for messages) and its assignments, the last one winning.
@@ -554,6 +613,31 @@ impl Sources<'_> {
             Lookup::Value(value, _) => Some(value),
             Lookup::Empty | Lookup::Unset => None,
         }
+    }
+
+    /// A variable with no flag whose name is made at run time (per-server passwords): environment,
+    /// then env file; empty counts as unset. Taken as it is.
+    fn dynamic(&self, name: &str) -> Option<String> {
+        (self.env)(name).filter(|v| !v.is_empty()).or_else(|| {
+            self.env_file
+                .and_then(|file| file.values.get(name).cloned())
+                .filter(|v| !v.is_empty())
+        })
+    }
+
+    /// Names of set variables starting with `prefix`, from the environment and the env file.
+    fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let file_names = self.env_file.into_iter().flat_map(|f| f.values.keys());
+        let mut names: Vec<String> = self
+            .env_names
+            .iter()
+            .chain(file_names)
+            .filter(|name| name.starts_with(prefix))
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// A required variable; `what` describes a good value for the message, like "the Mattermost base
@@ -858,10 +942,10 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         "the Mattermost username the daemon obeys, like @alice",
     )?;
     let owner = validate_owner(&owner)?;
-    let opencode_url = sources
-        .optional(&OPENCODE_URL)
-        .unwrap_or_else(|| DEFAULT_OPENCODE_URL.to_string());
-    let opencode_url = normalize_url(OPENCODE_URL.name, &opencode_url, false)?;
+    let (mut opencode_servers, opencode_auto) = match sources.optional(&OPENCODE_URL) {
+        Some(list) => parse_server_list(&list)?,
+        None => (Vec::new(), true),
+    };
     let opencode_username = sources
         .optional(&OPENCODE_SERVER_USERNAME)
         .unwrap_or_else(|| DEFAULT_OPENCODE_USERNAME.to_string());
@@ -871,10 +955,17 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
             OPENCODE_SERVER_USERNAME.name
         )));
     }
+    let global_file = OPENCODE_SERVER_PASSWORD_FILE;
+    let names_file = opencode_servers.iter().any(|s| s.name == "file");
     let opencode_password = match sources.lookup(&OPENCODE_SERVER_PASSWORD, false) {
         Lookup::Value(password, _) => Some(Secret::new(password)),
+        Lookup::Empty | Lookup::Unset if !names_file => match sources.dynamic(global_file) {
+            Some(path) => Some(read_password_file(global_file, &path)?),
+            None => None,
+        },
         Lookup::Empty | Lookup::Unset => None,
     };
+    server_passwords(sources, &mut opencode_servers)?;
     let opencode_api = match sources.optional(&OPENCODE_API) {
         Some(api) => parse_api(&api)?,
         None => crate::opencode::ApiChoice::Auto,
@@ -947,7 +1038,8 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         mattermost_url,
         mattermost_token,
         owner,
-        opencode_url,
+        opencode_servers,
+        opencode_auto,
         opencode_username,
         opencode_password,
         opencode_api,
@@ -962,6 +1054,164 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         forget_after,
         max_rps,
     })
+}
+
+/// OPENCODE_URL: comma-separated `URL`, `NAME=URL` or `auto`. Names and URLs must be unique.
+fn parse_server_list(list: &str) -> Result<(Vec<ServerEntry>, bool), ConfigError> {
+    let var = OPENCODE_URL.name;
+    let mut servers: Vec<ServerEntry> = Vec::new();
+    let mut auto = false;
+    for (index, entry) in list.split(',').map(str::trim).enumerate() {
+        let number = index + 1;
+        if entry.is_empty() {
+            return Err(error(format!(
+                "{var}: entry {number} is empty; remove the extra comma"
+            )));
+        }
+        if entry.eq_ignore_ascii_case("auto") {
+            auto = true;
+            continue;
+        }
+        let (name, raw_url) = match entry.split_once('=') {
+            Some((name, url)) if !name.contains("://") => (Some(name.trim()), url.trim()),
+            _ => (None, entry),
+        };
+        let url = normalize_url(var, raw_url, false)?;
+        let name = match name {
+            Some(name) => {
+                validate_server_name(name)?;
+                name.to_string()
+            }
+            None => default_server_name(&url),
+        };
+        if let Some(other) = servers.iter().find(|s| s.name == name) {
+            return Err(error(format!(
+                "{var}: the name {name:?} is given to {} and {url}; give each server its own \
+                 name, like home={} and build={url}",
+                other.url, other.url
+            )));
+        }
+        if let Some(other) = servers.iter().find(|s| s.url == url) {
+            return Err(error(format!(
+                "{var}: {url} is listed twice (as {} and {name}); list each server once",
+                other.name
+            )));
+        }
+        servers.push(ServerEntry {
+            name,
+            url,
+            password: None,
+        });
+    }
+    Ok((servers, auto))
+}
+
+/// `NAME` of `NAME=URL`: what `🖥 NAME` and `!new NAME:/dir` show, and part of a variable name.
+fn validate_server_name(name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_SERVER_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        return Ok(());
+    }
+    Err(error(format!(
+        "{}: server name {name:?} is not 1 to {MAX_SERVER_NAME} of lower-case letters, digits and \
+         '-'; use a name like home or build-1",
+        OPENCODE_URL.name
+    )))
+}
+
+/// `host:port` of a normalised URL, the port filled in from the scheme when absent.
+pub fn default_server_name(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let has_port = match authority.rsplit_once(']') {
+        Some((_, after)) => after.starts_with(':'),
+        None => authority.contains(':'),
+    };
+    if has_port {
+        authority.to_string()
+    } else if scheme == "https" {
+        format!("{authority}:443")
+    } else {
+        format!("{authority}:80")
+    }
+}
+
+/// OPENCODE_SERVER_PASSWORD_<NAME>: upper-case, every other character as `_`.
+pub fn password_var(server_name: &str) -> String {
+    let suffix: String = server_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{PASSWORD_PREFIX}{suffix}")
+}
+
+/// Fills in each server's own password, and refuses a password variable naming no server.
+fn server_passwords(sources: &Sources<'_>, servers: &mut [ServerEntry]) -> Result<(), ConfigError> {
+    for server in servers.iter_mut() {
+        let var = password_var(&server.name);
+        let file_var = format!("{var}_FILE");
+        server.password = match (sources.dynamic(&var), sources.dynamic(&file_var)) {
+            (Some(_), Some(_)) => {
+                return Err(error(format!(
+                    "{var} and {file_var} are both set; set only one of them"
+                )));
+            }
+            (Some(password), None) => Some(Secret::new(password)),
+            (None, Some(path)) => Some(read_password_file(&file_var, &path)?),
+            (None, None) => None,
+        };
+    }
+    for name in sources.names_with_prefix(PASSWORD_PREFIX) {
+        if name == OPENCODE_SERVER_PASSWORD_FILE {
+            continue;
+        }
+        let known = servers.iter().any(|server| {
+            let var = password_var(&server.name);
+            name == var || name == format!("{var}_FILE")
+        });
+        if !known {
+            let listed: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+            let listed = if listed.is_empty() {
+                "no named servers".to_string()
+            } else {
+                format!("servers {}", listed.join(", "))
+            };
+            return Err(error(format!(
+                "{name}: OPENCODE_URL names no such server (it has {listed}); name the server in \
+                 OPENCODE_URL as NAME=URL, or unset {name}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A password file: its contents without the final line break. Neither is ever quoted.
+fn read_password_file(var: &str, path: &str) -> Result<Secret, ConfigError> {
+    let contents = std::fs::read_to_string(path).map_err(|err| {
+        error(format!(
+            "{var}: cannot read {path:?}: {err}; check the path and its permissions"
+        ))
+    })?;
+    let password = contents
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&contents);
+    if password.is_empty() {
+        return Err(error(format!(
+            "{var}: {path:?} is empty; put the password in it"
+        )));
+    }
+    Ok(Secret::new(password.to_string()))
 }
 
 /// A request rate: a whole number from 1 to 1000.
@@ -1350,9 +1600,14 @@ mod tests {
         env
     }
 
+    fn first_url(config: &Config) -> String {
+        config.start_servers()[0].url.clone()
+    }
+
     fn run(argv: &[&str], env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let lookup = |name: &str| env.get(name).cloned();
-        match parse(&args(argv), &lookup)? {
+        let names: Vec<String> = env.keys().cloned().collect();
+        match parse_with_names(&args(argv), &lookup, &names)? {
             Invocation::Run(config) => Ok(config),
             other => panic!("expected a config, got {other:?}"),
         }
@@ -1387,7 +1642,7 @@ mod tests {
         assert_eq!(config.mattermost_url, "https://chat.example.com");
         assert_eq!(config.mattermost_token.expose(), TOKEN);
         assert_eq!(config.owner, "alice");
-        assert_eq!(config.opencode_url, "http://127.0.0.1:4096");
+        assert_eq!(first_url(&config), "http://127.0.0.1:4096");
         assert_eq!(config.opencode_username, "opencode");
         assert!(config.opencode_password.is_none());
         assert_eq!(
@@ -1413,7 +1668,7 @@ mod tests {
         let config = run_ok(&[], &env);
         assert_eq!(config.mattermost_url, "http://127.0.0.1:8065");
         assert_eq!(config.owner, "bob.smith");
-        assert_eq!(config.opencode_url, "http://10.0.0.2:5000");
+        assert_eq!(first_url(&config), "http://10.0.0.2:5000");
         assert_eq!(config.opencode_username, "me");
         assert_eq!(
             config.opencode_password.as_ref().map(Secret::expose),
@@ -1454,7 +1709,7 @@ mod tests {
         assert_eq!(config.mattermost_url, "https://mm.example.org");
         assert_eq!(config.mattermost_token.expose(), "tok");
         assert_eq!(config.owner, "carol");
-        assert_eq!(config.opencode_url, "https://oc.example.org");
+        assert_eq!(first_url(&config), "https://oc.example.org");
         assert_eq!(config.opencode_username, "u");
         assert_eq!(
             config.opencode_password.as_ref().map(Secret::expose),
@@ -1496,7 +1751,7 @@ mod tests {
             LogLevel::Debug,
             "empty falls through to the file"
         );
-        assert_eq!(config.opencode_url, "http://127.0.0.1:4096");
+        assert_eq!(first_url(&config), "http://127.0.0.1:4096");
         assert!(config.opencode_password.is_none());
         assert_eq!(config.command_prefix, "!");
     }
@@ -1563,7 +1818,7 @@ mod tests {
     #[test]
     fn opencode_url_keeps_api_paths() {
         let env = env_with(&[("OPENCODE_URL", Some("http://oc.local/api/v4/"))]);
-        assert_eq!(run_ok(&[], &env).opencode_url, "http://oc.local/api/v4");
+        assert_eq!(first_url(&run_ok(&[], &env)), "http://oc.local/api/v4");
     }
 
     #[test]
@@ -2252,7 +2507,7 @@ mod tests {
             "--help",
             "--version",
             "run",
-            "[default: http://127.0.0.1:4096]",
+            "[default: auto]",
             "[default: opencode]",
             "[default: !]",
             "[default: info]",
@@ -2267,6 +2522,117 @@ mod tests {
             "3    another opencode-mattermost already runs",
         ] {
             assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn several_servers_with_names_and_auto() {
+        let env = env_with(&[(
+            "OPENCODE_URL",
+            Some(" home=http://10.0.0.2:4096/ , http://build.lan:5000,auto,https://oc.example.org"),
+        )]);
+        let config = run_ok(&[], &env);
+        assert!(config.opencode_auto);
+        let listed: Vec<(&str, &str)> = config
+            .opencode_servers
+            .iter()
+            .map(|s| (s.name.as_str(), s.url.as_str()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("home", "http://10.0.0.2:4096"),
+                ("build.lan:5000", "http://build.lan:5000"),
+                ("oc.example.org:443", "https://oc.example.org"),
+            ]
+        );
+        let explicit = run_ok(&[], &env_with(&[("OPENCODE_URL", Some("a=http://h:1"))]));
+        assert!(!explicit.opencode_auto);
+        assert_eq!(explicit.start_servers().len(), 1);
+        let unset = run_ok(&[], &env_with(&[]));
+        assert!(unset.opencode_auto && unset.opencode_servers.is_empty());
+    }
+
+    #[test]
+    fn bad_server_entries_name_the_entry_and_the_fix() {
+        check_error_env(
+            &[("OPENCODE_URL", Some("a=http://h:1,a=http://h:2"))],
+            "OPENCODE_URL: the name \"a\" is given to http://h:1 and http://h:2; give each server its \
+             own name, like home=http://h:1 and build=http://h:2",
+        );
+        check_error_env(
+            &[("OPENCODE_URL", Some("http://h:1,b=http://h:1/"))],
+            "OPENCODE_URL: http://h:1 is listed twice (as h:1 and b); list each server once",
+        );
+        check_error_env(
+            &[("OPENCODE_URL", Some("Home=http://h:1"))],
+            "OPENCODE_URL: server name \"Home\" is not 1 to 20 of lower-case letters, digits and '-'; \
+             use a name like home or build-1",
+        );
+        check_error_env(
+            &[("OPENCODE_URL", Some("a-very-long-server-name=http://h:1"))],
+            "OPENCODE_URL: server name \"a-very-long-server-name\" is not 1 to 20 of lower-case \
+             letters, digits and '-'; use a name like home or build-1",
+        );
+        check_error_env(
+            &[("OPENCODE_URL", Some("home=h:1"))],
+            r#"OPENCODE_URL: "h:1" has no scheme; use http://h:1"#,
+        );
+        check_error_env(
+            &[("OPENCODE_URL", Some("http://h:1,,auto"))],
+            "OPENCODE_URL: entry 2 is empty; remove the extra comma",
+        );
+        check_error_env(
+            &[("OPENCODE_URL", Some("x=http://u:secret-pw@h:1"))],
+            "OPENCODE_URL must not contain a user name or password; use OPENCODE_SERVER_USERNAME and \
+             OPENCODE_SERVER_PASSWORD instead",
+        );
+        check_error_env(
+            &[
+                ("OPENCODE_URL", Some("home=http://h:1")),
+                ("OPENCODE_SERVER_PASSWORD_BUILD", Some("secret-pw")),
+            ],
+            "OPENCODE_SERVER_PASSWORD_BUILD: OPENCODE_URL names no such server (it has servers \
+             home); name the server in OPENCODE_URL as NAME=URL, or unset \
+             OPENCODE_SERVER_PASSWORD_BUILD",
+        );
+        check_error_env(
+            &[
+                ("OPENCODE_URL", Some("home=http://h:1")),
+                ("OPENCODE_SERVER_PASSWORD_HOME", Some("secret-pw")),
+                ("OPENCODE_SERVER_PASSWORD_HOME_FILE", Some("/nonexistent")),
+            ],
+            "OPENCODE_SERVER_PASSWORD_HOME and OPENCODE_SERVER_PASSWORD_HOME_FILE are both set; \
+             set only one of them",
+        );
+    }
+
+    #[test]
+    fn per_server_passwords_override_the_shared_one_and_stay_secret() {
+        let file = write_file("server-password", "pw", "file-secret-pw\n");
+        let env = env_with(&[
+            (
+                "OPENCODE_URL",
+                Some("home=http://h:1,build-1=http://h:2,http://h:3"),
+            ),
+            ("OPENCODE_SERVER_PASSWORD", Some("shared-secret-pw")),
+            ("OPENCODE_SERVER_PASSWORD_HOME", Some("home-secret-pw")),
+            ("OPENCODE_SERVER_PASSWORD_BUILD_1_FILE", Some(file.as_str())),
+        ]);
+        let config = run_ok(&[], &env);
+        let passwords: Vec<&str> = config
+            .opencode_servers
+            .iter()
+            .map(|s| config.password_for(s).unwrap().expose())
+            .collect();
+        assert_eq!(
+            passwords,
+            ["home-secret-pw", "file-secret-pw", "shared-secret-pw"]
+        );
+        let shown = format!("{config:?}");
+        for secret in ["home-secret-pw", "file-secret-pw", "shared-secret-pw"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+            assert!(config.secrets().iter().any(|s| s == secret));
         }
     }
 }

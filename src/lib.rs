@@ -173,25 +173,43 @@ fn bridge(
         identity.bot_username, identity.owner_username, identity.dm_channel_id
     );
 
-    let opencode = Arc::new(
-        OpenCodeClient::with_tls(
-            &config.opencode_url,
+    let mut servers = BTreeMap::new();
+    let entries = config.start_servers();
+    let only_one = entries.len() == 1;
+    for entry in entries {
+        let client = OpenCodeClient::with_tls(
+            &entry.url,
             &config.opencode_username,
-            config.opencode_password.as_ref(),
+            config.password_for(&entry),
             &tls,
         )
-        .with_api(config.opencode_api),
-    );
-    match opencode.health() {
-        Ok(version) => info!("opencode {version} at {}", config.opencode_url),
-        Err(opencode::rest::OcError::Unauthorized) => {
-            return Err(RunError::Config(format!(
-                "OPENCODE_SERVER_PASSWORD: {} rejected the credentials (401); set OPENCODE_SERVER_USERNAME and \
-                 OPENCODE_SERVER_PASSWORD to the values `opencode serve` runs with",
-                config.opencode_url
-            )));
+        .with_api(config.opencode_api)
+        .with_name(&entry.name);
+        // A server that refuses the password is a setting to fix, but only when it is the one
+        // server: with several, the others must keep working.
+        match client.health() {
+            Ok(version) => info!("opencode {version} at {} ({})", entry.url, entry.name),
+            Err(opencode::rest::OcError::Unauthorized) if only_one => {
+                return Err(RunError::Config(format!(
+                    "{}: {} rejected the credentials (401); set OPENCODE_SERVER_USERNAME and {} to the \
+                     values `opencode serve` runs with",
+                    password_var_named(&entry),
+                    entry.url,
+                    password_var_named(&entry),
+                )));
+            }
+            Err(e) => warn!(
+                "opencode {} ({}): {e}; will keep trying",
+                entry.name, entry.url
+            ),
         }
-        Err(e) => warn!("{e}; will keep trying"),
+        servers.insert(client.key.clone(), Arc::new(client));
+    }
+    if config.opencode_auto {
+        info!(
+            "opencode: OPENCODE_URL has auto; watching {}",
+            opencode_names(&servers)
+        );
     }
 
     // Bounded: a reader or worker waits when the router is behind; the router never sends to it.
@@ -210,11 +228,14 @@ fn bridge(
         let (out, stop) = (inputs_tx.clone(), readers_stopped.clone());
         move || mattermost::ws::run(ws_settings, out, ws_actions, stop)
     })?;
-    spawn_named("opencode-watch", {
-        let (client, out, stop) = (opencode.clone(), inputs_tx.clone(), readers_stopped.clone());
-        let heard = liveness.opencode.clone();
-        move || opencode::watch::run(client, out, stop, heard)
-    })?;
+    // One reader per server, so a slow or dead one never holds up another's events.
+    for client in servers.values() {
+        spawn_named(&format!("opencode-watch-{}", client.name), {
+            let (client, out, stop) = (client.clone(), inputs_tx.clone(), readers_stopped.clone());
+            let heard = liveness.opencode.clone();
+            move || opencode::watch::run(client, out, stop, heard)
+        })?;
+    }
     spawn_named("stop-forwarder", {
         let out = inputs_tx.clone();
         move || {
@@ -223,8 +244,6 @@ fn bridge(
         }
     })?;
 
-    let mut servers = BTreeMap::new();
-    servers.insert(opencode.key.clone(), opencode);
     // The router's REST calls run on these two threads, so it never waits on a server. Both end
     // when the router drops its senders.
     let (lookups, lookup_jobs) = crossbeam_channel::bounded(router::lookup::QUEUE);
@@ -258,6 +277,23 @@ fn bridge(
     });
     router.run(inputs, router::Shell { lookups, notices });
     Ok(())
+}
+
+/// The password variable that applies to `entry`: its own when set, else the shared one.
+fn password_var_named(entry: &config::ServerEntry) -> String {
+    if entry.password.is_some() {
+        config::password_var(&entry.name)
+    } else {
+        "OPENCODE_SERVER_PASSWORD".to_string()
+    }
+}
+
+fn opencode_names(servers: &BTreeMap<opencode::ServerKey, Arc<OpenCodeClient>>) -> String {
+    servers
+        .values()
+        .map(|c| format!("{} ({})", c.name, c.key.0))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Finds the bot, the owner and their DM channel, waiting out a Mattermost that is not up yet.

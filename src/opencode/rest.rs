@@ -104,6 +104,8 @@ impl From<ureq::Error> for OcError {
 
 pub struct OpenCodeClient {
     pub key: ServerKey,
+    /// What posts and `status` call it: OPENCODE_URL's `NAME`, else `host:port`.
+    pub name: String,
     base: String,
     authorization: Option<String>,
     agent: ureq::Agent,
@@ -140,6 +142,7 @@ impl OpenCodeClient {
     ) -> OpenCodeClient {
         OpenCodeClient {
             key: ServerKey(base_url.to_string()),
+            name: crate::config::default_server_name(base_url),
             base: base_url.to_string(),
             authorization: password.map(|p| http::basic_auth(username, p.expose())),
             agent: http::agent_with_tls(Duration::from_secs(30), tls),
@@ -157,6 +160,12 @@ impl OpenCodeClient {
         if api == ApiChoice::V2 {
             self.set_dialect(Dialect::V2);
         }
+        self
+    }
+
+    /// This client called `name` in posts and `status`.
+    pub fn with_name(mut self, name: &str) -> OpenCodeClient {
+        self.name = name.to_string();
         self
     }
 

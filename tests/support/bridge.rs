@@ -25,7 +25,12 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
         mattermost_url: mattermost.url(),
         mattermost_token: Secret::new(mattermost.bot().token),
         owner: mattermost.owner().username,
-        opencode_url: opencode_url.to_string(),
+        opencode_servers: vec![opencode_mattermost::config::ServerEntry {
+            name: opencode_mattermost::config::default_server_name(opencode_url),
+            url: opencode_url.to_string(),
+            password: None,
+        }],
+        opencode_auto: false,
         opencode_username: "opencode".into(),
         opencode_password: None,
         // In front of the v2 proxy the bridge is told v2 (as `OPENCODE_API=v2`); elsewhere, such as
