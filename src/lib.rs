@@ -205,6 +205,9 @@ fn bridge(
         }
         servers.insert(client.key.clone(), Arc::new(client));
     }
+    for client in servers.values() {
+        client.set_named(servers.len() > 1);
+    }
     if config.opencode_auto {
         info!(
             "opencode: OPENCODE_URL has auto; watching {}",

@@ -8,7 +8,8 @@ use crate::render::{format_cost, format_duration, format_tokens, truncate_chars}
 const REASONING_SUMMARY_CHARS: usize = 160;
 const TOOL_ARGUMENT_CHARS: usize = 80;
 
-pub fn root_post(info: &SessionInfo, prefix: &str) -> String {
+/// `server` is named (`🖥 NAME`) when the bridge follows more than one.
+pub fn root_post(info: &SessionInfo, prefix: &str, server: Option<&str>) -> String {
     let title = display_title(info);
     let project = info.project_name.clone().unwrap_or_else(|| {
         info.directory
@@ -22,9 +23,12 @@ pub fn root_post(info: &SessionInfo, prefix: &str) -> String {
     } else {
         format!("`{}` · ", info.slug)
     };
+    let server = server
+        .map(|name| format!(" · 🖥 {name}"))
+        .unwrap_or_default();
     format!(
         "#### 🧵 {title}\n\
-         {slug}id `{short}` · project **{project}**\n\
+         {slug}id `{short}` · project **{project}**{server}\n\
          📁 `{directory}`\n\
          🕒 started {started}\n\n\
          _Replies in this thread go to this session. `{prefix}help` here lists the thread commands and reactions._",
@@ -359,8 +363,11 @@ mod tests {
             created_ms: 1_795_329_245_123,
             ..SessionInfo::default()
         };
-        let root = root_post(&info, "!");
+        let root = root_post(&info, "!", None);
         assert!(root.starts_with("#### 🧵 neon eagle\n"), "{root}");
+        assert!(!root.contains("🖥"), "{root}");
+        let named = root_post(&info, "!", Some("build"));
+        assert!(named.contains("project **proj** · 🖥 build\n"), "{named}");
         assert!(root.contains("`neon-eagle`"));
         assert!(root.contains("id `GhIjKlMn`"), "{root}");
         assert!(root.contains("project **proj**"));

@@ -186,9 +186,8 @@ pub fn render_text(report: &Report) -> String {
     }
     for server in &report.opencode_api {
         text.push_str(&format!(
-            "  opencode    speaks {}
-",
-            server.api
+            "  opencode    {} speaks {}\n",
+            server.server, server.api
         ));
     }
     text.push_str(&format!("sessions: {}\n", report.sessions.len()));

@@ -106,6 +106,8 @@ pub struct OpenCodeClient {
     pub key: ServerKey,
     /// What posts and `status` call it: OPENCODE_URL's `NAME`, else `host:port`.
     pub name: String,
+    /// Set while the bridge follows more than one server: root posts then name this one.
+    named: std::sync::atomic::AtomicBool,
     base: String,
     authorization: Option<String>,
     agent: ureq::Agent,
@@ -143,6 +145,7 @@ impl OpenCodeClient {
         OpenCodeClient {
             key: ServerKey(base_url.to_string()),
             name: crate::config::default_server_name(base_url),
+            named: std::sync::atomic::AtomicBool::new(false),
             base: base_url.to_string(),
             authorization: password.map(|p| http::basic_auth(username, p.expose())),
             agent: http::agent_with_tls(Duration::from_secs(30), tls),
@@ -167,6 +170,19 @@ impl OpenCodeClient {
     pub fn with_name(mut self, name: &str) -> OpenCodeClient {
         self.name = name.to_string();
         self
+    }
+
+    /// Whether posts name this server (`🖥 NAME`): true while the bridge follows several.
+    pub fn set_named(&self, named: bool) {
+        self.named
+            .store(named, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The name root posts show, when they show one.
+    pub fn shown_name(&self) -> Option<&str> {
+        self.named
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then_some(self.name.as_str())
     }
 
     pub fn api(&self) -> ApiChoice {

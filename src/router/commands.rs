@@ -57,6 +57,10 @@ impl Router {
             match listed {
                 Ok(sessions) => {
                     for info in sessions {
+                        // Servers sharing a store list the same session: one of them owns it.
+                        if self.owner_of(&server, &info.id) != server {
+                            continue;
+                        }
                         let key = SessionKey {
                             server: server.clone(),
                             session_id: info.id.clone(),
@@ -73,7 +77,11 @@ impl Router {
             .filter(|(_, l)| l.info.parent_id.is_none())
             .map(|(k, l)| (k.clone(), l.info.clone()))
             .collect();
-        sessions.sort_by_key(|s| std::cmp::Reverse(s.1.updated_ms));
+        // Grouped by server (a no-op with one), most recently active first within each.
+        sessions.sort_by(|a, b| {
+            (&a.0.server, std::cmp::Reverse(a.1.updated_ms))
+                .cmp(&(&b.0.server, std::cmp::Reverse(b.1.updated_ms)))
+        });
         sessions
     }
 
@@ -93,7 +101,13 @@ impl Router {
         let prefix = self.command_prefix.clone();
         let mut lines = Vec::new();
         let hidden = sessions.len().saturating_sub(MAX_LISTED_SESSIONS);
+        let several = self.servers.len() > 1;
+        let mut heading: Option<&ServerKey> = None;
         for (key, info) in sessions.iter().take(MAX_LISTED_SESSIONS) {
+            if several && heading != Some(&key.server) {
+                heading = Some(&key.server);
+                lines.push(format!("🖥 **{}**", self.server_name(&key.server)));
+            }
             let status = match self.live.get(key).map(|l| l.status) {
                 Some(Status::Busy | Status::Retry) => "busy",
                 _ => "idle",
@@ -146,7 +160,7 @@ impl Router {
             }
             format!(
                 "**Sessions** ({})\n{}{hint}",
-                lines.len() + hidden,
+                lines.iter().filter(|l| l.starts_with("- ")).count() + hidden,
                 lines.join("\n")
             )
         };
@@ -163,6 +177,13 @@ impl Router {
         prompt: Option<String>,
     ) {
         let prefix = self.command_prefix.clone();
+        // `NAME:/dir` names the server; a default name has a colon of its own (`host:port`).
+        let (server, directory) = match directory.split_once(":/") {
+            Some((name, rest)) if !name.is_empty() && !name.contains('/') => {
+                (Some(name.to_string()), format!("/{rest}"))
+            }
+            _ => (None, directory),
+        };
         if !directory.starts_with('/') {
             self.reply(
                 "",
@@ -175,6 +196,7 @@ impl Router {
         }
         self.lookup(Lookup::NewSession {
             post_id: post_id.to_string(),
+            server,
             directory,
             title,
             prompt,

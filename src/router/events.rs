@@ -56,6 +56,8 @@ impl Router {
         let Some(session_id) = event.session_id().map(str::to_string) else {
             return;
         };
+        // A turn run by another server on the same store streams into the owner's one thread.
+        let server = self.owner_of(&server, &session_id);
         let key = SessionKey { server, session_id };
         crate::trace!(
             "[{}] event {}",
@@ -91,6 +93,37 @@ impl Router {
             return;
         }
         self.deliver(&key, SessionMsg::Event(event));
+    }
+
+    /// Which server a session belongs to when servers share a store and all list it: the one its
+    /// thread is recorded under, else the first that reported it. Prompts go there.
+    pub(super) fn owner_of(&self, server: &ServerKey, session_id: &str) -> ServerKey {
+        let key = |server: &ServerKey| SessionKey {
+            server: server.clone(),
+            session_id: session_id.to_string(),
+        };
+        if self.servers.len() < 2 {
+            return server.clone();
+        }
+        let recorded = |s: &ServerKey| self.record(&key(s)).is_some();
+        if recorded(server) {
+            return server.clone();
+        }
+        if let Some(other) = self.servers.keys().find(|s| recorded(s)) {
+            return other.clone();
+        }
+        let known = |s: &ServerKey| {
+            let k = key(s);
+            self.workers.contains_key(&k) || self.live.contains_key(&k)
+        };
+        if known(server) {
+            return server.clone();
+        }
+        self.servers
+            .keys()
+            .find(|s| known(s))
+            .unwrap_or(server)
+            .clone()
     }
 
     pub(super) fn learn(&mut self, key: &SessionKey, mut info: SessionInfo) {
@@ -140,6 +173,9 @@ impl Router {
         let mut updated_ms = HashMap::new();
         let mut present = HashSet::new();
         for info in sessions {
+            if self.owner_of(&server, &info.id) != server {
+                continue;
+            }
             let key = SessionKey {
                 server: server.clone(),
                 session_id: info.id.clone(),

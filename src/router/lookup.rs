@@ -45,9 +45,12 @@ pub enum Lookup {
     ConfirmGone { key: SessionKey, directory: String },
     /// Every server's sessions, for a DM command.
     ListSessions { then: Listing },
-    /// `!new`: check the directory and create the session on the (first) server.
+    /// `!new`: check the directory and create the session on the named server, else on the one
+    /// server that has the directory.
     NewSession {
         post_id: String,
+        /// `NAME` of `!new NAME:/dir`.
+        server: Option<String>,
         directory: String,
         title: Option<String>,
         prompt: Option<String>,
@@ -220,11 +223,12 @@ impl Lookups {
             },
             Lookup::NewSession {
                 post_id,
+                server,
                 directory,
                 title,
                 prompt,
             } => Found::NewSession {
-                created: self.new_session(&directory, title.as_deref()),
+                created: self.new_session(server.as_deref(), &directory, title.as_deref()),
                 post_id,
                 directory,
                 prompt,
@@ -309,28 +313,88 @@ impl Lookups {
 
     fn new_session(
         &self,
+        server: Option<&str>,
         directory: &str,
         title: Option<&str>,
     ) -> Result<(ServerKey, SessionInfo), String> {
-        let Some((server, client)) = self.servers.iter().next() else {
-            return Err("no OpenCode server is configured".to_string());
+        if self.servers.is_empty() {
+            return Err(
+                "⚠️ No OpenCode server is known yet, so no session was created.".to_string(),
+            );
+        }
+        let several = self.servers.len() > 1;
+        let names = || {
+            self.servers
+                .values()
+                .map(|c| format!("`{}`", c.name))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        match client.directory_exists(directory) {
-            Ok(true) => {}
-            Ok(false) => {
+        let candidates: Vec<&Arc<OpenCodeClient>> = match server {
+            Some(name) => match self.servers.values().find(|c| c.name == name) {
+                Some(client) => vec![client],
+                None => {
+                    return Err(format!(
+                        "❓ No OpenCode server is named `{name}`; the servers are {}.",
+                        names()
+                    ));
+                }
+            },
+            None => self.servers.values().collect(),
+        };
+        let mut having = Vec::new();
+        let mut failures = Vec::new();
+        for client in candidates {
+            match client.directory_exists(directory) {
+                Ok(true) => having.push(client),
+                Ok(false) => {}
+                Err(e) => failures.push(format!("{}: {e}", client.name)),
+            }
+        }
+        let on = |client: &OpenCodeClient| {
+            if several {
+                format!("on `{}`", client.name)
+            } else {
+                "on the OpenCode server".to_string()
+            }
+        };
+        let client = match having.as_slice() {
+            [one] => *one,
+            [] if !failures.is_empty() => {
                 return Err(format!(
-                    "❓ `{directory}` does not exist on the OpenCode server, so no session was created. \
+                    "⚠️ Could not check `{directory}` on the OpenCode server: {}",
+                    failures.join("; ")
+                ));
+            }
+            [] if server.is_some() || !several => {
+                let where_ = server
+                    .and_then(|name| self.servers.values().find(|c| c.name == name))
+                    .or_else(|| self.servers.values().next())
+                    .map(|c| on(c))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "❓ `{directory}` does not exist {where_}, so no session was created. \
                      Check the path, or create the directory first."
                 ));
             }
-            Err(e) => {
+            [] => {
                 return Err(format!(
-                    "⚠️ Could not check `{directory}` on the OpenCode server: {e}"
+                    "❓ `{directory}` exists on none of the OpenCode servers ({}), so no session \
+                     was created. Check the path, or create the directory first.",
+                    names()
                 ));
             }
-        }
+            many => {
+                let listed: Vec<String> = many.iter().map(|c| format!("`{}`", c.name)).collect();
+                return Err(format!(
+                    "❓ `{directory}` exists on {}; say which, like `new {}:{directory}`.",
+                    listed.join(" and "),
+                    many[0].name
+                ));
+            }
+        };
         match client.create_session(directory, title) {
-            Ok(info) => Ok((server.clone(), info)),
+            Ok(info) => Ok((client.key.clone(), info)),
             Err(e) => Err(format!("⚠️ Could not create the session: {e}")),
         }
     }

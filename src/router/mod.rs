@@ -633,6 +633,14 @@ impl Router {
             .record_thread(key, root_post_id, &channel_id, info, crate::log::now_ms());
     }
 
+    /// A server's name for posts: its OPENCODE_URL `NAME`, else `host:port`.
+    fn server_name(&self, server: &ServerKey) -> String {
+        self.servers
+            .get(server)
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| crate::config::default_server_name(&server.0))
+    }
+
     fn permalink(&self, post_id: &str) -> String {
         format!("{}/_redirect/pl/{post_id}", self.mattermost.base_url())
     }

@@ -155,9 +155,20 @@ fn main_dm_commands_become_look_ups_and_answers_become_notices() {
         fixture.posted(owner_post("p3", "", "!new /srv/app Fix it\nfirst prompt")),
         vec![Effect::Lookup(Lookup::NewSession {
             post_id: "p3".to_string(),
+            server: None,
             directory: "/srv/app".to_string(),
             title: Some("Fix it".to_string()),
             prompt: Some("first prompt".to_string()),
+        })]
+    );
+    assert_eq!(
+        fixture.posted(owner_post("p3b", "", "!new build-1:/srv/app")),
+        vec![Effect::Lookup(Lookup::NewSession {
+            post_id: "p3b".to_string(),
+            server: Some("build-1".to_string()),
+            directory: "/srv/app".to_string(),
+            title: None,
+            prompt: None,
         })]
     );
     // Decided without asking anyone.

@@ -310,7 +310,11 @@ impl Worker {
             recovery: recovery::Recovery::new(setup.delivery, setup.find_root_since),
             outage: Outage::default(),
             settle: Settle::default(),
-            root_text: reply::root_post(&setup.info, &setup.command_prefix),
+            root_text: reply::root_post(
+                &setup.info,
+                &setup.command_prefix,
+                setup.opencode.shown_name(),
+            ),
             key: setup.key,
             info: setup.info,
             channel_id: setup.channel_id,
@@ -794,7 +798,7 @@ impl Worker {
             info.project_name = self.info.project_name.clone();
         }
         self.info = info;
-        let root = reply::root_post(&self.info, &self.prefix);
+        let root = reply::root_post(&self.info, &self.prefix, self.opencode.shown_name());
         if root != self.root_text {
             self.root_text = root;
             if let Err(e) = self

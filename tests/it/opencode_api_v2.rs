@@ -544,7 +544,7 @@ fn status_says_which_api_the_bridge_speaks_and_why() {
     let world = v2_world();
     crate::e2e::wait_for("status to name the API", || {
         let (text, _) = opencode_mattermost::status::show(world.state.path(), false);
-        text.contains("opencode    speaks v2: OPENCODE_API=v2")
+        text.contains(" speaks v2: OPENCODE_API=v2")
     });
     let (json, _) = opencode_mattermost::status::show(world.state.path(), true);
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
