@@ -17,6 +17,7 @@ mod opencode_api;
 mod opencode_api_v2;
 mod properties;
 mod router_io;
+mod servers;
 mod static_binary;
 mod status;
 mod tls;

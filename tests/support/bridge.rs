@@ -58,6 +58,24 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
     }
 }
 
+/// `config` for several named servers: `(name, url)` each.
+pub fn config_for_servers(
+    mattermost: &FakeMattermost,
+    servers: &[(&str, String)],
+    state_dir: &Path,
+) -> Config {
+    let mut config = config(mattermost, &servers[0].1, state_dir);
+    config.opencode_servers = servers
+        .iter()
+        .map(|(name, url)| opencode_mattermost::config::ServerEntry {
+            name: name.to_string(),
+            url: url.clone(),
+            password: None,
+        })
+        .collect();
+    config
+}
+
 impl Bridge {
     pub fn start(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path) -> Bridge {
         Bridge::start_with(config(mattermost, opencode_url, state_dir))

@@ -336,6 +336,58 @@ impl OpenCode {
     }
 }
 
+impl OpenCode {
+    /// A second `opencode serve` on this one's `HOME` and data (one store, two processes), on its
+    /// own port, as two servers of one user on one machine are.
+    pub fn start_sharing(&self) -> OpenCode {
+        let binary = opencode_binary();
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let log = self.root.join(format!("server-sharing-{attempt}.log"));
+            let port = free_port();
+            let mut child = spawn_server(
+                &binary,
+                &self.root,
+                &self.project_dir,
+                port,
+                &log,
+                self.password.as_deref(),
+            );
+            let url = format!("http://127.0.0.1:{port}");
+            match wait_until_ready(&self.agent, &url, &mut child, self.authorization.as_deref()) {
+                Ok(()) => {
+                    let proxy = (dialect() == Dialect::V2).then(|| V2Proxy::start(&url));
+                    return OpenCode {
+                        proxy,
+                        child,
+                        url,
+                        root: self.root.clone(),
+                        // Its own (empty) temp dir: the shared one belongs to `self`.
+                        _temp: TempDir::new("opencode-sharing"),
+                        project_dir: self.project_dir.clone(),
+                        config: self.config.clone(),
+                        agent: self.agent.clone(),
+                        authorization: self.authorization.clone(),
+                        password: self.password.clone(),
+                        killed: false,
+                    };
+                }
+                Err(problem) => {
+                    kill_tree(&mut child);
+                    failures.push(format!(
+                        "attempt {attempt}: {problem}\n{}",
+                        tail(&log, 4000)
+                    ));
+                }
+            }
+        }
+        panic!(
+            "a second opencode serve did not start:\n{}",
+            failures.join("\n")
+        );
+    }
+}
+
 impl Drop for OpenCode {
     fn drop(&mut self) {
         // The fields drop after this, so the temp dir goes once nothing writes to it any more.

@@ -1,0 +1,242 @@
+//! Several OpenCode servers behind one bridge (issue 13): each session's thread names its server,
+//! prompts go to the server that has the session, one server's outage leaves the others alone, and
+//! servers sharing one store give a session one thread.
+
+use serde_json::{Value, json};
+
+use crate::e2e::{text, wait_for};
+use crate::support::bridge::{self, Bridge};
+use crate::support::llm::FakeLlm;
+use crate::support::mattermost::{FakeMattermost, Post};
+use crate::support::opencode::OpenCode;
+use crate::support::{SOON, TempDir};
+
+/// Fields drop in order: the bridge stops before the servers it talks to.
+struct Servers {
+    bridge: Option<Bridge>,
+    llm: FakeLlm,
+    home: OpenCode,
+    build: OpenCode,
+    mattermost: FakeMattermost,
+    state: TempDir,
+    dm: String,
+}
+
+impl Servers {
+    fn new(home: OpenCode, build: OpenCode, llm: FakeLlm) -> Servers {
+        let mattermost = FakeMattermost::start();
+        let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
+        Servers {
+            bridge: None,
+            llm,
+            home,
+            build,
+            mattermost,
+            state: TempDir::new("state"),
+            dm,
+        }
+    }
+
+    fn start_bridge(&mut self) {
+        let config = bridge::config_for_servers(
+            &self.mattermost,
+            &[
+                ("home", self.home.bridge_url()),
+                ("build", self.build.bridge_url()),
+            ],
+            self.state.path(),
+        );
+        self.bridge = Some(Bridge::start_with(config));
+    }
+
+    fn session_on(&self, server: &OpenCode, title: &str) -> String {
+        let session = server.create_session(server.project_dir(), Some(title));
+        session["id"].as_str().expect("session id").to_string()
+    }
+
+    fn roots_for(&self, session_id: &str) -> Vec<Post> {
+        self.mattermost
+            .posts_in(&self.dm)
+            .into_iter()
+            .filter(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == session_id)
+            .collect()
+    }
+
+    fn wait_root(&self, session_id: &str) -> Post {
+        let dm = self.dm.clone();
+        self.mattermost
+            .wait_until(SOON, |view| {
+                view.posts_in(&dm)
+                    .into_iter()
+                    .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == session_id)
+            })
+            .unwrap_or_else(|| panic!("no thread root for {session_id}"))
+    }
+
+    fn owner_says(&self, root_id: &str, message: &str) {
+        self.mattermost
+            .post_as(&self.mattermost.owner().id, &self.dm, root_id, message)
+            .expect("owner post accepted");
+    }
+
+    fn wait_bot_post(&self, root_id: &str, what: &str, f: impl Fn(&Post) -> bool) -> Post {
+        let bot = self.mattermost.bot().id;
+        let dm = self.dm.clone();
+        self.mattermost
+            .wait_until(SOON, |view| {
+                view.posts_in(&dm)
+                    .into_iter()
+                    .find(|p| p.user_id == bot && p.root_id == root_id && f(p))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no bot post {what} in {root_id:?}; posts: {:#?}",
+                    self.mattermost
+                        .posts_in(&self.dm)
+                        .iter()
+                        .map(|p| (&p.root_id, &p.message))
+                        .collect::<Vec<_>>()
+                )
+            })
+    }
+
+    /// Sends `prompt` in the thread and waits for its scripted answer there.
+    fn round_trip(&self, root: &Post, prompt: &str, answer: &str) {
+        self.llm.script(prompt, vec![vec![text(answer)]]);
+        self.owner_says(&root.id, prompt);
+        self.wait_bot_post(&root.id, "with the answer", |p| p.message.contains(answer));
+    }
+}
+
+/// True when `server` holds a user message with `needle` in session `id`.
+fn server_has_prompt(server: &OpenCode, id: &str, needle: &str) -> bool {
+    let messages = server.messages(id, server.project_dir());
+    messages
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["info"]["role"] == "user")
+        .any(|m| Value::to_string(&m["parts"]).contains(needle))
+}
+
+#[test]
+fn two_servers_each_session_names_its_server_and_an_outage_stays_with_its_server() {
+    let llm = FakeLlm::start();
+    let home = OpenCode::start(&llm, json!({}));
+    let build = OpenCode::start(&llm, json!({}));
+    let mut world = Servers::new(home, build, llm);
+    world.start_bridge();
+
+    let home_id = world.session_on(&world.home, "At home");
+    let build_id = world.session_on(&world.build, "On the build box");
+    let home_root = world.wait_root(&home_id);
+    let build_root = world.wait_root(&build_id);
+    assert!(
+        home_root.message.contains("🖥 home"),
+        "{}",
+        home_root.message
+    );
+    assert!(
+        build_root.message.contains("🖥 build"),
+        "{}",
+        build_root.message
+    );
+
+    world.round_trip(&home_root, "home question one", "home answer one");
+    world.round_trip(&build_root, "build question one", "build answer one");
+    assert!(server_has_prompt(
+        &world.home,
+        &home_id,
+        "home question one"
+    ));
+    assert!(server_has_prompt(
+        &world.build,
+        &build_id,
+        "build question one"
+    ));
+    assert!(!server_has_prompt(
+        &world.home,
+        &home_id,
+        "build question one"
+    ));
+
+    // `!sessions` groups by server.
+    world.owner_says("", "!sessions");
+    let listing = world.wait_bot_post("", "listing the sessions", |p| {
+        p.message.starts_with("**Sessions**")
+    });
+    let home_at = listing.message.find("🖥 **home**").expect("home heading");
+    let build_at = listing.message.find("🖥 **build**").expect("build heading");
+    let home_line = listing.message.find("At home").expect("home session");
+    let build_line = listing
+        .message
+        .find("On the build box")
+        .expect("build session");
+    assert!(
+        (build_at < build_line) && (home_at < home_line),
+        "{}",
+        listing.message
+    );
+
+    // One server down: the other keeps answering, and the down one's prompt waits for it.
+    world.build.kill();
+    world.round_trip(&home_root, "home question two", "home answer two");
+    world
+        .llm
+        .script("build question two", vec![vec![text("build answer two")]]);
+    world.owner_says(&build_root.id, "build question two");
+    world.build.restart();
+    world.wait_bot_post(&build_root.id, "with the answer after the restart", |p| {
+        p.message.contains("build answer two")
+    });
+    assert!(server_has_prompt(
+        &world.build,
+        &build_id,
+        "build question two"
+    ));
+    assert_eq!(world.roots_for(&home_id).len(), 1);
+    assert_eq!(world.roots_for(&build_id).len(), 1);
+}
+
+#[test]
+fn two_servers_on_one_home_give_a_session_one_thread() {
+    let llm = FakeLlm::start();
+    let home = OpenCode::start(&llm, json!({}));
+    let build = home.start_sharing();
+    let mut world = Servers::new(home, build, llm);
+    world.start_bridge();
+
+    let id = world.session_on(&world.home, "Shared store");
+    let root = world.wait_root(&id);
+    world.round_trip(&root, "shared question", "shared answer");
+
+    // A restart makes both servers list the session at once: still one thread, listed once.
+    world
+        .bridge
+        .take()
+        .expect("bridge")
+        .stop()
+        .expect("clean stop");
+    world.start_bridge();
+    world.owner_says("", "!sessions");
+    let listing = world.wait_bot_post("", "listing the sessions", |p| {
+        p.message.starts_with("**Sessions**")
+    });
+    assert_eq!(
+        listing.message.matches("Shared store").count(),
+        1,
+        "{}",
+        listing.message
+    );
+    world.round_trip(&root, "shared question two", "shared answer two");
+    wait_for("the answer to be posted once", || {
+        world
+            .mattermost
+            .thread(&root.id)
+            .iter()
+            .filter(|p| p.message.contains("shared answer two"))
+            .count()
+            == 1
+    });
+    assert_eq!(world.roots_for(&id).len(), 1);
+}
