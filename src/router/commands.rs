@@ -5,6 +5,20 @@ use super::*;
 impl Router {
     pub(super) fn on_dm_message(&mut self, post: &Post) {
         let prefix = self.command_prefix.clone();
+        if let Some(argument) = own_command(&post.message, &prefix, "use") {
+            match argument.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [query] => self.lookup(Lookup::ListSessions {
+                    then: Listing::Use {
+                        query: query.to_string(),
+                    },
+                }),
+                _ => self.reply(
+                    "",
+                    &format!("❓ `{prefix}use` needs one session: `{prefix}use <session>`"),
+                ),
+            }
+            return;
+        }
         let Some(command) = command::parse_dm(&post.message, &prefix) else {
             self.reply(
                 "",
@@ -93,7 +107,8 @@ impl Router {
         let sessions = self.all_sessions(lists);
         match then {
             Listing::Sessions { all } => self.list_sessions(all, &sessions),
-            Listing::Attach { query } => self.attach(&query, &sessions),
+            Listing::Attach { query } => self.attach(&query, &sessions, false),
+            Listing::Use { query } => self.attach(&query, &sessions, true),
         }
     }
 
@@ -165,6 +180,42 @@ impl Router {
             )
         };
         self.reply("", &text);
+    }
+
+    /// `!current` in a thread: which session, server and directory it is, and its state.
+    pub(super) fn current(&mut self, key: &SessionKey, root_id: &str) {
+        let live = self.live.get(key);
+        let record = self.record(key);
+        let title = live
+            .map(|l| display_title(&l.info))
+            .or_else(|| record.map(|r| r.title.clone()))
+            .unwrap_or_default();
+        let directory = live
+            .map(|l| l.info.directory.clone())
+            .or_else(|| record.map(|r| r.directory.clone()))
+            .unwrap_or_default();
+        let state = if record.is_some_and(|r| r.ended_ms.is_some()) {
+            "ended"
+        } else if self.down_since.contains_key(&key.server) {
+            "server unreachable"
+        } else {
+            match live.map(|l| l.status) {
+                Some(Status::Busy | Status::Retry) => "busy",
+                _ => "idle",
+            }
+        };
+        let text = format!(
+            "🧵 **{title}**\n\
+             - session `{}` (short `{}`)\n\
+             - server 🖥 {} (`{}`)\n\
+             - directory `{directory}`\n\
+             - state: {state}",
+            key.session_id,
+            short_id(&key.session_id),
+            self.server_name(&key.server),
+            key.server.0,
+        );
+        self.reply(root_id, &text);
     }
 
     /// `new <directory> [title]`: creates the session on the server (a look-up); its thread
@@ -292,7 +343,13 @@ impl Router {
         }
     }
 
-    pub(super) fn attach(&mut self, query: &str, sessions: &[(SessionKey, SessionInfo)]) {
+    /// `attach`, or with `linking` (`!use`) a plain link when the thread exists.
+    pub(super) fn attach(
+        &mut self,
+        query: &str,
+        sessions: &[(SessionKey, SessionInfo)],
+        linking: bool,
+    ) {
         let refs: Vec<SessionRef<'_>> = sessions
             .iter()
             .map(|(_, info)| SessionRef {
@@ -312,11 +369,12 @@ impl Router {
                     .filter_map(|&i| sessions.get(i))
                     .map(|(key, info)| {
                         format!(
-                            "- `{}` `{}` **{}** · `{}`",
+                            "- `{}` `{}` **{}** · `{}` · 🖥 {}",
                             short_id(&key.session_id),
                             info.slug,
                             truncate_chars(&display_title(info), 60),
-                            info.directory
+                            info.directory,
+                            self.server_name(&key.server)
                         )
                     })
                     .collect();
@@ -335,6 +393,12 @@ impl Router {
                 };
                 if let Some(record) = self.record(&key) {
                     let link = self.permalink(&record.root_post_id);
+                    if linking {
+                        let text =
+                            format!("🧵 **{}**: [open its thread]({link})", display_title(&info));
+                        self.reply("", &text);
+                        return;
+                    }
                     self.reply(
                         "",
                         &format!(
@@ -362,11 +426,21 @@ pub fn help_message(prefix: &str) -> String {
          **In this main DM:**\n\
          - `{prefix}sessions`: list sessions with their status and thread links (`{prefix}sessions all` includes ended ones)\n\
          - `{prefix}attach <session>`: give an existing session a thread\n\
-         - `{prefix}new <directory> [title]`: start a session in that directory (lines after the first are its first prompt)\n\
+         - `{prefix}new [server:]<directory> [title]`: start a session in that directory (lines after the first are its first prompt)\n\
+         - `{prefix}use <session>`: a link to the session's thread (made if it has none)\n\
          - `{prefix}help`: this message\n\n\
+         **In a thread**, `{prefix}current` names its session, server, directory and state.\n\n\
          A session can be named by its full id, its short id (the last 8 characters), its slug (such as `neon-eagle`), \
          or any unique start or end of its id."
     )
+}
+
+/// The argument of `prefix` + `name` when `text` is that command (any case), else None.
+pub(super) fn own_command<'t>(text: &'t str, prefix: &str, name: &str) -> Option<&'t str> {
+    let rest = text.trim().strip_prefix(prefix)?;
+    let word_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    let (word, argument) = rest.split_at(word_end);
+    word.eq_ignore_ascii_case(name).then(|| argument.trim())
 }
 
 /// The prompt a `new` command carried, sent once the session's thread exists.

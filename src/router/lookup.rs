@@ -72,8 +72,16 @@ pub enum Waiting {
 /// Which DM command a session listing answers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Listing {
-    Sessions { all: bool },
-    Attach { query: String },
+    Sessions {
+        all: bool,
+    },
+    Attach {
+        query: String,
+    },
+    /// `!use <session>`: a link to its thread, made first when it has none.
+    Use {
+        query: String,
+    },
 }
 
 /// A look-up's answer, back on the router.

@@ -443,6 +443,12 @@ impl Router {
     }
 
     fn reply_in_thread(&mut self, key: SessionKey, post: Post) {
+        if commands::own_command(&post.message, &self.command_prefix, "current")
+            .is_some_and(str::is_empty)
+        {
+            self.current(&key, &post.root_id);
+            return;
+        }
         if self.record(&key).is_some_and(|r| r.ended_ms.is_some()) {
             self.reply(
                 &post.root_id,

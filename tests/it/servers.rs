@@ -108,6 +108,11 @@ impl Servers {
     }
 }
 
+/// The short id the bridge shows: the last 8 characters.
+fn short(id: &str) -> &str {
+    &id[id.len() - 8..]
+}
+
 /// True when `server` holds a user message with `needle` in session `id`.
 fn server_has_prompt(server: &OpenCode, id: &str, needle: &str) -> bool {
     let messages = server.messages(id, server.project_dir());
@@ -125,6 +130,8 @@ fn two_servers_each_session_names_its_server_and_an_outage_stays_with_its_server
     let home = OpenCode::start(&llm, json!({}));
     let build = OpenCode::start(&llm, json!({}));
     let mut world = Servers::new(home, build, llm);
+    // From before the bridge's first start: it gets a thread only when asked (here by `!use`).
+    let old_id = world.session_on(&world.build, "Older work");
     world.start_bridge();
 
     let home_id = world.session_on(&world.home, "At home");
@@ -177,6 +184,37 @@ fn two_servers_each_session_names_its_server_and_an_outage_stays_with_its_server
         "{}",
         listing.message
     );
+
+    // `!use` links a thread, making it first when there is none; `!current` names the session.
+    world.owner_says("", &format!("!use {}", short(&build_id)));
+    world.wait_bot_post("", "linking the build thread", |p| {
+        p.message.contains("On the build box") && p.message.contains(&build_root.id)
+    });
+    assert!(world.roots_for(&old_id).is_empty());
+    world.owner_says("", &format!("!use {}", short(&old_id)));
+    let old_root = world.wait_root(&old_id);
+    assert!(old_root.message.contains("🖥 build"), "{}", old_root.message);
+    world.wait_bot_post("", "linking the new thread", |p| {
+        p.message.contains("Older work") && p.message.contains(&old_root.id)
+    });
+    world.owner_says(&home_root.id, "!current");
+    let current = world.wait_bot_post(&home_root.id, "answering !current", |p| {
+        p.message.contains(&home_id)
+    });
+    for needle in [
+        "At home",
+        &format!("`{}`", short(&home_id)),
+        "🖥 home",
+        &world.home.bridge_url(),
+        &world.home.project_dir().display().to_string(),
+        "state: idle",
+    ] {
+        assert!(
+            current.message.contains(needle),
+            "{needle:?} missing: {}",
+            current.message
+        );
+    }
 
     // One server down: the other keeps answering, and the down one's prompt waits for it.
     world.build.kill();
