@@ -205,9 +205,6 @@ fn bridge(
         }
         servers.insert(client.key.clone(), Arc::new(client));
     }
-    for client in servers.values() {
-        client.set_named(servers.len() > 1);
-    }
     if config.opencode_auto {
         info!(
             "opencode: OPENCODE_URL has auto; watching {}",
@@ -231,14 +228,6 @@ fn bridge(
         let (out, stop) = (inputs_tx.clone(), readers_stopped.clone());
         move || mattermost::ws::run(ws_settings, out, ws_actions, stop)
     })?;
-    // One reader per server, so a slow or dead one never holds up another's events.
-    for client in servers.values() {
-        spawn_named(&format!("opencode-watch-{}", client.name), {
-            let (client, out, stop) = (client.clone(), inputs_tx.clone(), readers_stopped.clone());
-            let heard = liveness.opencode.clone();
-            move || opencode::watch::run(client, out, stop, heard)
-        })?;
-    }
     spawn_named("stop-forwarder", {
         let out = inputs_tx.clone();
         move || {
@@ -249,12 +238,16 @@ fn bridge(
 
     // The router's REST calls run on these two threads, so it never waits on a server. Both end
     // when the router drops its senders.
+    let server_set = router::servers::ServerSet {
+        heard: liveness.opencode.clone(),
+        ..Default::default()
+    };
     let (lookups, lookup_jobs) = crossbeam_channel::bounded(router::lookup::QUEUE);
     spawn_named("lookup", {
         let lookup = router::lookup::Lookups {
             mattermost: mattermost.clone(),
             identity: identity.clone(),
-            servers: servers.clone(),
+            servers: server_set.shared.clone(),
         };
         let out = inputs_tx.clone();
         move || lookup.run(lookup_jobs, out)
@@ -278,6 +271,9 @@ fn bridge(
         inputs: inputs_tx,
         ready,
     });
+    // The router starts one reader per server (and per server found later), so a slow or dead
+    // one never holds up another's events.
+    let router = router.with_server_set(server_set);
     router.run(inputs, router::Shell { lookups, notices });
     Ok(())
 }

@@ -121,6 +121,13 @@ pub struct OpenCodeClient {
     last_probe: Mutex<Option<Probe>>,
 }
 
+/// Names the server only: the credentials stay out of logs.
+impl std::fmt::Debug for OpenCodeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OpenCodeClient({} at {})", self.name, self.base)
+    }
+}
+
 /// What `OpenCodeClient::probe` found: the dialect and, in words, why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probe {

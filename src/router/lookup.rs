@@ -139,10 +139,22 @@ pub struct Lookups {
     /// Gives up after a few attempts: a look-up answers late rather than never.
     pub mattermost: Arc<MattermostClient>,
     pub identity: Identity,
-    pub servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
+    /// The router's server set, which changes as servers are found or let go.
+    pub servers: SharedServers,
 }
 
+/// The servers the look-ups may call, written by the router when the set changes.
+pub type SharedServers = Arc<std::sync::RwLock<BTreeMap<ServerKey, Arc<OpenCodeClient>>>>;
+
 impl Lookups {
+    /// The server set as it is now.
+    fn servers(&self) -> BTreeMap<ServerKey, Arc<OpenCodeClient>> {
+        self.servers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Answers look-ups in order until the router drops its sender; answers go to `out`.
     pub fn run<T: From<Found>>(self, jobs: Receiver<Lookup>, out: Sender<T>) {
         for job in jobs {
@@ -204,7 +216,7 @@ impl Lookups {
                 post_id,
             },
             Lookup::ConfirmGone { key, directory } => {
-                let gone = self.servers.get(&key.server).is_some_and(|client| {
+                let gone = self.servers().get(&key.server).is_some_and(|client| {
                     matches!(
                         client.get_session(&key.session_id, &directory),
                         Err(OcError::SessionNotFound(_))
@@ -217,16 +229,7 @@ impl Lookups {
                 }
             }
             Lookup::ListSessions { then } => Found::Sessions {
-                lists: self
-                    .servers
-                    .iter()
-                    .map(|(server, client)| {
-                        (
-                            server.clone(),
-                            client.list_sessions().map_err(|e| e.to_string()),
-                        )
-                    })
-                    .collect(),
+                lists: list_all(&self.servers()),
                 then,
             },
             Lookup::NewSession {
@@ -304,7 +307,7 @@ impl Lookups {
         }
         let session_id = root.props.get("opencode_session_id")?.as_str()?;
         let server = ServerKey(root.props.get("opencode_server")?.as_str()?.to_string());
-        let client = self.servers.get(&server)?;
+        let client = self.servers().get(&server)?.clone();
         let key = SessionKey {
             server,
             session_id: session_id.to_string(),
@@ -325,21 +328,22 @@ impl Lookups {
         directory: &str,
         title: Option<&str>,
     ) -> Result<(ServerKey, SessionInfo), String> {
-        if self.servers.is_empty() {
+        let servers = self.servers();
+        if servers.is_empty() {
             return Err(
                 "⚠️ No OpenCode server is known yet, so no session was created.".to_string(),
             );
         }
-        let several = self.servers.len() > 1;
+        let several = servers.len() > 1;
         let names = || {
-            self.servers
+            servers
                 .values()
                 .map(|c| format!("`{}`", c.name))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
         let candidates: Vec<&Arc<OpenCodeClient>> = match server {
-            Some(name) => match self.servers.values().find(|c| c.name == name) {
+            Some(name) => match servers.values().find(|c| c.name == name) {
                 Some(client) => vec![client],
                 None => {
                     return Err(format!(
@@ -348,7 +352,7 @@ impl Lookups {
                     ));
                 }
             },
-            None => self.servers.values().collect(),
+            None => servers.values().collect(),
         };
         let mut having = Vec::new();
         let mut failures = Vec::new();
@@ -376,8 +380,8 @@ impl Lookups {
             }
             [] if server.is_some() || !several => {
                 let where_ = server
-                    .and_then(|name| self.servers.values().find(|c| c.name == name))
-                    .or_else(|| self.servers.values().next())
+                    .and_then(|name| servers.values().find(|c| c.name == name))
+                    .or_else(|| servers.values().next())
                     .map(|c| on(c))
                     .unwrap_or_default();
                 return Err(format!(
@@ -406,6 +410,47 @@ impl Lookups {
             Err(e) => Err(format!("⚠️ Could not create the session: {e}")),
         }
     }
+}
+
+/// Every server's session list, asked of all at once so a slow server delays only its own.
+fn list_all(
+    servers: &BTreeMap<ServerKey, Arc<OpenCodeClient>>,
+) -> Vec<(ServerKey, Result<Vec<SessionInfo>, String>)> {
+    if servers.len() < 2 {
+        return servers
+            .iter()
+            .map(|(key, client)| {
+                (
+                    key.clone(),
+                    client.list_sessions().map_err(|e| e.to_string()),
+                )
+            })
+            .collect();
+    }
+    std::thread::scope(|scope| {
+        let asked: Vec<_> = servers
+            .iter()
+            .map(|(key, client)| {
+                let listing = std::thread::Builder::new()
+                    .name(format!("lookup-{}", client.name))
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(scope, || client.list_sessions().map_err(|e| e.to_string()));
+                (key.clone(), listing)
+            })
+            .collect();
+        asked
+            .into_iter()
+            .map(|(key, listing)| {
+                let listed = match listing {
+                    Ok(handle) => handle
+                        .join()
+                        .unwrap_or_else(|_| Err("the listing panicked (a bug)".to_string())),
+                    Err(e) => Err(format!("cannot start a listing thread: {e}")),
+                };
+                (key, listed)
+            })
+            .collect()
+    })
 }
 
 /// Posts the router's own replies in the owner DM, in order, on the named `notices` thread.

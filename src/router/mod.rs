@@ -10,6 +10,7 @@ mod commands;
 mod events;
 pub mod lookup;
 pub mod registry;
+pub mod servers;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -60,6 +61,10 @@ pub enum Input {
     Mattermost(WsUpdate),
     OpenCode(ServerKey, WatchEvent),
     Session(Report),
+    /// A server to follow (found by discovery): its reader is started.
+    ServerAdded(Arc<OpenCodeClient>),
+    /// A server to let go (its process stopped): its threads wait for it.
+    ServerRemoved(ServerKey),
     /// A look-up's answer.
     Found(Found),
     /// The look-up queue was full: the look-up was not made.
@@ -109,6 +114,8 @@ pub struct Router {
     catchup_max_age: Duration,
     identity: Identity,
     servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
+    /// How the server set changes at run time (`servers.rs`).
+    server_set: servers::ServerSet,
     /// The persisted state and its indexes.
     registry: Registry,
     inputs: Sender<Input>,
@@ -205,6 +212,7 @@ impl Router {
             mattermost,
             identity,
             servers,
+            server_set: servers::ServerSet::default(),
             registry,
             inputs,
             live: HashMap::new(),
@@ -263,6 +271,8 @@ impl Router {
             Input::OpenCode(server, event) => self.on_opencode(server, event),
             Input::Session(report) => self.on_report(report),
             Input::Found(found) => self.on_found(found),
+            Input::ServerAdded(client) => self.add_server(client),
+            Input::ServerRemoved(server) => self.remove_server(&server),
             Input::Refused(lookup) => self.on_refused(lookup),
             Input::Stop => {}
         }
