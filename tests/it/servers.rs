@@ -278,3 +278,50 @@ fn two_servers_on_one_home_give_a_session_one_thread() {
     });
     assert_eq!(world.roots_for(&id).len(), 1);
 }
+
+/// Every bad OPENCODE_URL entry stops start-up with exit 2, naming the entry and the fix, and no
+/// password reaches the output (the process's own environment is what is checked, unlike the
+/// config unit tests).
+#[test]
+fn bad_opencode_url_entries_exit_2_naming_the_entry() {
+    use crate::cli::{Finish, command};
+    let state = TempDir::new("servers-cli");
+    // (OPENCODE_URL, another variable, what the message says)
+    type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a str);
+    let cases: [Case<'_>; 5] = [
+        (
+            "a=http://h:1,a=http://h:2",
+            None,
+            "the name \"a\" is given to",
+        ),
+        ("Home=http://h:1", None, "server name \"Home\""),
+        ("home=ftp://h:1", None, "use http:// or https://"),
+        (
+            "home=http://u:pw-in-url-77@h:1",
+            None,
+            "must not contain a user name or password",
+        ),
+        (
+            "home=http://h:1",
+            Some(("OPENCODE_SERVER_PASSWORD_BUILD", "pw-in-var-77")),
+            "OPENCODE_SERVER_PASSWORD_BUILD: OPENCODE_URL names no such server",
+        ),
+    ];
+    for (list, extra, expected) in cases {
+        let mut run = command(&state);
+        run.env("MATTERMOST_URL", "http://127.0.0.1:9")
+            .env("MATTERMOST_TOKEN", "sekrit-token-value")
+            .env("MATTERMOST_OWNER", "alice")
+            .env("OPENCODE_URL", list);
+        if let Some((name, value)) = extra {
+            run.env(name, value);
+        }
+        let output = run.finish();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{list}: {stderr}");
+        assert!(stderr.contains(expected), "{list}: {stderr}");
+        for secret in ["pw-in-url-77", "pw-in-var-77", "sekrit-token-value"] {
+            assert!(!stderr.contains(secret), "{secret} printed: {stderr}");
+        }
+    }
+}
