@@ -7,6 +7,7 @@ pub mod budget;
 pub mod check;
 pub mod command;
 pub mod config;
+pub mod discovery;
 pub mod files;
 pub mod heartbeat;
 pub mod http;
