@@ -187,7 +187,12 @@ fn bridge(
         .with_api(config.opencode_api)
         .with_name(&entry.name);
         // A server that refuses the password is a setting to fix, but only when it is the one
-        // server: with several, the others must keep working.
+        // server: with several, nothing waits on one of them (its reader reports it).
+        if !only_one {
+            info!("opencode: {} at {}", entry.name, entry.url);
+            servers.insert(client.key.clone(), Arc::new(client));
+            continue;
+        }
         match client.health() {
             Ok(version) => info!("opencode {version} at {} ({})", entry.url, entry.name),
             Err(opencode::rest::OcError::Unauthorized) if only_one => {

@@ -356,8 +356,13 @@ impl Lookups {
         };
         let mut having = Vec::new();
         let mut failures = Vec::new();
-        for client in candidates {
-            match client.directory_exists(directory) {
+        let answers = ask_all(&candidates, |client| {
+            client
+                .directory_exists(directory)
+                .map_err(|e| e.to_string())
+        });
+        for (client, answer) in candidates.into_iter().zip(answers) {
+            match answer {
                 Ok(true) => having.push(client),
                 Ok(false) => {}
                 Err(e) => failures.push(format!("{}: {e}", client.name)),
@@ -416,38 +421,39 @@ impl Lookups {
 fn list_all(
     servers: &BTreeMap<ServerKey, Arc<OpenCodeClient>>,
 ) -> Vec<(ServerKey, Result<Vec<SessionInfo>, String>)> {
-    if servers.len() < 2 {
-        return servers
-            .iter()
-            .map(|(key, client)| {
-                (
-                    key.clone(),
-                    client.list_sessions().map_err(|e| e.to_string()),
-                )
-            })
-            .collect();
+    let clients: Vec<&Arc<OpenCodeClient>> = servers.values().collect();
+    let lists = ask_all(&clients, |client| {
+        client.list_sessions().map_err(|e| e.to_string())
+    });
+    servers.keys().cloned().zip(lists).collect()
+}
+
+/// `ask` of every client at once (one scoped thread each when there are several), answers in order.
+fn ask_all<T: Send>(
+    clients: &[&Arc<OpenCodeClient>],
+    ask: impl Fn(&OpenCodeClient) -> Result<T, String> + Sync,
+) -> Vec<Result<T, String>> {
+    if clients.len() < 2 {
+        return clients.iter().map(|client| ask(client)).collect();
     }
+    let ask = &ask;
     std::thread::scope(|scope| {
-        let asked: Vec<_> = servers
+        let asked: Vec<_> = clients
             .iter()
-            .map(|(key, client)| {
-                let listing = std::thread::Builder::new()
+            .map(|client| {
+                std::thread::Builder::new()
                     .name(format!("lookup-{}", client.name))
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, || client.list_sessions().map_err(|e| e.to_string()));
-                (key.clone(), listing)
+                    .spawn_scoped(scope, move || ask(client))
             })
             .collect();
         asked
             .into_iter()
-            .map(|(key, listing)| {
-                let listed = match listing {
-                    Ok(handle) => handle
-                        .join()
-                        .unwrap_or_else(|_| Err("the listing panicked (a bug)".to_string())),
-                    Err(e) => Err(format!("cannot start a listing thread: {e}")),
-                };
-                (key, listed)
+            .map(|spawned| match spawned {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err("the request panicked (a bug)".to_string())),
+                Err(e) => Err(format!("cannot start a look-up thread: {e}")),
             })
             .collect()
     })
