@@ -478,3 +478,57 @@ fn a_reply_waiting_on_its_thread_look_up_is_on_disk_until_answered_and_recovered
     });
     assert!(on_disk().unresolved_posts.is_empty());
 }
+
+#[test]
+fn servers_sharing_a_store_give_a_session_one_owner() {
+    let mut fixture = Fixture::with(|state, server| open_record(state, server, "ses_a", "root-a"));
+    let first = fixture.server.clone();
+    let other = Arc::new(OpenCodeClient::new("http://127.0.0.1:10", "opencode", None));
+    let second = other.key.clone();
+    fixture.router.servers.insert(second.clone(), other);
+    let router = &mut fixture.router;
+    // Recorded under the first server: the second's listing of it is not a second session.
+    assert_eq!(router.owner_of(&second, "ses_a"), first);
+    // Unknown: whoever reports it first owns it.
+    assert_eq!(router.owner_of(&second, "ses_new"), second);
+    let info = |id: &str| SessionInfo {
+        id: id.to_string(),
+        directory: "/srv".to_string(),
+        ..SessionInfo::default()
+    };
+    router.reconcile(
+        second.clone(),
+        vec![info("ses_a"), info("ses_b")],
+        HashMap::new(),
+    );
+    assert_eq!(router.owner_of(&first, "ses_b"), second);
+    router.reconcile(
+        first.clone(),
+        vec![info("ses_a"), info("ses_b")],
+        HashMap::new(),
+    );
+    let keys: Vec<(String, String)> = router
+        .live
+        .keys()
+        .map(|k| (k.server.0.clone(), k.session_id.clone()))
+        .collect();
+    let mut keys = keys;
+    keys.sort();
+    let mut expected = vec![
+        (first.0.clone(), "ses_a".to_string()),
+        (second.0.clone(), "ses_b".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(keys, expected);
+}
+
+#[test]
+fn current_in_a_thread_names_the_session_and_its_server() {
+    let mut fixture =
+        Fixture::with(|state, server| open_record(state, server, "ses_abcdefgh12345678", "root-c"));
+    let effects = fixture.posted(owner_post("p1", "root-c", "!current"));
+    notice("root-c", "`ses_abcdefgh12345678`", &effects);
+    notice("root-c", "short `12345678`", &effects);
+    notice("root-c", "🖥 127.0.0.1:9", &effects);
+    notice("root-c", "state: idle", &effects);
+}
