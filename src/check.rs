@@ -353,7 +353,12 @@ fn check_server(
                 "auth",
                 format!(
                     "{url} rejected the credentials (401); set OPENCODE_SERVER_USERNAME and \
-                     OPENCODE_SERVER_PASSWORD to the values `opencode serve` runs with"
+                     {} to the values `opencode serve` runs with",
+                    if server.password.is_some() {
+                        crate::config::password_var(&server.name)
+                    } else {
+                        "OPENCODE_SERVER_PASSWORD".to_string()
+                    }
                 ),
             );
         }
