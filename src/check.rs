@@ -296,7 +296,38 @@ fn server_list(config: &Config) -> String {
 
 /// One `opencode` and one `auth` line per server, each naming it when there are several.
 fn check_opencode(config: &Config, tls: &Tls, emit: &mut Emit<'_>) {
-    let servers = config.start_servers();
+    let mut servers = config.start_servers();
+    if config.opencode_auto {
+        let scan = crate::discovery::proc_scanner().map(|scan| scan());
+        for (_, port) in scan.iter().flat_map(|s| s.listeners.iter()) {
+            let url = format!("http://127.0.0.1:{port}");
+            if !servers.iter().any(|s| s.url == url) {
+                servers.push(crate::config::ServerEntry {
+                    name: crate::config::default_server_name(&url),
+                    url,
+                    password: None,
+                });
+            }
+        }
+        if servers.is_empty() {
+            let hidden = if scan.is_some_and(|s| s.hidden) {
+                " (other processes' /proc entries are hidden here)"
+            } else {
+                ""
+            };
+            emit(
+                Outcome::Fail,
+                "opencode",
+                format!(
+                    "OPENCODE_URL=auto found no OpenCode of this user listening on a loopback \
+                     port{hidden}; start `opencode serve --port 4096`, or set OPENCODE_URL to where \
+                     it listens"
+                ),
+            );
+            emit(Outcome::Skipped, "auth", "skipped: needs OpenCode".into());
+            return;
+        }
+    }
     let several = servers.len() > 1;
     for server in &servers {
         if several {

@@ -132,18 +132,9 @@ impl Config {
         server.password.as_ref().or(self.opencode_password.as_ref())
     }
 
-    /// The servers to call at start: OPENCODE_URL's list, and with `auto` the usual local address
-    /// `opencode serve` listens on when nothing else names it (found ones are added at run time).
+    /// The servers to call at start: OPENCODE_URL's list (those `auto` finds come at run time).
     pub fn start_servers(&self) -> Vec<ServerEntry> {
-        let mut servers = self.opencode_servers.clone();
-        if self.opencode_auto && !servers.iter().any(|s| s.url == DEFAULT_OPENCODE_URL) {
-            servers.push(ServerEntry {
-                name: default_server_name(DEFAULT_OPENCODE_URL),
-                url: DEFAULT_OPENCODE_URL.to_string(),
-                password: None,
-            });
-        }
-        servers
+        self.opencode_servers.clone()
     }
 }
 
@@ -1601,7 +1592,10 @@ mod tests {
     }
 
     fn first_url(config: &Config) -> String {
-        config.start_servers()[0].url.clone()
+        match config.start_servers().first() {
+            Some(server) => server.url.clone(),
+            None => "auto".to_string(),
+        }
     }
 
     fn run(argv: &[&str], env: &HashMap<String, String>) -> Result<Config, ConfigError> {
@@ -1642,7 +1636,7 @@ mod tests {
         assert_eq!(config.mattermost_url, "https://chat.example.com");
         assert_eq!(config.mattermost_token.expose(), TOKEN);
         assert_eq!(config.owner, "alice");
-        assert_eq!(first_url(&config), "http://127.0.0.1:4096");
+        assert_eq!(first_url(&config), "auto");
         assert_eq!(config.opencode_username, "opencode");
         assert!(config.opencode_password.is_none());
         assert_eq!(
@@ -1751,7 +1745,7 @@ mod tests {
             LogLevel::Debug,
             "empty falls through to the file"
         );
-        assert_eq!(first_url(&config), "http://127.0.0.1:4096");
+        assert_eq!(first_url(&config), "auto");
         assert!(config.opencode_password.is_none());
         assert_eq!(config.command_prefix, "!");
     }

@@ -111,10 +111,18 @@ pub fn spawn(
         .map(drop)
 }
 
-/// This process's user id, which discovered processes must share (read from `/proc/self`).
-pub fn own_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+/// The `/proc` scan of `opencode::discover` for this process's user, as a `Scan`; None when
+/// `/proc/self` cannot be read (no procfs), so nothing can be found.
+pub fn proc_scanner() -> Option<impl Fn() -> Scan + Send + 'static> {
+    let proc_root = std::path::Path::new("/proc");
+    let uid = crate::opencode::discover::own_uid(proc_root)?;
+    Some(move || {
+        let found = crate::opencode::discover::loopback_listeners(proc_root, uid);
+        Scan {
+            listeners: found.listeners.iter().map(|l| (l.pid, l.port)).collect(),
+            hidden: found.hidden,
+        }
+    })
 }
 
 fn url_of(port: u16) -> String {

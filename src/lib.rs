@@ -224,7 +224,7 @@ fn bridge(
     let ws_settings = mattermost::ws::WsSettings {
         base_url: config.mattermost_url.clone(),
         authorization: mattermost.authorization().to_string(),
-        tls,
+        tls: tls.clone(),
         heard: liveness.mattermost.clone(),
     };
     // Typing indicators go out over the websocket; bounded because they are worthless once late.
@@ -234,6 +234,22 @@ fn bridge(
         let (out, stop) = (inputs_tx.clone(), readers_stopped.clone());
         move || mattermost::ws::run(ws_settings, out, ws_actions, stop)
     })?;
+    if config.opencode_auto {
+        match discovery::proc_scanner() {
+            Some(scan) => discovery::spawn(
+                &config,
+                &tls,
+                scan,
+                inputs_tx.clone(),
+                readers_stopped.clone(),
+            )
+            .map_err(|e| RunError::Fatal(format!("cannot start thread discovery: {e}")))?,
+            None => warn!(
+                "discovery: /proc/self is not readable, so OPENCODE_URL=auto finds nothing; name the \
+                 servers in OPENCODE_URL"
+            ),
+        }
+    }
     spawn_named("stop-forwarder", {
         let out = inputs_tx.clone();
         move || {

@@ -329,3 +329,29 @@ fn bad_opencode_url_entries_exit_2_naming_the_entry() {
         }
     }
 }
+
+/// `auto`: an `opencode serve` started after the bridge is found in `/proc` and followed; a session
+/// made there gets its thread.
+#[test]
+fn auto_finds_a_server_started_after_the_bridge() {
+    let llm = FakeLlm::start();
+    let mattermost = FakeMattermost::start();
+    let dm = mattermost.dm_channel(&mattermost.bot().id, &mattermost.owner().id);
+    let state = TempDir::new("state");
+    let mut config = bridge::config(&mattermost, "http://127.0.0.1:9", state.path());
+    config.opencode_servers.clear();
+    config.opencode_auto = true;
+    let bridge = Bridge::start_with(config);
+    let server = OpenCode::start(&llm, json!({}));
+    let session = server.create_session(server.project_dir(), Some("Found by auto"));
+    let id = session["id"].as_str().expect("session id").to_string();
+    let root = mattermost
+        .wait_until(SOON, |view| {
+            view.posts_in(&dm)
+                .into_iter()
+                .find(|p| p.root_id.is_empty() && p.props["opencode_session_id"] == id.as_str())
+        })
+        .expect("a thread for the session on the discovered server");
+    assert!(root.message.contains("Found by auto"), "{}", root.message);
+    drop(bridge);
+}
