@@ -11,7 +11,7 @@ STATIC_BINARY := target/$(STATIC_TARGET)/release/opencode-mattermost
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 OPENCODE_BIN_CMD = OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)"
 
-.PHONY: build release static static-check demo test test-v1 test-v2 lint run opencode clean fuzz bench
+.PHONY: build release static static-check demo test test-v1 test-v2 lint run install opencode clean fuzz bench
 
 build:
 	$(CARGO) build
@@ -90,6 +90,21 @@ lint:
 # Runs the bridge with the settings from the environment (or ENV_FILE=path).
 run: release
 	./target/release/opencode-mattermost run $(if $(ENV_FILE),--env-file $(ENV_FILE))
+
+# Installs the static binary into $(PREFIX)/bin, the systemd units into $(UNITDIR), and the example
+# settings as /etc/opencode-mattermost.env (mode 0600) unless that file exists. DESTDIR stages it.
+PREFIX ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+ENV_TARGET := $(DESTDIR)/etc/opencode-mattermost.env
+install: static
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc
+	install -m 0755 $(STATIC_BINARY) $(DESTDIR)$(PREFIX)/bin/opencode-mattermost
+	sed 's#/usr/local/bin/opencode-mattermost#$(PREFIX)/bin/opencode-mattermost#' contrib/opencode-mattermost.service \
+		> $(DESTDIR)$(UNITDIR)/opencode-mattermost.service
+	install -m 0644 contrib/opencode-serve.service $(DESTDIR)$(UNITDIR)/
+	@if [ -e $(ENV_TARGET) ]; then echo "kept $(ENV_TARGET)"; \
+	else install -m 0600 contrib/opencode-mattermost.env.example $(ENV_TARGET) && echo "edit $(ENV_TARGET)"; fi
+	@echo "then: systemctl daemon-reload && systemctl enable --now opencode-mattermost"
 
 clean:
 	$(CARGO) clean
