@@ -215,14 +215,15 @@ where
         .spawn(move || {
             let key = setup.key.clone();
             let reports_for_worker = reports.clone();
-            let worker = Worker::new(
+            // Boxed: the thread's resident stack then holds a pointer, not copies of the worker.
+            let worker = Box::new(Worker::new(
                 setup,
                 worker_id,
                 mailbox,
                 Box::new(move |r: Report| {
                     let _ = reports_for_worker.send(T::from(r));
                 }),
-            );
+            ));
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
                 worker.run();
             }));
@@ -336,7 +337,7 @@ impl Worker {
         short_id(&self.key.session_id)
     }
 
-    fn run(mut self) {
+    fn run(mut self: Box<Self>) {
         let recorded = !self.root_post_id.is_empty();
         self.recovery.took_over = recorded;
         if !recorded && !self.create_root() {
