@@ -614,6 +614,9 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
     decoder.resume_after(session_id, after);
     let mut turns = Vec::new();
     let mut messages: Vec<LoggedMessage> = Vec::new();
+    // The turn's first user message: v2 steps name no parent, and the reply's posts are keyed by
+    // it (a reply begun before a restart is continued, not posted again).
+    let mut prompt: Option<String> = None;
     for item in items {
         let envelopes = match decoder.decode_value(item) {
             Ok(envelopes) => envelopes,
@@ -627,7 +630,14 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
                 continue;
             }
             match envelope.event {
-                Event::MessageUpdated { message, .. } => {
+                Event::MessageUpdated { mut message, .. } => {
+                    match message.role {
+                        Role::User if prompt.is_none() => prompt = Some(message.id.clone()),
+                        Role::Assistant if message.parent_id.is_none() => {
+                            message.parent_id = prompt.clone();
+                        }
+                        _ => {}
+                    }
                     match messages.iter_mut().find(|(m, _)| m.id == message.id) {
                         Some((stored, _)) => *stored = message,
                         None => messages.push((message, Vec::new())),
@@ -644,6 +654,7 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
                     }
                 }
                 Event::SessionIdle { .. } if !messages.is_empty() => {
+                    prompt = None;
                     turns.push(LoggedTurn {
                         messages: std::mem::take(&mut messages),
                         end_seq: envelope.seq.map_or(after, |s| s.get()),
@@ -780,6 +791,11 @@ mod tests {
         let (answer, parts) = &turns[0].messages[1];
         assert!(answer.completed_ms.is_some());
         assert_eq!(parts[0].body, PartBody::Text("Hello world.".into()));
+        // Its prompt, which keys the reply's posts: a reply begun before a restart is found by it.
+        assert_eq!(
+            answer.parent_id.as_deref(),
+            Some("msg_dbe2000000001abcdefghijklm")
+        );
         // Delivered up to its end: nothing follows. A log cut before the end: no turn yet.
         assert!(ended_turns(session, 6, &items).is_empty());
         assert!(ended_turns(session, 0, &items[..5]).is_empty());
