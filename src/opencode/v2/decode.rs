@@ -608,7 +608,9 @@ pub struct LoggedTurn {
 
 /// The turns that ended in `items` (a session's durable log, oldest first) after `after`, each
 /// once, in order; a turn still running at the end of the log is left out (it is streamed live).
-/// Events repeated or out of order are skipped by the durable decoder.
+/// Events repeated or out of order are skipped by the durable decoder. A turn that stopped with no
+/// end event (a bare permission rejection halts one so on 1.18.33) ends where the next prompt
+/// begins, so it is neither merged into the next turn nor makes that turn's prompt its own.
 pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedTurn> {
     let mut decoder = V2Decoder::durable();
     decoder.resume_after(session_id, after);
@@ -617,6 +619,7 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
     // The turn's first user message: v2 steps name no parent, and the reply's posts are keyed by
     // it (a reply begun before a restart is continued, not posted again).
     let mut prompt: Option<String> = None;
+    let mut last_seq = after;
     for item in items {
         let envelopes = match decoder.decode_value(item) {
             Ok(envelopes) => envelopes,
@@ -629,8 +632,23 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
             if envelope.event.session_id() != Some(session_id) {
                 continue;
             }
+            let seq = envelope.seq.map_or(last_seq, |s| s.get());
+            // A halted turn ends at its own last event, not at the next prompt's admission.
+            let counts = !matches!(envelope.event, Event::Other { .. });
+            let halted = |messages: &[LoggedMessage]| {
+                messages.iter().any(|(m, _)| {
+                    m.role == Role::Assistant && m.completed_ms.is_none() && m.error.is_none()
+                })
+            };
             match envelope.event {
                 Event::MessageUpdated { mut message, .. } => {
+                    if message.role == Role::User && halted(&messages) {
+                        prompt = None;
+                        turns.push(LoggedTurn {
+                            messages: std::mem::take(&mut messages),
+                            end_seq: last_seq,
+                        });
+                    }
                     match message.role {
                         Role::User if prompt.is_none() => prompt = Some(message.id.clone()),
                         Role::Assistant if message.parent_id.is_none() => {
@@ -657,10 +675,13 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
                     prompt = None;
                     turns.push(LoggedTurn {
                         messages: std::mem::take(&mut messages),
-                        end_seq: envelope.seq.map_or(after, |s| s.get()),
+                        end_seq: seq,
                     });
                 }
                 _ => {}
+            }
+            if counts {
+                last_seq = seq;
             }
         }
     }
@@ -799,6 +820,61 @@ mod tests {
         // Delivered up to its end: nothing follows. A log cut before the end: no turn yet.
         assert!(ended_turns(session, 6, &items).is_empty());
         assert!(ended_turns(session, 0, &items[..5]).is_empty());
+    }
+
+    /// The recorded log of a turn halted by a bare rejection (seq 1–7), then a later turn of the
+    /// same session (the `a-text` recording, renumbered 8–13).
+    fn halted_then_answered() -> (String, Vec<Value>) {
+        let read = |name: &str| -> Vec<Value> {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/v2")
+                .join(format!("{name}.history.json"));
+            let text = std::fs::read_to_string(path).expect("fixture");
+            let history: Value = serde_json::from_str(&text).expect("JSON");
+            history["data"].as_array().expect("data").clone()
+        };
+        let mut items = read("h-rejected");
+        let session = items[0]["durable"]["aggregateID"]
+            .as_str()
+            .expect("session")
+            .to_string();
+        let offset = items.len() as u64;
+        for mut item in read("a-text") {
+            let seq = item["durable"]["seq"].as_u64().expect("seq");
+            item["durable"]["seq"] = json!(seq + offset);
+            item["data"]["sessionID"] = json!(session);
+            items.push(item);
+        }
+        (session, items)
+    }
+
+    #[test]
+    fn a_turn_halted_without_an_end_event_ends_where_the_next_prompt_begins() {
+        let (session, items) = halted_then_answered();
+        let turns = ended_turns(&session, 0, &items);
+        assert_eq!(turns.len(), 2, "{turns:?}");
+        assert_eq!(turns[0].end_seq, 7);
+        assert_eq!(turns[1].end_seq, 13);
+        // Each turn keyed by its own prompt: the halted one's messages are not in the next.
+        let prompts: Vec<Vec<Option<String>>> = turns
+            .iter()
+            .map(|t| {
+                t.messages
+                    .iter()
+                    .map(|(m, _)| m.parent_id.clone())
+                    .collect()
+            })
+            .collect();
+        let first_user = &turns[0].messages[0].0.id;
+        let second_user = &turns[1].messages[0].0.id;
+        assert_ne!(first_user, second_user);
+        assert_eq!(prompts[0][1].as_ref(), Some(first_user));
+        assert_eq!(turns[1].messages.len(), 2);
+        assert_eq!(prompts[1][1].as_ref(), Some(second_user));
+        // Until the next prompt, the halted turn is not known to have ended.
+        assert!(ended_turns(&session, 0, &items[..7]).is_empty());
+        // Delivered past it: only the later turn.
+        assert_eq!(ended_turns(&session, 7, &items).len(), 1);
     }
 
     #[test]
