@@ -877,6 +877,103 @@ mod tests {
         assert_eq!(ended_turns(&session, 7, &items).len(), 1);
     }
 
+    /// Issue 12's bad input in one durable stream: an unknown `session.next.*` type, an event
+    /// without `seq`, a `seq` gone backwards, and a log that ends mid-event. Each is skipped and
+    /// logged once, nothing is delivered twice, and the next prompt's turn still arrives.
+    #[test]
+    fn bad_input_in_the_log_is_skipped_logged_once_and_the_next_turn_still_delivered() {
+        let session = "ses_dbe209d60ffeARMigCctWJcK6p";
+        // The durable log has the live stream's events but its deltas.
+        let first: Vec<Value> = RECORDED_TURN
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e.get("durable").is_some())
+            .collect();
+        // The next prompt's turn after an unknown event (seq 7): the same events renumbered 8–13,
+        // with their own ids and text.
+        let second: Vec<Value> = first
+            .iter()
+            .map(|event| {
+                let text = event.to_string().replace("Hello world.", "Second answer.");
+                let text = text.replace("msg_dbe2000000001", "msg_dbe2000000002");
+                let text = text.replace("msg_241df7f93001", "msg_241df7f93002");
+                let mut event: Value = serde_json::from_str(&text).unwrap();
+                if let Some(seq) = event.pointer("/durable/seq").and_then(Value::as_u64) {
+                    event["durable"]["seq"] = json!(seq + 7);
+                }
+                event
+            })
+            .collect();
+        let unknown = json!({"type": "session.next.telepathy", "durable": {"seq": 7},
+            "data": {"sessionID": session}});
+        let no_seq = json!({"type": "session.next.text.ended",
+            "data": {"sessionID": session, "assistantMessageID": "msg_x", "textID": "t", "text": "stray"}});
+        let rewound = first
+            .iter()
+            .find(|e| e["type"] == "session.next.text.ended")
+            .cloned()
+            .expect("text.ended");
+        let mut stream = String::new();
+        let mut push = |event: &Value| stream.push_str(&format!("data: {event}\n\n"));
+        first.iter().for_each(&mut push);
+        for bad in [&unknown, &unknown, &no_seq, &no_seq, &rewound, &rewound] {
+            push(bad);
+        }
+        second.iter().for_each(&mut push);
+        // The log ends in the middle of one more event.
+        let cut = format!("data: {}", &TOOL_CALLED[..60]);
+        stream.push_str(&cut);
+
+        let mut decoder = V2Decoder::durable();
+        let mut parser = crate::opencode::sse::SseParser::new(1 << 20);
+        let mut events = Vec::new();
+        for sse in parser.feed(stream.as_bytes()) {
+            events.extend(decoder.decode(&sse.data).expect("whole events decode"));
+        }
+        let texts: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::PartUpdated { part, .. } => match &part.body {
+                    PartBody::Text(t) if !t.is_empty() => Some(t.as_str()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts, ["Hello world.", "Second answer."]);
+        let prompts: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::MessageUpdated { message, .. } if message.role == Role::User => {
+                    Some(message.id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            prompts,
+            [
+                "msg_dbe2000000001abcdefghijklm",
+                "msg_dbe2000000002abcdefghijklm"
+            ]
+        );
+        let ends = events
+            .iter()
+            .filter(|e| matches!(e.event, Event::SessionIdle { .. }))
+            .count();
+        assert_eq!(ends, 2);
+        assert_eq!(decoder.last_seq(session), Some(13));
+        // Logged once each: the unknown type, the missing seq, the rewound seq.
+        assert_eq!(decoder.logged.len(), 3, "{:?}", decoder.logged);
+        // The cut event was never delivered; the log read again from the position delivers only
+        // what is new.
+        let mut again = Vec::new();
+        for sse in crate::opencode::sse::SseParser::new(1 << 20).feed(stream.as_bytes()) {
+            again.extend(decoder.decode(&sse.data).expect("decodes"));
+        }
+        assert!(again.is_empty(), "{again:?}");
+    }
+
     #[test]
     fn a_tool_call_keeps_its_command_from_called_to_success() {
         let mut decoder = V2Decoder::live();
