@@ -77,7 +77,10 @@ impl Worker {
             );
             return self.prompt(post_id, text, Vec::new(), false);
         }
-        match self.send_steer(&post_id, text) {
+        // Sent or refused (and said so), it is no longer owed.
+        let sent = self.send_steer(&post_id, text);
+        self.prompt_done(&post_id);
+        match sent {
             Ok(()) => {
                 self.post_notice(
                     "↪️ Sent into the running turn; the agent reads it when its current step ends.",

@@ -543,6 +543,13 @@ impl Worker {
                     self.prompt_done(&post_id);
                     return true;
                 }
+                // An owed `!steer` comes back as its post's text.
+                if recovered_since_ms.is_some()
+                    && let Some(ThreadCommand::Steer { text }) =
+                        crate::command::parse_thread(&text, &self.prefix)
+                {
+                    return self.steer(post_id, text);
+                }
                 return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
             SessionMsg::Command {
