@@ -452,10 +452,16 @@ impl Router {
         }
         let root_id = post.root_id.clone();
         let message = match command::parse_thread(&post.message, &self.command_prefix) {
-            Some(command) => SessionMsg::Command {
-                post_id: post.id,
-                command,
-            },
+            Some(command) => {
+                // `!steer` is a prompt too: owed until its worker hands it to OpenCode.
+                if matches!(command, command::ThreadCommand::Steer { .. }) {
+                    self.owe_prompt(&key, &post);
+                }
+                SessionMsg::Command {
+                    post_id: post.id,
+                    command,
+                }
+            }
             None => {
                 self.owe_prompt(&key, &post);
                 prompt_of(post)

@@ -289,6 +289,11 @@ struct Outage {
 struct Settle {
     since: Option<Instant>,
     recheck_at: Option<Instant>,
+    /// v2: a bare rejection by the owner halts the turn and the server says nothing of it. When to
+    /// ask whether the session still runs, how many more times, and whether it was found halted.
+    halt_check_at: Option<Instant>,
+    halt_checks_left: u8,
+    halted: bool,
 }
 
 /// A prompt waiting its turn, with the post it came from.
@@ -538,6 +543,13 @@ impl Worker {
                     );
                     self.prompt_done(&post_id);
                     return true;
+                }
+                // An owed `!steer` comes back as its post's text.
+                if recovered_since_ms.is_some()
+                    && let Some(ThreadCommand::Steer { text }) =
+                        crate::command::parse_thread(&text, &self.prefix)
+                {
+                    return self.steer(post_id, text);
                 }
                 return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
@@ -815,6 +827,7 @@ impl Worker {
             self.typing_deadline(),
             retry,
             self.settle.recheck_at,
+            self.settle.halt_check_at,
         ]
         .into_iter()
         .flatten()
@@ -831,6 +844,16 @@ impl Worker {
         if self.outage.retry_at.is_some_and(|d| d <= Instant::now()) && !self.tracker.is_running() {
             self.outage.retry_at = None;
             self.send_next();
+        }
+        if self
+            .settle
+            .halt_check_at
+            .is_some_and(|d| d <= Instant::now())
+        {
+            self.check_halt();
+            if !self.tracker.is_running() {
+                self.send_next();
+            }
         }
         if self.settle.recheck_at.is_some_and(|d| d <= Instant::now()) {
             self.settle.recheck_at = None;
@@ -856,6 +879,7 @@ impl Worker {
         // finished.
         let mut interrupted = false;
         if let Some(messages) = &stored
+            && !self.settle.halted
             && !self.tracker.settled_in(messages)
         {
             let never_started = self
@@ -881,8 +905,7 @@ impl Worker {
             );
             interrupted = true;
         }
-        self.settle.since = None;
-        self.settle.recheck_at = None;
+        self.settle = Settle::default();
         self.complete_turn(stored.as_deref(), None, interrupted);
     }
 
