@@ -247,6 +247,7 @@ fn bridge(
         max_file_size: config.max_file_size,
         catchup_max_age: config.catchup_max_age,
         forget_after: config.forget_after,
+        notify: config.notify,
         command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,

@@ -186,6 +186,15 @@ pub enum Outcome {
 pub const INCOMPLETE_NOTE: &str =
     "_⚠️ This answer is incomplete: OpenCode stopped before finishing it._";
 
+/// `text` with the owner's mention on a line of its own at the end, when `owner` is given.
+/// Mattermost notifies on a mention only when the post is created, never on an edit.
+pub fn with_mention(text: &str, owner: Option<&str>) -> String {
+    match owner {
+        Some(owner) if !owner.is_empty() => format!("{text}\n@{owner}"),
+        _ => text.to_string(),
+    }
+}
+
 /// The short line posted as a new post when a turn ends, so the owner's phone is notified.
 pub fn completion_line(outcome: &Outcome, elapsed_ms: u64, tokens: Tokens, cost: f64) -> String {
     let mut line = match outcome {

@@ -107,6 +107,8 @@ pub struct Router {
     /// Same budget, but waits out an outage: what workers post arrives, in order, once it is over.
     worker_mattermost: Arc<MattermostClient>,
     catchup_max_age: Duration,
+    /// Which posts mention the owner (handed to each worker).
+    notify: crate::config::Notify,
     identity: Identity,
     servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
     /// The persisted state and its indexes.
@@ -178,6 +180,8 @@ pub struct Setup {
     pub catchup_max_age: Duration,
     /// Records of sessions that ended longer ago than this are forgotten.
     pub forget_after: Duration,
+    /// Which posts mention the owner.
+    pub notify: crate::config::Notify,
 }
 
 impl Router {
@@ -195,6 +199,7 @@ impl Router {
             max_file_size,
             catchup_max_age,
             forget_after,
+            notify,
         } = setup;
         let worker_mattermost = Arc::new(mattermost.patient());
         let registry = Registry::new(store, state, forget_after, crate::log::now_ms());
@@ -202,6 +207,7 @@ impl Router {
             command_prefix,
             worker_mattermost,
             catchup_max_age,
+            notify,
             mattermost,
             identity,
             servers,

@@ -69,6 +69,7 @@ impl Fixture {
             max_file_size: 1 << 20,
             catchup_max_age: Duration::from_secs(3600),
             forget_after: Duration::from_secs(30 * 86_400),
+            notify: crate::config::Notify::default(),
         });
         Fixture {
             router,

@@ -85,6 +85,8 @@ impl Router {
             find_root_since: self.registry.recovered_intent(key),
             model,
             agent,
+            owner_username: self.identity.owner_username.clone(),
+            notify: self.notify,
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {

@@ -181,6 +181,10 @@ pub struct Setup {
     pub model: Option<String>,
     /// The owner's `!agent` choice; None: OpenCode's.
     pub agent: Option<String>,
+    /// The owner's username, for mentions in posts that need them.
+    pub owner_username: String,
+    /// Which posts mention the owner.
+    pub notify: crate::config::Notify,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -270,6 +274,8 @@ struct Worker {
     recovery: recovery::Recovery,
     outage: Outage,
     settle: Settle,
+    owner_username: String,
+    notify: crate::config::Notify,
 }
 
 /// OpenCode could not be reached (`down`): queued prompts wait for it.
@@ -310,6 +316,8 @@ impl Worker {
             recovery: recovery::Recovery::new(setup.delivery, setup.find_root_since),
             outage: Outage::default(),
             settle: Settle::default(),
+            owner_username: setup.owner_username,
+            notify: setup.notify,
             root_text: reply::root_post(&setup.info, &setup.command_prefix),
             key: setup.key,
             info: setup.info,
@@ -943,6 +951,14 @@ impl Worker {
         if elapsed_ms.is_some() {
             line.push_str(" · _finished while opencode-mattermost was away_");
         }
+        let elapsed = Duration::from_millis(elapsed_ms.unwrap_or(summary.elapsed_ms));
+        let wanted = match summary.outcome {
+            reply::Outcome::Done => self.notify.mentions_done(elapsed),
+            reply::Outcome::Failed(_) | reply::Outcome::Interrupted => self.notify.errors,
+            // The owner stopped it.
+            reply::Outcome::Stopped => false,
+        };
+        let line = self.mention_if(wanted, &line);
         match turn.prompt_key() {
             Some(key) if self.earlier_done(key) => {
                 crate::debug!(
@@ -1026,6 +1042,7 @@ impl Worker {
             format_duration(lived),
             self.unsent_queue_note()
         );
+        let ended = self.mention_if(self.notify.errors, &ended);
         self.post_at(Priority::Final, &ended, None);
     }
 
