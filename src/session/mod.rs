@@ -952,12 +952,7 @@ impl Worker {
             line.push_str(" · _finished while opencode-mattermost was away_");
         }
         let elapsed = Duration::from_millis(elapsed_ms.unwrap_or(summary.elapsed_ms));
-        let wanted = match summary.outcome {
-            reply::Outcome::Done => self.notify.mentions_done(elapsed),
-            reply::Outcome::Failed(_) | reply::Outcome::Interrupted => self.notify.errors,
-            // The owner stopped it.
-            reply::Outcome::Stopped => false,
-        };
+        let wanted = reply::completion_mentions(&self.notify, &summary.outcome, elapsed);
         let line = self.mention_if(wanted, &line);
         match turn.prompt_key() {
             Some(key) if self.earlier_done(key) => {
