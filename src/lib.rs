@@ -3,6 +3,7 @@
 //! `run` wires the pieces together; ARCHITECTURE.md has the map of threads and channels.
 
 pub mod asks;
+pub mod board;
 pub mod budget;
 pub mod check;
 pub mod command;
