@@ -243,6 +243,12 @@ fn bridge(
         let (client, dm) = (mattermost.clone(), identity.dm_channel_id.clone());
         move || router::lookup::run_notices(client, dm, notice_jobs)
     })?;
+    let (boards, board_jobs) = crossbeam_channel::bounded(router::board::QUEUE);
+    spawn_named("board", {
+        let (client, dm) = (mattermost.clone(), identity.dm_channel_id.clone());
+        let out = inputs_tx.clone();
+        move || router::board::run_board(client, dm, board_jobs, out)
+    })?;
     let router = Router::new(router::Setup {
         typing: typing_actions,
         max_file_size: config.max_file_size,
@@ -258,7 +264,14 @@ fn bridge(
         inputs: inputs_tx,
         ready,
     });
-    router.run(inputs, router::Shell { lookups, notices });
+    router.run(
+        inputs,
+        router::Shell {
+            lookups,
+            notices,
+            boards,
+        },
+    );
     Ok(())
 }
 

@@ -213,6 +213,7 @@ impl Router {
                 self.registry
                     .delivered(&key, message_id, seq, crate::log::now_ms());
             }
+            Report::Waiting { key, waiting } => self.board_waiting(key, waiting),
             Report::Exited { key, worker_id } => {
                 if let Some(thread) = self.retiring.remove(&worker_id) {
                     let _ = thread.join();

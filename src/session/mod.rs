@@ -150,6 +150,11 @@ pub enum Report {
         model: Option<String>,
         agent: Option<String>,
     },
+    /// A permission request or question started or stopped waiting for the owner (for the board).
+    Waiting {
+        key: SessionKey,
+        waiting: bool,
+    },
     /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
         key: SessionKey,
@@ -276,6 +281,8 @@ struct Worker {
     settle: Settle,
     owner_username: String,
     notify: crate::config::Notify,
+    /// What the router was last told of `waiting.any()`.
+    reported_waiting: bool,
 }
 
 /// OpenCode could not be reached (`down`): queued prompts wait for it.
@@ -318,6 +325,7 @@ impl Worker {
             settle: Settle::default(),
             owner_username: setup.owner_username,
             notify: setup.notify,
+            reported_waiting: false,
             root_text: reply::root_post(&setup.info, &setup.command_prefix),
             key: setup.key,
             info: setup.info,
@@ -359,6 +367,7 @@ impl Worker {
         let mut memory_returned = false;
         loop {
             self.note_dropped();
+            self.report_waiting();
             if let Some(message) = self.mailbox.pop() {
                 memory_returned = false;
                 if let SessionMsg::Ended { ended_ms } = message {
@@ -391,6 +400,18 @@ impl Worker {
                 inbox::Wait::Disconnected if self.mailbox.is_empty() => return self.stop(),
                 inbox::Wait::Disconnected => {}
             }
+        }
+    }
+
+    /// Tells the router when the session starts or stops waiting for the owner.
+    fn report_waiting(&mut self) {
+        let waiting = self.waiting.any();
+        if waiting != self.reported_waiting {
+            self.reported_waiting = waiting;
+            (self.report)(Report::Waiting {
+                key: self.key.clone(),
+                waiting,
+            });
         }
     }
 
