@@ -138,7 +138,8 @@ impl Pacer {
 
     /// The text to send now, if one is pending and due; it counts as shown from `now`.
     pub fn take_due(&mut self, now: Instant) -> Option<String> {
-        if self.due()? > now {
+        // Not `due()`: with no edit yet, that is a fresh `Instant::now()`, always after `now`.
+        if self.last_edit.is_some_and(|t| t + MIN_EDIT_INTERVAL > now) {
             return None;
         }
         let text = self.pending.take()?;
@@ -211,6 +212,14 @@ mod tests {
     #[test]
     fn the_pacer_sends_the_latest_text_at_most_every_five_seconds() {
         let start = Instant::now();
+        let mut fresh = Pacer::default();
+        fresh.want("from before a restart".into());
+        assert!(fresh.due().is_some());
+        assert_eq!(
+            fresh.take_due(start).as_deref(),
+            Some("from before a restart"),
+            "a board taken over edits at once"
+        );
         let mut pacer = Pacer::default();
         assert_eq!(pacer.due(), None);
         pacer.shown("a".into(), start);

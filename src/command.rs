@@ -439,6 +439,16 @@ mod tests {
         check_dm("!sessions", Some(DmCommand::Sessions { all: false }));
         check_dm("!sessions all", Some(DmCommand::Sessions { all: true }));
         check_dm("!SESSIONS   ALL ", Some(DmCommand::Sessions { all: true }));
+        check_dm("!board", Some(DmCommand::Board { on: true }));
+        check_dm("!Board OFF", Some(DmCommand::Board { on: false }));
+        check_dm(
+            "!board now",
+            Some(DmCommand::UnexpectedArgument {
+                command: "board",
+                usage: "board [off]",
+                argument: "now".to_string(),
+            }),
+        );
         check_dm(
             "!attach neon-eagle",
             Some(DmCommand::Attach {
