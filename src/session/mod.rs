@@ -281,8 +281,9 @@ struct Worker {
     settle: Settle,
     owner_username: String,
     notify: crate::config::Notify,
-    /// What the router was last told of `waiting.any()`.
-    reported_waiting: bool,
+    /// What the router was last told of `waiting.any()`; None: nothing yet, so a new worker says
+    /// it once (an earlier worker may have left the router's view stale).
+    reported_waiting: Option<bool>,
 }
 
 /// OpenCode could not be reached (`down`): queued prompts wait for it.
@@ -325,7 +326,7 @@ impl Worker {
             settle: Settle::default(),
             owner_username: setup.owner_username,
             notify: setup.notify,
-            reported_waiting: false,
+            reported_waiting: None,
             root_text: reply::root_post(&setup.info, &setup.command_prefix),
             key: setup.key,
             info: setup.info,
@@ -406,8 +407,8 @@ impl Worker {
     /// Tells the router when the session starts or stops waiting for the owner.
     fn report_waiting(&mut self) {
         let waiting = self.waiting.any();
-        if waiting != self.reported_waiting {
-            self.reported_waiting = waiting;
+        if self.reported_waiting != Some(waiting) {
+            self.reported_waiting = Some(waiting);
             (self.report)(Report::Waiting {
                 key: self.key.clone(),
                 waiting,
