@@ -290,3 +290,34 @@ fn the_board_follows_states_paced_and_survives_a_restart() {
         stopped.message
     );
 }
+
+/// An answer OpenCode never finished (it was restarted mid-answer) ends in a new "Interrupted"
+/// completion line, and that post mentions the owner.
+#[test]
+fn an_interrupted_answer_mentions_the_owner() {
+    let mut world = world_with_notify(json!({}), Notify::default());
+    let (id, _) = world.new_session("Cut off");
+    let root = world.wait_root(&id);
+    let gate = crate::support::llm::Gate::new();
+    world.llm.script(
+        "cut me off",
+        vec![vec![text("Working on it"), Step::Gate(gate.clone())]],
+    );
+    world.owner_says(&root.id, "cut me off");
+    world.wait_bot_post(&root.id, "partial reply", |p| {
+        p.message.contains("Working on it")
+    });
+    world.opencode.kill();
+    gate.open();
+    world.opencode.restart();
+    wait_for("the interrupted turn's completion line", || {
+        !completion_lines(&world, &root).is_empty()
+    });
+    let line = completion_lines(&world, &root).remove(0);
+    assert!(
+        line.message.starts_with("⚠️ Interrupted"),
+        "{}",
+        line.message
+    );
+    assert!(mentions(&world, &line), "{}", line.message);
+}
