@@ -3,6 +3,7 @@
 //! `run` wires the pieces together; ARCHITECTURE.md has the map of threads and channels.
 
 pub mod asks;
+pub mod board;
 pub mod budget;
 pub mod check;
 pub mod command;
@@ -242,11 +243,18 @@ fn bridge(
         let (client, dm) = (mattermost.clone(), identity.dm_channel_id.clone());
         move || router::lookup::run_notices(client, dm, notice_jobs)
     })?;
+    let (boards, board_jobs) = crossbeam_channel::bounded(router::board::QUEUE);
+    spawn_named("board", {
+        let (client, dm) = (mattermost.clone(), identity.dm_channel_id.clone());
+        let out = inputs_tx.clone();
+        move || router::board::run_board(client, dm, board_jobs, out)
+    })?;
     let router = Router::new(router::Setup {
         typing: typing_actions,
         max_file_size: config.max_file_size,
         catchup_max_age: config.catchup_max_age,
         forget_after: config.forget_after,
+        notify: config.notify,
         command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,
@@ -256,7 +264,14 @@ fn bridge(
         inputs: inputs_tx,
         ready,
     });
-    router.run(inputs, router::Shell { lookups, notices });
+    router.run(
+        inputs,
+        router::Shell {
+            lookups,
+            notices,
+            boards,
+        },
+    );
     Ok(())
 }
 

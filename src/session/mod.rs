@@ -150,6 +150,11 @@ pub enum Report {
         model: Option<String>,
         agent: Option<String>,
     },
+    /// A permission request or question started or stopped waiting for the owner (for the board).
+    Waiting {
+        key: SessionKey,
+        waiting: bool,
+    },
     /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
         key: SessionKey,
@@ -181,6 +186,10 @@ pub struct Setup {
     pub model: Option<String>,
     /// The owner's `!agent` choice; None: OpenCode's.
     pub agent: Option<String>,
+    /// The owner's username, for mentions in posts that need them.
+    pub owner_username: String,
+    /// Which posts mention the owner.
+    pub notify: crate::config::Notify,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -271,6 +280,11 @@ struct Worker {
     recovery: recovery::Recovery,
     outage: Outage,
     settle: Settle,
+    owner_username: String,
+    notify: crate::config::Notify,
+    /// What the router was last told of `waiting.any()`; None: nothing yet, so a new worker says
+    /// it once (an earlier worker may have left the router's view stale).
+    reported_waiting: Option<bool>,
 }
 
 /// OpenCode could not be reached (`down`): queued prompts wait for it.
@@ -316,6 +330,9 @@ impl Worker {
             recovery: recovery::Recovery::new(setup.delivery, setup.find_root_since),
             outage: Outage::default(),
             settle: Settle::default(),
+            owner_username: setup.owner_username,
+            notify: setup.notify,
+            reported_waiting: None,
             root_text: reply::root_post(&setup.info, &setup.command_prefix),
             key: setup.key,
             info: setup.info,
@@ -357,6 +374,7 @@ impl Worker {
         let mut memory_returned = false;
         loop {
             self.note_dropped();
+            self.report_waiting();
             if let Some(message) = self.mailbox.pop() {
                 memory_returned = false;
                 if let SessionMsg::Ended { ended_ms } = message {
@@ -389,6 +407,18 @@ impl Worker {
                 inbox::Wait::Disconnected if self.mailbox.is_empty() => return self.stop(),
                 inbox::Wait::Disconnected => {}
             }
+        }
+    }
+
+    /// Tells the router when the session starts or stops waiting for the owner.
+    fn report_waiting(&mut self) {
+        let waiting = self.waiting.any();
+        if self.reported_waiting != Some(waiting) {
+            self.reported_waiting = Some(waiting);
+            (self.report)(Report::Waiting {
+                key: self.key.clone(),
+                waiting,
+            });
         }
     }
 
@@ -967,6 +997,9 @@ impl Worker {
         if elapsed_ms.is_some() {
             line.push_str(" · _finished while opencode-mattermost was away_");
         }
+        let elapsed = Duration::from_millis(elapsed_ms.unwrap_or(summary.elapsed_ms));
+        let wanted = reply::completion_mentions(&self.notify, &summary.outcome, elapsed);
+        let line = self.mention_if(wanted, &line);
         match turn.prompt_key() {
             Some(key) if self.earlier_done(key) => {
                 crate::debug!(
@@ -1050,6 +1083,7 @@ impl Worker {
             format_duration(lived),
             self.unsent_queue_note()
         );
+        let ended = self.mention_if(self.notify.errors, &ended);
         self.post_at(Priority::Final, &ended, None);
     }
 

@@ -165,6 +165,7 @@ impl Worker {
             request.patterns
         );
         let text = asks::permission_post(&request, &self.info.directory, &self.prefix);
+        let text = self.mention_if(self.notify.asks, &text);
         let post_id = self.post_request(&request.id, &text).unwrap_or_default();
         self.waiting
             .permissions
@@ -318,6 +319,7 @@ impl Worker {
             request.questions.len()
         );
         let text = asks::question_post(&request, 0, &self.prefix);
+        let text = self.mention_if(self.notify.asks, &text);
         // Answers to earlier parts are not kept across a restart, so a request of several questions
         // is asked afresh from its first.
         let post_id = if request.questions.len() == 1 {
@@ -381,6 +383,7 @@ impl Worker {
             .then(|| asks::question_post(&pending.request, pending.index, &self.prefix));
         self.edit_post(&post_id, &text);
         if let Some(next) = next {
+            let next = self.mention_if(self.notify.asks, &next);
             let post_id = self.post_notice(&next).unwrap_or_default();
             if let Some(pending) = self.waiting.questions.get_mut(index) {
                 pending.post_id = post_id;
