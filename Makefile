@@ -24,7 +24,7 @@ release:
 # every v1 route 404) runs the suites that drive the bridge against OpenCode again. delivery.rs is not
 # among them: it tests the Mattermost client alone. Lines are prefixed [v1]/[v2]; whole logs are in
 # target/test-v1.log and target/test-v2.log. Fails if either fails.
-V2_SUITES := e2e:: control:: faults:: bad_input::
+V2_SUITES := e2e:: control:: faults:: bad_input:: attention::
 # Tests to leave out of the v2 run (none now; `make test-v2 V2_SKIP="--skip NAME"` skips one).
 V2_SKIP ?=
 test: opencode
