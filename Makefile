@@ -11,7 +11,7 @@ STATIC_BINARY := target/$(STATIC_TARGET)/release/opencode-mattermost
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 OPENCODE_BIN_CMD = OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)"
 
-.PHONY: build release static static-check demo test test-v1 test-v2 lint run opencode clean fuzz bench
+.PHONY: build release static static-check demo test test-v1 test-v2 lint run install opencode clean fuzz bench
 
 build:
 	$(CARGO) build
@@ -24,14 +24,9 @@ release:
 # every v1 route 404) runs the suites that drive the bridge against OpenCode again. delivery.rs is not
 # among them: it tests the Mattermost client alone. Lines are prefixed [v1]/[v2]; whole logs are in
 # target/test-v1.log and target/test-v2.log. Fails if either fails.
-V2_SUITES := e2e:: control:: faults:: bad_input::
-# Known v2 gaps, still open in issue 12: a rejection's message does not reach the model on v2, and the
-# kill loop can answer a prompt twice on v2; and on v2 the dropped-websocket test sometimes never sees the
-# bridge reconnect (2 of 4 runs on 2026-12-04), not yet understood. They run in v1; `make test-v2 V2_SKIP=` runs them in v2.
-V2_SKIP ?= --skip control::permissions_are_answered_by_reactions \
-	--skip control::permissions_are_answered_by_text_commands \
-	--skip faults::random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing \
-	--skip e2e::a_dropped_websocket_resumes_and_replays_what_was_missed
+V2_SUITES := e2e:: control:: faults:: bad_input:: attention::
+# Tests to leave out of the v2 run (none now; `make test-v2 V2_SKIP="--skip NAME"` skips one).
+V2_SKIP ?=
 test: opencode
 	$(CARGO) test --all-targets --no-run -q
 	@for api in v1 v2; do \
@@ -90,6 +85,21 @@ lint:
 # Runs the bridge with the settings from the environment (or ENV_FILE=path).
 run: release
 	./target/release/opencode-mattermost run $(if $(ENV_FILE),--env-file $(ENV_FILE))
+
+# Installs the static binary into $(PREFIX)/bin, the systemd units into $(UNITDIR), and the example
+# settings as /etc/opencode-mattermost.env (mode 0600) unless that file exists. DESTDIR stages it.
+PREFIX ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+ENV_TARGET := $(DESTDIR)/etc/opencode-mattermost.env
+install: static
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc
+	install -m 0755 $(STATIC_BINARY) $(DESTDIR)$(PREFIX)/bin/opencode-mattermost
+	sed 's#/usr/local/bin/opencode-mattermost#$(PREFIX)/bin/opencode-mattermost#' contrib/opencode-mattermost.service \
+		> $(DESTDIR)$(UNITDIR)/opencode-mattermost.service
+	install -m 0644 contrib/opencode-serve.service $(DESTDIR)$(UNITDIR)/
+	@if [ -e $(ENV_TARGET) ]; then echo "kept $(ENV_TARGET)"; \
+	else install -m 0600 contrib/opencode-mattermost.env.example $(ENV_TARGET) && echo "edit $(ENV_TARGET)"; fi
+	@echo "then: systemctl daemon-reload && systemctl enable --now opencode-mattermost"
 
 clean:
 	$(CARGO) clean

@@ -16,6 +16,8 @@ pub enum DmCommand {
         title: Option<String>,
         prompt: Option<String>,
     },
+    /// `board` or `board off`: start (or show) the board post the bridge keeps current, or stop it.
+    Board { on: bool },
     /// The word after the prefix is not a command. `name` is as typed, for the reply.
     Unknown { name: String },
     /// A command that needs an argument came without one. `usage` has no prefix, like
@@ -130,6 +132,7 @@ pub const DM_USAGE: &[(&str, &str)] = &[
     ("sessions", "sessions [all]"),
     ("attach", "attach <session>"),
     ("new", "new <directory> [title]"),
+    ("board", "board [off]"),
 ];
 
 /// The usage line and a short description of each thread command, without the prefix.
@@ -189,6 +192,11 @@ pub fn parse_dm(text: &str, prefix: &str) -> Option<DmCommand> {
             "" => DmCommand::Sessions { all: false },
             "all" => DmCommand::Sessions { all: true },
             _ => unexpected("sessions", argument),
+        },
+        "board" => match argument.to_lowercase().as_str() {
+            "" | "on" => DmCommand::Board { on: true },
+            "off" => DmCommand::Board { on: false },
+            _ => unexpected("board", argument),
         },
         "attach" if argument.is_empty() => DmCommand::MissingArgument {
             command: "attach",
@@ -431,6 +439,16 @@ mod tests {
         check_dm("!sessions", Some(DmCommand::Sessions { all: false }));
         check_dm("!sessions all", Some(DmCommand::Sessions { all: true }));
         check_dm("!SESSIONS   ALL ", Some(DmCommand::Sessions { all: true }));
+        check_dm("!board", Some(DmCommand::Board { on: true }));
+        check_dm("!Board OFF", Some(DmCommand::Board { on: false }));
+        check_dm(
+            "!board now",
+            Some(DmCommand::UnexpectedArgument {
+                command: "board",
+                usage: "board [off]",
+                argument: "now".to_string(),
+            }),
+        );
         check_dm(
             "!attach neon-eagle",
             Some(DmCommand::Attach {

@@ -51,6 +51,43 @@ pub struct Config {
     pub forget_after: Duration,
     /// The most Mattermost requests a second while the server sends no rate-limit headers.
     pub max_rps: u32,
+    /// OPENCODE_MM_NOTIFY and OPENCODE_MM_NOTIFY_DONE_AFTER: which posts mention the owner.
+    pub notify: Notify,
+}
+
+/// Which posts mention the owner, so Mattermost notifies them even in a thread they do not follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notify {
+    /// Permission requests and questions.
+    pub asks: bool,
+    /// Failed or interrupted answers, and sessions that ended.
+    pub errors: bool,
+    /// Completion lines of turns that ran at least `done_after`; None: never.
+    pub done_after: Option<Duration>,
+}
+
+impl Default for Notify {
+    fn default() -> Notify {
+        Notify {
+            asks: true,
+            errors: true,
+            done_after: Some(DEFAULT_NOTIFY_DONE_AFTER),
+        }
+    }
+}
+
+impl Notify {
+    /// No post mentions anyone.
+    pub const NONE: Notify = Notify {
+        asks: false,
+        errors: false,
+        done_after: None,
+    };
+
+    /// Whether a turn that ran `elapsed` and ended well mentions the owner.
+    pub fn mentions_done(&self, elapsed: Duration) -> bool {
+        self.done_after.is_some_and(|after| elapsed >= after)
+    }
 }
 
 /// One OpenCode server named in OPENCODE_URL.
@@ -462,7 +499,24 @@ const OPENCODE_MM_MAX_RPS: Var = Var {
     default: Some("20"),
 };
 
-const ALL_VARS: [&Var; 19] = [
+const OPENCODE_MM_NOTIFY: Var = Var {
+    name: "OPENCODE_MM_NOTIFY",
+    flag: "--notify",
+    placeholder: "KINDS",
+    about: "which posts mention the owner so their phone is notified: a comma list of asks, errors \
+            and done, or none",
+    default: Some("asks,errors,done"),
+};
+const OPENCODE_MM_NOTIFY_DONE_AFTER: Var = Var {
+    name: "OPENCODE_MM_NOTIFY_DONE_AFTER",
+    flag: "--notify-done-after",
+    placeholder: "AGE",
+    about: "a completion line mentions the owner when the turn took at least this long: like 60s or \
+            5m; 0 always, off never",
+    default: Some("60s"),
+};
+
+const ALL_VARS: [&Var; 21] = [
     &MATTERMOST_URL,
     &MATTERMOST_TOKEN,
     &MATTERMOST_TOKEN_FILE,
@@ -482,6 +536,8 @@ const ALL_VARS: [&Var; 19] = [
     &OPENCODE_MM_CATCHUP_MAX_AGE,
     &OPENCODE_MM_FORGET_AFTER,
     &OPENCODE_MM_MAX_RPS,
+    &OPENCODE_MM_NOTIFY,
+    &OPENCODE_MM_NOTIFY_DONE_AFTER,
 ];
 
 const DEFAULT_OPENCODE_URL: &str = "http://127.0.0.1:4096";
@@ -493,6 +549,7 @@ const DEFAULT_COMMAND_PREFIX: &str = "!";
 const STATE_SUBDIR: &str = "opencode-mattermost";
 const SEE_HELP: &str = "see opencode-mattermost --help";
 const DEFAULT_MAX_FILE_SIZE: u64 = 20 * 1024 * 1024;
+const DEFAULT_NOTIFY_DONE_AFTER: Duration = Duration::from_secs(60);
 const DEFAULT_CATCHUP_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -1025,6 +1082,11 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
             .map_err(|problem| error(format!("{}: {raw:?} {problem}", OPENCODE_MM_MAX_RPS.name)))?,
         None => crate::budget::DEFAULT_MAX_RPS,
     };
+    let notify = parse_notify(
+        sources.optional(&OPENCODE_MM_NOTIFY).as_deref(),
+        sources.optional(&OPENCODE_MM_NOTIFY_DONE_AFTER).as_deref(),
+    )
+    .map_err(error)?;
     Ok(Config {
         mattermost_url,
         mattermost_token,
@@ -1044,7 +1106,46 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         catchup_max_age,
         forget_after,
         max_rps,
+        notify,
     })
+}
+
+/// OPENCODE_MM_NOTIFY (`asks,errors,done` or `none`) and OPENCODE_MM_NOTIFY_DONE_AFTER (a duration,
+/// `0` or `off`); None is the default.
+fn parse_notify(kinds: Option<&str>, done_after: Option<&str>) -> Result<Notify, String> {
+    let mut notify = Notify::NONE;
+    let mut done = false;
+    let kinds = kinds.unwrap_or("asks,errors,done");
+    if kinds.trim().eq_ignore_ascii_case("none") {
+        return Ok(Notify::NONE);
+    }
+    for kind in kinds.split(',').map(str::trim) {
+        match kind.to_ascii_lowercase().as_str() {
+            "asks" => notify.asks = true,
+            "errors" => notify.errors = true,
+            "done" => done = true,
+            _ => {
+                return Err(format!(
+                    "{}: {kind:?} is not a kind of post; use a comma list of asks, errors and done, \
+                     like asks,errors,done, or none",
+                    OPENCODE_MM_NOTIFY.name
+                ));
+            }
+        }
+    }
+    let after = match done_after.map(str::trim) {
+        None => Some(DEFAULT_NOTIFY_DONE_AFTER),
+        Some(raw) if raw.eq_ignore_ascii_case("off") => None,
+        Some(raw) => Some(parse_age(raw).map_err(|_| {
+            format!(
+                "{}: {raw:?} is not a duration; use a number with s, m or h like 60s or 5m, 0 to \
+                 always mention the owner, or off to never",
+                OPENCODE_MM_NOTIFY_DONE_AFTER.name
+            )
+        })?),
+    };
+    notify.done_after = after.filter(|_| done);
+    Ok(notify)
 }
 
 /// OPENCODE_URL: comma-separated `URL`, `NAME=URL` or `auto`. Names and URLs must be unique.
@@ -2456,6 +2557,79 @@ mod tests {
                 "SSL_CERT_FILE: {not_pem} holds no certificate; use a PEM file with -----BEGIN \
                  CERTIFICATE----- blocks"
             ),
+        );
+    }
+
+    #[test]
+    fn notify_kinds_and_done_after() {
+        let config = run_ok(&[], &env_with(&[]));
+        assert_eq!(config.notify, Notify::default());
+        assert_eq!(
+            config.notify.done_after,
+            Some(Duration::from_secs(60)),
+            "default 60s"
+        );
+        assert!(!config.notify.mentions_done(Duration::from_secs(59)));
+        assert!(config.notify.mentions_done(Duration::from_secs(60)));
+        for (kinds, after, expected) in [
+            (Some("none"), None, Notify::NONE),
+            (Some(" None "), Some("0"), Notify::NONE),
+            (
+                Some("asks"),
+                Some("0"),
+                Notify {
+                    asks: true,
+                    ..Notify::NONE
+                },
+            ),
+            (
+                Some("errors, done"),
+                Some("0"),
+                Notify {
+                    errors: true,
+                    done_after: Some(Duration::ZERO),
+                    ..Notify::NONE
+                },
+            ),
+            (
+                Some("asks,errors,done"),
+                Some("off"),
+                Notify {
+                    done_after: None,
+                    ..Notify::default()
+                },
+            ),
+            (
+                None,
+                Some("5m"),
+                Notify {
+                    done_after: Some(Duration::from_secs(300)),
+                    ..Notify::default()
+                },
+            ),
+        ] {
+            assert_eq!(
+                parse_notify(kinds, after),
+                Ok(expected),
+                "{kinds:?} {after:?}"
+            );
+        }
+        let zero = parse_notify(Some("done"), Some("0")).unwrap();
+        assert!(zero.mentions_done(Duration::ZERO), "0 always mentions");
+        let env = env_with(&[
+            ("OPENCODE_MM_NOTIFY", Some("asks")),
+            ("OPENCODE_MM_NOTIFY_DONE_AFTER", Some("2m")),
+        ]);
+        let config = run_ok(&[], &env);
+        assert!(config.notify.asks && !config.notify.errors);
+        assert_eq!(config.notify.done_after, None, "done not chosen");
+        check_error_env(
+            &[("OPENCODE_MM_NOTIFY", Some("asks,phone"))],
+            r#"OPENCODE_MM_NOTIFY: "phone" is not a kind of post; use a comma list of asks, errors and done, like asks,errors,done, or none"#,
+        );
+        check_error_env(
+            &[("OPENCODE_MM_NOTIFY_DONE_AFTER", Some("never"))],
+            r#"OPENCODE_MM_NOTIFY_DONE_AFTER: "never" is not a duration; use a number with s, m or h like 60s or 5m, 0 to always mention the owner, or off to never"#,
         );
     }
 

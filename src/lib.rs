@@ -3,6 +3,7 @@
 //! `run` wires the pieces together; ARCHITECTURE.md has the map of threads and channels.
 
 pub mod asks;
+pub mod board;
 pub mod budget;
 pub mod check;
 pub mod command;
@@ -279,11 +280,18 @@ fn bridge(
         let (client, dm) = (mattermost.clone(), identity.dm_channel_id.clone());
         move || router::lookup::run_notices(client, dm, notice_jobs)
     })?;
+    let (boards, board_jobs) = crossbeam_channel::bounded(router::board::QUEUE);
+    spawn_named("board", {
+        let (client, dm) = (mattermost.clone(), identity.dm_channel_id.clone());
+        let out = inputs_tx.clone();
+        move || router::board::run_board(client, dm, board_jobs, out)
+    })?;
     let router = Router::new(router::Setup {
         typing: typing_actions,
         max_file_size: config.max_file_size,
         catchup_max_age: config.catchup_max_age,
         forget_after: config.forget_after,
+        notify: config.notify,
         command_prefix: config.command_prefix.clone(),
         mattermost,
         identity,
@@ -296,7 +304,14 @@ fn bridge(
     // The router starts one reader per server (and per server found later), so a slow or dead
     // one never holds up another's events.
     let router = router.with_server_set(server_set);
-    router.run(inputs, router::Shell { lookups, notices });
+    router.run(
+        inputs,
+        router::Shell {
+            lookups,
+            notices,
+            boards,
+        },
+    );
     Ok(())
 }
 

@@ -77,8 +77,9 @@ pub fn return_unused_stack() {
         let marker = 0u8;
         let here = std::ptr::addr_of!(marker) as usize;
         let page = 4096;
-        // Leave this frame, the red zone and the madvise call itself a page of room each.
-        let end = (here & !(page - 1)).saturating_sub(4 * page);
+        // At least a page below `here` stays: the rest of this frame, the 128-byte red zone and the
+        // madvise call need well under 1 KiB. Every page more would stay resident in every idle worker.
+        let end = (here & !(page - 1)).saturating_sub(page);
         if end <= bottom {
             return;
         }

@@ -190,6 +190,29 @@ pub enum Outcome {
 pub const INCOMPLETE_NOTE: &str =
     "_⚠️ This answer is incomplete: OpenCode stopped before finishing it._";
 
+/// `text` with the owner's mention on a line of its own at the end, when `owner` is given.
+/// Mattermost notifies on a mention only when the post is created, never on an edit.
+pub fn with_mention(text: &str, owner: Option<&str>) -> String {
+    match owner {
+        Some(owner) if !owner.is_empty() => format!("{text}\n@{owner}"),
+        _ => text.to_string(),
+    }
+}
+
+/// Whether a turn's completion line mentions the owner: a failed or interrupted answer is an error,
+/// a finished one only when it took long enough; a stop was the owner's own doing.
+pub fn completion_mentions(
+    notify: &crate::config::Notify,
+    outcome: &Outcome,
+    elapsed: std::time::Duration,
+) -> bool {
+    match outcome {
+        Outcome::Done => notify.mentions_done(elapsed),
+        Outcome::Failed(_) | Outcome::Interrupted => notify.errors,
+        Outcome::Stopped => false,
+    }
+}
+
 /// The short line posted as a new post when a turn ends, so the owner's phone is notified.
 pub fn completion_line(outcome: &Outcome, elapsed_ms: u64, tokens: Tokens, cost: f64) -> String {
     let mut line = match outcome {
@@ -321,6 +344,31 @@ mod tests {
             tool_line(&ticks),
             "🔧 **bash** `` echo `date` `` · ⋯ pending"
         );
+    }
+
+    #[test]
+    fn mentions_follow_the_notify_setting() {
+        use crate::config::Notify;
+        use std::time::Duration;
+        let (short, long) = (Duration::from_secs(5), Duration::from_secs(600));
+        let default = Notify::default();
+        let failed = Outcome::Failed("boom".into());
+        assert!(!completion_mentions(&default, &Outcome::Done, short));
+        assert!(completion_mentions(&default, &Outcome::Done, long));
+        assert!(completion_mentions(&default, &failed, short));
+        assert!(completion_mentions(&default, &Outcome::Interrupted, short));
+        assert!(!completion_mentions(&default, &Outcome::Stopped, long));
+        let always = Notify {
+            done_after: Some(Duration::ZERO),
+            ..Notify::NONE
+        };
+        assert!(completion_mentions(&always, &Outcome::Done, Duration::ZERO));
+        assert!(!completion_mentions(&always, &failed, short), "errors off");
+        for outcome in [Outcome::Done, failed.clone(), Outcome::Interrupted] {
+            assert!(!completion_mentions(&Notify::NONE, &outcome, long));
+        }
+        assert_eq!(with_mention("✅ Done", Some("alice")), "✅ Done\n@alice");
+        assert_eq!(with_mention("✅ Done", None), "✅ Done");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct State {
     /// has no record of yet): post id → `create_at`. A restart handles them again.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unresolved_posts: BTreeMap<String, i64>,
+    /// The `!board` post the bridge keeps current; None: no board. One per link, across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub board_post_id: Option<String>,
 }
 
 /// The last owner-DM post the bridge has processed.
@@ -571,6 +574,9 @@ fn parse_state(bytes: &[u8], now_ms: u64) -> Parsed {
     }
     if let Some(cursor) = fields.get("mattermost") {
         state.mattermost = MattermostCursor::deserialize(cursor).unwrap_or_default();
+    }
+    if let Some(board) = fields.get("board_post_id") {
+        state.board_post_id = Option::deserialize(board).unwrap_or_default();
     }
     if let Some(unresolved) = fields.get("unresolved_posts") {
         state.unresolved_posts = BTreeMap::deserialize(unresolved).unwrap_or_default();

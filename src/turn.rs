@@ -1139,4 +1139,148 @@ mod tests {
             }
         }
     }
+
+    /// Replays a v2 `/api/event` stream recorded from 1.18.33 (tests/fixtures/v2) through the v2
+    /// decoder and a tracker begun for the recorded prompt, as the worker does after sending it.
+    /// Returns the changes, and the tracker.
+    fn replay_v2(name: &str) -> (Vec<Change>, Tracker) {
+        let fixture = v2_fixture(&format!("{name}.event.sse"));
+        let mut decoder = crate::opencode::v2::decode::V2Decoder::live();
+        let mut parser = SseParser::new(1 << 20);
+        let now = Instant::now();
+        let mut tracker = Tracker::default();
+        let mut changes = Vec::new();
+        let mut session: Option<String> = None;
+        for sse in parser.feed(fixture.as_bytes()) {
+            let value: serde_json::Value = serde_json::from_str(&sse.data).expect("JSON");
+            if value["type"] == "session.next.prompted" && tracker.turn.is_none() {
+                let prompt = value["data"]["messageID"].as_str().expect("messageID");
+                tracker.begin(now, Some(prompt.to_string()));
+            }
+            for envelope in decoder.decode(&sse.data).expect("fixture decodes") {
+                let Some(id) = envelope.event.session_id() else {
+                    continue;
+                };
+                let session = session.get_or_insert_with(|| id.to_string());
+                assert_eq!(id, session, "{name} mixes sessions");
+                changes.push(tracker.apply(envelope.event, now));
+            }
+        }
+        (changes, tracker)
+    }
+
+    /// The turns of a recorded v2 durable log (`…/history`), each finished as the catch-up does.
+    fn catch_up_v2(name: &str) -> Vec<(String, Outcome)> {
+        let history: serde_json::Value =
+            serde_json::from_str(&v2_fixture(&format!("{name}.history.json"))).expect("JSON");
+        let items = history["data"].as_array().expect("data");
+        let session = items[0]["durable"]["aggregateID"]
+            .as_str()
+            .expect("session");
+        crate::opencode::v2::decode::ended_turns(session, 0, items)
+            .into_iter()
+            .map(|turn| {
+                let mut tracker = Tracker::default();
+                tracker.begin(Instant::now(), None);
+                let (turn, summary) = tracker
+                    .finish(Some(&turn.messages), Instant::now())
+                    .expect("a turn");
+                (turn.body(false), summary.outcome)
+            })
+            .collect()
+    }
+
+    fn v2_fixture(file: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/v2")
+            .join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// What each recorded v2 turn delivers, live and from the durable log alike: (fixture, how
+    /// many times the live stream ends the turn, the reply, the outcome).
+    #[test]
+    fn recorded_v2_turns_deliver_their_texts_once_live_and_from_the_log() {
+        let cases: [(&str, usize, &str, Outcome); 8] = [
+            (
+                "a-text",
+                1,
+                "Hello from the fake model. This answer streams in a few deltas.",
+                Outcome::Done,
+            ),
+            (
+                "b-reasoning-text",
+                1,
+                "> 💭 _Let me think about it step by step._\n\nHere is the answer after thinking.",
+                Outcome::Done,
+            ),
+            (
+                "c-tool-call",
+                1,
+                "I will run it.\n\n🔧 **bash** `echo hi` · ✓ 0.1s\n\nIt printed hi.",
+                Outcome::Done,
+            ),
+            (
+                "d-permission",
+                1,
+                "🔧 **bash** `echo hi` · ✓ 0.2s\n\nIt printed hi.",
+                Outcome::Done,
+            ),
+            (
+                "e-question",
+                1,
+                "🔧 **question** · ✓ 0.1s\n\nBanana it is.",
+                Outcome::Done,
+            ),
+            // Interrupted: what had arrived, and the step's failure says stopped.
+            (
+                "f-interrupted",
+                1,
+                "The first part arrives,",
+                Outcome::Stopped,
+            ),
+            // Rejected with a message: the call fails and the turn goes on.
+            (
+                "g-rejected-message",
+                1,
+                "🔧 **bash** `date` · ✗ failed 0.0s: Unable to execute command: date\n\nNot running it then.",
+                Outcome::Done,
+            ),
+            (
+                "i-always",
+                1,
+                "🔧 **bash** `echo again` · ✓ 0.0s\n🔧 **bash** `echo again` · ✓ 0.0s\n\nBoth printed.",
+                Outcome::Done,
+            ),
+        ];
+        for (name, ends, body, outcome) in cases {
+            let (changes, mut tracker) = replay_v2(name);
+            let ended = changes.iter().filter(|c| **c == Change::TurnEnded).count();
+            assert_eq!(ended, ends, "{name}: {changes:?}");
+            let (turn, summary) = tracker.finish(None, Instant::now()).expect(name);
+            assert_eq!(turn.body(false), body, "{name} live");
+            assert_eq!(summary.outcome, outcome, "{name} live");
+            assert!(!tracker.is_running(), "{name}");
+            assert_eq!(
+                catch_up_v2(name),
+                vec![(body.to_string(), outcome)],
+                "{name} from the durable log"
+            );
+        }
+    }
+
+    /// A bare rejection halts a v2 turn with no end event (1.18.33): the stream never ends it (the
+    /// worker asks the server), and the durable log shows no ended turn until a later one.
+    #[test]
+    fn a_recorded_v2_turn_halted_by_a_rejection_is_not_ended_by_the_stream() {
+        let (changes, tracker) = replay_v2("h-rejected");
+        assert!(!changes.contains(&Change::TurnEnded), "{changes:?}");
+        assert!(tracker.is_running());
+        let body = tracker.turn.as_ref().expect("turn").body(false);
+        assert_eq!(
+            body,
+            "🔧 **bash** `uptime` · ✗ failed 0.0s: Tool execution interrupted"
+        );
+        assert!(catch_up_v2("h-rejected").is_empty());
+    }
 }

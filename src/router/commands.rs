@@ -43,6 +43,7 @@ impl Router {
                 title,
                 prompt,
             } => self.new_session(&post.id, directory, title, prompt),
+            DmCommand::Board { on } => self.on_board_command(on),
             DmCommand::Unknown { name } => self.reply(
                 "",
                 &format!("❓ Unknown command `{prefix}{name}`. `{prefix}help` lists the commands."),
@@ -428,6 +429,7 @@ pub fn help_message(prefix: &str) -> String {
          - `{prefix}attach <session>`: give an existing session a thread\n\
          - `{prefix}new [server:]<directory> [title]`: start a session in that directory (lines after the first are its first prompt)\n\
          - `{prefix}use <session>`: a link to the session's thread (made if it has none)\n\
+         - `{prefix}board`: one post here that lists every session's state, kept current (`{prefix}board off` stops it)\n\
          - `{prefix}help`: this message\n\n\
          **In a thread**, `{prefix}current` names its session, server, directory and state.\n\n\
          A session can be named by its full id, its short id (the last 8 characters), its slug (such as `neon-eagle`), \

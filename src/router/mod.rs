@@ -5,6 +5,7 @@
 //! (`Effect::Lookup`, answered by `Input::Found`), and what it says is posted by the `notices`
 //! thread (`Effect::Notice`), so no slow server can hold up every session's events.
 
+pub mod board;
 mod catch_up;
 mod commands;
 mod events;
@@ -69,6 +70,8 @@ pub enum Input {
     Found(Found),
     /// The look-up queue was full: the look-up was not made.
     Refused(Lookup),
+    /// What the `board` thread learnt.
+    Board(board::BoardEvent),
     Stop,
 }
 
@@ -79,6 +82,8 @@ pub enum Effect {
     Lookup(Lookup),
     /// Post in the owner DM (on the `notices` thread).
     Notice(Notice),
+    /// Post or edit the board (on the `board` thread).
+    Board(board::BoardJob),
 }
 
 impl From<Found> for Input {
@@ -112,6 +117,8 @@ pub struct Router {
     /// Same budget, but waits out an outage: what workers post arrives, in order, once it is over.
     worker_mattermost: Arc<MattermostClient>,
     catchup_max_age: Duration,
+    /// Which posts mention the owner (handed to each worker).
+    notify: crate::config::Notify,
     identity: Identity,
     servers: BTreeMap<ServerKey, Arc<OpenCodeClient>>,
     /// How the server set changes at run time (`servers.rs`).
@@ -158,6 +165,7 @@ pub struct Router {
     next_worker_id: u64,
     /// Told once, when both sides are first connected.
     ready: Option<Sender<()>>,
+    board: board::BoardView,
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +193,8 @@ pub struct Setup {
     pub catchup_max_age: Duration,
     /// Records of sessions that ended longer ago than this are forgotten.
     pub forget_after: Duration,
+    /// Which posts mention the owner.
+    pub notify: crate::config::Notify,
 }
 
 impl Router {
@@ -202,6 +212,7 @@ impl Router {
             max_file_size,
             catchup_max_age,
             forget_after,
+            notify,
         } = setup;
         let worker_mattermost = Arc::new(mattermost.patient());
         let registry = Registry::new(store, state, forget_after, crate::log::now_ms());
@@ -209,6 +220,7 @@ impl Router {
             command_prefix,
             worker_mattermost,
             catchup_max_age,
+            notify,
             mattermost,
             identity,
             servers,
@@ -241,6 +253,7 @@ impl Router {
             announced_ready: false,
             next_worker_id: 0,
             ready,
+            board: board::BoardView::default(),
         }
     }
 
@@ -274,6 +287,7 @@ impl Router {
             Input::ServerAdded(client) => self.add_server(client),
             Input::ServerRemoved(server) => self.remove_server(&server),
             Input::Refused(lookup) => self.on_refused(lookup),
+            Input::Board(event) => self.on_board_event(event),
             Input::Stop => {}
         }
         self.tick();
@@ -334,6 +348,7 @@ impl Router {
     /// Timers: OpenCode unreachable for long enough is said once in every active thread.
     fn tick(&mut self) {
         let now = Instant::now();
+        self.board_tick(now);
         self.registry.flush_if_due(now);
         if self
             .last_forget
@@ -468,10 +483,16 @@ impl Router {
         }
         let root_id = post.root_id.clone();
         let message = match command::parse_thread(&post.message, &self.command_prefix) {
-            Some(command) => SessionMsg::Command {
-                post_id: post.id,
-                command,
-            },
+            Some(command) => {
+                // `!steer` is a prompt too: owed until its worker hands it to OpenCode.
+                if matches!(command, command::ThreadCommand::Steer { .. }) {
+                    self.owe_prompt(&key, &post);
+                }
+                SessionMsg::Command {
+                    post_id: post.id,
+                    command,
+                }
+            }
             None => {
                 self.owe_prompt(&key, &post);
                 prompt_of(post)
@@ -769,6 +790,7 @@ impl SeenPosts {
 pub struct Shell {
     pub lookups: Sender<Lookup>,
     pub notices: Sender<Notice>,
+    pub boards: Sender<board::BoardJob>,
 }
 
 impl Shell {
@@ -783,6 +805,14 @@ impl Shell {
                         effects.extend(router.handle(Input::Refused(lookup)));
                     }
                 },
+                Effect::Board(job) => {
+                    if self.boards.try_send(job).is_err() {
+                        crate::warn!(
+                            "the board queue is full; the board catches up at its next change"
+                        );
+                        router.board_dropped();
+                    }
+                }
                 Effect::Notice(notice) => {
                     if let Err(e) = self.notices.try_send(notice) {
                         crate::warn!(

@@ -356,6 +356,16 @@ impl Registry {
         posts.into_iter().map(|(_, id)| id).collect()
     }
 
+    pub fn board_post_id(&self) -> Option<&str> {
+        self.state.board_post_id.as_deref()
+    }
+
+    /// Saved at once: a board posted and then lost to a crash would be posted twice.
+    pub fn set_board_post_id(&mut self, post_id: Option<String>) {
+        self.state.board_post_id = post_id;
+        self.save_now();
+    }
+
     pub fn set_cursor(&mut self, cursor: MattermostCursor) {
         self.state.mattermost = cursor;
         self.save_now();

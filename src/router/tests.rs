@@ -69,6 +69,7 @@ impl Fixture {
             max_file_size: 1 << 20,
             catchup_max_age: Duration::from_secs(3600),
             forget_after: Duration::from_secs(30 * 86_400),
+            notify: crate::config::Notify::default(),
         });
         Fixture {
             router,
@@ -477,6 +478,48 @@ fn a_reply_waiting_on_its_thread_look_up_is_on_disk_until_answered_and_recovered
         then: Waiting::Reply(reply),
     });
     assert!(on_disk().unresolved_posts.is_empty());
+}
+
+#[test]
+fn board_command_posts_one_board_and_off_stops_it() {
+    use super::board::{BoardEvent, BoardJob};
+    let mut fixture = Fixture::new();
+    let effects = fixture.posted(owner_post("b1", "", "!board"));
+    assert!(
+        matches!(effects.as_slice(), [Effect::Board(BoardJob::Show { post_id: None, text })]
+            if text.starts_with("📋 **Sessions board**")),
+        "{effects:#?}"
+    );
+    assert!(
+        fixture.posted(owner_post("b2", "", "!board")).is_empty(),
+        "asked again while it is being posted: no second post"
+    );
+    fixture.router.handle(Input::Board(BoardEvent::Posted {
+        post_id: "board1".to_string(),
+    }));
+    assert_eq!(fixture.router.registry.board_post_id(), Some("board1"));
+    let effects = fixture.posted(owner_post("b3", "", "!board"));
+    notice("", "The board is [here]", &effects);
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Board(BoardJob::Show { post_id: None, .. }))),
+        "{effects:#?}"
+    );
+    let effects = fixture.posted(owner_post("b4", "", "!board off"));
+    assert!(
+        effects.iter().any(
+            |e| matches!(e, Effect::Board(BoardJob::Stop { post_id, .. }) if post_id == "board1")
+        ),
+        "{effects:#?}"
+    );
+    notice("", "The board is stopped", &effects);
+    assert_eq!(fixture.router.registry.board_post_id(), None);
+    notice(
+        "",
+        "No board is running",
+        &fixture.posted(owner_post("b5", "", "!board off")),
+    );
 }
 
 #[test]

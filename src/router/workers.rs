@@ -85,6 +85,8 @@ impl Router {
             find_root_since: self.registry.recovered_intent(key),
             model,
             agent,
+            owner_username: self.identity.owner_username.clone(),
+            notify: self.notify,
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {
@@ -211,6 +213,7 @@ impl Router {
                 self.registry
                     .delivered(&key, message_id, seq, crate::log::now_ms());
             }
+            Report::Waiting { key, waiting } => self.board_waiting(key, waiting),
             Report::Exited { key, worker_id } => {
                 if let Some(thread) = self.retiring.remove(&worker_id) {
                     let _ = thread.join();

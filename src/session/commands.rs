@@ -77,27 +77,11 @@ impl Worker {
             );
             return self.prompt(post_id, text, Vec::new(), false);
         }
-        let message_id = crate::opencode::ids::prompt_message_id(
-            &post_id,
-            crate::log::now_ms(),
-            self.tracker.newest_message(),
-        );
-        let input = crate::opencode::PromptInput {
-            text,
-            message_id: Some(message_id.clone()),
-            delivery: crate::opencode::Delivery::Steer,
-            ..crate::opencode::PromptInput::default()
-        };
-        match self
-            .opencode
-            .prompt_with(&self.key.session_id, &self.info.directory, &input)
-        {
+        // Sent or refused (and said so), it is no longer owed.
+        let sent = self.send_steer(&post_id, text);
+        self.prompt_done(&post_id);
+        match sent {
             Ok(()) => {
-                crate::info!(
-                    "[{}] steered {post_id} into the running turn as {message_id}",
-                    self.short()
-                );
-                self.tracker.saw_message(&message_id);
                 self.post_notice(
                     "↪️ Sent into the running turn; the agent reads it when its current step ends.",
                 );
@@ -109,6 +93,30 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Sends `text` into the running v2 turn (`delivery: "steer"`), with a message id made from
+    /// `tag` (a post id, or a request id), which the tracker then knows as the turn's own.
+    pub(super) fn send_steer(&mut self, tag: &str, text: String) -> Result<(), OcError> {
+        let message_id = crate::opencode::ids::prompt_message_id(
+            tag,
+            crate::log::now_ms(),
+            self.tracker.newest_message(),
+        );
+        let input = crate::opencode::PromptInput {
+            text,
+            message_id: Some(message_id.clone()),
+            delivery: crate::opencode::Delivery::Steer,
+            ..crate::opencode::PromptInput::default()
+        };
+        self.opencode
+            .prompt_with(&self.key.session_id, &self.info.directory, &input)?;
+        crate::info!(
+            "[{}] steered {tag} into the running turn as {message_id}",
+            self.short()
+        );
+        self.tracker.saw_message(&message_id);
+        Ok(())
     }
 
     /// `!stop` or 🛑: aborts the current run. The completion line that follows says it stopped.

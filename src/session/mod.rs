@@ -150,6 +150,11 @@ pub enum Report {
         model: Option<String>,
         agent: Option<String>,
     },
+    /// A permission request or question started or stopped waiting for the owner (for the board).
+    Waiting {
+        key: SessionKey,
+        waiting: bool,
+    },
     /// The worker's thread is ending. `worker_id` tells it from a newer worker of the same session.
     Exited {
         key: SessionKey,
@@ -181,6 +186,10 @@ pub struct Setup {
     pub model: Option<String>,
     /// The owner's `!agent` choice; None: OpenCode's.
     pub agent: Option<String>,
+    /// The owner's username, for mentions in posts that need them.
+    pub owner_username: String,
+    /// Which posts mention the owner.
+    pub notify: crate::config::Notify,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -215,14 +224,15 @@ where
         .spawn(move || {
             let key = setup.key.clone();
             let reports_for_worker = reports.clone();
-            let worker = Worker::new(
+            // Boxed: the thread's resident stack then holds a pointer, not copies of the worker.
+            let worker = Box::new(Worker::new(
                 setup,
                 worker_id,
                 mailbox,
                 Box::new(move |r: Report| {
                     let _ = reports_for_worker.send(T::from(r));
                 }),
-            );
+            ));
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
                 worker.run();
             }));
@@ -270,6 +280,11 @@ struct Worker {
     recovery: recovery::Recovery,
     outage: Outage,
     settle: Settle,
+    owner_username: String,
+    notify: crate::config::Notify,
+    /// What the router was last told of `waiting.any()`; None: nothing yet, so a new worker says
+    /// it once (an earlier worker may have left the router's view stale).
+    reported_waiting: Option<bool>,
 }
 
 /// OpenCode could not be reached (`down`): queued prompts wait for it.
@@ -288,6 +303,11 @@ struct Outage {
 struct Settle {
     since: Option<Instant>,
     recheck_at: Option<Instant>,
+    /// v2: a bare rejection by the owner halts the turn and the server says nothing of it. When to
+    /// ask whether the session still runs, how many more times, and whether it was found halted.
+    halt_check_at: Option<Instant>,
+    halt_checks_left: u8,
+    halted: bool,
 }
 
 /// A prompt waiting its turn, with the post it came from.
@@ -310,6 +330,9 @@ impl Worker {
             recovery: recovery::Recovery::new(setup.delivery, setup.find_root_since),
             outage: Outage::default(),
             settle: Settle::default(),
+            owner_username: setup.owner_username,
+            notify: setup.notify,
+            reported_waiting: None,
             root_text: reply::root_post(
                 &setup.info,
                 &setup.command_prefix,
@@ -340,7 +363,7 @@ impl Worker {
         short_id(&self.key.session_id)
     }
 
-    fn run(mut self) {
+    fn run(mut self: Box<Self>) {
         let recorded = !self.root_post_id.is_empty();
         self.recovery.took_over = recorded;
         if !recorded && !self.create_root() {
@@ -355,6 +378,7 @@ impl Worker {
         let mut memory_returned = false;
         loop {
             self.note_dropped();
+            self.report_waiting();
             if let Some(message) = self.mailbox.pop() {
                 memory_returned = false;
                 if let SessionMsg::Ended { ended_ms } = message {
@@ -387,6 +411,18 @@ impl Worker {
                 inbox::Wait::Disconnected if self.mailbox.is_empty() => return self.stop(),
                 inbox::Wait::Disconnected => {}
             }
+        }
+    }
+
+    /// Tells the router when the session starts or stops waiting for the owner.
+    fn report_waiting(&mut self) {
+        let waiting = self.waiting.any();
+        if self.reported_waiting != Some(waiting) {
+            self.reported_waiting = Some(waiting);
+            (self.report)(Report::Waiting {
+                key: self.key.clone(),
+                waiting,
+            });
         }
     }
 
@@ -541,6 +577,13 @@ impl Worker {
                     );
                     self.prompt_done(&post_id);
                     return true;
+                }
+                // An owed `!steer` comes back as its post's text.
+                if recovered_since_ms.is_some()
+                    && let Some(ThreadCommand::Steer { text }) =
+                        crate::command::parse_thread(&text, &self.prefix)
+                {
+                    return self.steer(post_id, text);
                 }
                 return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
@@ -818,6 +861,7 @@ impl Worker {
             self.typing_deadline(),
             retry,
             self.settle.recheck_at,
+            self.settle.halt_check_at,
         ]
         .into_iter()
         .flatten()
@@ -834,6 +878,16 @@ impl Worker {
         if self.outage.retry_at.is_some_and(|d| d <= Instant::now()) && !self.tracker.is_running() {
             self.outage.retry_at = None;
             self.send_next();
+        }
+        if self
+            .settle
+            .halt_check_at
+            .is_some_and(|d| d <= Instant::now())
+        {
+            self.check_halt();
+            if !self.tracker.is_running() {
+                self.send_next();
+            }
         }
         if self.settle.recheck_at.is_some_and(|d| d <= Instant::now()) {
             self.settle.recheck_at = None;
@@ -859,6 +913,7 @@ impl Worker {
         // finished.
         let mut interrupted = false;
         if let Some(messages) = &stored
+            && !self.settle.halted
             && !self.tracker.settled_in(messages)
         {
             let never_started = self
@@ -884,8 +939,7 @@ impl Worker {
             );
             interrupted = true;
         }
-        self.settle.since = None;
-        self.settle.recheck_at = None;
+        self.settle = Settle::default();
         self.complete_turn(stored.as_deref(), None, interrupted);
     }
 
@@ -947,6 +1001,9 @@ impl Worker {
         if elapsed_ms.is_some() {
             line.push_str(" · _finished while opencode-mattermost was away_");
         }
+        let elapsed = Duration::from_millis(elapsed_ms.unwrap_or(summary.elapsed_ms));
+        let wanted = reply::completion_mentions(&self.notify, &summary.outcome, elapsed);
+        let line = self.mention_if(wanted, &line);
         match turn.prompt_key() {
             Some(key) if self.earlier_done(key) => {
                 crate::debug!(
@@ -1030,6 +1087,7 @@ impl Worker {
             format_duration(lived),
             self.unsent_queue_note()
         );
+        let ended = self.mention_if(self.notify.errors, &ended);
         self.post_at(Priority::Final, &ended, None);
     }
 

@@ -5,9 +5,17 @@
 use crate::asks::{self, DecidedBy};
 use crate::command::ReactionMeaning;
 use crate::opencode::rest::OcError;
-use crate::opencode::{Event, PermissionReply, PermissionRequest, QuestionRequest};
+use std::time::{Duration, Instant};
+
+use crate::opencode::{
+    Dialect, Event, PermissionReply, PermissionRequest, QuestionRequest, Status,
+};
 
 use super::Worker;
+
+/// How soon, and how many times, a session is asked whether a bare v2 rejection halted its turn.
+const HALT_CHECK: Duration = Duration::from_millis(500);
+const HALT_CHECKS: u8 = 6;
 
 #[derive(Default)]
 pub(super) struct Waiting {
@@ -157,6 +165,7 @@ impl Worker {
             request.patterns
         );
         let text = asks::permission_post(&request, &self.info.directory, &self.prefix);
+        let text = self.mention_if(self.notify.asks, &text);
         let post_id = self.post_request(&request.id, &text).unwrap_or_default();
         self.waiting
             .permissions
@@ -179,6 +188,22 @@ impl Worker {
     fn answer_permission(&mut self, index: usize, reply: PermissionReply, message: Option<&str>) {
         let pending = self.waiting.permissions.remove(index);
         let directory = self.info.directory.clone();
+        let message = message.map(str::trim).filter(|m| !m.is_empty());
+        let v2_reject = reply == PermissionReply::Reject && self.opencode.dialect() == Dialect::V2;
+        // v2 (1.18.33) takes a rejection's message but never shows it to the model: it goes into
+        // the turn as a steered message of the owner's, sent first so that the step after the
+        // rejection reads it.
+        let steered = match message {
+            Some(message) if v2_reject => Some(self.send_steer(
+                &pending.request.id,
+                format!(
+                    "I rejected the {} request ({}): {message}",
+                    pending.request.permission,
+                    pending.request.patterns.join(", ")
+                ),
+            )),
+            _ => None,
+        };
         match self
             .opencode
             .reply_permission(&pending.request.id, &directory, reply, message)
@@ -193,12 +218,21 @@ impl Worker {
                     message,
                 );
                 self.edit_post(&pending.post_id, &text);
-                if message.is_some_and(|m| !m.trim().is_empty())
-                    && self.opencode.dialect() == crate::opencode::Dialect::V2
-                {
-                    self.post_notice(
-                        "ℹ️ Rejected, but without your message: OpenCode's v2 API takes no message with a permission answer, so the agent was not told why.",
-                    );
+                match steered {
+                    Some(Ok(())) => {
+                        self.post_notice(
+                            "ℹ️ OpenCode's v2 API does not pass a rejection's message to the agent, so your message was sent into the running turn as one of yours.",
+                        );
+                    }
+                    Some(Err(e)) => {
+                        self.post_notice(&format!(
+                            "⚠️ Rejected, but your message could not be sent to the agent ({e}); send it again with `{}steer`.",
+                            self.prefix
+                        ));
+                    }
+                    // A bare rejection halts a v2 turn with no event to say so.
+                    None if v2_reject => self.expect_halt(),
+                    None => {}
                 }
             }
             // Answered or withdrawn meanwhile: OpenCode no longer has it.
@@ -212,6 +246,41 @@ impl Worker {
                 self.waiting.permissions.insert(at, pending);
             }
         }
+    }
+
+    /// After a bare v2 rejection: the session is asked soon whether it still runs.
+    pub(super) fn expect_halt(&mut self) {
+        self.settle.halt_check_at = Some(Instant::now() + HALT_CHECK);
+        self.settle.halt_checks_left = HALT_CHECKS;
+    }
+
+    /// Ends the turn if the session no longer runs; else asks again a few times (a turn that goes
+    /// on ends with its own events).
+    pub(super) fn check_halt(&mut self) {
+        self.settle.halt_check_at = None;
+        if !self.tracker.is_running() {
+            return;
+        }
+        let running = match self.opencode.session_status(&self.info.directory) {
+            Ok(statuses) => statuses
+                .get(&self.key.session_id)
+                .is_some_and(|s| *s != Status::Idle),
+            Err(e) => {
+                crate::debug!("[{}] status not read: {e}", self.short());
+                true
+            }
+        };
+        if running {
+            self.settle.halt_checks_left = self.settle.halt_checks_left.saturating_sub(1);
+            if self.settle.halt_checks_left > 0 {
+                self.settle.halt_check_at = Some(Instant::now() + HALT_CHECK);
+            }
+            return;
+        }
+        crate::debug!("[{}] the rejection ended the turn", self.short());
+        self.settle.halted = true;
+        self.tracker.busy = false;
+        self.finish_turn();
     }
 
     fn permission_answered_elsewhere(&mut self, request_id: &str, reply: PermissionReply) {
@@ -250,6 +319,7 @@ impl Worker {
             request.questions.len()
         );
         let text = asks::question_post(&request, 0, &self.prefix);
+        let text = self.mention_if(self.notify.asks, &text);
         // Answers to earlier parts are not kept across a restart, so a request of several questions
         // is asked afresh from its first.
         let post_id = if request.questions.len() == 1 {
@@ -313,6 +383,7 @@ impl Worker {
             .then(|| asks::question_post(&pending.request, pending.index, &self.prefix));
         self.edit_post(&post_id, &text);
         if let Some(next) = next {
+            let next = self.mention_if(self.notify.asks, &next);
             let post_id = self.post_notice(&next).unwrap_or_default();
             if let Some(pending) = self.waiting.questions.get_mut(index) {
                 pending.post_id = post_id;

@@ -275,6 +275,11 @@ impl Worker {
         first
     }
 
+    /// `text` mentioning the owner when `wanted`: only a new post's mention notifies them.
+    pub(super) fn mention_if(&self, wanted: bool, text: &str) -> String {
+        crate::reply::with_mention(text, wanted.then_some(self.owner_username.as_str()))
+    }
+
     /// Replaces a post's text; a failure is logged, since the post's old text is still true enough.
     pub(super) fn edit_post(&self, post_id: &str, message: &str) {
         self.edit_post_at(Priority::Ask, post_id, message);

@@ -20,6 +20,7 @@ mod support;
 mod process;
 mod real;
 mod report;
+mod servers;
 
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,7 @@ fn main() {
     let fakes = Fakes::start();
     start_to_ready(&fakes, starts as usize, &mut report);
     fake_pass(&fakes, idle_secs, &mut report);
+    servers::pass(&fakes, idle_secs, &mut report);
     drop(fakes);
     if std::env::var("BENCH_REAL").as_deref() != Ok("0") {
         real::pass(&mut report);
@@ -132,6 +134,11 @@ impl Fakes {
     }
 
     fn spawn_bridge(&self, state: &TempDir) -> BridgeProcess {
+        self.spawn_bridge_to(state, &self.opencode.url())
+    }
+
+    /// A bridge following `opencode_url` (an `OPENCODE_URL` value: one URL or a list).
+    fn spawn_bridge_to(&self, state: &TempDir, opencode_url: &str) -> BridgeProcess {
         let (url, token, owner) = (
             self.mattermost.url(),
             self.mattermost.bot().token,
@@ -141,7 +148,7 @@ impl Fakes {
             mattermost_url: &url,
             token: &token,
             owner: &owner,
-            opencode_url: &self.opencode.url(),
+            opencode_url,
             state_dir: state.path(),
         })
     }

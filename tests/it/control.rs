@@ -145,11 +145,12 @@ fn permissions_are_answered_by_reactions() {
     );
 
     // Always with 🔓: the same pattern is not asked again in this session.
+    let again = always_covered("printf 'ran-%s' thrice", "printf 'ran-%s' again");
     world.llm.script(
         "third by reaction",
         vec![
             vec![bash("printf 'ran-%s' thrice")],
-            vec![bash("printf 'ran-%s' again")],
+            vec![bash(again)],
             vec![text("Both ran.")],
         ],
     );
@@ -161,15 +162,24 @@ fn permissions_are_answered_by_reactions() {
         .expect("reaction accepted");
     wait_completions(&world, &root, 3);
     let results = tool_results(&world);
-    assert!(results.iter().any(|r| r.contains("ran-thrice")));
+    let ran = |what: &str| results.iter().filter(|r| r.contains(what)).count();
+    assert!(ran("ran-thrice") >= 1);
     assert!(
-        results.iter().any(|r| r.contains("ran-again")),
+        ran("ran-again") >= 1 || ran("ran-thrice") >= 2,
         "the second call of an always-allowed pattern did not run"
     );
-    let asked_again = world
-        .bot_posts_in_thread(&root.id)
-        .iter()
-        .any(|p| p.message.contains("Permission") && p.message.contains("'ran-%s' again"));
+    let asked = |command: &str| {
+        world
+            .bot_posts_in_thread(&root.id)
+            .iter()
+            .filter(|p| p.message.contains("Permission") && p.message.contains(command))
+            .count()
+    };
+    let asked_again = if again.ends_with("again") {
+        asked("'ran-%s' again") > 0
+    } else {
+        asked("'ran-%s' thrice") > 1
+    };
     assert!(!asked_again, "an always-allowed pattern was asked again");
     // The first request still shows its first decision, not the later reaction.
     assert_eq!(
@@ -214,11 +224,12 @@ fn permissions_are_answered_by_text_commands() {
         "the rejection message never reached the model"
     );
 
+    let four = always_covered("printf 'txt-%s' three", "printf 'txt-%s' four");
     world.llm.script(
         "always by text",
         vec![
             vec![bash("printf 'txt-%s' three")],
-            vec![bash("printf 'txt-%s' four")],
+            vec![bash(four)],
             vec![text("Both done.")],
         ],
     );
@@ -226,13 +237,28 @@ fn permissions_are_answered_by_text_commands() {
     permission_post(&world, &root, "printf 'txt-%s' three");
     world.owner_says(&root.id, "!always");
     wait_completions(&world, &root, 3);
-    assert!(tool_results(&world).iter().any(|r| r.contains("txt-four")));
+    let results = tool_results(&world);
+    assert!(
+        results.iter().any(|r| r.contains("txt-four"))
+            || results.iter().filter(|r| r.contains("txt-three")).count() >= 2,
+        "the second call of an always-allowed pattern did not run"
+    );
 
     // Nothing waiting: the command says so instead of guessing.
     world.owner_says(&root.id, "!allow");
     world.wait_bot_post(&root.id, "nothing waiting", |p| {
         p.message.contains("No permission request is waiting")
     });
+}
+
+/// A second command that an "always" answer to `first` covers. v1 saves a pattern (`printf *`); a
+/// v2 server (1.18.33) saves the exact command (the request's `save`), so on v2 it is `first` again.
+fn always_covered<'a>(first: &'a str, other: &'a str) -> &'a str {
+    if crate::support::is_v2() {
+        first
+    } else {
+        other
+    }
 }
 
 fn question_call(questions: Value) -> Step {

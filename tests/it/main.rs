@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod attention;
 mod bad_input;
 mod budget;
 mod check;

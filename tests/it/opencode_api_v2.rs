@@ -539,6 +539,35 @@ fn steer_joins_the_running_turn_on_v2_and_is_a_plain_prompt_when_idle() {
     });
 }
 
+/// `!steer` is owed like a prompt until OpenCode has it: one accepted while OpenCode is down,
+/// with the bridge then restarted, is still sent, once.
+#[test]
+fn a_steer_waiting_for_opencode_survives_a_bridge_restart() {
+    let mut world = v2_world();
+    let (id, _) = world.new_session("Steer owed");
+    let root = world.wait_root(&id);
+    world.opencode.kill();
+    world.owner_says(&root.id, "!steer kept across the restart");
+    world.wait_bot_post(&root.id, "the queued notice", |p| {
+        p.message.contains("queued")
+    });
+    world.stop_bridge();
+    world.opencode.restart();
+    start_v2_bridge(&mut world);
+    world.wait_bot_post(&root.id, "the steer's answer", |p| {
+        p.message.contains("echo: kept across the restart")
+    });
+    let prompts = world.prompts_seen_by_llm();
+    assert_eq!(
+        prompts
+            .iter()
+            .filter(|p| p.as_str() == "kept across the restart")
+            .count(),
+        1,
+        "{prompts:?}"
+    );
+}
+
 #[test]
 fn status_says_which_api_the_bridge_speaks_and_why() {
     let world = v2_world();

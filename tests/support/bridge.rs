@@ -55,6 +55,7 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
         catchup_max_age: Duration::from_secs(24 * 3600),
         forget_after: Duration::from_secs(30 * 24 * 3600),
         max_rps: opencode_mattermost::budget::DEFAULT_MAX_RPS,
+        notify: opencode_mattermost::config::Notify::default(),
     }
 }
 

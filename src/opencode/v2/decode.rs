@@ -608,12 +608,18 @@ pub struct LoggedTurn {
 
 /// The turns that ended in `items` (a session's durable log, oldest first) after `after`, each
 /// once, in order; a turn still running at the end of the log is left out (it is streamed live).
-/// Events repeated or out of order are skipped by the durable decoder.
+/// Events repeated or out of order are skipped by the durable decoder. A turn that stopped with no
+/// end event (a bare permission rejection halts one so on 1.18.33) ends where the next prompt
+/// begins, so it is neither merged into the next turn nor makes that turn's prompt its own.
 pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedTurn> {
     let mut decoder = V2Decoder::durable();
     decoder.resume_after(session_id, after);
     let mut turns = Vec::new();
     let mut messages: Vec<LoggedMessage> = Vec::new();
+    // The turn's first user message: v2 steps name no parent, and the reply's posts are keyed by
+    // it (a reply begun before a restart is continued, not posted again).
+    let mut prompt: Option<String> = None;
+    let mut last_seq = after;
     for item in items {
         let envelopes = match decoder.decode_value(item) {
             Ok(envelopes) => envelopes,
@@ -626,8 +632,30 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
             if envelope.event.session_id() != Some(session_id) {
                 continue;
             }
+            let seq = envelope.seq.map_or(last_seq, |s| s.get());
+            // A halted turn ends at its own last event, not at the next prompt's admission.
+            let counts = !matches!(envelope.event, Event::Other { .. });
+            let halted = |messages: &[LoggedMessage]| {
+                messages.iter().any(|(m, _)| {
+                    m.role == Role::Assistant && m.completed_ms.is_none() && m.error.is_none()
+                })
+            };
             match envelope.event {
-                Event::MessageUpdated { message, .. } => {
+                Event::MessageUpdated { mut message, .. } => {
+                    if message.role == Role::User && halted(&messages) {
+                        prompt = None;
+                        turns.push(LoggedTurn {
+                            messages: std::mem::take(&mut messages),
+                            end_seq: last_seq,
+                        });
+                    }
+                    match message.role {
+                        Role::User if prompt.is_none() => prompt = Some(message.id.clone()),
+                        Role::Assistant if message.parent_id.is_none() => {
+                            message.parent_id = prompt.clone();
+                        }
+                        _ => {}
+                    }
                     match messages.iter_mut().find(|(m, _)| m.id == message.id) {
                         Some((stored, _)) => *stored = message,
                         None => messages.push((message, Vec::new())),
@@ -644,12 +672,16 @@ pub fn ended_turns(session_id: &str, after: u64, items: &[Value]) -> Vec<LoggedT
                     }
                 }
                 Event::SessionIdle { .. } if !messages.is_empty() => {
+                    prompt = None;
                     turns.push(LoggedTurn {
                         messages: std::mem::take(&mut messages),
-                        end_seq: envelope.seq.map_or(after, |s| s.get()),
+                        end_seq: seq,
                     });
                 }
                 _ => {}
+            }
+            if counts {
+                last_seq = seq;
             }
         }
     }
@@ -780,9 +812,166 @@ mod tests {
         let (answer, parts) = &turns[0].messages[1];
         assert!(answer.completed_ms.is_some());
         assert_eq!(parts[0].body, PartBody::Text("Hello world.".into()));
+        // Its prompt, which keys the reply's posts: a reply begun before a restart is found by it.
+        assert_eq!(
+            answer.parent_id.as_deref(),
+            Some("msg_dbe2000000001abcdefghijklm")
+        );
         // Delivered up to its end: nothing follows. A log cut before the end: no turn yet.
         assert!(ended_turns(session, 6, &items).is_empty());
         assert!(ended_turns(session, 0, &items[..5]).is_empty());
+    }
+
+    /// The recorded log of a turn halted by a bare rejection (seq 1–7), then a later turn of the
+    /// same session (the `a-text` recording, renumbered 8–13).
+    fn halted_then_answered() -> (String, Vec<Value>) {
+        let read = |name: &str| -> Vec<Value> {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/v2")
+                .join(format!("{name}.history.json"));
+            let text = std::fs::read_to_string(path).expect("fixture");
+            let history: Value = serde_json::from_str(&text).expect("JSON");
+            history["data"].as_array().expect("data").clone()
+        };
+        let mut items = read("h-rejected");
+        let session = items[0]["durable"]["aggregateID"]
+            .as_str()
+            .expect("session")
+            .to_string();
+        let offset = items.len() as u64;
+        for mut item in read("a-text") {
+            let seq = item["durable"]["seq"].as_u64().expect("seq");
+            item["durable"]["seq"] = json!(seq + offset);
+            item["data"]["sessionID"] = json!(session);
+            items.push(item);
+        }
+        (session, items)
+    }
+
+    #[test]
+    fn a_turn_halted_without_an_end_event_ends_where_the_next_prompt_begins() {
+        let (session, items) = halted_then_answered();
+        let turns = ended_turns(&session, 0, &items);
+        assert_eq!(turns.len(), 2, "{turns:?}");
+        assert_eq!(turns[0].end_seq, 7);
+        assert_eq!(turns[1].end_seq, 13);
+        // Each turn keyed by its own prompt: the halted one's messages are not in the next.
+        let prompts: Vec<Vec<Option<String>>> = turns
+            .iter()
+            .map(|t| {
+                t.messages
+                    .iter()
+                    .map(|(m, _)| m.parent_id.clone())
+                    .collect()
+            })
+            .collect();
+        let first_user = &turns[0].messages[0].0.id;
+        let second_user = &turns[1].messages[0].0.id;
+        assert_ne!(first_user, second_user);
+        assert_eq!(prompts[0][1].as_ref(), Some(first_user));
+        assert_eq!(turns[1].messages.len(), 2);
+        assert_eq!(prompts[1][1].as_ref(), Some(second_user));
+        // Until the next prompt, the halted turn is not known to have ended.
+        assert!(ended_turns(&session, 0, &items[..7]).is_empty());
+        // Delivered past it: only the later turn.
+        assert_eq!(ended_turns(&session, 7, &items).len(), 1);
+    }
+
+    /// Issue 12's bad input in one durable stream: an unknown `session.next.*` type, an event
+    /// without `seq`, a `seq` gone backwards, and a log that ends mid-event. Each is skipped and
+    /// logged once, nothing is delivered twice, and the next prompt's turn still arrives.
+    #[test]
+    fn bad_input_in_the_log_is_skipped_logged_once_and_the_next_turn_still_delivered() {
+        let session = "ses_dbe209d60ffeARMigCctWJcK6p";
+        // The durable log has the live stream's events but its deltas.
+        let first: Vec<Value> = RECORDED_TURN
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e.get("durable").is_some())
+            .collect();
+        // The next prompt's turn after an unknown event (seq 7): the same events renumbered 8–13,
+        // with their own ids and text.
+        let second: Vec<Value> = first
+            .iter()
+            .map(|event| {
+                let text = event.to_string().replace("Hello world.", "Second answer.");
+                let text = text.replace("msg_dbe2000000001", "msg_dbe2000000002");
+                let text = text.replace("msg_241df7f93001", "msg_241df7f93002");
+                let mut event: Value = serde_json::from_str(&text).unwrap();
+                if let Some(seq) = event.pointer("/durable/seq").and_then(Value::as_u64) {
+                    event["durable"]["seq"] = json!(seq + 7);
+                }
+                event
+            })
+            .collect();
+        let unknown = json!({"type": "session.next.telepathy", "durable": {"seq": 7},
+            "data": {"sessionID": session}});
+        let no_seq = json!({"type": "session.next.text.ended",
+            "data": {"sessionID": session, "assistantMessageID": "msg_x", "textID": "t", "text": "stray"}});
+        let rewound = first
+            .iter()
+            .find(|e| e["type"] == "session.next.text.ended")
+            .cloned()
+            .expect("text.ended");
+        let mut stream = String::new();
+        let mut push = |event: &Value| stream.push_str(&format!("data: {event}\n\n"));
+        first.iter().for_each(&mut push);
+        for bad in [&unknown, &unknown, &no_seq, &no_seq, &rewound, &rewound] {
+            push(bad);
+        }
+        second.iter().for_each(&mut push);
+        // The log ends in the middle of one more event.
+        let cut = format!("data: {}", &TOOL_CALLED[..60]);
+        stream.push_str(&cut);
+
+        let mut decoder = V2Decoder::durable();
+        let mut parser = crate::opencode::sse::SseParser::new(1 << 20);
+        let mut events = Vec::new();
+        for sse in parser.feed(stream.as_bytes()) {
+            events.extend(decoder.decode(&sse.data).expect("whole events decode"));
+        }
+        let texts: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::PartUpdated { part, .. } => match &part.body {
+                    PartBody::Text(t) if !t.is_empty() => Some(t.as_str()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts, ["Hello world.", "Second answer."]);
+        let prompts: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::MessageUpdated { message, .. } if message.role == Role::User => {
+                    Some(message.id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            prompts,
+            [
+                "msg_dbe2000000001abcdefghijklm",
+                "msg_dbe2000000002abcdefghijklm"
+            ]
+        );
+        let ends = events
+            .iter()
+            .filter(|e| matches!(e.event, Event::SessionIdle { .. }))
+            .count();
+        assert_eq!(ends, 2);
+        assert_eq!(decoder.last_seq(session), Some(13));
+        // Logged once each: the unknown type, the missing seq, the rewound seq.
+        assert_eq!(decoder.logged.len(), 3, "{:?}", decoder.logged);
+        // The cut event was never delivered; the log read again from the position delivers only
+        // what is new.
+        let mut again = Vec::new();
+        for sse in crate::opencode::sse::SseParser::new(1 << 20).feed(stream.as_bytes()) {
+            again.extend(decoder.decode(&sse.data).expect("decodes"));
+        }
+        assert!(again.is_empty(), "{again:?}");
     }
 
     #[test]

@@ -217,7 +217,9 @@ pub fn questions(
 }
 
 /// v2 replies go to `/api/session/{sid}/permission/{rid}/reply`; the domain call names only the
-/// request, so its session comes from the pending list. v2 takes no feedback message.
+/// request, so its session comes from the pending list. The contract takes a `message`; 1.18.33
+/// accepts it (a rejection with one lets the turn go on) but does not show it to the model, so the
+/// worker also steers it into the turn.
 pub fn reply_permission(
     client: &OpenCodeClient,
     request_id: &str,
@@ -225,9 +227,6 @@ pub fn reply_permission(
     reply: PermissionReply,
     message: Option<&str>,
 ) -> Result<(), OcError> {
-    if message.is_some_and(|m| !m.trim().is_empty()) {
-        crate::debug!("a v2 permission reply carries no message; the feedback is not sent");
-    }
     let session_id = permissions(client, directory)?
         .into_iter()
         .find(|p| p.id == request_id)
@@ -238,11 +237,19 @@ pub fn reply_permission(
         session_path(&session_id, "/permission"),
         percent_encode(request_id)
     );
-    let body = json!({"reply": permission_reply_name(reply)});
+    let body = permission_reply_body(reply, message);
     client
         .send("POST", &path, Some(&body))
         .map(drop)
         .map_err(not_found_is_request(request_id))
+}
+
+pub fn permission_reply_body(reply: PermissionReply, message: Option<&str>) -> Value {
+    let mut body = json!({"reply": permission_reply_name(reply)});
+    if let Some(message) = message.map(str::trim).filter(|m| !m.is_empty()) {
+        body["message"] = json!(message);
+    }
+    body
 }
 
 pub fn reply_question(

@@ -107,6 +107,17 @@ impl PostVersion {
     }
 }
 
+/// A user named with `@username` in a post when it was created (edits never add one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mention {
+    pub user_id: String,
+    pub post_id: String,
+    /// The thread's root; empty for a root post.
+    pub root_id: String,
+    /// The message as created.
+    pub message: String,
+}
+
 /// Mattermost's `RateLimitSettings`: `per_second` requests with bursts of `burst`.
 #[derive(Clone, Copy, Debug)]
 pub struct RateLimit {
@@ -147,6 +158,14 @@ impl<'a> FakeView<'a> {
     /// `(user, channel, parent)` of every accepted `user_typing` action.
     pub fn typing_events(&self) -> &'a [(String, String, String)] {
         &self.state.typing
+    }
+
+    /// `FakeMattermost::mentions_of`.
+    pub fn mentions_of(&self, user_id: &str) -> Vec<Mention> {
+        (self.state.mention_log.iter())
+            .filter(|m| m.user_id == user_id)
+            .cloned()
+            .collect()
     }
 
     pub fn ws_connection_count(&self) -> usize {
@@ -389,6 +408,18 @@ impl FakeMattermost {
     /// `(user, channel, parent)` of every accepted `user_typing` action.
     pub fn typing_events(&self) -> Vec<(String, String, String)> {
         self.shared.lock().typing.clone()
+    }
+
+    /// Every `@username` mention of `user_id` in posts as they were created, oldest first: what
+    /// notifies that user (Mattermost never notifies on an edit).
+    pub fn mentions_of(&self, user_id: &str) -> Vec<Mention> {
+        self.shared
+            .lock()
+            .mention_log
+            .iter()
+            .filter(|m| m.user_id == user_id)
+            .cloned()
+            .collect()
     }
 
     /// Turns Mattermost's per-token rate limiting on (`Some`) or off (`None`, the default).

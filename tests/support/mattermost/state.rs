@@ -242,6 +242,10 @@ pub(super) struct State {
     pub(super) reliable_websockets: bool,
     pub(super) max_file_size: u64,
     pub(super) open_websockets: usize,
+    /// Every `@username` mention of a user in a created post, in order. Mattermost parses mentions
+    /// only when a post is created (an edit notifies no one), and an explicit mention is what
+    /// makes a user follow a thread with collapsed reply threads, so it reaches their phone.
+    pub(super) mention_log: Vec<super::Mention>,
 }
 
 impl State {
@@ -291,6 +295,7 @@ impl State {
             reliable_websockets: true,
             max_file_size: DEFAULT_MAX_FILE_SIZE,
             open_websockets: 0,
+            mention_log: Vec::new(),
         }
     }
 
@@ -590,6 +595,14 @@ impl State {
         if !mentions.is_empty() {
             data.insert("mentions".into(), to_json(&mentions).into());
         }
+        for user_id in self.named_mentions(channel, &post.user_id, &post.message) {
+            self.mention_log.push(super::Mention {
+                user_id,
+                post_id: post.id.clone(),
+                root_id: post.root_id.clone(),
+                message: post.message.clone(),
+            });
+        }
         if !post.file_ids.is_empty() {
             data.insert("otherFile".into(), "true".into());
             let any_image = post.file_ids.iter().any(|id| {
@@ -627,18 +640,26 @@ impl State {
     /// Who a post mentions: the other member of a DM, `@username`s and `@channel`/`@all`/`@here`
     /// among members elsewhere; never the sender.
     fn mentions(&self, channel: &Channel, sender: &str, message: &str) -> Vec<String> {
+        if channel.kind == 'D' {
+            return channel
+                .members
+                .iter()
+                .filter(|m| *m != sender)
+                .cloned()
+                .collect();
+        }
+        self.named_mentions(channel, sender, message)
+    }
+
+    /// The members a message names with `@username` (or `@channel`/`@all`/`@here` outside DMs);
+    /// never the sender. `@alice.` and `@alice,` name alice, as Mattermost trims the punctuation.
+    fn named_mentions(&self, channel: &Channel, sender: &str, message: &str) -> Vec<String> {
         let mut mentioned: Vec<String> = Vec::new();
         let mut add = |id: &str| {
             if id != sender && !mentioned.iter().any(|m| m == id) {
                 mentioned.push(id.to_owned());
             }
         };
-        if channel.kind == 'D' {
-            for member in &channel.members {
-                add(member);
-            }
-            return mentioned;
-        }
         for word in message.split('@').skip(1) {
             let name: String = word
                 .chars()
@@ -646,7 +667,7 @@ impl State {
                 .collect();
             let name = name.trim_end_matches(['.', '_', '-']);
             let lower = name.to_ascii_lowercase();
-            if matches!(lower.as_str(), "channel" | "all" | "here") {
+            if matches!(lower.as_str(), "channel" | "all" | "here") && channel.kind != 'D' {
                 for member in &channel.members {
                     if lower != "here" || self.online.contains(member) {
                         add(member);

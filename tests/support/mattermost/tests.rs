@@ -1180,3 +1180,67 @@ fn other_reads_and_open_channels() {
     });
     assert!(nothing.is_none());
 }
+
+/// Mattermost parses `@username` only when a post is created: the mention is recorded then, and an
+/// edit that adds one notifies no one (its `post_edited` carries no `mentions`).
+#[test]
+fn mentions_are_recorded_on_create_never_on_edit() {
+    let fake = FakeMattermost::start();
+    let (bot, alice, mallory) = (fake.bot(), fake.owner(), fake.stranger());
+    let client = Client::new(&fake);
+    let channel = fake.dm_channel(&alice.id, &bot.id);
+    let mut ws = ws_connect(&fake, Some(&alice.token), "");
+    next_event(&mut ws, "hello");
+
+    let root = client.post(&bot.token, &channel, "", "a new thread").json();
+    let root_id = root["id"].as_str().unwrap();
+    let event = next_event(&mut ws, "posted");
+    assert_eq!(
+        embedded(&event["data"]["mentions"]),
+        json!([alice.id]),
+        "a DM's other member is always in `mentions`"
+    );
+    assert!(
+        fake.mentions_of(&alice.id).is_empty(),
+        "but only @username names them"
+    );
+
+    let named = client
+        .post(&bot.token, &channel, root_id, "needs you\n@alice.")
+        .json();
+    next_event(&mut ws, "posted");
+    let mentions = fake.mentions_of(&alice.id);
+    assert_eq!(mentions.len(), 1, "{mentions:?}");
+    assert_eq!(mentions[0].post_id, named["id"].as_str().unwrap());
+    assert_eq!(mentions[0].root_id, root_id);
+    assert_eq!(mentions[0].message, "needs you\n@alice.");
+    // Not a member of this DM, and a name that is no user: no one.
+    client.post(&bot.token, &channel, root_id, "@mallory @nobody @ALICE");
+    next_event(&mut ws, "posted");
+    assert!(fake.mentions_of(&mallory.id).is_empty());
+    assert_eq!(fake.mentions_of(&alice.id).len(), 2, "case-insensitive");
+    // The sender never mentions themself.
+    client.post(&alice.token, &channel, root_id, "me, @alice");
+    next_event(&mut ws, "posted");
+    assert_eq!(fake.mentions_of(&alice.id).len(), 2);
+
+    let patch = format!("/api/v4/posts/{root_id}/patch");
+    let edit = json!({"message": "a new thread @alice"});
+    let edited = client.call("PUT", &patch, Some(&bot.token), Some(&edit));
+    assert_eq!(edited.status, 200, "{}", edited.text());
+    let event = next_event(&mut ws, "post_edited");
+    assert_eq!(
+        keys(&event["data"]),
+        key_set(&["post"]),
+        "no mentions on edit"
+    );
+    assert_eq!(
+        embedded(&event["data"]["post"])["message"],
+        "a new thread @alice"
+    );
+    assert_eq!(
+        fake.mentions_of(&alice.id).len(),
+        2,
+        "an edit mentions no one"
+    );
+}
