@@ -2,6 +2,7 @@
 //! wire events into the domain types below. Nothing outside this module looks at OpenCode's field names.
 
 pub mod decode;
+pub mod discover;
 pub mod ids;
 pub mod rest;
 pub mod sse;
