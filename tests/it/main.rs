@@ -10,6 +10,7 @@ mod check;
 mod cli;
 mod control;
 mod delivery;
+mod discovery;
 mod e2e;
 mod faults;
 mod mattermost_api;
