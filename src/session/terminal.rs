@@ -1,6 +1,6 @@
 //! Sessions run by another OpenCode process (the plain TUI, `opencode run`; issue 13): every server on the
 //! same store lists them, but their live events stay inside that process. They are recognised by the poll
-//! (the session's `updated` time moved while our stream showed nothing of it) and followed by reading
+//! (the session's `updated` time moved later than anything our stream showed of it) and followed by reading
 //! their stored messages instead of streaming: each finished turn is posted whole, through the worker's
 //! catch-up, whose delivery marks make it appear once across restarts.
 //!
@@ -20,12 +20,16 @@ pub const ROOT_NOTE: &str =
 /// Said once in the thread, when the owner's reply runs such a session on the bridge's server.
 pub const REPLY_NOTE: &str = "ℹ️ This runs on the bridge's OpenCode server: the terminal will not show it until the session is reopened there.";
 
+/// An event's time and the session's `updated` time come from clocks of the same machine; a live turn's
+/// last event and its `updated` time are this close.
+const SLACK_MS: u64 = 2_000;
+
 #[derive(Debug, Default)]
 struct Seen {
     /// The session's `updated` time at the last poll.
-    updated_ms: u64,
-    /// The stream delivered an event of this session since the last poll.
-    event_since_poll: bool,
+    updated_ms: Option<u64>,
+    /// When the stream last delivered an event of this session (bridge clock, ms since epoch).
+    last_event_ms: u64,
     elsewhere: bool,
 }
 
@@ -36,36 +40,28 @@ pub struct Elsewhere {
 }
 
 impl Elsewhere {
-    /// The stream showed an event of `key`: it runs where we listen.
-    pub fn on_event(&mut self, key: &SessionKey) {
-        if let Some(seen) = self.seen.get_mut(key) {
-            seen.event_since_poll = true;
-            seen.elsewhere = false;
-        }
+    /// The stream showed an event of `key` at `now_ms`: it runs where we listen.
+    pub fn on_event(&mut self, key: &SessionKey, now_ms: u64) {
+        let seen = self.seen.entry(key.clone()).or_default();
+        seen.last_event_ms = now_ms;
+        seen.elsewhere = false;
     }
 
-    /// The poll listed `key` with its `updated` time; `busy_here`: our server reports it running.
-    /// Returns whether the session runs elsewhere: it moved between two polls with no event of it
-    /// in our stream. It stays so until the stream shows an event of it (a reply run here).
-    pub fn on_poll(&mut self, key: &SessionKey, updated_ms: u64, busy_here: bool) -> bool {
-        let Some(seen) = self.seen.get_mut(key) else {
-            // First sight: the time to compare the next poll with.
-            self.seen.insert(
-                key.clone(),
-                Seen {
-                    updated_ms,
-                    ..Seen::default()
-                },
-            );
-            return false;
-        };
-        if busy_here || seen.event_since_poll {
-            seen.elsewhere = false;
-        } else if updated_ms > seen.updated_ms {
-            seen.elsewhere = true;
-        }
-        seen.event_since_poll = false;
-        seen.updated_ms = seen.updated_ms.max(updated_ms);
+    /// The poll listed `key` with its `updated` time; `busy_here`: our server reports it running;
+    /// `since_ms`: when its thread was last complete, the mark for the first poll. Returns whether it
+    /// runs elsewhere: it moved since the last poll, later than any event of it in our stream.
+    pub fn on_poll(
+        &mut self,
+        key: &SessionKey,
+        updated_ms: u64,
+        busy_here: bool,
+        since_ms: u64,
+    ) -> bool {
+        let seen = self.seen.entry(key.clone()).or_default();
+        let previous = seen.updated_ms.unwrap_or(since_ms);
+        seen.elsewhere =
+            !busy_here && updated_ms > previous && updated_ms > seen.last_event_ms + SLACK_MS;
+        seen.updated_ms = Some(previous.max(updated_ms));
         seen.elsewhere
     }
 
@@ -105,44 +101,56 @@ mod tests {
     fn a_session_that_moves_with_no_event_runs_elsewhere() {
         let mut e = Elsewhere::default();
         let k = key("ses_a");
-        assert!(!e.on_poll(&k, 100, false), "first sight only records");
-        assert!(!e.on_poll(&k, 100, false), "unchanged");
-        assert!(e.on_poll(&k, 150, false), "moved, stream silent");
+        assert!(
+            !e.on_poll(&k, 100_000, false, 100_000),
+            "unchanged since its thread was complete"
+        );
+        assert!(
+            e.on_poll(&k, 150_000, false, 100_000),
+            "moved, stream silent"
+        );
         assert!(e.is_elsewhere(&k));
-        assert!(e.on_poll(&k, 150, false), "stays elsewhere while quiet");
+        assert!(!e.on_poll(&k, 150_000, false, 100_000), "nothing new");
+        // First sight of a session that moved after its thread was last complete.
+        let b = key("ses_b");
+        assert!(e.on_poll(&b, 500_000, false, 100_000));
     }
 
     #[test]
     fn events_or_a_busy_status_here_mean_it_runs_here() {
         let mut e = Elsewhere::default();
         let k = key("ses_b");
-        e.on_poll(&k, 100, false);
-        e.on_event(&k);
-        assert!(!e.on_poll(&k, 200, false), "the stream showed it move");
-        assert!(!e.on_poll(&k, 300, true), "our server runs it");
-        assert!(e.on_poll(&k, 400, false));
-        // A reply run on our server: its events come back to us.
-        e.on_event(&k);
+        e.on_poll(&k, 10_000, false, 10_000);
+        e.on_event(&k, 19_500);
+        assert!(
+            !e.on_poll(&k, 20_000, false, 0),
+            "the stream showed it move"
+        );
         assert!(!e.is_elsewhere(&k));
-        assert!(!e.on_poll(&k, 500, false));
-        // The terminal takes it again.
-        assert!(e.on_poll(&k, 600, false));
+        assert!(!e.on_poll(&k, 30_000, true, 0), "our server runs it");
+        assert!(
+            e.on_poll(&k, 40_000, false, 0),
+            "moved long after the last event"
+        );
+        // A reply run on our server: its events come back to us.
+        e.on_event(&k, 41_000);
+        assert!(!e.is_elsewhere(&k));
+        assert!(!e.on_poll(&k, 42_000, false, 0));
     }
 
     #[test]
     fn sessions_are_independent_and_forgotten() {
         let mut e = Elsewhere::default();
         let (a, b) = (key("ses_a"), key("ses_b"));
-        e.on_poll(&a, 1, false);
-        e.on_poll(&b, 1, false);
-        e.on_event(&b);
-        assert!(e.on_poll(&a, 2, false));
-        assert!(!e.on_poll(&b, 2, false));
+        e.on_poll(&a, 1, false, 1);
+        e.on_poll(&b, 1, false, 1);
+        e.on_event(&b, 10_000);
+        assert!(e.on_poll(&a, 20_000, false, 1));
+        assert!(!e.on_poll(&b, 10_500, false, 1));
         e.forget(&a);
         assert!(!e.is_elsewhere(&a));
-        assert!(!e.on_poll(&a, 3, false), "after forget, first sight again");
         // An older time (clock skew between processes) is not a move.
-        assert!(!e.on_poll(&b, 1, false));
+        assert!(!e.on_poll(&b, 5, false, 1));
     }
 
     #[test]

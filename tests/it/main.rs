@@ -20,4 +20,5 @@ mod properties;
 mod router_io;
 mod static_binary;
 mod status;
+mod terminal;
 mod tls;
