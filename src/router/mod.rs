@@ -460,6 +460,9 @@ impl Router {
                 command,
             },
             None => {
+                if let Some(note) = self.elsewhere.reply_note(&key) {
+                    self.reply(&root_id, note);
+                }
                 self.owe_prompt(&key, &post);
                 prompt_of(post)
             }

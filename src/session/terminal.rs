@@ -6,7 +6,7 @@
 //!
 //! Pure state and texts: no IO, so the rule is tested exhaustively here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::opencode::SessionKey;
 
@@ -37,6 +37,8 @@ struct Seen {
 #[derive(Debug, Default)]
 pub struct Elsewhere {
     seen: HashMap<SessionKey, Seen>,
+    /// Threads told that a reply runs on the bridge's server (once each, per bridge run).
+    told: HashSet<SessionKey>,
 }
 
 impl Elsewhere {
@@ -49,7 +51,8 @@ impl Elsewhere {
 
     /// The poll listed `key` with its `updated` time; `busy_here`: our server reports it running;
     /// `since_ms`: when its thread was last complete, the mark for the first poll. Returns whether it
-    /// runs elsewhere: it moved since the last poll, later than any event of it in our stream.
+    /// moved elsewhere since the last poll: later than any event of it in our stream, so its turns
+    /// are to be read from the store.
     pub fn on_poll(
         &mut self,
         key: &SessionKey,
@@ -59,30 +62,33 @@ impl Elsewhere {
     ) -> bool {
         let seen = self.seen.entry(key.clone()).or_default();
         let previous = seen.updated_ms.unwrap_or(since_ms);
-        seen.elsewhere =
+        let moved_elsewhere =
             !busy_here && updated_ms > previous && updated_ms > seen.last_event_ms + SLACK_MS;
+        // Stays so until our stream or our server shows it running here.
+        if moved_elsewhere {
+            seen.elsewhere = true;
+        } else if busy_here {
+            seen.elsewhere = false;
+        }
         seen.updated_ms = Some(previous.max(updated_ms));
-        seen.elsewhere
+        moved_elsewhere
     }
 
     pub fn is_elsewhere(&self, key: &SessionKey) -> bool {
         self.seen.get(key).is_some_and(|s| s.elsewhere)
     }
 
+    /// The owner's reply runs `key` on the bridge's server: the note to post first, once per thread,
+    /// and only while the session is run elsewhere.
+    pub fn reply_note(&mut self, key: &SessionKey) -> Option<&'static str> {
+        (self.is_elsewhere(key) && self.told.insert(key.clone())).then_some(REPLY_NOTE)
+    }
+
     /// The session is gone or its thread ended.
     pub fn forget(&mut self, key: &SessionKey) {
         self.seen.remove(key);
+        self.told.remove(key);
     }
-}
-
-/// The thread's notice about a reply run on the bridge's server: once per thread (`told` is kept by
-/// the worker), and only while the session is run elsewhere.
-pub fn reply_note(elsewhere: bool, told: &mut bool) -> Option<&'static str> {
-    if !elsewhere || *told {
-        return None;
-    }
-    *told = true;
-    Some(REPLY_NOTE)
 }
 
 #[cfg(test)]
@@ -111,6 +117,7 @@ mod tests {
         );
         assert!(e.is_elsewhere(&k));
         assert!(!e.on_poll(&k, 150_000, false, 100_000), "nothing new");
+        assert!(e.is_elsewhere(&k), "until it runs here");
         // First sight of a session that moved after its thread was last complete.
         let b = key("ses_b");
         assert!(e.on_poll(&b, 500_000, false, 100_000));
@@ -155,10 +162,15 @@ mod tests {
 
     #[test]
     fn the_reply_note_is_said_once_and_only_for_sessions_run_elsewhere() {
-        let mut told = false;
-        assert_eq!(reply_note(false, &mut told), None);
-        assert!(!told);
-        assert_eq!(reply_note(true, &mut told), Some(REPLY_NOTE));
-        assert_eq!(reply_note(true, &mut told), None);
+        let mut e = Elsewhere::default();
+        let k = key("ses_a");
+        assert_eq!(e.reply_note(&k), None, "never seen");
+        e.on_poll(&k, 100_000, false, 1);
+        assert_eq!(e.reply_note(&k), Some(REPLY_NOTE));
+        assert_eq!(e.reply_note(&k), None, "once");
+        let b = key("ses_b");
+        e.on_event(&b, 100_000);
+        e.on_poll(&b, 100_000, false, 1);
+        assert_eq!(e.reply_note(&b), None, "runs here");
     }
 }

@@ -47,6 +47,21 @@ fn a_turn_run_in_a_terminal_appears_in_the_thread_once() {
         !completion_lines(&world, &root).is_empty()
     });
     assert_eq!(answer(&world), 1);
+    // A reply runs it on the bridge's server, after a note that the terminal will not show it.
+    world.llm.script(
+        "from the thread",
+        vec![vec![Step::Text("answered in the thread".to_string())]],
+    );
+    world.owner_says(&root.id, "question from the thread");
+    world.wait_bot_post(&root.id, "the reply's answer", |p| {
+        p.message.contains("answered in the thread")
+    });
+    let notes = world
+        .bot_posts_in_thread(&root.id)
+        .into_iter()
+        .filter(|p| p.message.contains("the terminal will not show it"))
+        .count();
+    assert_eq!(notes, 1, "the terminal note, once");
     // A restart does not post it again.
     world.stop_bridge();
     world.start_bridge();
