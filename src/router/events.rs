@@ -59,6 +59,7 @@ impl Router {
         // A turn run by another server on the same store streams into the owner's one thread.
         let server = self.owner_of(&server, &session_id);
         let key = SessionKey { server, session_id };
+        self.elsewhere.on_event(&key, crate::log::now_ms());
         crate::trace!(
             "[{}] event {}",
             short_id(&key.session_id),
@@ -212,7 +213,12 @@ impl Router {
             {
                 self.deliver(&key, SessionMsg::Polled(status));
             }
-            if catching_up && status.is_none_or(|s| s == Status::Idle) {
+            // Run in a terminal: no events reach us, so its finished turns come from the store.
+            let updated = updated_ms.get(&key.session_id).copied().unwrap_or(0);
+            let since = self.record(&key).map_or(0, |r| r.delivered_at_ms);
+            let busy = status.is_some_and(|s| s != Status::Idle);
+            let elsewhere = self.elsewhere.on_poll(&key, updated, busy, since);
+            if (catching_up || elsewhere) && status.is_none_or(|s| s == Status::Idle) {
                 self.catch_up(&key, updated_ms.get(&key.session_id).copied());
             }
         }

@@ -142,6 +142,8 @@ pub struct Router {
     told_down: HashSet<ServerKey>,
     /// Servers whose next snapshot follows a (re)connect: threads catch up on what they missed.
     catch_up_due: HashSet<ServerKey>,
+    /// Sessions run by another OpenCode process (a terminal): followed by the poll's catch-up.
+    elsewhere: crate::session::terminal::Elsewhere,
     /// Owed prompts from before a restart were handed out (once, at the first connect).
     recovered_prompts: bool,
     /// Decisions not yet handed to the shell.
@@ -239,6 +241,7 @@ impl Router {
             down_since: HashMap::new(),
             told_down: HashSet::new(),
             catch_up_due: HashSet::new(),
+            elsewhere: Default::default(),
             recovered_prompts: false,
             effects: Vec::new(),
             confirming: HashSet::new(),
@@ -494,6 +497,9 @@ impl Router {
                 }
             }
             None => {
+                if let Some(note) = self.elsewhere.reply_note(&key) {
+                    self.reply(&root_id, note);
+                }
                 self.owe_prompt(&key, &post);
                 prompt_of(post)
             }

@@ -15,6 +15,7 @@ mod pending;
 mod posting;
 mod recovery;
 mod reply_posts;
+pub mod terminal;
 
 use recovery::DONE_PROP;
 use reply_posts::{ReplyPosts, SentPost};

@@ -165,6 +165,59 @@ impl OpenCode {
         init_project(&self.root.join("projects").join(name), &self.config)
     }
 
+    /// Runs `opencode run [--session ID] TEXT` as a separate process on this server's store (its HOME,
+    /// XDG dirs and provider config), as a terminal would, and waits for it (with a deadline).
+    pub fn run_in_terminal(&self, session_id: Option<&str>, text: &str) -> String {
+        let log = self.root.join("terminal.log");
+        let stdout = File::create(&log).expect("create terminal.log");
+        let stderr = stdout.try_clone().expect("clone log file handle");
+        let mut command = Command::new(opencode_binary());
+        command.arg("run");
+        if let Some(id) = session_id {
+            command.args(["--session", id]);
+        }
+        command
+            .arg(text)
+            .current_dir(&self.project_dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("PWD", &self.project_dir)
+            .env("HOME", self.root.join("home"))
+            .env("XDG_CONFIG_HOME", self.root.join("xdg/config"))
+            .env("XDG_DATA_HOME", self.root.join("xdg/data"))
+            .env("XDG_STATE_HOME", self.root.join("xdg/state"))
+            .env("XDG_CACHE_HOME", self.root.join("xdg/cache"))
+            .env("TMPDIR", self.root.join("tmp"))
+            .env("LANG", "C.UTF-8")
+            .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+            .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+            .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+            .env("OPENCODE_DISABLE_SHARE", "1")
+            .env("OPENCODE_DISABLE_CLAUDE_CODE", "1")
+            .env("OPENCODE_DISABLE_EXTERNAL_SKILLS", "1")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn().expect("spawn opencode run");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for opencode run") {
+                let output = tail(&log, 4000);
+                assert!(
+                    status.success(),
+                    "opencode run failed ({status}):\n{output}"
+                );
+                return output;
+            }
+            if Instant::now() > deadline {
+                kill_tree(&mut child);
+                panic!("opencode run did not finish in 60 s:\n{}", tail(&log, 4000));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn create_session(&self, directory: &Path, title: Option<&str>) -> Value {
         let body = match title {
             Some(title) => json!({"title": title}),
