@@ -371,23 +371,11 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
     );
 
     println!("idle CPU: {idle_secs} s with {SESSIONS} sessions");
-    std::thread::sleep(Duration::from_secs(2));
-    let ticks_before = bridge.cpu_ticks();
-    let idle_started = Instant::now();
-    std::thread::sleep(Duration::from_secs(idle_secs));
-    let ticks = bridge.cpu_ticks() - ticks_before;
-    let seconds = idle_started.elapsed().as_secs_f64();
-    let cpu_seconds = ticks as f64 / clock_ticks_per_second() as f64;
-    let percent = cpu_seconds / seconds * 100.0;
-    report.row(
+    idle_cpu_row(
+        &bridge,
+        idle_secs,
         &format!("CPU while idle with {SESSIONS} sessions ({idle_secs} s)"),
-        format!(
-            "{percent:.3}% of one core ({:.0} ms CPU in {seconds:.0} s)",
-            cpu_seconds * 1000.0
-        ),
-        "≤ 0.1%",
-        Some(percent <= 0.1),
-        json!({"cpu_ms": cpu_seconds * 1000.0, "seconds": seconds, "percent": percent}),
+        report,
     );
     let problems = bridge.problems();
     outage(fakes, &bridge, &sessions, report);
@@ -404,6 +392,28 @@ fn fake_pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
         "the bridge stopped {:.0} ms after SIGTERM",
         stop_took.as_secs_f64() * 1000.0
     ));
+}
+
+/// The bridge's CPU over `idle_secs` of quiet (after 2 s to settle), as a share of one core.
+fn idle_cpu_row(bridge: &BridgeProcess, idle_secs: u64, figure: &str, report: &mut Report) {
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks_before = bridge.cpu_ticks();
+    let idle_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let ticks = bridge.cpu_ticks() - ticks_before;
+    let seconds = idle_started.elapsed().as_secs_f64();
+    let cpu_seconds = ticks as f64 / clock_ticks_per_second() as f64;
+    let percent = cpu_seconds / seconds * 100.0;
+    report.row(
+        figure,
+        format!(
+            "{percent:.3}% of one core ({:.0} ms CPU in {seconds:.0} s)",
+            cpu_seconds * 1000.0
+        ),
+        "≤ 0.1%",
+        Some(percent <= 0.1),
+        json!({"cpu_ms": cpu_seconds * 1000.0, "seconds": seconds, "percent": percent}),
+    );
 }
 
 /// How long Mattermost is down while the sessions stream, in the outage row.

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::process::clock_ticks_per_second;
 use super::report::{Report, Samples, mib};
 use super::support::TempDir;
 use super::support::fake_opencode::FakeOpenCode;
@@ -71,23 +70,11 @@ pub fn pass(fakes: &Fakes, idle_secs: u64, report: &mut Report) {
         json!({"misnamed": misnamed}),
     );
 
-    std::thread::sleep(Duration::from_secs(2));
-    let ticks_before = bridge.cpu_ticks();
-    let idle_started = Instant::now();
-    std::thread::sleep(Duration::from_secs(idle_secs));
-    let ticks = bridge.cpu_ticks() - ticks_before;
-    let seconds = idle_started.elapsed().as_secs_f64();
-    let cpu_seconds = ticks as f64 / clock_ticks_per_second() as f64;
-    let percent = cpu_seconds / seconds * 100.0;
-    report.row(
+    super::idle_cpu_row(
+        &bridge,
+        idle_secs,
         &format!("{SERVERS} servers: CPU while idle with {SERVERS} readers ({idle_secs} s)"),
-        format!(
-            "{percent:.3}% of one core ({:.0} ms CPU in {seconds:.0} s)",
-            cpu_seconds * 1000.0
-        ),
-        "≤ 0.1%",
-        Some(percent <= 0.1),
-        json!({"cpu_ms": cpu_seconds * 1000.0, "seconds": seconds, "percent": percent}),
+        report,
     );
     let (rss, threads) = (bridge.rss_kib(), bridge.threads());
     report.row(
