@@ -987,18 +987,7 @@ mod tests {
     }
 
     fn message(id: &str, role: Role) -> MessageInfo {
-        MessageInfo {
-            id: id.into(),
-            role,
-            created_ms: 0,
-            completed_ms: None,
-            tokens: Tokens::default(),
-            cost: 0.0,
-            error: None,
-            model: None,
-            agent: None,
-            parent_id: None,
-        }
+        MessageInfo::new(id.into(), role, 0)
     }
 
     fn text_part(id: &str, message_id: &str, text: &str) -> Part {

@@ -176,25 +176,11 @@ impl OpenCode {
         if let Some(id) = session_id {
             command.args(["--session", id]);
         }
+        isolate(&mut command, &self.root);
         command
             .arg(text)
             .current_dir(&self.project_dir)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("PWD", &self.project_dir)
-            .env("HOME", self.root.join("home"))
-            .env("XDG_CONFIG_HOME", self.root.join("xdg/config"))
-            .env("XDG_DATA_HOME", self.root.join("xdg/data"))
-            .env("XDG_STATE_HOME", self.root.join("xdg/state"))
-            .env("XDG_CACHE_HOME", self.root.join("xdg/cache"))
-            .env("TMPDIR", self.root.join("tmp"))
-            .env("LANG", "C.UTF-8")
-            .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
-            .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
-            .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
-            .env("OPENCODE_DISABLE_SHARE", "1")
-            .env("OPENCODE_DISABLE_CLAUDE_CODE", "1")
-            .env("OPENCODE_DISABLE_EXTERNAL_SKILLS", "1")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -497,6 +483,7 @@ fn spawn_server(
     let stdout = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
     let stderr = stdout.try_clone().expect("clone log file handle");
     let mut command = Command::new(binary);
+    isolate(&mut command, root);
     command
         .args([
             "serve",
@@ -507,22 +494,6 @@ fn spawn_server(
             "--print-logs",
         ])
         .current_dir(project_dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", root.join("home"))
-        .env("XDG_CONFIG_HOME", root.join("xdg/config"))
-        .env("XDG_DATA_HOME", root.join("xdg/data"))
-        .env("XDG_STATE_HOME", root.join("xdg/state"))
-        .env("XDG_CACHE_HOME", root.join("xdg/cache"))
-        .env("TMPDIR", root.join("tmp"))
-        .env("LANG", "C.UTF-8")
-        // Keep the server offline and away from anything of the real user's.
-        .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
-        .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
-        .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
-        .env("OPENCODE_DISABLE_SHARE", "1")
-        .env("OPENCODE_DISABLE_CLAUDE_CODE", "1")
-        .env("OPENCODE_DISABLE_EXTERNAL_SKILLS", "1")
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
@@ -744,4 +715,25 @@ fn tail(path: &Path, limit: u64) -> String {
         path.display(),
         String::from_utf8_lossy(&bytes)
     )
+}
+
+/// Only this test's HOME and XDG directories, offline and away from anything of the real user's: what
+/// a server and a terminal process on the same store share.
+fn isolate(command: &mut Command, root: &Path) {
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", root.join("home"))
+        .env("XDG_CONFIG_HOME", root.join("xdg/config"))
+        .env("XDG_DATA_HOME", root.join("xdg/data"))
+        .env("XDG_STATE_HOME", root.join("xdg/state"))
+        .env("XDG_CACHE_HOME", root.join("xdg/cache"))
+        .env("TMPDIR", root.join("tmp"))
+        .env("LANG", "C.UTF-8")
+        .env("OPENCODE_DISABLE_AUTOUPDATE", "1")
+        .env("OPENCODE_DISABLE_MODELS_FETCH", "1")
+        .env("OPENCODE_DISABLE_LSP_DOWNLOAD", "1")
+        .env("OPENCODE_DISABLE_SHARE", "1")
+        .env("OPENCODE_DISABLE_CLAUDE_CODE", "1")
+        .env("OPENCODE_DISABLE_EXTERNAL_SKILLS", "1");
 }
