@@ -71,11 +71,12 @@ FUZZ_SECONDS ?= 8
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --test it properties:: -- --test-threads 2 --nocapture
 
-# Latency, throughput and memory figures of the release binary against local fakes, then one
-# smaller pass against the real OpenCode; writes target/bench.json. BENCH_IDLE_SECS=10 for a quick run.
-bench: opencode
+# Latency, throughput and memory figures of the static binary (what `make install` puts in place)
+# against local fakes, then one smaller pass against the real OpenCode; writes target/bench.json.
+# BENCH_IDLE_SECS=10 for a quick run; BENCH_BINARY=path measures another build.
+bench: opencode static
 	OPENCODE_BIN="$$(bash tests/install-opencode.sh $(OPENCODE_VERSION) | tail -n 1)" \
-		$(CARGO) bench --bench bench
+		BENCH_BINARY="$${BENCH_BINARY:-$(CURDIR)/$(STATIC_BINARY)}" $(CARGO) bench --bench bench
 
 opencode:
 	@bash tests/install-opencode.sh $(OPENCODE_VERSION) >/dev/null

@@ -72,6 +72,7 @@ pub fn run(writer: HeartbeatWriter, liveness: Liveness, stop: Receiver<()>) {
             write(&mut beat, false);
             last_write = Instant::now();
         }
+        crate::memory::return_owed_heap();
         if crate::stopped(&stop, Duration::from_secs(1)) {
             write(&mut beat, true);
             return;

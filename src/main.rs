@@ -10,6 +10,7 @@ use opencode_mattermost::config::{self, Invocation};
 const EXIT_PANIC: i32 = 4;
 
 fn main() -> ExitCode {
+    opencode_mattermost::memory::restart_with_tunables();
     opencode_mattermost::memory::tune_allocator();
     install_panic_hook();
     let args = std::env::args_os().skip(1);

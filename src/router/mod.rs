@@ -59,17 +59,17 @@ pub const INPUT_QUEUE: usize = 1024;
 
 #[derive(Debug)]
 pub enum Input {
-    Mattermost(WsUpdate),
-    OpenCode(ServerKey, WatchEvent),
-    Session(Report),
+    Mattermost(Box<WsUpdate>),
+    OpenCode(ServerKey, Box<WatchEvent>),
+    Session(Box<Report>),
     /// A server to follow (found by discovery): its reader is started.
     ServerAdded(Arc<OpenCodeClient>),
     /// A server to let go (its process stopped): its threads wait for it.
     ServerRemoved(ServerKey),
     /// A look-up's answer.
-    Found(Found),
+    Found(Box<Found>),
     /// The look-up queue was full: the look-up was not made.
-    Refused(Lookup),
+    Refused(Box<Lookup>),
     /// What the `board` thread learnt.
     Board(board::BoardEvent),
     Stop,
@@ -88,25 +88,25 @@ pub enum Effect {
 
 impl From<Found> for Input {
     fn from(found: Found) -> Input {
-        Input::Found(found)
+        Input::Found(Box::new(found))
     }
 }
 
 impl From<WsUpdate> for Input {
     fn from(update: WsUpdate) -> Input {
-        Input::Mattermost(update)
+        Input::Mattermost(Box::new(update))
     }
 }
 
 impl From<(ServerKey, WatchEvent)> for Input {
     fn from((server, event): (ServerKey, WatchEvent)) -> Input {
-        Input::OpenCode(server, event)
+        Input::OpenCode(server, Box::new(event))
     }
 }
 
 impl From<Report> for Input {
     fn from(report: Report) -> Input {
-        Input::Session(report)
+        Input::Session(Box::new(report))
     }
 }
 
@@ -283,13 +283,13 @@ impl Router {
     /// outside is in the returned effects.
     pub fn handle(&mut self, input: Input) -> Vec<Effect> {
         match input {
-            Input::Mattermost(update) => self.on_mattermost(update),
-            Input::OpenCode(server, event) => self.on_opencode(server, event),
-            Input::Session(report) => self.on_report(report),
-            Input::Found(found) => self.on_found(found),
+            Input::Mattermost(update) => self.on_mattermost(*update),
+            Input::OpenCode(server, event) => self.on_opencode(server, *event),
+            Input::Session(report) => self.on_report(*report),
+            Input::Found(found) => self.on_found(*found),
             Input::ServerAdded(client) => self.add_server(client),
             Input::ServerRemoved(server) => self.remove_server(&server),
-            Input::Refused(lookup) => self.on_refused(lookup),
+            Input::Refused(lookup) => self.on_refused(*lookup),
             Input::Board(event) => self.on_board_event(event),
             Input::Stop => {}
         }
@@ -317,13 +317,14 @@ impl Router {
             .collect();
         while !running.is_empty() {
             match inputs.recv_deadline(deadline) {
-                Ok(Input::Session(Report::Exited { worker_id, .. })) => {
-                    if let Some(thread) = running.remove(&worker_id) {
-                        let _ = thread.join();
-                    }
-                }
                 Ok(Input::Session(report)) => {
-                    self.on_report(report);
+                    if let Report::Exited { worker_id, .. } = *report {
+                        if let Some(thread) = running.remove(&worker_id) {
+                            let _ = thread.join();
+                        }
+                        continue;
+                    }
+                    self.on_report(*report);
                     let effects = std::mem::take(&mut self.effects);
                     shell.carry_out(self, effects);
                 }
@@ -808,7 +809,7 @@ impl Shell {
                     Ok(()) => {}
                     Err(TrySendError::Full(lookup) | TrySendError::Disconnected(lookup)) => {
                         // Refusals only ever answer with notices, so this ends.
-                        effects.extend(router.handle(Input::Refused(lookup)));
+                        effects.extend(router.handle(Input::Refused(Box::new(lookup))));
                     }
                 },
                 Effect::Board(job) => {

@@ -82,11 +82,11 @@ impl Fixture {
 
     fn posted(&mut self, post: Post) -> Vec<Effect> {
         self.router
-            .handle(Input::Mattermost(WsUpdate::Event(WsEvent::Posted(post))))
+            .handle(Input::from(WsUpdate::Event(WsEvent::Posted(post))))
     }
 
     fn found(&mut self, found: Found) -> Vec<Effect> {
-        self.router.handle(Input::Found(found))
+        self.router.handle(Input::from(found))
     }
 
     fn key(&self, session_id: &str) -> SessionKey {
@@ -238,16 +238,15 @@ fn a_reply_in_an_unknown_thread_is_looked_up_then_answered() {
 #[test]
 fn a_reaction_reads_its_post_off_the_loop() {
     let mut fixture = Fixture::new();
-    let effects =
-        fixture
-            .router
-            .handle(Input::Mattermost(WsUpdate::Event(WsEvent::ReactionAdded(
-                Reaction {
-                    user_id: OWNER.to_string(),
-                    post_id: "p9".to_string(),
-                    emoji_name: "octagonal_sign".to_string(),
-                },
-            ))));
+    let effects = fixture
+        .router
+        .handle(Input::from(WsUpdate::Event(WsEvent::ReactionAdded(
+            Reaction {
+                user_id: OWNER.to_string(),
+                post_id: "p9".to_string(),
+                emoji_name: "octagonal_sign".to_string(),
+            },
+        ))));
     assert_eq!(
         effects,
         vec![Effect::Lookup(Lookup::ReactedPost {
@@ -256,16 +255,15 @@ fn a_reaction_reads_its_post_off_the_loop() {
         })]
     );
     // Someone else's reaction means nothing.
-    let effects =
-        fixture
-            .router
-            .handle(Input::Mattermost(WsUpdate::Event(WsEvent::ReactionAdded(
-                Reaction {
-                    user_id: "stranger".to_string(),
-                    post_id: "p9".to_string(),
-                    emoji_name: "octagonal_sign".to_string(),
-                },
-            ))));
+    let effects = fixture
+        .router
+        .handle(Input::from(WsUpdate::Event(WsEvent::ReactionAdded(
+            Reaction {
+                user_id: "stranger".to_string(),
+                post_id: "p9".to_string(),
+                emoji_name: "octagonal_sign".to_string(),
+            },
+        ))));
     assert_eq!(effects, vec![]);
 }
 
@@ -307,13 +305,13 @@ fn a_session_missing_from_the_poll_is_confirmed_one_look_up_at_a_time() {
     });
     let server = fixture.server.clone();
     let snapshot = |router: &mut Router| {
-        router.handle(Input::OpenCode(
+        router.handle(Input::from((
             server.clone(),
             WatchEvent::Snapshot {
                 sessions: Vec::new(),
                 statuses: HashMap::new(),
             },
-        ))
+        )))
     };
     let confirm = Effect::Lookup(Lookup::ConfirmGone {
         key: fixture.key("ses_gone"),
@@ -333,12 +331,10 @@ fn websocket_posts_wait_for_the_catch_up_to_keep_their_order() {
         state.mattermost.last_post_id = "cursor".to_string();
         state.mattermost.last_post_at = 1;
     });
-    let effects = fixture
-        .router
-        .handle(Input::Mattermost(WsUpdate::Connected {
-            resumed: false,
-            server_version: "9.11".to_string(),
-        }));
+    let effects = fixture.router.handle(Input::from(WsUpdate::Connected {
+        resumed: false,
+        server_version: "9.11".to_string(),
+    }));
     assert_eq!(
         effects,
         vec![Effect::Lookup(Lookup::PostsAfter {
@@ -373,14 +369,18 @@ fn websocket_posts_wait_for_the_catch_up_to_keep_their_order() {
 #[test]
 fn a_refused_look_up_the_owner_asked_for_says_so() {
     let mut fixture = Fixture::new();
-    let effects = fixture.router.handle(Input::Refused(Lookup::ListSessions {
-        then: Listing::Sessions { all: false },
-    }));
+    let effects = fixture
+        .router
+        .handle(Input::Refused(Box::new(Lookup::ListSessions {
+            then: Listing::Sessions { all: false },
+        })));
     notice("", "busy", &effects);
-    let effects = fixture.router.handle(Input::Refused(Lookup::ThreadRoot {
-        root_id: "root-1".to_string(),
-        then: Waiting::Reply(owner_post("p1", "root-1", "hi")),
-    }));
+    let effects = fixture
+        .router
+        .handle(Input::Refused(Box::new(Lookup::ThreadRoot {
+            root_id: "root-1".to_string(),
+            then: Waiting::Reply(owner_post("p1", "root-1", "hi")),
+        })));
     notice("root-1", "busy", &effects);
 }
 
@@ -400,13 +400,13 @@ fn a_worker_that_said_its_session_is_gone_is_not_followed_by_a_second_notice() {
     let key = fixture.key("ses_a");
     let effects = fixture
         .router
-        .handle(Input::Session(Report::Gone { key: key.clone() }));
+        .handle(Input::from(Report::Gone { key: key.clone() }));
     assert_eq!(effects, vec![]);
     assert!(fixture.router.registry.is_ended(&key));
     // No worker was started to say it again; the deletion event that follows changes nothing.
     assert!(fixture.router.workers.is_empty());
     let server = fixture.server.clone();
-    fixture.router.handle(Input::OpenCode(
+    fixture.router.handle(Input::from((
         server,
         WatchEvent::Event(crate::opencode::Envelope {
             directory: Box::default(),
@@ -415,7 +415,7 @@ fn a_worker_that_said_its_session_is_gone_is_not_followed_by_a_second_notice() {
             },
             seq: None,
         }),
-    ));
+    )));
     assert!(fixture.router.workers.is_empty());
 }
 
@@ -458,12 +458,10 @@ fn a_reply_waiting_on_its_thread_look_up_is_on_disk_until_answered_and_recovered
     let mut restarted = Fixture::with(|state, _| {
         *state = saved.clone();
     });
-    let effects = restarted
-        .router
-        .handle(Input::Mattermost(WsUpdate::Connected {
-            resumed: false,
-            server_version: "9.11".to_string(),
-        }));
+    let effects = restarted.router.handle(Input::from(WsUpdate::Connected {
+        resumed: false,
+        server_version: "9.11".to_string(),
+    }));
     assert_eq!(
         effects.first(),
         Some(&Effect::Lookup(Lookup::UnresolvedPost {
@@ -574,4 +572,12 @@ fn current_in_a_thread_names_the_session_and_its_server() {
     notice("root-c", "short `12345678`", &effects);
     notice("root-c", "🖥 127.0.0.1:9", &effects);
     notice("root-c", "state: idle", &effects);
+}
+
+/// The input channel's slots are allocated, and touched, when it is made: a large `Input` makes
+/// every one of its `INPUT_QUEUE` slots large, resident for the process's life.
+#[test]
+fn an_input_is_small_because_the_input_queue_holds_its_slots_up_front() {
+    let size = std::mem::size_of::<Input>();
+    assert!(size <= 48, "Input is {size} bytes: box the large variant");
 }

@@ -512,8 +512,8 @@ fn outage(
             mib(rss_end),
             catch_up.as_secs_f64()
         ),
-        "≤ 8 MiB at 50 live sessions; all complete after",
-        Some(peak_kib <= 8 * 1024 && complete == n && exact == n),
+        "peak < 10 MiB; all complete after",
+        Some(peak_kib < 10 * 1024 && complete == n && exact == n),
         json!({"sessions": n, "outage_secs": OUTAGE.as_secs(), "peak_rss_kib": peak_kib,
                "rss_kib_at_end_of_outage": rss_end, "how": how, "complete": complete,
                "exact_final": exact, "stream_secs": streamed.as_secs_f64(),
