@@ -382,6 +382,211 @@ fn under(directory: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Invocation, parse_with_names};
+
+    const TOKEN: &str = "processtoken0123456789abcd";
+
+    /// A links directory holding `files` (name, contents), fresh per test.
+    fn links_dir(test: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "opencode-mattermost-links-{}-{test}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, contents) in files {
+            std::fs::write(dir.join(name), contents).unwrap();
+        }
+        dir
+    }
+
+    fn parse_links(
+        subcommand: &str,
+        dir: &Path,
+        extra: &[(&str, &str)],
+    ) -> Result<Invocation, ConfigError> {
+        let mut env: HashMap<String, String> = [
+            ("MATTERMOST_URL", "https://chat.example.com"),
+            ("MATTERMOST_TOKEN", TOKEN),
+            ("OPENCODE_URL", "http://127.0.0.1:4096"),
+            ("OPENCODE_MM_STATE_DIR", "/var/lib/ocmm"),
+            ("HOME", "/home/ops"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.insert("OPENCODE_MM_LINKS_DIR".into(), dir.display().to_string());
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let names: Vec<String> = env.keys().cloned().collect();
+        let lookup = |name: &str| env.get(name).cloned();
+        parse_with_names(&[subcommand.to_string()], &lookup, &names)
+    }
+
+    fn start_error(dir: &Path) -> String {
+        match parse_links("run", dir, &[]) {
+            Err(e) => {
+                assert!(!e.message.contains(TOKEN));
+                e.message
+            }
+            Ok(other) => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_env_file_is_a_link_over_the_process_settings() {
+        let token_file =
+            std::env::temp_dir().join(format!("ocmm-bob-token-{}", std::process::id()));
+        std::fs::write(&token_file, "bobstoken0123456789abcdefg\n").unwrap();
+        let dir = links_dir(
+            "two",
+            &[
+                (
+                    "alice.env",
+                    "MATTERMOST_OWNER=@Alice\nOPENCODE_MM_DIRS=/home/alice\n",
+                ),
+                (
+                    "bob.env",
+                    &format!(
+                        "MATTERMOST_OWNER=bob\nMATTERMOST_TOKEN_FILE={}\n\
+                         OPENCODE_URL=b=http://127.0.0.1:5000\nOPENCODE_SERVER_PASSWORD_B=pw-of-b\n",
+                        token_file.display()
+                    ),
+                ),
+                ("README", "not a link"),
+                ("alice.env.bak", "MATTERMOST_OWNER=x"),
+                (".hidden.env", "NOT_ALLOWED=1"),
+            ],
+        );
+        // A per-server password of the process that no link names is not an error for a link.
+        let set = match parse_links("run", &dir, &[("OPENCODE_SERVER_PASSWORD_OTHER", "x")]) {
+            Ok(Invocation::RunLinks(set)) => set,
+            other => panic!("expected links, got {other:?}"),
+        };
+        let names: Vec<&str> = set.links.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        let (alice, bob) = (&set.links[0].config, &set.links[1].config);
+        assert_eq!(alice.owner, "alice");
+        assert_eq!(alice.mattermost_token.expose(), TOKEN);
+        assert_eq!(alice.opencode_servers[0].url, "http://127.0.0.1:4096");
+        assert_eq!(alice.dirs.to_string(), "/home/alice");
+        assert_eq!(alice.state_dir, PathBuf::from("/var/lib/ocmm/links/alice"));
+        // bob's token file replaces the process's token, rather than both being "set".
+        assert_eq!(bob.mattermost_token.expose(), "bobstoken0123456789abcdefg");
+        assert_eq!(bob.opencode_servers[0].url, "http://127.0.0.1:5000");
+        assert_eq!(
+            bob.opencode_servers[0]
+                .password
+                .as_ref()
+                .map(|p| p.expose()),
+            Some("pw-of-b")
+        );
+        assert!(bob.dirs.is_everything());
+        let _ = std::fs::remove_file(token_file);
+    }
+
+    #[test]
+    fn a_key_a_link_may_not_set_names_the_file_and_the_fix() {
+        let dir = links_dir(
+            "key",
+            &[(
+                "alice.env",
+                "MATTERMOST_OWNER=alice\nOPENCODE_MM_LOG=debug\n",
+            )],
+        );
+        let message = start_error(&dir);
+        assert!(
+            message.starts_with(&format!(
+                "link file {}/alice.env: OPENCODE_MM_LOG cannot be set per link; set it in the \
+                 process's environment or --env-file, or remove it",
+                dir.display()
+            )),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_broken_link_file_stops_the_start_but_check_reports_it_per_link() {
+        let dir = links_dir(
+            "broken",
+            &[
+                ("alice.env", "MATTERMOST_OWNER=alice\n"),
+                ("bob.env", "MATTERMOST_OWNER=bob\nOPENCODE_MM_DIRS=src\n"),
+            ],
+        );
+        let message = start_error(&dir);
+        assert_eq!(
+            message,
+            format!(
+                "link file {}/bob.env: OPENCODE_MM_DIRS: \"src\" is not an absolute directory; use \
+                 one like /home/alice/src",
+                dir.display()
+            )
+        );
+        match parse_links("check", &dir, &[]) {
+            Ok(Invocation::CheckLinks(Ok(set))) => {
+                assert_eq!(set.links.len(), 1);
+                assert_eq!(set.broken.len(), 1);
+                assert_eq!(set.broken[0].name, "bob");
+            }
+            other => panic!("expected a check of links, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn overlapping_dirs_on_one_opencode_server_are_refused_naming_both_files() {
+        let dir = links_dir(
+            "overlap",
+            &[
+                (
+                    "alice.env",
+                    "MATTERMOST_OWNER=alice\nOPENCODE_MM_DIRS=/srv\n",
+                ),
+                (
+                    "bob.env",
+                    "MATTERMOST_OWNER=bob\nOPENCODE_MM_DIRS=/srv/app,/home/bob\n",
+                ),
+                // Another server: its directories may be anything.
+                (
+                    "carol.env",
+                    "MATTERMOST_OWNER=carol\nOPENCODE_URL=http://127.0.0.1:5000\n",
+                ),
+            ],
+        );
+        let d = dir.display();
+        assert_eq!(
+            start_error(&dir),
+            format!(
+                "link files {d}/alice.env and {d}/bob.env: both take sessions of OpenCode \
+                 http://127.0.0.1:4096 and their OPENCODE_MM_DIRS overlap (/srv and /srv/app, \
+                 /home/bob); give each link its own directories in OPENCODE_MM_DIRS, none under \
+                 another's"
+            )
+        );
+        let dir = links_dir(
+            "one-dm",
+            &[
+                ("a.env", "MATTERMOST_OWNER=alice\nOPENCODE_MM_DIRS=/a\n"),
+                ("b.env", "MATTERMOST_OWNER=@Alice\nOPENCODE_MM_DIRS=/b\n"),
+            ],
+        );
+        assert!(
+            start_error(&dir).contains("so they would share one DM"),
+            "{}",
+            start_error(&dir)
+        );
+    }
+
+    #[test]
+    fn an_empty_links_dir_is_an_error() {
+        let dir = links_dir("empty", &[("notes.txt", "")]);
+        assert!(
+            start_error(&dir).contains("has no NAME.env files; add one per link"),
+            "{}",
+            start_error(&dir)
+        );
+    }
 
     fn dirs(raw: &str) -> Dirs {
         Dirs::parse(raw).unwrap()
