@@ -382,6 +382,46 @@ fn sighup_adds_a_link_and_removes_one_without_touching_the_others() {
         "{log}"
     );
 
+    // A changed file restarts its link (after the old one let go of its state directory).
+    let carol_extra = team.opencode.new_project_dir("carol-extra");
+    std::fs::write(
+        team.link_file("carol"),
+        format!(
+            "MATTERMOST_OWNER={}\nMATTERMOST_TOKEN={}\nOPENCODE_MM_DIRS={},{}\n",
+            carol.owner_id,
+            carol.bot_token,
+            carol.dir.display(),
+            carol_extra.display()
+        ),
+    )
+    .unwrap();
+    team.hangup();
+    wait_for_line(
+        team.running(),
+        &["link carol: its file changed; restarting it"],
+    );
+    wait_for_line(
+        team.running(),
+        &["link carol: restarting with its changed file"],
+    );
+    let extra = team
+        .opencode
+        .create_session(&carol_extra, Some("In carol's new directory"));
+    let extra_id = extra["id"].as_str().expect("session id").to_string();
+    team.wait_root(&carol, &extra_id);
+
+    // `status` reports each link from its own state directory.
+    let output = Command::new(BINARY)
+        .env_clear()
+        .env("OPENCODE_MM_STATE_DIR", team.state.path())
+        .env("OPENCODE_MM_LINKS_DIR", team.links.path())
+        .arg("status")
+        .finish();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("link alice: running (pid"), "{stdout}");
+    assert!(stdout.contains("link carol: running (pid"), "{stdout}");
+    assert!(!stdout.contains("link mallory"), "{stdout}");
+
     // A broken file on reload: that link keeps its previous settings, the others go on.
     std::fs::write(
         team.link_file("carol"),
@@ -460,12 +500,42 @@ fn overlapping_dirs_and_a_broken_link_file_stop_the_start_with_exit_2() {
         ],
     );
     assert_eq!(code, 2, "{stderr}");
+    let bob_problem = format!(
+        "link file {}/bob.env: OPENCODE_MM_STATE_DIR cannot be set per link",
+        links.path().display()
+    );
+    assert!(stderr.contains(&bob_problem), "{stderr}");
+
+    // `check` reports per link: alice is checked (and fails: nothing listens), bob is wrong.
+    let state = TempDir::new("links-check");
+    let output = Command::new(BINARY)
+        .env_clear()
+        .env("MATTERMOST_URL", "http://127.0.0.1:9")
+        .env("MATTERMOST_TOKEN", "processtoken0123456789abcd")
+        .env("OPENCODE_URL", "http://127.0.0.1:9")
+        .env("OPENCODE_MM_STATE_DIR", state.path())
+        .env("OPENCODE_MM_LINKS_DIR", links.path())
+        .arg("check")
+        .finish();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("✓ links"), "{stdout}");
     assert!(
-        stderr.contains(&format!(
-            "link file {}/bob.env: OPENCODE_MM_STATE_DIR cannot be set per link",
-            links.path().display()
-        )),
-        "{stderr}"
+        lines
+            .iter()
+            .any(|l| l.starts_with("✓ link ") && l.contains("alice (")),
+        "{stdout}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("✗ mattermost")),
+        "{stdout}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("✗ link ") && l.contains(&format!("bob: {bob_problem}"))),
+        "{stdout}"
     );
 }
 
