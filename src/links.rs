@@ -18,7 +18,7 @@ use crate::mattermost::rest::SharedBudget;
 /// Runs every link of `set` until `stop`; `reload` (SIGHUP) reads the directory again.
 ///
 /// A link whose bridge stops with an error (a refused token, another process on its state
-/// directory) stays down, logged, until a reload changes its file; the others go on. Only when
+/// directory) stays down, logged, until the next reload tries it again; the others go on. Only when
 /// the process started with a single link that fails before it first connected does the process
 /// stop, with that error's exit code, as a bridge without links does.
 pub fn run(set: LinkSet, stop: Receiver<()>, reload: Receiver<()>) -> Result<(), RunError> {
@@ -198,11 +198,12 @@ impl Supervisor {
         }
         let was_ready = running.ready.try_recv().is_ok();
         match ended.result {
-            Err(error) if single && !was_ready && self.running.is_empty() => Some(error),
+            // The first bridge of a process started with one link: as without links.
+            Err(error) if single && ended.generation == 1 && !was_ready => Some(error),
             Err(error) => {
                 crate::error!(
-                    "link {name}: {error}; this link stays down until its file changes and \
-                     SIGHUP (systemctl reload) reads it again; the other links go on"
+                    "link {name}: {error}; this link stays down until the next SIGHUP \
+                     (systemctl reload) starts it again; the other links go on"
                 );
                 None
             }

@@ -559,3 +559,29 @@ fn sighup_without_a_links_dir_only_logs() {
     let (code, _) = running.terminate();
     assert_eq!(code, 0, "{}", running.log_so_far());
 }
+
+#[test]
+fn a_single_link_whose_token_is_refused_exits_2_as_without_links() {
+    let mattermost = FakeMattermost::start();
+    let links = TempDir::new("links-single");
+    std::fs::write(
+        links.path().join("alice.env"),
+        format!(
+            "MATTERMOST_OWNER={}\nMATTERMOST_TOKEN=refusedtoken0123456789abcd\n",
+            mattermost.owner().id
+        ),
+    )
+    .unwrap();
+    let state = TempDir::new("links-single-state");
+    let output = Command::new(BINARY)
+        .env_clear()
+        .env("MATTERMOST_URL", mattermost.url())
+        .env("OPENCODE_URL", "http://127.0.0.1:9")
+        .env("OPENCODE_MM_STATE_DIR", state.path())
+        .env("OPENCODE_MM_LINKS_DIR", links.path())
+        .finish();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("rejected the token (401)"), "{stderr}");
+    assert!(!stderr.contains("refusedtoken0123456789abcd"), "{stderr}");
+}
