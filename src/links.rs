@@ -40,7 +40,7 @@ pub fn run(set: LinkSet, stop: Receiver<()>, reload: Receiver<()>) -> Result<(),
     };
     let single = set.links.len() == 1;
     crate::info!(
-        "links: {} link(s) from {}: {}",
+        "{} link(s) from {}: {}",
         set.links.len(),
         supervisor.base.dir.display(),
         names(&set.links)
@@ -218,11 +218,11 @@ impl Supervisor {
     /// previous settings, or down); so does a changed file that would conflict with another link.
     fn reload(&mut self) {
         let dir = self.base.dir.display().to_string();
-        crate::info!("links: SIGHUP; reading {dir} again");
+        crate::info!("SIGHUP: reading {dir} again");
         let (links, broken) = match self.base.read_links() {
             Ok(read) => read,
             Err(e) => {
-                crate::error!("links: {e}; every link keeps running as it is");
+                crate::error!("{e}; every link keeps running as it is");
                 return;
             }
         };
