@@ -112,15 +112,7 @@ impl Supervisor {
     fn start(&mut self, link: Link) {
         let name = link.name.clone();
         crate::log::redact(link.config.secrets());
-        let account = (
-            link.config.mattermost_url.clone(),
-            link.config.mattermost_token.expose().to_string(),
-        );
-        let budget = self
-            .budgets
-            .entry(account)
-            .or_insert_with(|| SharedBudget::new(link.config.max_rps))
-            .clone();
+        let budget = budget_for(&mut self.budgets, &link.config);
         let (stop_tx, stop) = crossbeam_channel::bounded(1);
         let (ready_tx, ready) = crossbeam_channel::bounded(1);
         self.next_generation += 1;
@@ -299,10 +291,62 @@ impl Supervisor {
     }
 }
 
+/// The rate budget of `config`'s Mattermost account (server and token), shared by its links.
+fn budget_for(
+    budgets: &mut HashMap<(String, String), SharedBudget>,
+    config: &crate::config::Config,
+) -> SharedBudget {
+    let account = (
+        config.mattermost_url.clone(),
+        config.mattermost_token.expose().to_string(),
+    );
+    budgets
+        .entry(account)
+        .or_insert_with(|| SharedBudget::new(config.max_rps))
+        .clone()
+}
+
 fn names(links: &[Link]) -> String {
     links
         .iter()
         .map(|l| l.name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Invocation, Secret};
+
+    fn config() -> crate::config::Config {
+        let env = |name: &str| match name {
+            "MATTERMOST_URL" => Some("https://chat.example.com".to_string()),
+            "MATTERMOST_TOKEN" => Some("tokenofthebot0123456789ab".to_string()),
+            "MATTERMOST_OWNER" => Some("alice".to_string()),
+            "HOME" => Some("/home/alice".to_string()),
+            _ => None,
+        };
+        match crate::config::parse(&[], &env) {
+            Ok(Invocation::Run(config)) => config,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn links_on_one_bot_and_server_share_a_budget_and_other_accounts_do_not() {
+        let mut budgets = HashMap::new();
+        let alice = config();
+        let mut bob = config();
+        bob.owner = "bob".into();
+        let mut other_bot = config();
+        other_bot.mattermost_token = Secret::new("anotherbottoken0123456789".into());
+        let mut other_server = config();
+        other_server.mattermost_url = "https://chat.other.example.com".into();
+        let shared = budget_for(&mut budgets, &alice);
+        assert!(shared.same(&budget_for(&mut budgets, &bob)));
+        assert!(!shared.same(&budget_for(&mut budgets, &other_bot)));
+        assert!(!shared.same(&budget_for(&mut budgets, &other_server)));
+        assert_eq!(budgets.len(), 3);
+    }
 }

@@ -167,6 +167,11 @@ impl SharedBudget {
             line_moved: Condvar::new(),
         }))
     }
+
+    /// Whether both are the one budget.
+    pub fn same(&self, other: &SharedBudget) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// What every client of one connection shares.
