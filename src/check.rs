@@ -75,6 +75,76 @@ pub fn run(config: &Result<Config, ConfigError>, report: &mut dyn FnMut(&CheckLi
     i32::from(failed)
 }
 
+/// `check` with OPENCODE_MM_LINKS_DIR: a `links` line, then each link's `link` line and its
+/// checks as `run` makes them. Returns 2 when a link file is wrong or two links conflict, 1 when
+/// another check failed, else 0.
+pub fn run_links(
+    set: &Result<crate::config::links::LinkSet, ConfigError>,
+    report: &mut dyn FnMut(&CheckLine),
+) -> i32 {
+    let line = |outcome: Outcome, name: &'static str, detail: String| CheckLine {
+        outcome,
+        name,
+        detail,
+    };
+    let set = match set {
+        Ok(set) => set,
+        Err(e) => {
+            report(&line(Outcome::Fail, "links", e.to_string()));
+            return 2;
+        }
+    };
+    let count = set.links.len() + set.broken.len();
+    report(&line(
+        Outcome::Pass,
+        "links",
+        format!(
+            "{}: {count} link file(s); each NAME.env is one link (the environment's own \
+             MATTERMOST_* settings are not one), read again on SIGHUP",
+            set.base.dir.display()
+        ),
+    ));
+    let mut code = 0;
+    for conflict in &set.conflicts {
+        report(&line(Outcome::Fail, "links", conflict.clone()));
+        code = 2;
+    }
+    let mut all: Vec<(&str, Result<&Config, &ConfigError>, &Path)> = set
+        .links
+        .iter()
+        .map(|l| (l.name.as_str(), Ok(&l.config), l.file.as_path()))
+        .chain(
+            set.broken
+                .iter()
+                .map(|b| (b.name.as_str(), Err(&b.error), b.file.as_path())),
+        )
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, config, file) in all {
+        let config = match config {
+            Ok(config) => config,
+            Err(e) => {
+                report(&line(Outcome::Fail, "link", format!("{name}: {e}")));
+                code = 2;
+                continue;
+            }
+        };
+        report(&line(
+            Outcome::Pass,
+            "link",
+            format!(
+                "{name} ({}): directories {}, state in {}",
+                file.display(),
+                config.dirs,
+                config.state_dir.display()
+            ),
+        ));
+        let link_code = run(&Ok(config.clone()), report);
+        code = code.max(link_code);
+    }
+    if code == 2 { 2 } else { code.min(1) }
+}
+
 fn config_summary(config: &Config) -> String {
     let trust = if config.ca_files.is_empty() {
         "the bundled web PKI roots".to_string()

@@ -6,6 +6,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod links;
+
+pub use links::Dirs;
+
 /// The version printed by `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -53,6 +57,8 @@ pub struct Config {
     pub max_rps: u32,
     /// OPENCODE_MM_NOTIFY and OPENCODE_MM_NOTIFY_DONE_AFTER: which posts mention the owner.
     pub notify: Notify,
+    /// OPENCODE_MM_DIRS: the directories whose sessions this bridge (or link) takes.
+    pub dirs: Dirs,
 }
 
 /// Which posts mention the owner, so Mattermost notifies them even in a thread they do not follow.
@@ -105,6 +111,10 @@ pub struct ServerEntry {
 #[derive(Debug)]
 pub enum Invocation {
     Run(Config),
+    /// OPENCODE_MM_LINKS_DIR is set: one bridge per link file.
+    RunLinks(links::LinkSet),
+    /// `check` with OPENCODE_MM_LINKS_DIR: per link, its settings or what is wrong with them.
+    CheckLinks(Result<links::LinkSet, ConfigError>),
     /// `check`: the configuration is one of the things checked, so its error is reported as a
     /// check line rather than ending the program.
     Check(Result<Config, ConfigError>),
@@ -112,6 +122,8 @@ pub enum Invocation {
     Status {
         state_dir: PathBuf,
         json: bool,
+        /// OPENCODE_MM_LINKS_DIR: the status of each link's state directory.
+        links_dir: Option<PathBuf>,
     },
     Help,
     Version,
@@ -264,13 +276,24 @@ pub fn parse_with_names(
         env,
         env_file: env_file.as_ref(),
         env_names,
+        link: None,
     };
-    match command_line.subcommand {
-        Subcommand::Run => build_config(&sources).map(Invocation::Run),
-        Subcommand::Check => Ok(Invocation::Check(build_config(&sources))),
-        Subcommand::Status => Ok(Invocation::Status {
+    let links_dir = links_dir(&sources)?;
+    match (command_line.subcommand, links_dir) {
+        (Subcommand::Run, None) => build_config(&sources).map(Invocation::Run),
+        (Subcommand::Check, None) => Ok(Invocation::Check(build_config(&sources))),
+        (Subcommand::Run, Some(dir)) => {
+            let base = links::Base::new(dir, &sources)?;
+            links::LinkSet::load_for_start(base).map(Invocation::RunLinks)
+        }
+        (Subcommand::Check, Some(dir)) => {
+            let base = links::Base::new(dir, &sources)?;
+            Ok(Invocation::CheckLinks(links::LinkSet::load(base)))
+        }
+        (Subcommand::Status, links_dir) => Ok(Invocation::Status {
             state_dir: state_dir(&sources)?,
             json: command_line.json,
+            links_dir,
         }),
     }
 }
@@ -516,7 +539,27 @@ const OPENCODE_MM_NOTIFY_DONE_AFTER: Var = Var {
     default: Some("60s"),
 };
 
-const ALL_VARS: [&Var; 21] = [
+const OPENCODE_MM_LINKS_DIR: Var = Var {
+    name: "OPENCODE_MM_LINKS_DIR",
+    flag: "--links-dir",
+    placeholder: "DIR",
+    about: "serve several links (a Mattermost bot, an owner and their OpenCode servers): each NAME.env \
+            in DIR is link NAME, which may set MATTERMOST_URL, MATTERMOST_TOKEN(_FILE), \
+            MATTERMOST_OWNER, OPENCODE_URL, OPENCODE_SERVER_PASSWORD..., OPENCODE_MM_COMMAND_PREFIX and \
+            OPENCODE_MM_DIRS (other settings are the process's); SIGHUP reads DIR again. Unset: one \
+            link from these settings",
+    default: None,
+};
+const OPENCODE_MM_DIRS: Var = Var {
+    name: "OPENCODE_MM_DIRS",
+    flag: "",
+    placeholder: "",
+    about: "comma-separated absolute directories: only sessions under one of them are taken; links \
+            on one OpenCode server must have disjoint lists",
+    default: Some("every directory"),
+};
+
+const ALL_VARS: [&Var; 23] = [
     &MATTERMOST_URL,
     &MATTERMOST_TOKEN,
     &MATTERMOST_TOKEN_FILE,
@@ -538,6 +581,8 @@ const ALL_VARS: [&Var; 21] = [
     &OPENCODE_MM_MAX_RPS,
     &OPENCODE_MM_NOTIFY,
     &OPENCODE_MM_NOTIFY_DONE_AFTER,
+    &OPENCODE_MM_LINKS_DIR,
+    &OPENCODE_MM_DIRS,
 ];
 
 const DEFAULT_OPENCODE_URL: &str = "http://127.0.0.1:4096";
@@ -583,6 +628,7 @@ enum Origin {
     Flag(&'static str),
     Environment,
     EnvFile(String),
+    LinkFile(String),
 }
 
 /// The result of looking a variable up in all sources.
@@ -599,9 +645,12 @@ struct Sources<'a> {
     env_file: Option<&'a EnvFile>,
     /// The environment's variable names, for the per-server ones whose names are not known ahead.
     env_names: &'a [String],
+    /// A link's file (OPENCODE_MM_LINKS_DIR): its values come before every other source.
+    link: Option<&'a EnvFile>,
 }
 
 /// The parsed `--env-file`: its path (for messages) and its assignments, the last one winning.
+#[derive(Clone)]
 struct EnvFile {
     path: String,
     values: HashMap<String, String>,
@@ -613,16 +662,22 @@ impl fmt::Display for Origin {
             Origin::Flag(flag) => f.write_str(flag),
             Origin::Environment => f.write_str("the environment"),
             Origin::EnvFile(path) => write!(f, "--env-file {path}"),
+            Origin::LinkFile(path) => write!(f, "link file {path}"),
         }
     }
 }
 
-impl Sources<'_> {
+impl<'a> Sources<'a> {
     /// Looks `var` up by precedence: flag, then environment, then env file. An empty value counts as
     /// unset and falls through to the next source. `trim` strips surrounding whitespace first; passwords
     /// are taken as they are.
     fn lookup(&self, var: &Var, trim: bool) -> Lookup {
         let candidates = [
+            (
+                self.link
+                    .and_then(|file| file.values.get(var.name).cloned()),
+                Origin::LinkFile(self.link.map(|f| f.path.clone()).unwrap_or_default()),
+            ),
             (self.flags.get(var.name).cloned(), Origin::Flag(var.flag)),
             ((self.env)(var.name), Origin::Environment),
             (
@@ -666,6 +721,13 @@ impl Sources<'_> {
     /// A variable with no flag whose name is made at run time (per-server passwords): environment,
     /// then env file; empty counts as unset. Taken as it is.
     fn dynamic(&self, name: &str) -> Option<String> {
+        let from_link = self
+            .link
+            .and_then(|file| file.values.get(name).cloned())
+            .filter(|v| !v.is_empty());
+        if from_link.is_some() {
+            return from_link;
+        }
         (self.env)(name).filter(|v| !v.is_empty()).or_else(|| {
             self.env_file
                 .and_then(|file| file.values.get(name).cloned())
@@ -675,6 +737,18 @@ impl Sources<'_> {
 
     /// Names of set variables starting with `prefix`, from the environment and the env file.
     fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        // A link's own servers are checked against its own file only: the process's variables
+        // may name the servers of other links.
+        if let Some(link) = self.link {
+            let mut names: Vec<String> = link
+                .values
+                .keys()
+                .filter(|name| name.starts_with(prefix))
+                .cloned()
+                .collect();
+            names.sort();
+            return names;
+        }
         let file_names = self.env_file.into_iter().flat_map(|f| f.values.keys());
         let mut names: Vec<String> = self
             .env_names
@@ -686,6 +760,24 @@ impl Sources<'_> {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Only the link file, when it sets one of `vars`: a pair like MATTERMOST_TOKEN and its _FILE
+    /// form is one setting, which a link's file replaces as a whole.
+    fn link_only(&self, vars: &[&Var]) -> Option<Sources<'a>> {
+        let link = self.link?;
+        let sets = vars.iter().any(|var| {
+            link.values
+                .get(var.name)
+                .is_some_and(|v| !v.trim().is_empty())
+        });
+        sets.then_some(Sources {
+            flags: &NO_FLAGS,
+            env: &no_env,
+            env_file: None,
+            env_names: &[],
+            link: Some(link),
+        })
     }
 
     /// A required variable; `what` describes a good value for the message, like "the Mattermost base
@@ -702,6 +794,13 @@ impl Sources<'_> {
     }
 }
 
+static NO_FLAGS: std::sync::LazyLock<HashMap<&'static str, String>> =
+    std::sync::LazyLock::new(HashMap::new);
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
 impl EnvFile {
     fn load(path: &str) -> Result<EnvFile, ConfigError> {
         let contents = std::fs::read_to_string(path).map_err(|err| {
@@ -709,10 +808,15 @@ impl EnvFile {
                 "--env-file: cannot read {path:?}: {err}; check the path and its permissions"
             ))
         })?;
+        EnvFile::parse(path, &contents, "--env-file")
+    }
+
+    /// `contents` of the file at `path`; `what` names it in messages (`--env-file`, `link file`).
+    fn parse(path: &str, contents: &str, what: &str) -> Result<EnvFile, ConfigError> {
         let mut values = HashMap::new();
-        for (number, line) in logical_lines(&contents) {
+        for (number, line) in logical_lines(contents) {
             let line_error =
-                |problem: &str| error(format!("--env-file {path:?} line {number}: {problem}"));
+                |problem: &str| error(format!("{what} {path:?} line {number}: {problem}"));
             if let Some((key, value)) = parse_env_line(&line).map_err(|p| line_error(&p))? {
                 values.insert(key, value);
             }
@@ -984,7 +1088,10 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         "the Mattermost base URL, like https://chat.example.com",
     )?;
     let mattermost_url = normalize_url(MATTERMOST_URL.name, &mattermost_url, true)?;
-    let mattermost_token = mattermost_token(sources)?;
+    let mattermost_token = match sources.link_only(&[&MATTERMOST_TOKEN, &MATTERMOST_TOKEN_FILE]) {
+        Some(link) => mattermost_token(&link)?,
+        None => mattermost_token(sources)?,
+    };
     let owner = sources.required(
         &MATTERMOST_OWNER,
         "the Mattermost username the daemon obeys, like @alice",
@@ -1005,7 +1112,16 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
     }
     let global_file = OPENCODE_SERVER_PASSWORD_FILE;
     let names_file = opencode_servers.iter().any(|s| s.name == "file");
+    let link_password_file = sources
+        .link
+        .and_then(|link| link.values.get(global_file))
+        .filter(|path| !path.is_empty() && !names_file);
     let opencode_password = match sources.lookup(&OPENCODE_SERVER_PASSWORD, false) {
+        // A link's own password file beats the process's password.
+        _ if link_password_file.is_some() => Some(read_password_file(
+            global_file,
+            link_password_file.map_or("", String::as_str),
+        )?),
         Lookup::Value(password, _) => Some(Secret::new(password)),
         Lookup::Empty | Lookup::Unset if !names_file => match sources.dynamic(global_file) {
             Some(path) => Some(read_password_file(global_file, &path)?),
@@ -1087,6 +1203,11 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         sources.optional(&OPENCODE_MM_NOTIFY_DONE_AFTER).as_deref(),
     )
     .map_err(error)?;
+    let dirs = match sources.optional(&OPENCODE_MM_DIRS) {
+        Some(raw) => Dirs::parse(&raw)
+            .map_err(|problem| error(format!("{}: {problem}", OPENCODE_MM_DIRS.name)))?,
+        None => Dirs::default(),
+    };
     Ok(Config {
         mattermost_url,
         mattermost_token,
@@ -1107,7 +1228,23 @@ fn build_config(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         forget_after,
         max_rps,
         notify,
+        dirs,
     })
+}
+
+/// OPENCODE_MM_LINKS_DIR, checked to be a readable directory.
+fn links_dir(sources: &Sources<'_>) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(dir) = sources.optional(&OPENCODE_MM_LINKS_DIR) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(&dir);
+    if !path.is_absolute() {
+        return Err(error(format!(
+            "{}: {dir:?} is not an absolute path; use one like /etc/opencode-mattermost/links",
+            OPENCODE_MM_LINKS_DIR.name
+        )));
+    }
+    Ok(Some(path))
 }
 
 /// OPENCODE_MM_NOTIFY (`asks,errors,done` or `none`) and OPENCODE_MM_NOTIFY_DONE_AFTER (a duration,
@@ -2269,6 +2406,7 @@ mod tests {
                 Ok(Invocation::Version) => "version".to_string(),
                 Ok(Invocation::Run(_)) => "run".to_string(),
                 Ok(Invocation::Check(_)) => "check".to_string(),
+                Ok(Invocation::RunLinks(_) | Invocation::CheckLinks(_)) => "links".to_string(),
                 Ok(Invocation::Status { json, .. }) => format!("status json={json}"),
                 Err(err) => err.to_string(),
             };
@@ -2412,7 +2550,9 @@ mod tests {
         let env = env_with(&[("MATTERMOST_URL", None), ("MATTERMOST_TOKEN", None)]);
         let lookup = |name: &str| env.get(name).cloned();
         match parse(&args(&["status", "--state-dir", "/srv/s"]), &lookup) {
-            Ok(Invocation::Status { state_dir, json }) => {
+            Ok(Invocation::Status {
+                state_dir, json, ..
+            }) => {
                 assert_eq!(state_dir, PathBuf::from("/srv/s"));
                 assert!(!json);
             }

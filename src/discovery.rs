@@ -107,7 +107,9 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("discovery".into())
         .stack_size(256 * 1024)
-        .spawn(move || run(scan, client, fixed, out, stop))
+        .spawn(crate::log::inherit(move || {
+            run(scan, client, fixed, out, stop)
+        }))
         .map(drop)
 }
 

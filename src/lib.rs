@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod files;
 pub mod heartbeat;
 pub mod http;
+pub mod links;
 pub mod log;
 pub mod mattermost;
 pub mod memory;
@@ -33,7 +34,7 @@ use crossbeam_channel::Receiver;
 
 use config::Config;
 use mattermost::Identity;
-use mattermost::rest::{MattermostClient, MmError};
+use mattermost::rest::{MattermostClient, MmError, SharedBudget};
 use opencode::rest::OpenCodeClient;
 use router::{Input, Router};
 use store::Store;
@@ -82,6 +83,17 @@ pub fn run_with_ready(
 ) -> Result<(), RunError> {
     log::set_level(config.log_level);
     log::set_format(config.log_format);
+    run_bridge(config, stop, ready, None)
+}
+
+/// One bridge (the one of the environment, or one link's) until `stop`; `budget` is the rate
+/// budget it shares with other links on the same bot, else it makes its own.
+pub(crate) fn run_bridge(
+    config: Config,
+    stop: Receiver<()>,
+    ready: Option<crossbeam_channel::Sender<()>>,
+    budget: Option<SharedBudget>,
+) -> Result<(), RunError> {
     log::redact(config.secrets());
     debug!("configuration: {config:?}");
     let (bridge_stop_tx, bridge_stop) = crossbeam_channel::bounded::<()>(1);
@@ -89,9 +101,9 @@ pub fn run_with_ready(
     std::thread::Builder::new()
         .name("bridge".into())
         .stack_size(1024 * 1024)
-        .spawn(move || {
-            let _ = done_tx.send(bridge(config, bridge_stop, ready));
-        })
+        .spawn(log::inherit(move || {
+            let _ = done_tx.send(bridge(config, bridge_stop, ready, budget));
+        }))
         .map_err(|e| RunError::Fatal(format!("cannot start the bridge thread: {e}")))?;
     crossbeam_channel::select! {
         // No result means the bridge thread panicked: never a clean stop.
@@ -115,12 +127,13 @@ pub fn run_with_ready(
 }
 
 /// SIGTERM/SIGINT must stop the process within 2 s.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1800);
+pub(crate) const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1800);
 
 fn bridge(
     config: Config,
     stop: Receiver<()>,
     ready: Option<crossbeam_channel::Sender<()>>,
+    budget: Option<SharedBudget>,
 ) -> Result<(), RunError> {
     let (store, state, notes) =
         Store::open(&config.state_dir, log::now_ms()).map_err(|e| match e {
@@ -161,12 +174,13 @@ fn bridge(
         move || heartbeat::run(writer, liveness, stop)
     })?;
 
-    let mattermost = Arc::new(MattermostClient::with_tls(
+    let budget = budget.unwrap_or_else(|| SharedBudget::new(config.max_rps));
+    let mattermost = Arc::new(MattermostClient::with_budget(
         &config.mattermost_url,
         &config.mattermost_token,
         &tls,
+        budget,
     ));
-    mattermost.set_max_rps(config.max_rps);
     let Some(identity) = identify(&mattermost, &config, &stop)? else {
         return Ok(());
     };
@@ -303,7 +317,9 @@ fn bridge(
     });
     // The router starts one reader per server (and per server found later), so a slow or dead
     // one never holds up another's events.
-    let router = router.with_server_set(server_set);
+    let router = router
+        .with_dirs(config.dirs.clone())
+        .with_server_set(server_set);
     router.run(
         inputs,
         router::Shell {
@@ -444,7 +460,7 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunE
     std::thread::Builder::new()
         .name(name.to_string())
         .stack_size(256 * 1024)
-        .spawn(f)
+        .spawn(log::inherit(f))
         .map(drop)
         .map_err(|e| RunError::Fatal(format!("cannot start thread {name}: {e}")))
 }

@@ -33,6 +33,34 @@ static JSON: AtomicBool = AtomicBool::new(false);
 /// URL: a last line of defence behind `Secret`'s redacting `Debug`.
 static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
+thread_local! {
+    /// The link (OPENCODE_MM_LINKS_DIR) this thread works for; its lines say so.
+    static LINK: std::cell::RefCell<Option<std::sync::Arc<str>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Tags this thread's later lines with `link` (a link's bridge sets it first thing).
+pub fn set_link(link: Option<&str>) {
+    LINK.with(|tag| *tag.borrow_mut() = link.map(std::sync::Arc::from));
+}
+
+/// The link of this thread's lines, if any.
+pub fn link() -> Option<std::sync::Arc<str>> {
+    LINK.with(|tag| tag.borrow().clone())
+}
+
+/// `f`, to run on a new thread with this thread's link tag: every thread a link's bridge starts
+/// passes its closure through this, so its lines name the link too.
+pub fn inherit<T>(f: impl FnOnce() -> T) -> impl FnOnce() -> T {
+    let tag = link();
+    move || {
+        if tag.is_some() {
+            LINK.with(|slot| *slot.borrow_mut() = tag);
+        }
+        f()
+    }
+}
+
 /// Sets the level, and routes the `log` facade (rustls, ureq, tungstenite) into these lines.
 pub fn set_level(level: LogLevel) {
     LEVEL.store(level as u8, Ordering::Relaxed);
@@ -111,7 +139,9 @@ pub fn write(level: LogLevel, module: &str, message: std::fmt::Arguments<'_>) {
     };
     let message = mask_secrets(message.to_string());
     let thread = std::thread::current();
-    let line = format_line(
+    let link = link();
+    let line = format_line_of(
+        link.as_deref(),
         JSON.load(Ordering::Relaxed),
         now_ms(),
         level,
@@ -137,6 +167,20 @@ pub fn format_line(
     thread_name: &str,
     message: &str,
 ) -> String {
+    format_line_of(None, json, ms, level, module, thread_name, message)
+}
+
+/// `format_line` for a line of link `link` (OPENCODE_MM_LINKS_DIR): `(NAME) ` before the session
+/// in text, a `link` field in JSON.
+pub fn format_line_of(
+    link: Option<&str>,
+    json: bool,
+    ms: u64,
+    level: LogLevel,
+    module: &str,
+    thread_name: &str,
+    message: &str,
+) -> String {
     let (session, text) = match session_prefix(message) {
         Some((session, rest)) => (Some(session), rest),
         None => (thread_name.strip_prefix("session-"), message),
@@ -151,6 +195,9 @@ pub fn format_line(
         if let Some(session) = session {
             object["session"] = serde_json::Value::from(session);
         }
+        if let Some(link) = link {
+            object["link"] = serde_json::Value::from(link);
+        }
         return format!("{object}\n");
     }
     let label = match level {
@@ -162,12 +209,16 @@ pub fn format_line(
     };
     // Remote text (a session title, an error body) must not start a line of its own.
     let text = escape_controls(text);
+    let module = match link {
+        Some(link) => format!("{module}: ({link})"),
+        None => format!("{module}:"),
+    };
     match session {
         Some(session) => format!(
-            "{} {label} {module}: [{session}] {text}\n",
+            "{} {label} {module} [{session}] {text}\n",
             utc_timestamp(ms)
         ),
-        None => format!("{} {label} {module}: {text}\n", utc_timestamp(ms)),
+        None => format!("{} {label} {module} {text}\n", utc_timestamp(ms)),
     }
 }
 
@@ -362,6 +413,34 @@ mod tests {
             lines[0].contains(" DEBUG ureq::pool: connection reused"),
             "{lines:?}"
         );
+    }
+
+    #[test]
+    fn a_links_lines_name_the_link_and_threads_it_starts_inherit_it() {
+        let ms = 1_795_329_245_123;
+        let text = format_line_of(
+            Some("alice"),
+            false,
+            ms,
+            LogLevel::Info,
+            "router",
+            "session-ab12cd34",
+            "up",
+        );
+        assert_eq!(
+            text,
+            "2026-11-22T06:34:05.123Z INFO  router: (alice) [ab12cd34] up\n"
+        );
+        let json = format_line_of(Some("alice"), true, ms, LogLevel::Info, "router", "x", "up");
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["link"], "alice");
+        set_link(Some("bob"));
+        let inherited = std::thread::spawn(inherit(|| link().map(|l| l.to_string())))
+            .join()
+            .unwrap();
+        set_link(None);
+        assert_eq!(inherited.as_deref(), Some("bob"));
+        assert_eq!(link(), None);
     }
 
     #[test]

@@ -14,10 +14,16 @@ fn main() -> ExitCode {
     opencode_mattermost::memory::tune_allocator();
     install_panic_hook();
     let args = std::env::args_os().skip(1);
-    let config = match config::parse_os(args, &|name| std::env::var_os(name)) {
-        Ok(Invocation::Run(config)) => config,
+    let run = match config::parse_os(args, &|name| std::env::var_os(name)) {
+        Ok(Invocation::Run(config)) => Run::One(config),
+        Ok(Invocation::RunLinks(set)) => Run::Links(set),
         Ok(Invocation::Check(config)) => return check(&config),
-        Ok(Invocation::Status { state_dir, json }) => return status(&state_dir, json),
+        Ok(Invocation::CheckLinks(set)) => return check_links(&set),
+        Ok(Invocation::Status {
+            state_dir,
+            json,
+            links_dir,
+        }) => return status(&state_dir, json, links_dir.as_deref()),
         Ok(Invocation::Help) => return print(&config::help_text()),
         Ok(Invocation::Version) => {
             return print(&format!("opencode-mattermost {}", config::VERSION));
@@ -25,21 +31,41 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e.to_string(), 2),
     };
     let (stop_tx, stop) = crossbeam_channel::bounded(1);
+    // SIGHUP (`systemctl reload`) reads OPENCODE_MM_LINKS_DIR again; bounded(1): HUPs in a row
+    // make one reload.
+    let (reload_tx, reload) = crossbeam_channel::bounded(1);
+    let links = matches!(run, Run::Links(_));
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]);
     match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {
-                if signals.forever().next().is_some() {
-                    let _ = stop_tx.send(());
+                for signal in signals.forever() {
+                    if signal != signal_hook::consts::SIGHUP {
+                        let _ = stop_tx.send(());
+                        return;
+                    }
+                    if links {
+                        let _ = reload_tx.try_send(());
+                    } else {
+                        opencode_mattermost::info!(
+                            "SIGHUP: nothing to reload without OPENCODE_MM_LINKS_DIR; restart the \
+                             bridge to apply changed settings"
+                        );
+                    }
                 }
             });
         }
         Err(e) => return fail(&format!("cannot install signal handlers: {e}"), 1),
     }
-    match opencode_mattermost::run(config, stop) {
+    let result = match run {
+        Run::One(config) => opencode_mattermost::run(config, stop),
+        Run::Links(set) => opencode_mattermost::links::run(set, stop, reload),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), e.exit_code()),
     }
@@ -78,13 +104,31 @@ fn install_panic_hook() {
     }));
 }
 
+/// One bridge from the environment, or one per link file.
+enum Run {
+    One(config::Config),
+    Links(config::links::LinkSet),
+}
+
+fn check_links(set: &Result<config::links::LinkSet, config::ConfigError>) -> ExitCode {
+    let code = opencode_mattermost::check::run_links(set, &mut |line| out(&format!("{line}\n")));
+    ExitCode::from(code as u8)
+}
+
 fn check(config: &Result<config::Config, config::ConfigError>) -> ExitCode {
     let code = opencode_mattermost::check::run(config, &mut |line| out(&format!("{line}\n")));
     ExitCode::from(code as u8)
 }
 
-fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
-    let (text, code) = opencode_mattermost::status::show(state_dir, json);
+fn status(
+    state_dir: &std::path::Path,
+    json: bool,
+    links_dir: Option<&std::path::Path>,
+) -> ExitCode {
+    let (text, code) = match links_dir {
+        Some(dir) => opencode_mattermost::status::show_links(state_dir, dir, json),
+        None => opencode_mattermost::status::show(state_dir, json),
+    };
     out(&text);
     ExitCode::from(code as u8)
 }

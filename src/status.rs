@@ -158,6 +158,62 @@ pub fn show(state_dir: &Path, json: bool) -> (String, i32) {
     }
 }
 
+/// One link's status (OPENCODE_MM_LINKS_DIR).
+#[derive(Debug, Serialize)]
+pub struct LinkReport {
+    pub link: String,
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+/// `show` with OPENCODE_MM_LINKS_DIR: every `NAME.env` of `links_dir` is reported from its own
+/// state directory, `STATE_DIR/links/NAME`. 0 only when every link runs and is healthy.
+pub fn show_links(state_dir: &Path, links_dir: &Path, json: bool) -> (String, i32) {
+    let mut names: Vec<String> = std::fs::read_dir(links_dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+                .filter_map(|file| Some(file.strip_suffix(".env")?.to_string()))
+                .filter(|name| !name.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let now_ms = crate::log::now_ms();
+    let reports: Vec<LinkReport> = names
+        .into_iter()
+        .map(|name| LinkReport {
+            report: report(&state_dir.join("links").join(&name), now_ms),
+            link: name,
+        })
+        .collect();
+    let healthy = !reports.is_empty() && reports.iter().all(|r| r.report.healthy);
+    let code = if healthy { 0 } else { 1 };
+    if json {
+        let value =
+            serde_json::json!({ "links_dir": links_dir.display().to_string(), "links": reports });
+        return match serde_json::to_string_pretty(&value) {
+            Ok(text) => (text + "\n", code),
+            Err(e) => (
+                format!("{{\"error\": \"cannot encode the status: {e}\"}}\n"),
+                1,
+            ),
+        };
+    }
+    if reports.is_empty() {
+        return (
+            format!("no links: {} has no NAME.env files\n", links_dir.display()),
+            1,
+        );
+    }
+    let mut text = String::new();
+    for link in &reports {
+        text.push_str(&format!("link {}: ", link.link));
+        text.push_str(&render_text(&link.report));
+    }
+    (text, code)
+}
+
 /// The human form of the report.
 pub fn render_text(report: &Report) -> String {
     let mut text = match (report.pid, report.healthy) {

@@ -148,11 +148,35 @@ pub struct MattermostClient {
     priority: Priority,
 }
 
-/// What every client of one connection shares.
-struct Shared {
+/// The rate budget of one Mattermost account. Links on one bot and server share one
+/// (`MattermostClient::with_budget`): the server limits the account, not the link.
+#[derive(Clone)]
+pub struct SharedBudget(Arc<Rate>);
+
+struct Rate {
     budget: Mutex<Scheduler>,
     /// Signalled whenever a call took its token or left the line, so the next in line looks again.
     line_moved: Condvar,
+}
+
+impl SharedBudget {
+    /// At most `max_rps` calls a second while the server sends no rate-limit headers.
+    pub fn new(max_rps: u32) -> SharedBudget {
+        SharedBudget(Arc::new(Rate {
+            budget: Mutex::new(Scheduler::new(max_rps, Instant::now())),
+            line_moved: Condvar::new(),
+        }))
+    }
+
+    /// Whether both are the one budget.
+    pub fn same(&self, other: &SharedBudget) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// What every client of one connection shares.
+struct Shared {
+    rate: SharedBudget,
     stats: Mutex<CallStats>,
     stopping: AtomicBool,
     /// When calls started failing, while an outage is being waited out; logged once per outage.
@@ -166,10 +190,9 @@ struct Shared {
 }
 
 impl Shared {
-    fn new() -> Shared {
+    fn new(rate: SharedBudget) -> Shared {
         Shared {
-            budget: Mutex::new(Scheduler::new(DEFAULT_MAX_RPS, Instant::now())),
-            line_moved: Condvar::new(),
+            rate,
             stats: Mutex::new(CallStats::default()),
             stopping: AtomicBool::new(false),
             outage_since: Mutex::new(None),
@@ -187,11 +210,21 @@ impl MattermostClient {
 
     /// `new`, trusting `tls`'s roots for https://.
     pub fn with_tls(base_url: &str, token: &Secret, tls: &http::Tls) -> MattermostClient {
+        MattermostClient::with_budget(base_url, token, tls, SharedBudget::new(DEFAULT_MAX_RPS))
+    }
+
+    /// `with_tls`, spending from `budget`, which other clients (another link's) may share.
+    pub fn with_budget(
+        base_url: &str,
+        token: &Secret,
+        tls: &http::Tls,
+        budget: SharedBudget,
+    ) -> MattermostClient {
         MattermostClient {
             base: base_url.to_string(),
             authorization: format!("Bearer {}", token.expose()),
             agent: http::agent_with_tls(Duration::from_secs(30), tls),
-            shared: Arc::new(Shared::new()),
+            shared: Arc::new(Shared::new(budget)),
             patient: false,
             call_timeout: None,
             retry_delays: (RETRY_BASE, IMPATIENT_RETRY_CAP),
@@ -203,7 +236,7 @@ impl MattermostClient {
     /// While the server sends no rate-limit headers, at most `max_rps` calls a second
     /// (`OPENCODE_MM_MAX_RPS`); once it does, its limit applies. Call before the first request.
     pub fn set_max_rps(&self, max_rps: u32) {
-        if let Ok(mut budget) = self.shared.budget.lock() {
+        if let Ok(mut budget) = self.shared.rate.0.budget.lock() {
             *budget = Scheduler::new(max_rps, Instant::now());
         }
     }
@@ -220,7 +253,7 @@ impl MattermostClient {
     /// Counts a running turn's reply as open until the guard is dropped: intermediate edits leave
     /// the budget its final text and completion line need.
     pub fn open_stream(&self) -> StreamGuard {
-        if let Ok(mut budget) = self.shared.budget.lock() {
+        if let Ok(mut budget) = self.shared.rate.0.budget.lock() {
             budget.stream_opened();
         }
         StreamGuard {
@@ -664,10 +697,10 @@ impl MattermostClient {
                 }
                 Err(Attempt::RateLimited(wait)) => {
                     self.count(|s| s.rate_limited += 1);
-                    if let Ok(mut budget) = self.shared.budget.lock() {
+                    if let Ok(mut budget) = self.shared.rate.0.budget.lock() {
                         budget.pause_until(Instant::now() + wait);
                     }
-                    self.shared.line_moved.notify_all();
+                    self.shared.rate.0.line_moved.notify_all();
                     crate::debug!("{method} {path}: 429, waiting {wait:?}");
                     MmError::Http {
                         status: 429,
@@ -764,7 +797,7 @@ impl MattermostClient {
         if self.is_shut_down() {
             return Ok(());
         }
-        let Ok(mut budget) = self.shared.budget.lock() else {
+        let Ok(mut budget) = self.shared.rate.0.budget.lock() else {
             return Ok(());
         };
         if self.priority == Priority::Progress {
@@ -778,19 +811,19 @@ impl MattermostClient {
             if self.is_shut_down() {
                 budget.leave(&ticket);
                 drop(budget);
-                self.shared.line_moved.notify_all();
+                self.shared.rate.0.line_moved.notify_all();
                 return Ok(());
             }
             let wait = match budget.poll(&ticket, Instant::now()) {
                 Poll::Go => {
                     drop(budget);
-                    self.shared.line_moved.notify_all();
+                    self.shared.rate.0.line_moved.notify_all();
                     return Ok(());
                 }
                 Poll::Wait(wait) => wait.clamp(Duration::from_millis(1), STOP_CHECK),
                 Poll::Behind => STOP_CHECK,
             };
-            budget = match self.shared.line_moved.wait_timeout(budget, wait) {
+            budget = match self.shared.rate.0.line_moved.wait_timeout(budget, wait) {
                 Ok((guard, _)) => guard,
                 Err(_) => return Ok(()),
             };
@@ -858,7 +891,7 @@ impl MattermostClient {
         let remaining = header("x-ratelimit-remaining").and_then(|v| v.parse().ok());
         let reset = header("x-ratelimit-reset").and_then(|v| v.parse().ok());
         let retry_after = header("retry-after").and_then(|v| v.parse::<u64>().ok());
-        if let Ok(mut budget) = self.shared.budget.lock() {
+        if let Ok(mut budget) = self.shared.rate.0.budget.lock() {
             budget.observe(limit, remaining, reset, Instant::now());
         }
         if status == 429 {
@@ -906,11 +939,11 @@ pub struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if let Ok(mut budget) = self.shared.budget.lock() {
+        if let Ok(mut budget) = self.shared.rate.0.budget.lock() {
             budget.stream_closed();
         }
         // Edits may go again; nobody waits on that, but a waiting class-5 call may look sooner.
-        self.shared.line_moved.notify_all();
+        self.shared.rate.0.line_moved.notify_all();
     }
 }
 

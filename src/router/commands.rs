@@ -246,6 +246,17 @@ impl Router {
             );
             return;
         }
+        if !self.dirs.takes(&directory) {
+            let dirs = &self.dirs;
+            self.reply(
+                "",
+                &format!(
+                    "❓ `{directory}` is outside this bridge's directories ({dirs}, from \
+                     OPENCODE_MM_DIRS), so no session was created. Use a directory under one of them."
+                ),
+            );
+            return;
+        }
         self.lookup(Lookup::NewSession {
             post_id: post_id.to_string(),
             server,

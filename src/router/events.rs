@@ -128,6 +128,11 @@ impl Router {
     }
 
     pub(super) fn learn(&mut self, key: &SessionKey, mut info: SessionInfo) {
+        // Another link's session (OPENCODE_MM_DIRS): unknown here, so it gets no thread, no
+        // worker and no listing, and its events find no one.
+        if !self.dirs.takes(&info.directory) {
+            return;
+        }
         if let Some(parent_id) = &info.parent_id {
             self.parents.insert(
                 key.clone(),

@@ -444,7 +444,7 @@ fn ask_all<T: Send>(
                 std::thread::Builder::new()
                     .name(format!("lookup-{}", client.name))
                     .stack_size(256 * 1024)
-                    .spawn_scoped(scope, move || ask(client))
+                    .spawn_scoped(scope, crate::log::inherit(move || ask(client)))
             })
             .collect();
         asked

@@ -168,6 +168,8 @@ pub struct Router {
     /// Told once, when both sides are first connected.
     ready: Option<Sender<()>>,
     board: board::BoardView,
+    /// OPENCODE_MM_DIRS: sessions elsewhere are another link's, never learned here.
+    dirs: crate::config::Dirs,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +259,7 @@ impl Router {
             next_worker_id: 0,
             ready,
             board: board::BoardView::default(),
+            dirs: crate::config::Dirs::default(),
         }
     }
 

@@ -17,6 +17,12 @@ pub struct ServerSet {
 impl Router {
     /// Hands the router the server set's moving parts; without it (unit tests) servers stay fixed.
     /// Readers start here, for the servers given at start too.
+    /// Only sessions under `dirs` are taken (OPENCODE_MM_DIRS); the others are not even listed.
+    pub fn with_dirs(mut self, dirs: crate::config::Dirs) -> Router {
+        self.dirs = dirs;
+        self
+    }
+
     pub fn with_server_set(mut self, set: ServerSet) -> Router {
         self.server_set = set;
         let clients: Vec<Arc<OpenCodeClient>> = self.servers.values().cloned().collect();
@@ -51,7 +57,7 @@ impl Router {
                     self.inputs.clone(),
                     self.server_set.heard.clone(),
                 );
-                move || crate::opencode::watch::run(client, out, stop, heard)
+                crate::log::inherit(move || crate::opencode::watch::run(client, out, stop, heard))
             });
         if let Err(e) = spawned {
             crate::error!("cannot start the reader of {}: {e}", client.name);

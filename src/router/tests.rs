@@ -581,3 +581,39 @@ fn an_input_is_small_because_the_input_queue_holds_its_slots_up_front() {
     let size = std::mem::size_of::<Input>();
     assert!(size <= 48, "Input is {size} bytes: box the large variant");
 }
+
+#[test]
+fn sessions_outside_opencode_mm_dirs_are_neither_listed_nor_created() {
+    let mut fixture = Fixture::new();
+    let dirs = crate::config::Dirs::parse("/home/alice").unwrap();
+    fixture.router.dirs = dirs;
+    let info = |id: &str, title: &str, directory: &str| SessionInfo {
+        id: id.to_string(),
+        title: title.to_string(),
+        directory: directory.to_string(),
+        ..SessionInfo::default()
+    };
+    let server = fixture.server.clone();
+    let effects = fixture.found(Found::Sessions {
+        lists: vec![(
+            server,
+            Ok(vec![
+                info("ses_alice", "Alice's work", "/home/alice/app"),
+                info("ses_bob", "Bob's work", "/home/alicex/app"),
+            ]),
+        )],
+        then: Listing::Sessions { all: false },
+    });
+    notice("", "Alice's work", &effects);
+    assert!(
+        !format!("{effects:?}").contains("Bob's work"),
+        "{effects:#?}"
+    );
+    let effects = fixture.posted(owner_post("p1", "", "!new /home/bob/app"));
+    assert_eq!(effects.len(), 1, "{effects:#?}");
+    notice(
+        "",
+        "is outside this bridge's directories (/home/alice",
+        &effects,
+    );
+}

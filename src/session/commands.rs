@@ -339,10 +339,12 @@ impl Worker {
         let (session_id, directory) = (self.key.session_id.clone(), self.info.directory.clone());
         let (channel_id, root_id) = (self.channel_id.clone(), self.root_post_id.clone());
         let short = self.short().to_string();
+        let link = crate::log::link();
         let spawned = std::thread::Builder::new()
             .name(format!("compact-{short}"))
             .stack_size(128 * 1024)
             .spawn(move || {
+                crate::log::set_link(link.as_deref());
                 if let Err(e) = opencode.summarize(&session_id, &directory, &model) {
                     crate::warn!("[{short}] compaction failed: {e}");
                     let message = format!("⚠️ Compaction failed: {e}");

@@ -219,10 +219,12 @@ where
 {
     let (inbox, mailbox) = inbox::channel();
     let name = format!("session-{}", short_id(&setup.key.session_id));
+    let link = crate::log::link();
     let thread = std::thread::Builder::new()
         .name(name)
         .stack_size(WORKER_STACK_BYTES)
         .spawn(move || {
+            crate::log::set_link(link.as_deref());
             let key = setup.key.clone();
             let reports_for_worker = reports.clone();
             // Boxed: the thread's resident stack then holds a pointer, not copies of the worker.

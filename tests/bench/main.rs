@@ -17,6 +17,7 @@
 #[allow(unused_imports)]
 mod support;
 
+mod links;
 mod process;
 mod real;
 mod report;
@@ -78,6 +79,7 @@ fn main() {
     start_to_ready(&fakes, starts as usize, &mut report);
     fake_pass(&fakes, idle_secs, &mut report);
     servers::pass(&fakes, idle_secs, &mut report);
+    links::pass(&fakes, idle_secs, &mut report);
     drop(fakes);
     if std::env::var("BENCH_REAL").as_deref() != Ok("0") {
         real::pass(&mut report);

@@ -38,11 +38,17 @@ pub fn bridge_binary() -> String {
 
 impl BridgeProcess {
     pub fn spawn(target: &Target) -> BridgeProcess {
+        BridgeProcess::spawn_with(target, &[])
+    }
+
+    /// `spawn` with more variables (`OPENCODE_MM_LINKS_DIR` for the links pass).
+    pub fn spawn_with(target: &Target, extra_env: &[(&str, String)]) -> BridgeProcess {
         let binary = bridge_binary();
         let spawned_at = Instant::now();
         let mut child = Command::new(&binary)
             .arg("run")
             .env_clear()
+            .envs(extra_env.iter().map(|(k, v)| (k, v)))
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("MATTERMOST_URL", target.mattermost_url)
             .env("MATTERMOST_TOKEN", target.token)

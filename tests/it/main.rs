@@ -14,6 +14,7 @@ mod delivery;
 mod discovery;
 mod e2e;
 mod faults;
+mod links;
 mod mattermost_api;
 mod opencode_api;
 mod opencode_api_v2;

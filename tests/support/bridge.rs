@@ -56,6 +56,7 @@ pub fn config(mattermost: &FakeMattermost, opencode_url: &str, state_dir: &Path)
         forget_after: Duration::from_secs(30 * 24 * 3600),
         max_rps: opencode_mattermost::budget::DEFAULT_MAX_RPS,
         notify: opencode_mattermost::config::Notify::default(),
+        dirs: Default::default(),
     }
 }
 

@@ -500,6 +500,18 @@ impl FakeMattermost {
         self.shared.shutdown_sockets(true);
     }
 
+    /// Revokes `user_id`'s access token, as deleting it in Mattermost does: from now on it is
+    /// refused (401), and the websockets it opened are closed (all of them: the fake does not
+    /// know whose they are; the others reconnect).
+    pub fn revoke_token(&self, user_id: &str) {
+        self.shared.update(|state| {
+            if let Some(user) = state.users.iter_mut().find(|u| u.id == user_id) {
+                user.token = util::new_id();
+            }
+        });
+        self.shared.shutdown_sockets(false);
+    }
+
     /// While down, every connection (REST and websocket, open or new) is closed at once.
     pub fn set_down(&self, down: bool) {
         self.shared.down.store(down, Ordering::SeqCst);
