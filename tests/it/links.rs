@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::cli::{BINARY, Finish, Running};
 use crate::e2e::text;
-use crate::support::llm::FakeLlm;
+use crate::support::llm::{FakeLlm, Gate, Step};
 use crate::support::mattermost::{FakeMattermost, Post};
 use crate::support::opencode::OpenCode;
 use crate::support::{SOON, TempDir};
@@ -364,8 +364,57 @@ fn sighup_adds_a_link_and_removes_one_without_touching_the_others() {
         .expect("an admin may post in any channel");
     team.llm
         .script("alice again", vec![vec![text("Hello again, alice")]]);
-    team.says(&alice, &alice_root.id, "alice again");
+    let again = team.says(&alice, &alice_root.id, "alice again");
     team.wait_reply(&alice, &alice_root, "Hello again, alice");
+    // While alice's next answer runs, carol's owner reacts 🛑 on it and 🔁 on alice's prompt:
+    // neither link acts. Then 🔁 on her own prompt, which her link does resend: its look-ups run
+    // in order, so once that resend is seen, her link has dealt with the first two as well.
+    team.llm
+        .script("carol asks", vec![vec![text("Answer for carol")]]);
+    let carol_root = team.wait_root(&carol, &carol_session);
+    let carol_prompt = team.says(&carol, &carol_root.id, "carol asks");
+    team.wait_reply(&carol, &carol_root, "Answer for carol");
+    let gate = Gate::new();
+    team.llm.script(
+        "alice third",
+        vec![vec![
+            text("Third answer begins."),
+            Step::Gate(gate.clone()),
+            text(" Third answer ends."),
+        ]],
+    );
+    team.says(&alice, &alice_root.id, "alice third");
+    let running = team.wait_reply(&alice, &alice_root, "Third answer begins.");
+    for (post, emoji) in [(&running.id, "octagonal_sign"), (&again.id, "repeat")] {
+        team.mattermost
+            .react_as(&carol.owner_id, post, emoji)
+            .expect("an admin may react in any channel");
+    }
+    team.mattermost
+        .react_as(&carol.owner_id, &carol_prompt.id, "repeat")
+        .expect("reaction accepted");
+    let asked = |prompt: &str| {
+        team.llm
+            .requests()
+            .iter()
+            .filter(|r| r["tools"].as_array().is_some_and(|t| !t.is_empty()))
+            .filter_map(crate::e2e::last_user_text)
+            .filter(|p| p == prompt)
+            .count()
+    };
+    let deadline = Instant::now() + SOON;
+    while asked("carol asks") < 2 {
+        assert!(Instant::now() < deadline, "carol's own 🔁 was not acted on");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    gate.open();
+    let finished = team.wait_reply(&alice, &alice_root, "Third answer ends.");
+    assert!(
+        !finished.message.contains("nterrupted"),
+        "carol's 🛑 stopped alice's answer: {}",
+        finished.message
+    );
+    assert_eq!(asked("alice again"), 1, "carol's 🔁 resent alice's prompt");
     let history = team.history_text(&alice, &alice_before);
     assert!(!history.contains("carol sneaks in"), "{history}");
     assert!(team.roots(&carol.dm, &alice_before).is_empty());
