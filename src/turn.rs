@@ -265,6 +265,17 @@ impl Tracker {
         self.turn = Some(turn);
     }
 
+    /// A running turn the worker did not start (it took over a busy session) answers the user
+    /// message `prompt_id`, already under way: its reply is keyed by it.
+    pub fn adopt_prompt(&mut self, prompt_id: &str) {
+        if let Some(turn) = self.turn.as_mut()
+            && turn.prompt_id.is_none()
+        {
+            turn.prompt_id = Some(prompt_id.to_string());
+            turn.prompt_seen = true;
+        }
+    }
+
     /// The newest message id seen in the session so far.
     pub fn newest_message(&self) -> Option<&str> {
         self.newest_message.as_deref()

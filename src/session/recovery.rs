@@ -289,16 +289,20 @@ impl Worker {
         if self.opencode.dialect() != crate::opencode::Dialect::V2 {
             return;
         }
-        let stored = match self.stored_messages() {
+        let mut stored = match self.stored_messages() {
             Ok(stored) => stored,
             Err(e) => {
                 crate::debug!("[{}] running answer not read: {e}", self.short());
                 return;
             }
         };
-        let Some((answer, parts)) = stored.into_iter().rev().find(|(info, _)| {
-            info.role == crate::opencode::Role::Assistant && info.completed_ms.is_none()
-        }) else {
+        let (running, prompt) = running_answer(&stored);
+        // Live v2 steps name no parent: without this the reply's posts carry no prompt key, and
+        // a later run cannot find them and posts the answer again.
+        if let Some(prompt) = prompt {
+            self.tracker.adopt_prompt(&prompt);
+        }
+        let Some((answer, parts)) = running.map(|i| stored.swap_remove(i)) else {
             return;
         };
         let now = Instant::now();
@@ -403,6 +407,25 @@ impl Worker {
     }
 }
 
+/// In a busy session's stored messages: the index of the answer still running, if stored yet, and
+/// the prompt the running turn answers: that answer's parent, or, while no answer is stored, the
+/// user message that ends the stored ones (never an older turn's prompt, whose posts the reply
+/// would then take over).
+fn running_answer(stored: &[StoredMessage]) -> (Option<usize>, Option<String>) {
+    use crate::opencode::Role;
+    let running = stored
+        .iter()
+        .rposition(|(info, _)| info.role == Role::Assistant && info.completed_ms.is_none());
+    let prompt = match running {
+        Some(i) => stored[i].0.parent_id.clone(),
+        None => stored
+            .last()
+            .filter(|(info, _)| info.role == Role::User)
+            .map(|(info, _)| info.id.clone()),
+    };
+    (running, prompt)
+}
+
 impl Worker {
     /// The thread was started anew (its root was deleted): what the old one showed went with it.
     pub(super) fn forget_earlier(&mut self) {
@@ -410,5 +433,37 @@ impl Worker {
             read: true,
             ..Earlier::default()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::opencode::{MessageInfo, Role};
+
+    fn message(id: &str, role: Role, done: bool, parent: Option<&str>) -> StoredMessage {
+        let mut info = MessageInfo::new(id.into(), role, 0);
+        info.completed_ms = done.then_some(1);
+        info.parent_id = parent.map(str::to_string);
+        (info, Vec::new())
+    }
+
+    #[test]
+    fn a_running_turn_is_keyed_by_its_prompt_even_before_its_answer_is_stored() {
+        let earlier = [
+            message("msg_1", Role::User, false, None),
+            message("msg_2", Role::Assistant, true, Some("msg_1")),
+        ];
+        // Taken over while the prompt waits for its first step: the prompt that ends the log.
+        let mut waiting = earlier.to_vec();
+        waiting.push(message("msg_3", Role::User, false, None));
+        assert_eq!(running_answer(&waiting), (None, Some("msg_3".into())));
+        // Its answer is stored: the answer's parent.
+        let mut answering = waiting.clone();
+        answering.push(message("msg_4", Role::Assistant, false, Some("msg_3")));
+        assert_eq!(running_answer(&answering), (Some(3), Some("msg_3".into())));
+        // Nothing new stored yet: never the finished turn's prompt, whose reply would be edited.
+        assert_eq!(running_answer(&earlier), (None, None));
+        assert_eq!(running_answer(&[]), (None, None));
     }
 }
