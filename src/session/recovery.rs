@@ -190,6 +190,27 @@ impl Worker {
         })
     }
 
+    /// The poll says idle while the sent prompt's own message never came on the stream: the
+    /// stream was not connected when OpenCode took it (a bridge just started, or reconnecting).
+    /// Live v2 answers name no parent, so nothing else would ever show the prompt taken, and the
+    /// turn, with every prompt queued behind it, would wait forever. The stored messages tell.
+    pub(super) fn confirm_prompt_taken(&mut self) {
+        let Some(prompt_id) = self.tracker.awaited_prompt().map(str::to_string) else {
+            return;
+        };
+        match self.stored_messages() {
+            Ok(stored) if stored.iter().any(|(info, _)| info.id == prompt_id) => {
+                crate::debug!(
+                    "[{}] prompt {prompt_id} is stored though the stream never showed it",
+                    self.short()
+                );
+                self.tracker.prompt_taken();
+            }
+            Ok(_) => {}
+            Err(e) => crate::debug!("[{}] stored messages not read: {e}", self.short()),
+        }
+    }
+
     /// v2: the durable log's position once the turn whose last answer is `message_id` is in the
     /// thread: the `seq` of the event that ended it. None on v1, or when the log cannot tell (the
     /// saved position then stays).
