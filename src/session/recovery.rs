@@ -190,6 +190,38 @@ impl Worker {
         })
     }
 
+    /// v2, before a taken-over turn's first reply post, when its prompt is still unknown (at
+    /// worker start OpenCode had not stored even the prompt yet): the stored parent of the
+    /// answer being streamed, so the posts carry the prompt and a later run continues them.
+    /// `streaming`: the turn is still running, so a prompt that ends the stored messages is its
+    /// own (a finished turn shown late takes only its stored answer's parent).
+    pub(super) fn learn_prompt_key(&mut self, streaming: bool) {
+        if self.opencode.dialect() != crate::opencode::Dialect::V2 || !self.recovery.took_over {
+            return;
+        }
+        let answer = self
+            .tracker
+            .turn
+            .as_ref()
+            .and_then(|turn| turn.last_assistant_id())
+            .map(str::to_string);
+        let stored = match self.stored_messages() {
+            Ok(stored) => stored,
+            Err(e) => {
+                crate::debug!("[{}] running answer's prompt not read: {e}", self.short());
+                return;
+            }
+        };
+        let prompt = answer
+            .and_then(|id| stored.iter().find(|(info, _)| info.id == id))
+            .and_then(|(info, _)| info.parent_id.clone())
+            .or_else(|| streaming.then(|| running_answer(&stored).1).flatten());
+        if let Some(prompt) = prompt {
+            self.tracker.adopt_prompt(&prompt);
+            self.reply.key = Some(prompt);
+        }
+    }
+
     /// The poll says idle while the sent prompt's own message never came on the stream: the
     /// stream was not connected when OpenCode took it (a bridge just started, or reconnecting).
     /// Live v2 answers name no parent, so nothing else would ever show the prompt taken, and the
