@@ -25,10 +25,8 @@ release:
 # among them: it tests the Mattermost client alone. Lines are prefixed [v1]/[v2]; whole logs are in
 # target/test-v1.log and target/test-v2.log. Fails if either fails.
 V2_SUITES := e2e:: control:: faults:: bad_input:: attention::
-# Tests left out of the v2 run, still open in issue 12: the kill loop on v2 answered 4 prompts twice
-# (KILL_SEED=1796418600631254359, 2026-12-04; the same seed passed on replay) and, on another run, left
-# one unanswered. It runs in v1; `make test-v2 V2_SKIP=` runs it in v2 too.
-V2_SKIP ?= --skip faults::random_kills_during_a_busy_run_lose_nothing_and_duplicate_nothing
+# Tests left out of the v2 run (`--skip name` each); none at present.
+V2_SKIP ?=
 test: opencode
 	$(CARGO) test --all-targets --no-run -q
 	@for api in v1 v2; do \

@@ -265,6 +265,17 @@ impl Tracker {
         self.turn = Some(turn);
     }
 
+    /// A running turn the worker did not start (it took over a busy session) answers the user
+    /// message `prompt_id`, already under way: its reply is keyed by it.
+    pub fn adopt_prompt(&mut self, prompt_id: &str) {
+        if let Some(turn) = self.turn.as_mut()
+            && turn.prompt_id.is_none()
+        {
+            turn.prompt_id = Some(prompt_id.to_string());
+            turn.prompt_seen = true;
+        }
+    }
+
     /// The newest message id seen in the session so far.
     pub fn newest_message(&self) -> Option<&str> {
         self.newest_message.as_deref()
@@ -283,9 +294,23 @@ impl Tracker {
 
     /// Sent a prompt, and the stream has not shown it yet: what arrives now is from before it.
     fn awaiting_prompt(&self) -> bool {
+        self.awaited_prompt().is_some()
+    }
+
+    /// The prompt sent whose own message the stream has not shown yet.
+    pub fn awaited_prompt(&self) -> Option<&str> {
         self.turn
             .as_ref()
-            .is_some_and(|t| t.prompt_id.is_some() && !t.prompt_seen)
+            .filter(|t| !t.prompt_seen)
+            .and_then(|t| t.prompt_id.as_deref())
+    }
+
+    /// The stored messages show the awaited prompt: OpenCode took it up though the stream did not
+    /// say so (it was sent while the stream was down), so statuses count again.
+    pub fn prompt_taken(&mut self) {
+        if let Some(turn) = self.turn.as_mut() {
+            turn.prompt_seen = true;
+        }
     }
 
     /// True while a prompt sent now would have to wait.
@@ -854,6 +879,34 @@ mod tests {
                 start + std::time::Duration::from_secs(16),
                 stall
             ),
+            Change::TurnEnded
+        );
+    }
+
+    /// v2 answers name no parent: when the stream missed the prompt's own message, only the
+    /// stored messages can show it taken, and then the idle poll ends the turn.
+    #[test]
+    fn a_prompt_the_stream_never_showed_ends_once_the_stored_messages_show_it() {
+        let start = Instant::now();
+        let later = start + std::time::Duration::from_secs(30);
+        let stall = std::time::Duration::from_secs(3);
+        let mut tracker = Tracker::default();
+        tracker.begin(start, Some("msg_p".into()));
+        let answer = MessageInfo::new("msg_a".into(), Role::Assistant, 0);
+        let updated = Event::MessageUpdated {
+            session_id: "s".into(),
+            message: answer,
+        };
+        assert_eq!(tracker.apply(updated, start), Change::Reply);
+        assert_eq!(tracker.awaited_prompt(), Some("msg_p"));
+        assert_eq!(
+            tracker.apply_polled(Status::Idle, later, stall),
+            Change::Nothing
+        );
+        tracker.prompt_taken();
+        assert_eq!(tracker.awaited_prompt(), None);
+        assert_eq!(
+            tracker.apply_polled(Status::Idle, later, stall),
             Change::TurnEnded
         );
     }

@@ -20,9 +20,6 @@ use crate::budget::{DEFAULT_MAX_RPS, Poll, Priority, Scheduler};
 use crate::config::Secret;
 use crate::http::{self, Backoff, percent_encode};
 
-/// How long after a create's first try its retries may still rely on Mattermost recognising the
-/// `pending_post_id` (it keeps them 30 s); later retries first look for the post.
-const PENDING_MEMORY: Duration = Duration::from_secs(25);
 /// The props key that carries a create's `pending_post_id`, for that look-up.
 const PENDING_PROP: &str = "ocmm_pending_post_id";
 /// Attempts of an impatient call; also the point where a patient call logs that it is waiting out an
@@ -142,8 +139,6 @@ pub struct MattermostClient {
     call_timeout: Option<Duration>,
     /// First and longest delay between retries of a transient failure.
     retry_delays: (Duration, Duration),
-    /// `PENDING_MEMORY`, or shorter in tests.
-    pending_memory: Duration,
     /// The class of this client's calls in the shared budget (`at()` picks another).
     priority: Priority,
 }
@@ -228,7 +223,6 @@ impl MattermostClient {
             patient: false,
             call_timeout: None,
             retry_delays: (RETRY_BASE, IMPATIENT_RETRY_CAP),
-            pending_memory: PENDING_MEMORY,
             priority: Priority::Ask,
         }
     }
@@ -277,15 +271,6 @@ impl MattermostClient {
     pub fn with_retry_delays(&self, first: Duration, longest: Duration) -> MattermostClient {
         MattermostClient {
             retry_delays: (first, longest),
-            ..self.clone()
-        }
-    }
-
-    /// This client looking for a create's post after `memory` instead of 25 s: tests pair it with
-    /// the fake Mattermost's `advance_clock`, so a long outage takes no real time.
-    pub fn with_pending_memory(&self, memory: Duration) -> MattermostClient {
-        MattermostClient {
-            pending_memory: memory,
             ..self.clone()
         }
     }
@@ -390,8 +375,9 @@ impl MattermostClient {
     }
 
     /// `POST /posts` of `body`, with a `pending_post_id` that is the same for every retry: one post
-    /// however many tries. Mattermost remembers that id for only 30 s, so the id also goes in the
-    /// props, and a retry after a longer outage first looks for the post among the channel's latest.
+    /// however many tries. Mattermost's memory of that id is short and per node, so the id also goes
+    /// in the props, and a retry after a try that may have reached the server first looks for the
+    /// post among the channel's latest.
     fn create(&self, mut body: Value, props: Option<Value>) -> Result<Post, MmError> {
         let pending_post_id = self.new_pending_post_id();
         let mut props = match props {
@@ -447,7 +433,7 @@ impl MattermostClient {
             return Ok(None);
         };
         crate::info!(
-            "a post created before a long outage was found ({}); not posting it again",
+            "a post whose create had no answer was found ({}); not posting it again",
             post["id"].as_str().unwrap_or_default()
         );
         Ok(serde_json::to_vec(post).ok())
@@ -651,9 +637,10 @@ impl MattermostClient {
         self.call_bytes_recovering(method, path, body, max_bytes, None)
     }
 
-    /// `call_bytes`; once a failure that may have reached the server is older than the server's
-    /// `pending_post_id` memory, `find_done` is asked before each retry whether the call took
-    /// effect after all, and its answer is then the call's.
+    /// `call_bytes`; after a failure that may have reached the server, `find_done` is asked before
+    /// each retry whether the call took effect after all, and its answer is then the call's.
+    /// Mattermost's own `pending_post_id` check is no guarantee: it is a bounded cache kept per
+    /// server node for 30 s of the server's time, none of which the client can observe.
     fn call_bytes_recovering(
         &self,
         method: &str,
@@ -667,15 +654,11 @@ impl MattermostClient {
         // Failures other than 429: only these mean the server is in trouble.
         let mut outage_failures = 0;
         let mut in_outage = false;
-        // When the first attempt left that the server may have acted on: its memory of the
-        // `pending_post_id` runs from then at the earliest.
-        let mut maybe_done_at: Option<Instant> = None;
+        // Whether an attempt may have reached the server (its answer was lost or an error).
+        let mut maybe_done = false;
         loop {
-            let attempt_started = Instant::now();
             let looked = match find_done {
-                Some(find_done)
-                    if maybe_done_at.is_some_and(|at| at.elapsed() >= self.pending_memory) =>
-                {
+                Some(find_done) if maybe_done => {
                     self.wait_for_budget()?;
                     find_done()
                 }
@@ -709,7 +692,7 @@ impl MattermostClient {
                     }
                 }
                 Err(Attempt::Failed(error)) => {
-                    maybe_done_at.get_or_insert(attempt_started);
+                    maybe_done = true;
                     error
                 }
                 Err(Attempt::NeverSent(error)) => error,
@@ -899,6 +882,11 @@ impl MattermostClient {
             let wait = retry_after.or(reset).unwrap_or(1).clamp(1, 60);
             return Err(Attempt::RateLimited(Duration::from_secs(wait)));
         }
+        if status == 503 {
+            // "Unable to handle the request" (RFC 9110): Mattermost's busy answer and a proxy's
+            // "no upstream" alike come before any work, so a retry cannot make a second post.
+            return Err(Attempt::NeverSent(error_answer(status, &mut response)));
+        }
         if !(200..300).contains(&status) {
             return Err(Attempt::Failed(error_answer(status, &mut response)));
         }
@@ -984,8 +972,8 @@ fn error_answer(status: u16, response: &mut ureq::http::Response<ureq::Body>) ->
 enum Attempt {
     RateLimited(Duration),
     Failed(MmError),
-    /// Failed before the request left (refused, no such host, no connection in time): the server
-    /// cannot have acted on it.
+    /// The server cannot have acted on it: it failed before the request left (refused, no such
+    /// host, no connection in time), or the server answered 503.
     NeverSent(MmError),
 }
 

@@ -377,6 +377,11 @@ impl Worker {
         if recorded {
             self.catch_up();
             self.learn_status();
+            // A turn that ended between the catch-up's read and the status read is in neither:
+            // the next prompt would pass over it, and its answer would never be posted.
+            if !self.tracker.is_running() {
+                self.catch_up();
+            }
         }
         let mut memory_returned = false;
         loop {
@@ -653,6 +658,9 @@ impl Worker {
             }
             SessionMsg::Child { child_id, event } => self.tracker.apply_child(child_id, event),
             SessionMsg::Polled(status) => {
+                if status == Status::Idle && self.tracker.awaited_prompt().is_some() {
+                    self.confirm_prompt_taken();
+                }
                 crate::debug!(
                     "[{}] polled {status:?} (running: {})",
                     self.short(),

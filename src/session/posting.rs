@@ -119,6 +119,9 @@ impl Worker {
     /// `send_reply`'s work; false when the thread's root has been deleted.
     fn try_send_reply(&mut self, body: &str, last: bool, priority: Priority) -> bool {
         let short = short_id(&self.key.session_id).to_string();
+        if self.reply.key.is_none() && self.reply.posts.is_empty() {
+            self.learn_prompt_key(!last);
+        }
         let prompt_key = self.reply.key.clone();
         if self.reply.posts.is_empty() {
             // A reply begun by an earlier run goes on in its own posts.

@@ -190,6 +190,59 @@ impl Worker {
         })
     }
 
+    /// v2, before a taken-over turn's first reply post, when its prompt is still unknown (at
+    /// worker start OpenCode had not stored even the prompt yet): the stored parent of the
+    /// answer being streamed, so the posts carry the prompt and a later run continues them.
+    /// `streaming`: the turn is still running, so a prompt that ends the stored messages is its
+    /// own (a finished turn shown late takes only its stored answer's parent).
+    pub(super) fn learn_prompt_key(&mut self, streaming: bool) {
+        if self.opencode.dialect() != crate::opencode::Dialect::V2 || !self.recovery.took_over {
+            return;
+        }
+        let answer = self
+            .tracker
+            .turn
+            .as_ref()
+            .and_then(|turn| turn.last_assistant_id())
+            .map(str::to_string);
+        let stored = match self.stored_messages() {
+            Ok(stored) => stored,
+            Err(e) => {
+                crate::debug!("[{}] running answer's prompt not read: {e}", self.short());
+                return;
+            }
+        };
+        let prompt = answer
+            .and_then(|id| stored.iter().find(|(info, _)| info.id == id))
+            .and_then(|(info, _)| info.parent_id.clone())
+            .or_else(|| streaming.then(|| running_answer(&stored).1).flatten());
+        if let Some(prompt) = prompt {
+            self.tracker.adopt_prompt(&prompt);
+            self.reply.key = Some(prompt);
+        }
+    }
+
+    /// The poll says idle while the sent prompt's own message never came on the stream: the
+    /// stream was not connected when OpenCode took it (a bridge just started, or reconnecting).
+    /// Live v2 answers name no parent, so nothing else would ever show the prompt taken, and the
+    /// turn, with every prompt queued behind it, would wait forever. The stored messages tell.
+    pub(super) fn confirm_prompt_taken(&mut self) {
+        let Some(prompt_id) = self.tracker.awaited_prompt().map(str::to_string) else {
+            return;
+        };
+        match self.stored_messages() {
+            Ok(stored) if stored.iter().any(|(info, _)| info.id == prompt_id) => {
+                crate::debug!(
+                    "[{}] prompt {prompt_id} is stored though the stream never showed it",
+                    self.short()
+                );
+                self.tracker.prompt_taken();
+            }
+            Ok(_) => {}
+            Err(e) => crate::debug!("[{}] stored messages not read: {e}", self.short()),
+        }
+    }
+
     /// v2: the durable log's position once the turn whose last answer is `message_id` is in the
     /// thread: the `seq` of the event that ended it. None on v1, or when the log cannot tell (the
     /// saved position then stays).
@@ -289,16 +342,20 @@ impl Worker {
         if self.opencode.dialect() != crate::opencode::Dialect::V2 {
             return;
         }
-        let stored = match self.stored_messages() {
+        let mut stored = match self.stored_messages() {
             Ok(stored) => stored,
             Err(e) => {
                 crate::debug!("[{}] running answer not read: {e}", self.short());
                 return;
             }
         };
-        let Some((answer, parts)) = stored.into_iter().rev().find(|(info, _)| {
-            info.role == crate::opencode::Role::Assistant && info.completed_ms.is_none()
-        }) else {
+        let (running, prompt) = running_answer(&stored);
+        // Live v2 steps name no parent: without this the reply's posts carry no prompt key, and
+        // a later run cannot find them and posts the answer again.
+        if let Some(prompt) = prompt {
+            self.tracker.adopt_prompt(&prompt);
+        }
+        let Some((answer, parts)) = running.map(|i| stored.swap_remove(i)) else {
             return;
         };
         let now = Instant::now();
@@ -403,6 +460,25 @@ impl Worker {
     }
 }
 
+/// In a busy session's stored messages: the index of the answer still running, if stored yet, and
+/// the prompt the running turn answers: that answer's parent, or, while no answer is stored, the
+/// user message that ends the stored ones (never an older turn's prompt, whose posts the reply
+/// would then take over).
+fn running_answer(stored: &[StoredMessage]) -> (Option<usize>, Option<String>) {
+    use crate::opencode::Role;
+    let running = stored
+        .iter()
+        .rposition(|(info, _)| info.role == Role::Assistant && info.completed_ms.is_none());
+    let prompt = match running {
+        Some(i) => stored[i].0.parent_id.clone(),
+        None => stored
+            .last()
+            .filter(|(info, _)| info.role == Role::User)
+            .map(|(info, _)| info.id.clone()),
+    };
+    (running, prompt)
+}
+
 impl Worker {
     /// The thread was started anew (its root was deleted): what the old one showed went with it.
     pub(super) fn forget_earlier(&mut self) {
@@ -410,5 +486,37 @@ impl Worker {
             read: true,
             ..Earlier::default()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::opencode::{MessageInfo, Role};
+
+    fn message(id: &str, role: Role, done: bool, parent: Option<&str>) -> StoredMessage {
+        let mut info = MessageInfo::new(id.into(), role, 0);
+        info.completed_ms = done.then_some(1);
+        info.parent_id = parent.map(str::to_string);
+        (info, Vec::new())
+    }
+
+    #[test]
+    fn a_running_turn_is_keyed_by_its_prompt_even_before_its_answer_is_stored() {
+        let earlier = [
+            message("msg_1", Role::User, false, None),
+            message("msg_2", Role::Assistant, true, Some("msg_1")),
+        ];
+        // Taken over while the prompt waits for its first step: the prompt that ends the log.
+        let mut waiting = earlier.to_vec();
+        waiting.push(message("msg_3", Role::User, false, None));
+        assert_eq!(running_answer(&waiting), (None, Some("msg_3".into())));
+        // Its answer is stored: the answer's parent.
+        let mut answering = waiting.clone();
+        answering.push(message("msg_4", Role::Assistant, false, Some("msg_3")));
+        assert_eq!(running_answer(&answering), (Some(3), Some("msg_3".into())));
+        // Nothing new stored yet: never the finished turn's prompt, whose reply would be edited.
+        assert_eq!(running_answer(&earlier), (None, None));
+        assert_eq!(running_answer(&[]), (None, None));
     }
 }
