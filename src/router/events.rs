@@ -39,6 +39,7 @@ impl Router {
             WatchEvent::Snapshot { sessions, statuses } => {
                 self.reconcile(server, sessions, statuses)
             }
+            WatchEvent::Recent(sessions) => self.recent(server, sessions),
         }
     }
 
@@ -187,13 +188,7 @@ impl Router {
             if let Some(status) = statuses.get(&key.session_id) {
                 self.set_status(&key, *status);
             }
-            if self.wants_thread(&key) {
-                crate::info!(
-                    "[{}] session found by the poll; creating its thread",
-                    short_id(&key.session_id)
-                );
-                self.start_thread(key);
-            }
+            self.found_by_poll(&key);
         }
         let open_records = self.registry.open_sessions(&server);
         for session_id in open_records {
@@ -213,15 +208,68 @@ impl Router {
             {
                 self.deliver(&key, SessionMsg::Polled(status));
             }
-            // Run in a terminal: no events reach us, so its finished turns come from the store.
             let updated = updated_ms.get(&key.session_id).copied().unwrap_or(0);
-            let since = self.record(&key).map_or(0, |r| r.delivered_at_ms);
             let busy = status.is_some_and(|s| s != Status::Idle);
-            let elsewhere = self.elsewhere.on_poll(&key, updated, busy, since);
-            if (catching_up || elsewhere) && status.is_none_or(|s| s == Status::Idle) {
+            if !self.follow_elsewhere(&key, updated, busy) && catching_up && !busy {
                 self.catch_up(&key, updated_ms.get(&key.session_id).copied());
             }
         }
+    }
+
+    /// The light poll: sessions updated (v1) or created (v2) lately. A new one gets its thread, and
+    /// one run in a terminal has its finished turns posted, without waiting for the full poll.
+    pub(super) fn recent(&mut self, server: ServerKey, sessions: Vec<SessionInfo>) {
+        for info in sessions {
+            if self.owner_of(&server, &info.id) != server {
+                continue;
+            }
+            let key = SessionKey {
+                server: server.clone(),
+                session_id: info.id.clone(),
+            };
+            let updated = info.updated_ms;
+            self.learn(&key, info);
+            self.found_by_poll(&key);
+            if self.record(&key).is_some_and(|r| r.ended_ms.is_none()) {
+                let busy = self
+                    .live
+                    .get(&key)
+                    .is_some_and(|l| l.status != Status::Idle);
+                self.follow_elsewhere(&key, updated, busy);
+            }
+        }
+    }
+
+    /// A session listed by a poll that wants a thread gets one, marked as run in a terminal when no
+    /// event of it reached us; one too new to tell waits for its event or the next poll.
+    fn found_by_poll(&mut self, key: &SessionKey) {
+        if !self.wants_thread(key) {
+            return;
+        }
+        let created_ms = self.live.get(key).map_or(0, |l| l.info.created_ms);
+        let Some(terminal) = self
+            .elsewhere
+            .on_found(key, created_ms, crate::log::now_ms())
+        else {
+            return;
+        };
+        crate::info!(
+            "[{}] session found by the poll{}; creating its thread",
+            short_id(&key.session_id),
+            if terminal { " (run in a terminal)" } else { "" }
+        );
+        self.start_thread(key.clone());
+    }
+
+    /// Run in a terminal: no events reach us, so its finished turns come from the store, read when
+    /// the poll shows it moved with no event here. True when the worker was told to read them.
+    fn follow_elsewhere(&mut self, key: &SessionKey, updated_ms: u64, busy: bool) -> bool {
+        let since = self.record(key).map_or(0, |r| r.delivered_at_ms);
+        if self.elsewhere.on_poll(key, updated_ms, busy, since) && !busy {
+            self.deliver(key, SessionMsg::Terminal);
+            return true;
+        }
+        false
     }
 
     /// An idle session that changed since its thread was last complete may have answered while

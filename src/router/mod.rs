@@ -497,9 +497,6 @@ impl Router {
                 }
             }
             None => {
-                if let Some(note) = self.elsewhere.reply_note(&key) {
-                    self.reply(&root_id, note);
-                }
                 self.owe_prompt(&key, &post);
                 prompt_of(post)
             }
@@ -672,8 +669,13 @@ impl Router {
 
     fn record_thread(&mut self, key: &SessionKey, root_post_id: &str, info: &SessionInfo) {
         let channel_id = self.identity.dm_channel_id.clone();
+        let mut since = crate::log::now_ms();
+        if self.elsewhere.ever_elsewhere(key) {
+            // Run in a terminal: its turns from its start are owed, across a restart too.
+            since = since.min(info.created_ms);
+        }
         self.registry
-            .record_thread(key, root_post_id, &channel_id, info, crate::log::now_ms());
+            .record_thread(key, root_post_id, &channel_id, info, since);
     }
 
     /// A server's name for posts: its OPENCODE_URL `NAME`, else `host:port`.

@@ -42,6 +42,7 @@ impl Router {
     /// Starts `client`'s reader; false (logged) when the thread cannot start.
     fn spawn_reader(&mut self, client: &Arc<OpenCodeClient>) -> bool {
         let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let stop_recent = stop.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("opencode-watch-{}", client.name))
             .stack_size(256 * 1024)
@@ -56,6 +57,20 @@ impl Router {
         if let Err(e) = spawned {
             crate::error!("cannot start the reader of {}: {e}", client.name);
             return false;
+        }
+        // The light poll ends with the reader: both hold the one stop receiver.
+        let recent = std::thread::Builder::new()
+            .name(format!("opencode-recent-{}", client.name))
+            .stack_size(128 * 1024)
+            .spawn({
+                let (client, out) = (client.clone(), self.inputs.clone());
+                move || crate::opencode::watch::run_recent(client, out, stop_recent)
+            });
+        if let Err(e) = recent {
+            crate::warn!(
+                "cannot start the light poll of {}: {e}; terminal sessions wait for the 20 s poll",
+                client.name
+            );
         }
         self.server_set.stops.insert(client.key.clone(), stop_tx);
         true

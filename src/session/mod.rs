@@ -102,6 +102,9 @@ pub enum SessionMsg {
     },
     /// The bridge was away while the session moved on: post what it answered meanwhile.
     CatchUp,
+    /// The poll shows the session moved with no event here: another process (a terminal) runs it.
+    /// Its finished turns are posted from the store, each prompt quoted.
+    Terminal,
 }
 
 #[derive(Debug)]
@@ -191,6 +194,9 @@ pub struct Setup {
     pub owner_username: String,
     /// Which posts mention the owner.
     pub notify: crate::config::Notify,
+    /// Seen run by another process (a terminal): the root says so and caught-up turns quote their
+    /// prompts.
+    pub terminal: bool,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -286,6 +292,12 @@ struct Worker {
     /// What the router was last told of `waiting.any()`; None: nothing yet, so a new worker says
     /// it once (an earlier worker may have left the router's view stale).
     reported_waiting: Option<bool>,
+    /// Run by another process (a terminal): see `SessionMsg::Terminal`.
+    terminal: bool,
+    /// The quoted terminal prompt to go above the reply the catch-up is posting.
+    quote: Option<String>,
+    /// The thread was told (or found to say) that replies do not show in the terminal.
+    note_told: bool,
 }
 
 /// OpenCode could not be reached (`down`): queued prompts wait for it.
@@ -334,11 +346,17 @@ impl Worker {
             owner_username: setup.owner_username,
             notify: setup.notify,
             reported_waiting: None,
-            root_text: reply::root_post(
-                &setup.info,
-                &setup.command_prefix,
-                setup.opencode.shown_name(),
+            root_text: terminal::root_text(
+                reply::root_post(
+                    &setup.info,
+                    &setup.command_prefix,
+                    setup.opencode.shown_name(),
+                ),
+                setup.terminal,
             ),
+            terminal: setup.terminal,
+            quote: None,
+            note_told: false,
             key: setup.key,
             info: setup.info,
             channel_id: setup.channel_id,
@@ -586,6 +604,7 @@ impl Worker {
                 {
                     return self.steer(post_id, text);
                 }
+                self.terminal_note();
                 return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
             SessionMsg::Command {
@@ -622,6 +641,14 @@ impl Worker {
                 Change::Nothing
             }
             SessionMsg::CatchUp => {
+                self.catch_up();
+                Change::Nothing
+            }
+            SessionMsg::Terminal => {
+                if !self.terminal {
+                    self.terminal = true;
+                    self.update_root();
+                }
                 self.catch_up();
                 Change::Nothing
             }
@@ -842,7 +869,27 @@ impl Worker {
             info.project_name = self.info.project_name.clone();
         }
         self.info = info;
-        let root = reply::root_post(&self.info, &self.prefix, self.opencode.shown_name());
+        self.update_root();
+    }
+
+    /// A reply runs a terminal's session on the bridge's server: the thread says once, ever (the
+    /// note carries a prop a later worker finds), that the terminal will not show it.
+    fn terminal_note(&mut self) {
+        if !self.terminal || std::mem::replace(&mut self.note_told, true) {
+            return;
+        }
+        if !self.earlier().terminal_note {
+            let props = json!({ terminal::NOTE_PROP: true });
+            self.post_tagged(terminal::REPLY_NOTE, Some(props));
+        }
+    }
+
+    /// Edits the root post when what it shows changed (title, terminal note).
+    fn update_root(&mut self) {
+        let root = terminal::root_text(
+            reply::root_post(&self.info, &self.prefix, self.opencode.shown_name()),
+            self.terminal,
+        );
         if root != self.root_text {
             self.root_text = root;
             if let Err(e) = self
@@ -979,6 +1026,7 @@ impl Worker {
         let Some((turn, summary)) = finished else {
             return;
         };
+        let in_terminal = self.quote.is_some();
         if summary.outcome == reply::Outcome::Interrupted {
             self.reply.key = turn.prompt_key().map(str::to_string);
             let shown = turn.body(false);
@@ -987,9 +1035,13 @@ impl Worker {
                 false => format!("{shown}\n\n{}", reply::INCOMPLETE_NOTE),
             };
             self.send_reply(&body, true);
+        } else if let Some(quote) = self.quote.take() {
+            self.reply.key = turn.prompt_key().map(str::to_string);
+            self.send_reply(&format!("{quote}\n\n{}", turn.body(false)), true);
         } else {
             self.show_final(&turn);
         }
+        self.quote = None;
         self.reply = ReplyPosts::default();
         self.todo_post = None;
         self.last_typing = None;
@@ -999,7 +1051,9 @@ impl Worker {
             summary.tokens,
             summary.cost,
         );
-        if elapsed_ms.is_some() {
+        if elapsed_ms.is_some() && in_terminal {
+            line.push_str(" · _run in a terminal_");
+        } else if elapsed_ms.is_some() {
             line.push_str(" · _finished while opencode-mattermost was away_");
         }
         let elapsed = Duration::from_millis(elapsed_ms.unwrap_or(summary.elapsed_ms));

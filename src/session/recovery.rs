@@ -49,6 +49,8 @@ pub(super) struct Earlier {
     done: HashSet<String>,
     /// `REQUEST_PROP` value → the post showing it.
     requests: HashMap<String, String>,
+    /// The thread already says that replies do not show in the terminal (`terminal::NOTE_PROP`).
+    pub(super) terminal_note: bool,
 }
 
 /// Reply posts carry the id of the user message they answer, and the completion line carries it
@@ -134,6 +136,8 @@ impl Worker {
                             if let Some(key) = prop(REQUEST_PROP) {
                                 earlier.requests.insert(key, post.id.clone());
                             }
+                            earlier.terminal_note |=
+                                post.props.get(super::terminal::NOTE_PROP).is_some();
                         }
                     }
                     Err(e) => crate::warn!(
@@ -350,13 +354,17 @@ impl Worker {
                 .position(|(info, _)| info.created_ms >= self.recovery.delivery.since_ms)
                 .unwrap_or(stored.len())
         });
-        // Up to the last finished answer: one still running is streamed live instead.
-        let end = stored
-            .iter()
-            .rposition(|(info, _)| {
-                info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
-            })
-            .map_or(0, |i| i + 1);
+        // Up to the last finished answer: one still running is streamed live instead. A terminal's
+        // turn is never streamed here: it waits, whole, until `turn_finished` says it ended.
+        let end = match self.terminal {
+            true => stored.len(),
+            false => stored
+                .iter()
+                .rposition(|(info, _)| {
+                    info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
+                })
+                .map_or(0, |i| i + 1),
+        };
         crate::debug!(
             "[{}] catch-up: {} stored message(s), missed {start}..{end}",
             self.short(),
@@ -377,6 +385,13 @@ impl Worker {
             }
         }
         turns.push(&missed[from..]);
+        if self.terminal
+            && turns
+                .last()
+                .is_some_and(|t| !super::terminal::turn_finished(t, crate::log::now_ms()))
+        {
+            turns.pop();
+        }
         for turn in turns {
             let finished = turn
                 .iter()
@@ -390,9 +405,17 @@ impl Worker {
                 .first()
                 .map_or(finished_ms, |(info, _)| info.created_ms);
             crate::info!(
-                "[{}] posting an answer finished while the bridge was away",
-                self.short()
+                "[{}] posting an answer finished {}",
+                self.short(),
+                if self.terminal {
+                    "in a terminal"
+                } else {
+                    "while the bridge was away"
+                }
             );
+            if self.terminal {
+                self.quote = super::terminal::quoted_prompt(turn);
+            }
             self.tracker.begin(Instant::now(), None);
             self.complete_turn(
                 Some(turn),
