@@ -33,6 +33,7 @@ impl Router {
                 } else {
                     crate::debug!("opencode event stream still down: {reason}");
                 }
+                self.check_ready();
             }
             WatchEvent::PollFailed(reason) => crate::debug!("session poll failed: {reason}"),
             WatchEvent::Event(envelope) => self.on_opencode_event(server, envelope.event),

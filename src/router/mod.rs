@@ -644,12 +644,11 @@ impl Router {
 
     // ---- helpers ----
 
+    /// Ready once the websocket is up and every server has answered or failed its first attempt: one
+    /// unreachable server must not hold the others' start (it keeps being retried).
     fn check_ready(&mut self) {
-        let streams_up = self
-            .servers
-            .keys()
-            .all(|k| self.stream_up.get(k) == Some(&true));
-        if self.announced_ready || !self.websocket_up || !streams_up {
+        let streams_tried = self.servers.keys().all(|k| self.stream_up.contains_key(k));
+        if self.announced_ready || !self.websocket_up || !streams_tried {
             return;
         }
         self.announced_ready = true;

@@ -12,6 +12,8 @@ pub struct ServerSet {
     pub shared: SharedServers,
     pub stops: HashMap<ServerKey, Sender<()>>,
     pub heard: Heard,
+    /// Each server's own stamp (inside `heard`), for the heartbeat's per-server lines.
+    pub servers_heard: crate::heartbeat::Servers,
 }
 
 impl Router {
@@ -50,7 +52,9 @@ impl Router {
                 let (client, out, heard) = (
                     client.clone(),
                     self.inputs.clone(),
-                    self.server_set.heard.clone(),
+                    self.server_set
+                        .servers_heard
+                        .add(&client.name, &self.server_set.heard),
                 );
                 move || crate::opencode::watch::run(client, out, stop, heard)
             });
@@ -84,6 +88,7 @@ impl Router {
         };
         crate::info!("opencode: let go of {} at {}", client.name, key.0);
         self.server_set.stops.remove(key);
+        self.server_set.servers_heard.remove(&client.name);
         self.stream_up.remove(key);
         self.catch_up_due.remove(key);
         self.down_since.remove(key);
