@@ -30,8 +30,11 @@ const MAX_POLLED_DIRECTORIES: usize = 32;
 pub const RECENT_INTERVAL: Duration = Duration::from_secs(4);
 const RECENT_LIMIT: usize = 50;
 /// Looks back this far before the newest `updated` time seen (the server's clock): writes of two
-/// processes can land slightly out of order.
-const RECENT_SLACK_MS: u64 = 10_000;
+/// processes can land slightly out of order (the full poll catches anything later still).
+const RECENT_SLACK_MS: u64 = 2_000;
+/// A session younger than this may still be waiting for its thread (the router gives its
+/// `session.created` a moment): an unchanged answer holding one is sent again.
+const YOUNG_MS: u64 = 5_000;
 
 #[derive(Debug)]
 pub enum WatchEvent {
@@ -146,10 +149,23 @@ where
     T: From<(ServerKey, WatchEvent)> + Send + 'static,
 {
     let mut newest = 0;
+    let mut last: Vec<(String, u64)> = Vec::new();
     while !stopped(&stop, RECENT_INTERVAL) {
         match recent_sessions(&client, newest) {
             Ok(sessions) => {
                 newest = sessions.iter().map(|s| s.updated_ms).fold(newest, u64::max);
+                // Nothing moved: the router would find nothing to do (idle CPU stays tiny).
+                let now: Vec<(String, u64)> = sessions
+                    .iter()
+                    .map(|s| (s.id.clone(), s.updated_ms))
+                    .collect();
+                let young = sessions
+                    .iter()
+                    .any(|s| s.created_ms + YOUNG_MS > crate::log::now_ms());
+                if now == last && !young {
+                    continue;
+                }
+                last = now;
                 let event = WatchEvent::Recent(sessions);
                 if out.send(T::from((client.key.clone(), event))).is_err() {
                     return;

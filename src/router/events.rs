@@ -2,6 +2,7 @@
 //! thread; confirming that a missing session is gone.
 
 use super::*;
+use crate::session::terminal::Found;
 
 impl Router {
     pub(super) fn on_opencode(&mut self, server: ServerKey, event: WatchEvent) {
@@ -13,6 +14,8 @@ impl Router {
                     self.registry.server_api(&server, api);
                 }
                 self.stream_up.insert(server.clone(), true);
+                self.elsewhere
+                    .listening(&server, Some(crate::log::now_ms()));
                 self.catch_up_due.insert(server.clone());
                 let reconnected = self.down_since.remove(&server).is_some();
                 let told = self.told_down.remove(&server);
@@ -28,6 +31,7 @@ impl Router {
                 self.down_since
                     .entry(server.clone())
                     .or_insert_with(Instant::now);
+                self.elsewhere.listening(&server, None);
                 if self.stream_up.insert(server.clone(), false) != Some(false) {
                     crate::warn!("opencode event stream lost ({}): {reason}", server.0);
                 } else {
@@ -229,6 +233,15 @@ impl Router {
                 session_id: info.id.clone(),
             };
             let updated = info.updated_ms;
+            // A terminal names its session with no event here: the root shows the new title.
+            let retitled = self
+                .live
+                .get(&key)
+                .is_some_and(|l| l.info.title != info.title)
+                && self.record(&key).is_some_and(|r| r.ended_ms.is_none());
+            if retitled {
+                self.deliver(&key, SessionMsg::Event(Event::SessionUpdated(info.clone())));
+            }
             self.learn(&key, info);
             self.found_by_poll(&key);
             if self.record(&key).is_some_and(|r| r.ended_ms.is_none()) {
@@ -247,19 +260,26 @@ impl Router {
         if !self.wants_thread(key) {
             return;
         }
-        let created_ms = self.live.get(key).map_or(0, |l| l.info.created_ms);
-        let Some(terminal) = self
-            .elsewhere
-            .on_found(key, created_ms, crate::log::now_ms())
-        else {
+        let (created_ms, updated_ms) = self
+            .live
+            .get(key)
+            .map_or((0, 0), |l| (l.info.created_ms, l.info.updated_ms));
+        let now = crate::log::now_ms();
+        let Some(found) = self.elsewhere.on_found(key, created_ms, updated_ms, now) else {
             return;
         };
         crate::info!(
-            "[{}] session found by the poll{}; creating its thread",
+            "[{}] session found by the poll ({found:?}, created {} ms ago); creating its thread",
             short_id(&key.session_id),
-            if terminal { " (run in a terminal)" } else { "" }
+            now.saturating_sub(created_ms)
         );
         self.start_thread(key.clone());
+        // Nothing of it was streamed: what it ran so far is posted once its root is up.
+        match found {
+            Found::Terminal => self.deliver(key, SessionMsg::Terminal),
+            Found::Missed => self.deliver(key, SessionMsg::CatchUp),
+            Found::Here => true,
+        };
     }
 
     /// Run in a terminal: no events reach us, so its finished turns come from the store, read when

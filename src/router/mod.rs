@@ -669,8 +669,8 @@ impl Router {
     fn record_thread(&mut self, key: &SessionKey, root_post_id: &str, info: &SessionInfo) {
         let channel_id = self.identity.dm_channel_id.clone();
         let mut since = crate::log::now_ms();
-        if self.elsewhere.ever_elsewhere(key) {
-            // Run in a terminal: its turns from its start are owed, across a restart too.
+        if self.elsewhere.owed_from_start(key) {
+            // Nothing of it was streamed: its turns from its start are owed, across a restart too.
             since = since.min(info.created_ms);
         }
         self.registry

@@ -59,6 +59,7 @@ impl Router {
             .map(|r| (r.model.clone(), r.agent.clone()))
             .unwrap_or_default();
         let terminal = self.elsewhere.ever_elsewhere(key);
+        let from_start = self.elsewhere.owed_from_start(key);
         let delivery = match self.record(key) {
             Some(record) => session::Delivery {
                 message_id: record.delivered_message_id.clone(),
@@ -66,9 +67,9 @@ impl Router {
                 streaming_post_id: record.streaming_post_id.clone(),
                 seq: record.delivered_seq,
             },
-            // Found by the poll, run in a terminal: nothing of it was streamed, so its turns from
-            // its start are owed, the one that created it too.
-            None if terminal => session::Delivery {
+            // Found by the poll, run in a terminal or created while we did not listen: nothing of
+            // it was streamed, so its turns from its start are owed, the one that created it too.
+            None if from_start => session::Delivery {
                 since_ms: info.created_ms.min(crate::log::now_ms()),
                 ..session::Delivery::default()
             },

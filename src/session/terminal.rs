@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::opencode::{MessageInfo, Part, PartBody, Role, SessionKey};
+use crate::opencode::{MessageInfo, Part, PartBody, Role, ServerKey, SessionKey};
 
 /// How often a session run elsewhere has its stored messages read: well inside the issue's 10 s.
 pub const READ_INTERVAL_MS: u64 = 4_000;
@@ -28,6 +28,11 @@ pub const REPLY_NOTE: &str = "ℹ️ This runs on the bridge's OpenCode server: 
 /// last event and its `updated` time are this close.
 const SLACK_MS: u64 = 2_000;
 
+/// OpenCode attaches a new event stream to its bus a moment after it says `server.connected` (the
+/// reader waits 500 ms before its first poll for the same reason): a session created before that
+/// may have no event on it though it runs on that server.
+const ATTACH_MS: u64 = 500;
+
 /// A turn the store shows unfinished (a killed terminal never completes it) counts as finished this
 /// long after its last message began, so the turns after it are not held back forever.
 const STALE_TURN_MS: u64 = 300_000;
@@ -41,12 +46,30 @@ struct Seen {
     elsewhere: bool,
     /// Seen run elsewhere at least once in this run: its thread quotes the prompts it posts.
     ever: bool,
+    /// Found by a poll with no event while we were not listening: its turns from its start are owed,
+    /// but where it ran is not known.
+    missed: bool,
+}
+
+/// What a poll's new session is, as far as the stream can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Our stream showed it: it runs where we listen.
+    Here,
+    /// Created while our stream listened, yet no event of it came: another process (a terminal)
+    /// runs it.
+    Terminal,
+    /// Created while our stream was not listening (the bridge was down, or reconnecting): its turns
+    /// from its start are owed, but where it runs shows only when it moves.
+    Missed,
 }
 
 /// Which sessions run in another process, from what the stream and the poll show of them.
 #[derive(Debug, Default)]
 pub struct Elsewhere {
     seen: HashMap<SessionKey, Seen>,
+    /// Since when each server's stream has listened (bridge clock); absent while it is down.
+    listening: HashMap<ServerKey, u64>,
 }
 
 impl Elsewhere {
@@ -83,21 +106,49 @@ impl Elsewhere {
         moved_elsewhere
     }
 
-    /// A poll listed `key`, a new session that wants a thread, created at `created_ms` (`now_ms`: the
-    /// bridge's clock). `Some(true)`: no event of it reached us, so another process (a terminal) runs
-    /// it; `Some(false)`: our stream showed it; `None`: too new to tell (its `session.created` may still
-    /// be on its way), so the next poll decides.
-    pub fn on_found(&mut self, key: &SessionKey, created_ms: u64, now_ms: u64) -> Option<bool> {
+    /// `server`'s stream is up (`Some(now_ms)`) or down (`None`).
+    pub fn listening(&mut self, server: &ServerKey, since_ms: Option<u64>) {
+        match since_ms {
+            Some(ms) => {
+                self.listening.entry(server.clone()).or_insert(ms);
+            }
+            None => {
+                self.listening.remove(server);
+            }
+        }
+    }
+
+    /// A poll listed `key`, a new session that wants a thread, created at `created_ms` and last
+    /// updated at `updated_ms` (`now_ms`: the bridge's clock). None: too new to tell (its
+    /// `session.created` may still be on its way), so the next poll decides.
+    pub fn on_found(
+        &mut self,
+        key: &SessionKey,
+        created_ms: u64,
+        updated_ms: u64,
+        now_ms: u64,
+    ) -> Option<Found> {
         if self.seen.get(key).is_some_and(|s| s.last_event_ms > 0) {
-            return Some(false);
+            return Some(Found::Here);
         }
         if now_ms < created_ms.saturating_add(SLACK_MS) {
             return None;
         }
+        let listened = self
+            .listening
+            .get(&key.server)
+            .is_some_and(|&since| created_ms >= since.saturating_add(ATTACH_MS));
         let seen = self.seen.entry(key.clone()).or_default();
-        seen.elsewhere = true;
-        seen.ever = true;
-        Some(true)
+        if listened {
+            seen.elsewhere = true;
+            seen.ever = true;
+            Some(Found::Terminal)
+        } else {
+            // What it did so far is caught up; only a later move with no event says where it runs.
+            seen.missed = true;
+            seen.updated_ms = Some(updated_ms);
+            Some(Found::Missed)
+        }
     }
 
     pub fn is_elsewhere(&self, key: &SessionKey) -> bool {
@@ -107,6 +158,12 @@ impl Elsewhere {
     /// Whether `key` was seen run elsewhere since the bridge started, even if it runs here now.
     pub fn ever_elsewhere(&self, key: &SessionKey) -> bool {
         self.seen.get(key).is_some_and(|s| s.ever)
+    }
+
+    /// Whether a new thread for `key` owes its turns from the session's start: nothing of it was
+    /// streamed (it runs elsewhere, or was created while we did not listen).
+    pub fn owed_from_start(&self, key: &SessionKey) -> bool {
+        self.seen.get(key).is_some_and(|s| s.ever || s.missed)
     }
 
     /// The session is gone or its thread ended.
@@ -273,17 +330,71 @@ mod tests {
     fn a_new_session_no_event_showed_runs_in_a_terminal_once_old_enough_to_tell() {
         let mut e = Elsewhere::default();
         let k = key("ses_t");
-        assert_eq!(e.on_found(&k, 100_000, 101_000), None, "its event may come");
+        e.listening(&k.server, Some(50_000));
+        assert_eq!(
+            e.on_found(&k, 100_000, 100_000, 101_000),
+            None,
+            "its event may come"
+        );
         assert!(!e.ever_elsewhere(&k));
-        assert_eq!(e.on_found(&k, 100_000, 104_000), Some(true));
-        assert!(e.is_elsewhere(&k) && e.ever_elsewhere(&k));
+        assert_eq!(
+            e.on_found(&k, 100_000, 100_000, 104_000),
+            Some(Found::Terminal)
+        );
+        assert!(e.is_elsewhere(&k) && e.ever_elsewhere(&k) && e.owed_from_start(&k));
         let here = key("ses_h");
         e.on_event(&here, 100_500);
-        assert_eq!(e.on_found(&here, 100_000, 100_600), Some(false));
-        assert!(!e.ever_elsewhere(&here));
+        assert_eq!(
+            e.on_found(&here, 100_000, 100_000, 100_600),
+            Some(Found::Here)
+        );
+        assert!(!e.ever_elsewhere(&here) && !e.owed_from_start(&here));
         // A reply run here later: it runs here now, but the thread still quotes terminal prompts.
         e.on_event(&k, 110_000);
         assert!(!e.is_elsewhere(&k) && e.ever_elsewhere(&k));
+    }
+
+    #[test]
+    fn a_session_created_while_the_stream_did_not_listen_is_owed_but_not_called_a_terminal_one() {
+        let mut e = Elsewhere::default();
+        let k = key("ses_m");
+        // Created while the bridge was down: the first poll after the stream came up finds it.
+        e.listening(&k.server, Some(200_000));
+        assert_eq!(
+            e.on_found(&k, 100_000, 100_000, 200_600),
+            Some(Found::Missed)
+        );
+        assert!(!e.ever_elsewhere(&k) && e.owed_from_start(&k));
+        // Nor in the moment after a reconnect, before OpenCode attaches the stream.
+        let r = key("ses_r");
+        assert_eq!(
+            e.on_found(&r, 200_400, 200_400, 204_000),
+            Some(Found::Missed)
+        );
+        // A stream that went down and came back listens from its return.
+        e.listening(&k.server, None);
+        let t = key("ses_t");
+        assert_eq!(
+            e.on_found(&t, 300_000, 300_000, 303_000),
+            Some(Found::Missed)
+        );
+        e.listening(&k.server, Some(400_000));
+        e.listening(&k.server, Some(450_000));
+        let u = key("ses_u");
+        assert_eq!(
+            e.on_found(&u, 430_000, 430_000, 433_000),
+            Some(Found::Terminal)
+        );
+        // A missed session that ran meanwhile is not a terminal one for that; a later move is.
+        let v = key("ses_v");
+        assert_eq!(
+            e.on_found(&v, 300_000, 350_000, 460_000),
+            Some(Found::Missed)
+        );
+        assert!(!e.on_poll(&v, 350_000, false, 300_000));
+        assert!(!e.ever_elsewhere(&v));
+        assert!(e.on_poll(&v, 470_000, false, 300_000));
+        assert!(e.ever_elsewhere(&v));
     }
 
     fn message(id: &str, role: Role, created_ms: u64, completed_ms: Option<u64>) -> MessageInfo {

@@ -248,3 +248,32 @@ fn a_session_created_in_a_terminal_gets_its_thread_and_every_turn_once() {
     }
     assert_eq!(completion_lines(&world, &root).len(), 6);
 }
+
+#[test]
+fn a_terminal_session_created_while_the_bridge_is_down_gets_its_thread_and_first_turn_once() {
+    let mut world = World::started();
+    world.stop_bridge();
+    let prompt = "Terminal question while the bridge is down";
+    world.llm.script(
+        prompt,
+        vec![vec![Step::Text("Answered while away.".into())]],
+    );
+    world.opencode.run_in_terminal(None, prompt);
+    world.start_bridge();
+    let sessions = world.opencode.get("/session");
+    let id = sessions[0]["id"].as_str().expect("the terminal's session");
+    let root = world.wait_root(id);
+    within(&world, &root, crate::support::SOON, "Answered while away.");
+    crate::e2e::wait_for("its completion line", || {
+        completion_lines(&world, &root).len() == 1
+    });
+    // A restart posts nothing again.
+    world.stop_bridge();
+    world.start_bridge();
+    let marker = world.owner_says(&root.id, "!status");
+    world.wait_bot_post(&root.id, "answering !status", |p| {
+        p.create_at >= marker.create_at
+    });
+    assert_eq!(count(&world, &root, "Answered while away."), 1);
+    assert_eq!(completion_lines(&world, &root).len(), 1);
+}
