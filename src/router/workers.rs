@@ -58,7 +58,6 @@ impl Router {
             .record(key)
             .map(|r| (r.model.clone(), r.agent.clone()))
             .unwrap_or_default();
-        let terminal = self.elsewhere.ever_elsewhere(key);
         let from_start = self.elsewhere.owed_from_start(key);
         let delivery = match self.record(key) {
             Some(record) => session::Delivery {
@@ -95,7 +94,6 @@ impl Router {
             agent,
             owner_username: self.identity.owner_username.clone(),
             notify: self.notify,
-            terminal,
         };
         self.next_worker_id += 1;
         match session::spawn(setup, self.next_worker_id, self.inputs.clone()) {

@@ -102,8 +102,9 @@ pub enum SessionMsg {
     },
     /// The bridge was away while the session moved on: post what it answered meanwhile.
     CatchUp,
-    /// The poll shows the session moved with no event here: another process (a terminal) runs it.
-    /// Its finished turns are posted from the store, each prompt quoted.
+    /// The poll shows the session moved with no event here: another process (a terminal) may run
+    /// it. Its finished turns are read from the store; one the worker did not stream, with a prompt
+    /// the thread did not send, confirms it: posted whole, the prompt quoted, and the root says so.
     Terminal,
 }
 
@@ -194,9 +195,6 @@ pub struct Setup {
     pub owner_username: String,
     /// Which posts mention the owner.
     pub notify: crate::config::Notify,
-    /// Seen run by another process (a terminal): the root says so and caught-up turns quote their
-    /// prompts.
-    pub terminal: bool,
 }
 
 /// How far a thread is known to be delivered, so nothing is posted twice and nothing is skipped
@@ -292,8 +290,11 @@ struct Worker {
     /// What the router was last told of `waiting.any()`; None: nothing yet, so a new worker says
     /// it once (an earlier worker may have left the router's view stale).
     reported_waiting: Option<bool>,
-    /// Run by another process (a terminal): see `SessionMsg::Terminal`.
+    /// Run by another process (a terminal), as confirmed by a turn read from the store (or by the
+    /// root's note, for a worker that took the thread over): see `SessionMsg::Terminal`.
     terminal: bool,
+    /// While a `SessionMsg::Terminal` catch-up reads the store as a terminal's.
+    candidate: bool,
     /// The quoted terminal prompt to go above the reply the catch-up is posting.
     quote: Option<String>,
     /// The thread was told (or found to say) that replies do not show in the terminal.
@@ -346,15 +347,13 @@ impl Worker {
             owner_username: setup.owner_username,
             notify: setup.notify,
             reported_waiting: None,
-            root_text: terminal::root_text(
-                reply::root_post(
-                    &setup.info,
-                    &setup.command_prefix,
-                    setup.opencode.shown_name(),
-                ),
-                setup.terminal,
+            root_text: reply::root_post(
+                &setup.info,
+                &setup.command_prefix,
+                setup.opencode.shown_name(),
             ),
-            terminal: setup.terminal,
+            terminal: false,
+            candidate: false,
             quote: None,
             note_told: false,
             key: setup.key,
@@ -645,11 +644,9 @@ impl Worker {
                 Change::Nothing
             }
             SessionMsg::Terminal => {
-                if !self.terminal {
-                    self.terminal = true;
-                    self.update_root();
-                }
+                self.candidate = true;
                 self.catch_up();
+                self.candidate = false;
                 Change::Nothing
             }
             SessionMsg::Event(Event::SessionUpdated(info)) => {
@@ -875,7 +872,7 @@ impl Worker {
     /// A reply runs a terminal's session on the bridge's server: the thread says once, ever (the
     /// note carries a prop a later worker finds), that the terminal will not show it.
     fn terminal_note(&mut self) {
-        if !self.terminal || std::mem::replace(&mut self.note_told, true) {
+        if !self.is_terminal() || std::mem::replace(&mut self.note_told, true) {
             return;
         }
         if !self.earlier().terminal_note {
@@ -884,11 +881,21 @@ impl Worker {
         }
     }
 
+    /// Whether the session runs in a terminal: confirmed in this worker, or said by the root of a
+    /// thread it took over (read once, with what an earlier run left there).
+    pub(super) fn is_terminal(&mut self) -> bool {
+        if !self.terminal && self.recovery.took_over && self.earlier().terminal_root {
+            self.terminal = true;
+        }
+        self.terminal
+    }
+
     /// Edits the root post when what it shows changed (title, terminal note).
     fn update_root(&mut self) {
+        let terminal = self.is_terminal();
         let root = terminal::root_text(
             reply::root_post(&self.info, &self.prefix, self.opencode.shown_name()),
-            self.terminal,
+            terminal,
         );
         if root != self.root_text {
             self.root_text = root;

@@ -51,6 +51,8 @@ pub(super) struct Earlier {
     requests: HashMap<String, String>,
     /// The thread already says that replies do not show in the terminal (`terminal::NOTE_PROP`).
     pub(super) terminal_note: bool,
+    /// The root says the session runs in a terminal (`terminal::ROOT_NOTE`).
+    pub(super) terminal_root: bool,
 }
 
 /// Reply posts carry the id of the user message they answer, and the completion line carries it
@@ -138,6 +140,8 @@ impl Worker {
                             }
                             earlier.terminal_note |=
                                 post.props.get(super::terminal::NOTE_PROP).is_some();
+                            earlier.terminal_root |= post.id == self.root_post_id
+                                && post.message.contains(super::terminal::ROOT_NOTE);
                         }
                     }
                     Err(e) => crate::warn!(
@@ -356,7 +360,9 @@ impl Worker {
         });
         // Up to the last finished answer: one still running is streamed live instead. A terminal's
         // turn is never streamed here: it waits, whole, until `turn_finished` says it ended.
-        let end = match self.terminal {
+        // The root's note is read (with the thread) only when there is something to post.
+        let from_store = self.candidate || (start < stored.len() && self.is_terminal());
+        let end = match from_store {
             true => stored.len(),
             false => stored
                 .iter()
@@ -385,7 +391,7 @@ impl Worker {
             }
         }
         turns.push(&missed[from..]);
-        if self.terminal
+        if from_store
             && turns
                 .last()
                 .is_some_and(|t| !super::terminal::turn_finished(t, crate::log::now_ms()))
@@ -407,14 +413,19 @@ impl Worker {
             crate::info!(
                 "[{}] posting an answer finished {}",
                 self.short(),
-                if self.terminal {
+                if from_store {
                     "in a terminal"
                 } else {
                     "while the bridge was away"
                 }
             );
-            if self.terminal {
+            if from_store {
                 self.quote = super::terminal::quoted_prompt(turn);
+                // A turn we did not stream, prompted from elsewhere: a terminal runs it.
+                if self.quote.is_some() && !self.terminal {
+                    self.terminal = true;
+                    self.update_root();
+                }
             }
             self.tracker.begin(Instant::now(), None);
             self.complete_turn(

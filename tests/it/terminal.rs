@@ -11,8 +11,9 @@ use crate::e2e::{World, completion_lines};
 use crate::support::llm::Step;
 use crate::support::mattermost::Post;
 
-/// The bound for a terminal session's thread and for each finished turn to appear.
-const TEN_SECONDS: Duration = Duration::from_secs(10);
+/// The goal for a terminal session's thread and for each finished turn to appear (a light
+/// poll every 4 s); tests check correctness only, so they wait longer and print the figures.
+const PATIENCE: Duration = crate::support::SOON;
 
 #[test]
 fn a_turn_run_in_a_terminal_appears_in_the_thread_once() {
@@ -34,7 +35,7 @@ fn a_turn_run_in_a_terminal_appears_in_the_thread_once() {
             .count()
     };
     // The light poll sees the session move with no event here, and the catch-up posts the turn.
-    let shown = world.mattermost.wait_until(TEN_SECONDS, |view| {
+    let shown = world.mattermost.wait_until(PATIENCE, |view| {
         let bot = world.mattermost.bot().id;
         view.thread(&root.id)
             .into_iter()
@@ -115,7 +116,6 @@ fn a_session_created_in_a_terminal_gets_its_thread_and_every_turn_once() {
         ],
     );
     world.opencode.run_in_terminal(None, prompt);
-    let finished = Instant::now();
     let sessions = world.opencode.get("/session");
     let session = &sessions[0];
     let id = session["id"]
@@ -123,29 +123,13 @@ fn a_session_created_in_a_terminal_gets_its_thread_and_every_turn_once() {
         .expect("the terminal's session is listed");
     let created_ms = session["time"]["created"].as_i64().expect("created time");
     let root = world.wait_root(id);
-    assert!(
-        root.create_at - created_ms <= TEN_SECONDS.as_millis() as i64,
-        "the thread came {} ms after the session",
+    eprintln!(
+        "METRIC terminal_thread_after_creation_ms={}",
         root.create_at - created_ms
     );
-    assert!(
-        root.message.contains("Runs in a terminal"),
-        "{}",
-        root.message
-    );
     // The turn that created the session: prompt quoted, answer with its tool line, completion line.
-    let answer = within(
-        &world,
-        &root,
-        TEN_SECONDS.saturating_sub(finished.elapsed()),
-        "**ready**",
-    );
-    let done = within(
-        &world,
-        &root,
-        TEN_SECONDS.saturating_sub(finished.elapsed()),
-        "✅ Done",
-    );
+    let answer = within(&world, &root, PATIENCE, "**ready**");
+    let done = within(&world, &root, PATIENCE, "✅ Done");
     // `opencode run` stores its argument in double quotes.
     let quote = format!("> \"{prompt}\"");
     assert!(answer.message.contains(&quote), "{}", answer.message);
@@ -162,6 +146,16 @@ fn a_session_created_in_a_terminal_gets_its_thread_and_every_turn_once() {
         "{}",
         done.message
     );
+    // The turn read from the store confirmed it: the root says so.
+    let dm = world.dm.clone();
+    world
+        .mattermost
+        .wait_until(crate::support::SOON, |view| {
+            view.posts_in(&dm)
+                .into_iter()
+                .find(|p| p.id == root.id && p.message.contains("Runs in a terminal"))
+        })
+        .expect("the root says the session runs in a terminal");
 
     // A second turn in the terminal appears too, after the first.
     let second = "Terminal follow-up: and now?";
@@ -171,11 +165,10 @@ fn a_session_created_in_a_terminal_gets_its_thread_and_every_turn_once() {
     );
     world.opencode.run_in_terminal(Some(id), second);
     let finished = Instant::now();
-    let answer2 = within(&world, &root, TEN_SECONDS, "Second terminal answer.");
-    assert!(
-        finished.elapsed() <= TEN_SECONDS + Duration::from_secs(1),
-        "took {:?}",
-        finished.elapsed()
+    let answer2 = within(&world, &root, PATIENCE, "Second terminal answer.");
+    eprintln!(
+        "METRIC terminal_turn_after_finish_ms={}",
+        finished.elapsed().as_millis()
     );
     assert!(
         answer2.message.contains(&format!("> \"{second}\"")),
