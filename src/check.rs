@@ -369,8 +369,8 @@ fn check_opencode(config: &Config, tls: &Tls, emit: &mut Emit<'_>) {
     let mut servers = config.start_servers();
     if config.opencode_auto {
         let scan = crate::discovery::proc_scanner().map(|scan| scan());
-        for (_, port) in scan.iter().flat_map(|s| s.listeners.iter()) {
-            let url = format!("http://127.0.0.1:{port}");
+        for (_, address) in scan.iter().flat_map(|s| s.listeners.iter()) {
+            let url = crate::discovery::url_of(*address);
             if !servers.iter().any(|s| s.url == url) {
                 servers.push(crate::config::ServerEntry {
                     name: crate::config::default_server_name(&url),

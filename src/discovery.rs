@@ -4,6 +4,7 @@
 //! OPENCODE_URL are never added or let go by it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +17,11 @@ use crate::router::Input;
 /// Found within 5 s of starting: a scan every 2 s leaves room for the server to start listening.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 
-/// One scan's answer: the loopback ports of matching processes (with their pid, for the log), and
-/// whether other processes' `/proc` entries were hidden (`hidepid`), so some may be missed.
+/// One scan's answer: the loopback addresses of matching processes (with their pid, for the log),
+/// and whether other processes' `/proc` entries were hidden (`hidepid`), so some may be missed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scan {
-    pub listeners: Vec<(u32, u16)>,
+    pub listeners: Vec<(u32, SocketAddr)>,
     pub hidden: bool,
 }
 
@@ -33,7 +34,7 @@ pub fn run(
     out: Sender<Input>,
     stop: Receiver<()>,
 ) {
-    let mut found: BTreeMap<u16, (u32, ServerKey)> = BTreeMap::new();
+    let mut found: BTreeMap<String, (u32, ServerKey)> = BTreeMap::new();
     let mut told_hidden = false;
     loop {
         let now = scan();
@@ -44,31 +45,30 @@ pub fn run(
                  of this user that it cannot see are missed: name them in OPENCODE_URL"
             );
         }
-        let ports: BTreeMap<u16, u32> = now
+        let urls: BTreeMap<String, u32> = now
             .listeners
             .iter()
-            .map(|&(pid, port)| (port, pid))
-            .filter(|(port, _)| !fixed.contains(&url_of(*port)))
+            .map(|&(pid, address)| (url_of(address), pid))
+            .filter(|(url, _)| !fixed.contains(url))
             .collect();
-        for (&port, &pid) in &ports {
-            if found.contains_key(&port) {
+        for (url, &pid) in &urls {
+            if found.contains_key(url) {
                 continue;
             }
-            let url = url_of(port);
             crate::info!("discovery: found OpenCode (pid {pid}) at {url}");
-            let client = Arc::new(client(&url));
-            found.insert(port, (pid, client.key.clone()));
+            let client = Arc::new(client(url));
+            found.insert(url.clone(), (pid, client.key.clone()));
             if out.send(Input::ServerAdded(client)).is_err() {
                 return;
             }
         }
-        let gone: Vec<u16> = found
+        let gone: Vec<String> = found
             .keys()
-            .filter(|port| !ports.contains_key(port))
-            .copied()
+            .filter(|url| !urls.contains_key(*url))
+            .cloned()
             .collect();
-        for port in gone {
-            if let Some((pid, key)) = found.remove(&port) {
+        for url in gone {
+            if let Some((pid, key)) = found.remove(&url) {
                 crate::info!("discovery: OpenCode (pid {pid}) at {} stopped", key.0);
                 if out.send(Input::ServerRemoved(key)).is_err() {
                     return;
@@ -121,14 +121,20 @@ pub fn proc_scanner() -> Option<impl Fn() -> Scan + Send + 'static> {
     Some(move || {
         let found = crate::opencode::discover::loopback_listeners(proc_root, uid);
         Scan {
-            listeners: found.listeners.iter().map(|l| (l.pid, l.port)).collect(),
+            listeners: found
+                .listeners
+                .iter()
+                .map(|l| (l.pid, SocketAddr::new(l.address, l.port)))
+                .collect(),
             hidden: found.hidden,
         }
     })
 }
 
-fn url_of(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
+/// The URL of a loopback listener: `http://127.0.0.1:PORT`, or `http://[::1]:PORT` for a server
+/// listening only on IPv6 loopback.
+pub fn url_of(address: SocketAddr) -> String {
+    format!("http://{address}")
 }
 
 #[cfg(test)]
@@ -138,19 +144,26 @@ mod tests {
 
     #[test]
     fn found_servers_are_added_once_and_let_go_when_they_stop() {
+        let v4 = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let v6 = |port| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
         let scans = Arc::new(Mutex::new(vec![
             Scan {
-                listeners: vec![(10, 4096), (11, 5000), (12, 6000)],
+                listeners: vec![
+                    (10, v4(4096)),
+                    (11, v4(5000)),
+                    (12, v4(6000)),
+                    (13, v6(7000)),
+                ],
                 hidden: false,
             },
             Scan {
-                listeners: vec![(11, 5000), (12, 6000)],
+                listeners: vec![(11, v4(5000)), (12, v4(6000)), (13, v6(7000))],
                 hidden: true,
             },
         ]));
         let (out, inputs) = crossbeam_channel::unbounded();
         let (stop_tx, stop) = crossbeam_channel::bounded(0);
-        let fixed = BTreeSet::from([url_of(6000)]);
+        let fixed = BTreeSet::from([url_of(v4(6000))]);
         let scanner = {
             let scans = scans.clone();
             move || {
@@ -172,7 +185,7 @@ mod tests {
             )
         });
         let mut seen = Vec::new();
-        while seen.len() < 3 {
+        while seen.len() < 4 {
             let input = inputs
                 .recv_timeout(Duration::from_secs(10))
                 .expect("discovery reported within 10 s");
@@ -189,6 +202,7 @@ mod tests {
             [
                 "+http://127.0.0.1:4096",
                 "+http://127.0.0.1:5000",
+                "+http://[::1]:7000",
                 "-http://127.0.0.1:4096"
             ]
         );

@@ -277,6 +277,7 @@ fn bridge(
     // when the router drops its senders.
     let server_set = router::servers::ServerSet {
         heard: liveness.opencode.clone(),
+        servers_heard: liveness.servers.clone(),
         ..Default::default()
     };
     let (lookups, lookup_jobs) = crossbeam_channel::bounded(router::lookup::QUEUE);

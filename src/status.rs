@@ -27,9 +27,17 @@ pub struct Report {
     pub heartbeat: Option<Side>,
     pub mattermost: Option<Side>,
     pub opencode: Option<Side>,
+    /// Per OpenCode server followed, by name: when it was last heard from (None: never).
+    pub opencode_servers: Vec<ServerHeard>,
     /// Per OpenCode server: the API the bridge speaks to it and why (`v1: …`, `v2: …`).
     pub opencode_api: Vec<ServerApi>,
     pub sessions: Vec<SessionLine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerHeard {
+    pub server: String,
+    pub heard: Option<Side>,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,6 +144,14 @@ pub fn report(state_dir: &Path, now_ms: u64) -> Report {
         opencode: current
             .as_ref()
             .and_then(|beat| side(beat.opencode_heard_ms)),
+        opencode_servers: current
+            .iter()
+            .flat_map(|beat| &beat.opencode_servers)
+            .map(|(server, &ms)| ServerHeard {
+                server: server.clone(),
+                heard: side(ms),
+            })
+            .collect(),
         opencode_api,
         sessions,
     }
@@ -239,6 +255,13 @@ pub fn render_text(report: &Report) -> String {
             "  opencode    last heard {}\n",
             when(&report.opencode)
         ));
+        for server in &report.opencode_servers {
+            text.push_str(&format!(
+                "  opencode    {} last heard {}\n",
+                server.server,
+                when(&server.heard)
+            ));
+        }
     }
     for server in &report.opencode_api {
         text.push_str(&format!(
@@ -322,6 +345,49 @@ mod tests {
         assert_eq!(
             heartbeat_problems(None, now),
             ["the running bridge has written no heartbeat yet"]
+        );
+    }
+
+    #[test]
+    fn each_server_has_its_last_heard_line() {
+        let side = |at_ms: u64, seconds_ago: u64| Side {
+            at_ms,
+            at: crate::log::utc_timestamp(at_ms),
+            seconds_ago,
+        };
+        let report = Report {
+            state_dir: "/state".to_string(),
+            running: true,
+            pid: Some(7),
+            healthy: true,
+            problems: Vec::new(),
+            heartbeat: Some(side(1_000_000, 1)),
+            mattermost: Some(side(1_000_000, 1)),
+            opencode: Some(side(1_000_000, 1)),
+            opencode_servers: vec![
+                ServerHeard {
+                    server: "build".to_string(),
+                    heard: None,
+                },
+                ServerHeard {
+                    server: "home".to_string(),
+                    heard: Some(side(1_000_000, 4)),
+                },
+            ],
+            opencode_api: Vec::new(),
+            sessions: Vec::new(),
+        };
+        let text = render_text(&report);
+        assert!(
+            text.contains("  opencode    build last heard never\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "  opencode    home last heard {} (4s ago)\n",
+                crate::log::utc_timestamp(1_000_000)
+            )),
+            "{text}"
         );
     }
 }

@@ -161,6 +161,9 @@ pub struct Heartbeat {
     pub opencode_heard_ms: u64,
     /// Written as the bridge stops, so `status` does not report a dead bridge as recently alive.
     pub stopped: bool,
+    /// Per OpenCode server followed (by its name): when it was last heard from, as above.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub opencode_servers: std::collections::BTreeMap<String, u64>,
 }
 
 /// Writes `heartbeat.json`. Only a [`Store`], which holds the instance lock, hands one out.

@@ -5,13 +5,16 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
     pub pid: u32,
     pub port: u16,
+    /// The loopback address it listens on: 127.0.0.1 (or another of 127/8), or ::1 for a server
+    /// listening only there (its URL is then `http://[::1]:PORT`).
+    pub address: IpAddr,
     /// The process's cmdline, arguments joined by spaces.
     pub command: String,
 }
@@ -30,11 +33,11 @@ pub fn own_uid(proc_root: &Path) -> Option<u32> {
 }
 
 pub fn loopback_listeners(proc_root: &Path, uid: u32) -> Discovery {
-    let mut sockets: HashMap<u64, Vec<u16>> = HashMap::new();
+    let mut sockets: HashMap<u64, Vec<SocketAddr>> = HashMap::new();
     for (file, v6) in [("net/tcp", false), ("net/tcp6", true)] {
         if let Ok(text) = fs::read_to_string(proc_root.join(file)) {
-            for (inode, port) in loopback_listen_sockets(&text, v6) {
-                sockets.entry(inode).or_default().push(port);
+            for (inode, address) in loopback_listen_sockets(&text, v6) {
+                sockets.entry(inode).or_default().push(address);
             }
         }
     }
@@ -78,7 +81,7 @@ pub fn loopback_listeners(proc_root: &Path, uid: u32) -> Discovery {
         let Ok(fds) = fs::read_dir(dir.join("fd")) else {
             continue;
         };
-        let mut ports: Vec<u16> = fds
+        let mut addresses: Vec<SocketAddr> = fds
             .flatten()
             .filter_map(|fd| fs::read_link(fd.path()).ok())
             .filter_map(|target| socket_inode(target.to_str()?))
@@ -86,14 +89,17 @@ pub fn loopback_listeners(proc_root: &Path, uid: u32) -> Discovery {
             .flatten()
             .copied()
             .collect();
-        ports.sort_unstable();
-        ports.dedup();
+        // One listener per port: IPv4 first, so a server on both 127.0.0.1 and ::1 is reached
+        // the usual way.
+        addresses.sort_unstable_by_key(|a| (a.port(), a.is_ipv6(), a.ip()));
+        addresses.dedup_by_key(|a| a.port());
         let command = args.join(" ");
         found
             .listeners
-            .extend(ports.into_iter().map(|port| Listener {
+            .extend(addresses.into_iter().map(|address| Listener {
                 pid,
-                port,
+                port: address.port(),
+                address: address.ip(),
                 command: command.clone(),
             }));
     }
@@ -115,8 +121,9 @@ fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
-/// (inode, port) of each LISTEN socket on a loopback address in a /proc/net/tcp or tcp6 text.
-fn loopback_listen_sockets(text: &str, v6: bool) -> Vec<(u64, u16)> {
+/// (inode, address) of each LISTEN socket on a loopback address in a /proc/net/tcp or tcp6 text; an
+/// IPv4-mapped one (`::ffff:127.0.0.1`) as its IPv4 address.
+fn loopback_listen_sockets(text: &str, v6: bool) -> Vec<(u64, SocketAddr)> {
     const LISTEN: &str = "0A";
     text.lines()
         .skip(1)
@@ -126,15 +133,15 @@ fn loopback_listen_sockets(text: &str, v6: bool) -> Vec<(u64, u16)> {
                 return None;
             }
             let (addr, port) = fields[1].split_once(':')?;
-            let loopback = if v6 {
-                ipv6_is_loopback(addr)?
+            let ip = if v6 {
+                ipv6_loopback(addr)?
             } else {
-                ipv4(addr)?.is_loopback()
-            };
-            if !loopback {
-                return None;
-            }
-            Some((fields[9].parse().ok()?, u16::from_str_radix(port, 16).ok()?))
+                Some(ipv4(addr)?)
+                    .filter(Ipv4Addr::is_loopback)
+                    .map(IpAddr::V4)
+            }?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            Some((fields[9].parse().ok()?, SocketAddr::new(ip, port)))
         })
         .collect()
 }
@@ -149,7 +156,9 @@ fn ipv4(hex: &str) -> Option<Ipv4Addr> {
     ))
 }
 
-fn ipv6_is_loopback(hex: &str) -> Option<bool> {
+/// `Some(Some(ip))` for a loopback address (an IPv4-mapped one as IPv4), `Some(None)` for another
+/// address, None when the text is not an address.
+fn ipv6_loopback(hex: &str) -> Option<Option<IpAddr>> {
     if hex.len() != 32 || !hex.is_ascii() {
         return None;
     }
@@ -159,7 +168,10 @@ fn ipv6_is_loopback(hex: &str) -> Option<bool> {
         chunk.copy_from_slice(&word.to_ne_bytes());
     }
     let addr = Ipv6Addr::from(bytes);
-    Some(addr.is_loopback() || addr.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+    Some(match addr.to_ipv4_mapped() {
+        Some(v4) => v4.is_loopback().then_some(IpAddr::V4(v4)),
+        None => addr.is_loopback().then_some(IpAddr::V6(addr)),
+    })
 }
 
 /// `opencode serve`, `opencode web` or `opencode … --port N` (N not 0), run as the native binary or
@@ -298,7 +310,39 @@ mod tests {
             found.listeners[0].command,
             "/usr/bin/opencode serve --port 4096"
         );
+        // Reached where it listens, not at 127.0.0.1; a mapped address as its IPv4 one.
+        assert_eq!(found.listeners[2].address.to_string(), "127.0.0.2");
+        assert_eq!(found.listeners[3].address.to_string(), "127.0.0.1");
         assert!(!found.hidden);
+    }
+
+    #[test]
+    fn a_server_only_on_ipv6_loopback_is_found_with_its_address() {
+        let p = FakeProc::new("ipv6");
+        // `opencode serve --hostname ::1`: only in tcp6.
+        p.tcp("tcp6", "00000000000000000000000001000000:1000", "0A", 21);
+        // Both families on one port: reached over IPv4.
+        p.tcp("tcp6", "00000000000000000000000001000000:1001", "0A", 22);
+        p.tcp("tcp", "0100007F:1001", "0A", 23);
+        // `::` (every address) and a global IPv6 address are not loopback.
+        p.tcp("tcp6", "00000000000000000000000000000000:1002", "0A", 24);
+        p.tcp("tcp6", "B80D0120000000000000000001000000:1003", "0A", 25);
+        p.process(100, 1000, &["opencode", "serve"], &[21]);
+        p.process(101, 1000, &["opencode", "web"], &[22, 23]);
+        p.process(102, 1000, &["opencode", "serve"], &[24, 25]);
+        let found = loopback_listeners(&p.0, 1000);
+        let got: Vec<(u32, String)> = found
+            .listeners
+            .iter()
+            .map(|l| (l.pid, SocketAddr::new(l.address, l.port).to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (100, "[::1]:4096".to_string()),
+                (101, "127.0.0.1:4097".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! thread; confirming that a missing session is gone.
 
 use super::*;
+use crate::session::terminal::Found;
 
 impl Router {
     pub(super) fn on_opencode(&mut self, server: ServerKey, event: WatchEvent) {
@@ -13,6 +14,8 @@ impl Router {
                     self.registry.server_api(&server, api);
                 }
                 self.stream_up.insert(server.clone(), true);
+                self.elsewhere
+                    .listening(&server, Some(crate::log::now_ms()));
                 self.catch_up_due.insert(server.clone());
                 let reconnected = self.down_since.remove(&server).is_some();
                 let told = self.told_down.remove(&server);
@@ -28,17 +31,20 @@ impl Router {
                 self.down_since
                     .entry(server.clone())
                     .or_insert_with(Instant::now);
+                self.elsewhere.listening(&server, None);
                 if self.stream_up.insert(server.clone(), false) != Some(false) {
                     crate::warn!("opencode event stream lost ({}): {reason}", server.0);
                 } else {
                     crate::debug!("opencode event stream still down: {reason}");
                 }
+                self.check_ready();
             }
             WatchEvent::PollFailed(reason) => crate::debug!("session poll failed: {reason}"),
             WatchEvent::Event(envelope) => self.on_opencode_event(server, envelope.event),
             WatchEvent::Snapshot { sessions, statuses } => {
                 self.reconcile(server, sessions, statuses)
             }
+            WatchEvent::Recent(sessions) => self.recent(server, sessions),
         }
     }
 
@@ -192,13 +198,7 @@ impl Router {
             if let Some(status) = statuses.get(&key.session_id) {
                 self.set_status(&key, *status);
             }
-            if self.wants_thread(&key) {
-                crate::info!(
-                    "[{}] session found by the poll; creating its thread",
-                    short_id(&key.session_id)
-                );
-                self.start_thread(key);
-            }
+            self.found_by_poll(&key);
         }
         let open_records = self.registry.open_sessions(&server);
         for session_id in open_records {
@@ -218,15 +218,84 @@ impl Router {
             {
                 self.deliver(&key, SessionMsg::Polled(status));
             }
-            // Run in a terminal: no events reach us, so its finished turns come from the store.
             let updated = updated_ms.get(&key.session_id).copied().unwrap_or(0);
-            let since = self.record(&key).map_or(0, |r| r.delivered_at_ms);
             let busy = status.is_some_and(|s| s != Status::Idle);
-            let elsewhere = self.elsewhere.on_poll(&key, updated, busy, since);
-            if (catching_up || elsewhere) && status.is_none_or(|s| s == Status::Idle) {
+            if !self.follow_elsewhere(&key, updated, busy) && catching_up && !busy {
                 self.catch_up(&key, updated_ms.get(&key.session_id).copied());
             }
         }
+    }
+
+    /// The light poll: sessions updated (v1) or created (v2) lately. A new one gets its thread, and
+    /// one run in a terminal has its finished turns posted, without waiting for the full poll.
+    pub(super) fn recent(&mut self, server: ServerKey, sessions: Vec<SessionInfo>) {
+        for info in sessions {
+            if self.owner_of(&server, &info.id) != server {
+                continue;
+            }
+            let key = SessionKey {
+                server: server.clone(),
+                session_id: info.id.clone(),
+            };
+            let updated = info.updated_ms;
+            // A terminal names its session with no event here: the root shows the new title.
+            let retitled = self
+                .live
+                .get(&key)
+                .is_some_and(|l| l.info.title != info.title)
+                && self.record(&key).is_some_and(|r| r.ended_ms.is_none());
+            if retitled {
+                self.deliver(&key, SessionMsg::Event(Event::SessionUpdated(info.clone())));
+            }
+            self.learn(&key, info);
+            self.found_by_poll(&key);
+            if self.record(&key).is_some_and(|r| r.ended_ms.is_none()) {
+                let busy = self
+                    .live
+                    .get(&key)
+                    .is_some_and(|l| l.status != Status::Idle);
+                self.follow_elsewhere(&key, updated, busy);
+            }
+        }
+    }
+
+    /// A session listed by a poll that wants a thread gets one, marked as run in a terminal when no
+    /// event of it reached us; one too new to tell waits for its event or the next poll.
+    fn found_by_poll(&mut self, key: &SessionKey) {
+        if !self.wants_thread(key) {
+            return;
+        }
+        let (created_ms, updated_ms) = self
+            .live
+            .get(key)
+            .map_or((0, 0), |l| (l.info.created_ms, l.info.updated_ms));
+        let now = crate::log::now_ms();
+        let Some(found) = self.elsewhere.on_found(key, created_ms, updated_ms, now) else {
+            return;
+        };
+        crate::info!(
+            "[{}] session found by the poll ({found:?}, created {} ms ago); creating its thread",
+            short_id(&key.session_id),
+            now.saturating_sub(created_ms)
+        );
+        self.start_thread(key.clone());
+        // Nothing of it was streamed: what it ran so far is posted once its root is up.
+        match found {
+            Found::Terminal => self.deliver(key, SessionMsg::Terminal),
+            Found::Missed => self.deliver(key, SessionMsg::CatchUp),
+            Found::Here => true,
+        };
+    }
+
+    /// Run in a terminal: no events reach us, so its finished turns come from the store, read when
+    /// the poll shows it moved with no event here. True when the worker was told to read them.
+    fn follow_elsewhere(&mut self, key: &SessionKey, updated_ms: u64, busy: bool) -> bool {
+        let since = self.record(key).map_or(0, |r| r.delivered_at_ms);
+        if self.elsewhere.on_poll(key, updated_ms, busy, since) && !busy {
+            self.deliver(key, SessionMsg::Terminal);
+            return true;
+        }
+        false
     }
 
     /// An idle session that changed since its thread was last complete may have answered while

@@ -501,9 +501,6 @@ impl Router {
                 }
             }
             None => {
-                if let Some(note) = self.elsewhere.reply_note(&key) {
-                    self.reply(&root_id, note);
-                }
                 self.owe_prompt(&key, &post);
                 prompt_of(post)
             }
@@ -651,12 +648,11 @@ impl Router {
 
     // ---- helpers ----
 
+    /// Ready once the websocket is up and every server has answered or failed its first attempt: one
+    /// unreachable server must not hold the others' start (it keeps being retried).
     fn check_ready(&mut self) {
-        let streams_up = self
-            .servers
-            .keys()
-            .all(|k| self.stream_up.get(k) == Some(&true));
-        if self.announced_ready || !self.websocket_up || !streams_up {
+        let streams_tried = self.servers.keys().all(|k| self.stream_up.contains_key(k));
+        if self.announced_ready || !self.websocket_up || !streams_tried {
             return;
         }
         self.announced_ready = true;
@@ -676,8 +672,13 @@ impl Router {
 
     fn record_thread(&mut self, key: &SessionKey, root_post_id: &str, info: &SessionInfo) {
         let channel_id = self.identity.dm_channel_id.clone();
+        let mut since = crate::log::now_ms();
+        if self.elsewhere.owed_from_start(key) {
+            // Nothing of it was streamed: its turns from its start are owed, across a restart too.
+            since = since.min(info.created_ms);
+        }
         self.registry
-            .record_thread(key, root_post_id, &channel_id, info, crate::log::now_ms());
+            .record_thread(key, root_post_id, &channel_id, info, since);
     }
 
     /// A server's name for posts: its OPENCODE_URL `NAME`, else `host:port`.

@@ -12,6 +12,8 @@ pub struct ServerSet {
     pub shared: SharedServers,
     pub stops: HashMap<ServerKey, Sender<()>>,
     pub heard: Heard,
+    /// Each server's own stamp (inside `heard`), for the heartbeat's per-server lines.
+    pub servers_heard: crate::heartbeat::Servers,
 }
 
 impl Router {
@@ -48,6 +50,7 @@ impl Router {
     /// Starts `client`'s reader; false (logged) when the thread cannot start.
     fn spawn_reader(&mut self, client: &Arc<OpenCodeClient>) -> bool {
         let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let stop_recent = stop.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("opencode-watch-{}", client.name))
             .stack_size(256 * 1024)
@@ -55,13 +58,29 @@ impl Router {
                 let (client, out, heard) = (
                     client.clone(),
                     self.inputs.clone(),
-                    self.server_set.heard.clone(),
+                    self.server_set
+                        .servers_heard
+                        .add(&client.name, &self.server_set.heard),
                 );
                 crate::log::inherit(move || crate::opencode::watch::run(client, out, stop, heard))
             });
         if let Err(e) = spawned {
             crate::error!("cannot start the reader of {}: {e}", client.name);
             return false;
+        }
+        // The light poll ends with the reader: both hold the one stop receiver.
+        let recent = std::thread::Builder::new()
+            .name(format!("opencode-recent-{}", client.name))
+            .stack_size(128 * 1024)
+            .spawn({
+                let (client, out) = (client.clone(), self.inputs.clone());
+                move || crate::opencode::watch::run_recent(client, out, stop_recent)
+            });
+        if let Err(e) = recent {
+            crate::warn!(
+                "cannot start the light poll of {}: {e}; terminal sessions wait for the 20 s poll",
+                client.name
+            );
         }
         self.server_set.stops.insert(client.key.clone(), stop_tx);
         true
@@ -75,6 +94,7 @@ impl Router {
         };
         crate::info!("opencode: let go of {} at {}", client.name, key.0);
         self.server_set.stops.remove(key);
+        self.server_set.servers_heard.remove(&client.name);
         self.stream_up.remove(key);
         self.catch_up_due.remove(key);
         self.down_since.remove(key);

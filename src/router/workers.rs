@@ -58,12 +58,19 @@ impl Router {
             .record(key)
             .map(|r| (r.model.clone(), r.agent.clone()))
             .unwrap_or_default();
+        let from_start = self.elsewhere.owed_from_start(key);
         let delivery = match self.record(key) {
             Some(record) => session::Delivery {
                 message_id: record.delivered_message_id.clone(),
                 since_ms: record.delivered_at_ms,
                 streaming_post_id: record.streaming_post_id.clone(),
                 seq: record.delivered_seq,
+            },
+            // Found by the poll, run in a terminal or created while we did not listen: nothing of
+            // it was streamed, so its turns from its start are owed, the one that created it too.
+            None if from_start => session::Delivery {
+                since_ms: info.created_ms.min(crate::log::now_ms()),
+                ..session::Delivery::default()
             },
             None => session::Delivery {
                 since_ms: crate::log::now_ms(),
@@ -111,6 +118,7 @@ impl Router {
     pub(super) fn session_ended(&mut self, key: &SessionKey, told: Told) {
         self.live.remove(key);
         self.parents.remove(key);
+        self.elsewhere.forget(key);
         let now = crate::log::now_ms();
         if !self.registry.set_ended(key, now) {
             return;

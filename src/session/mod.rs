@@ -102,6 +102,10 @@ pub enum SessionMsg {
     },
     /// The bridge was away while the session moved on: post what it answered meanwhile.
     CatchUp,
+    /// The poll shows the session moved with no event here: another process (a terminal) may run
+    /// it. Its finished turns are read from the store; one the worker did not stream, with a prompt
+    /// the thread did not send, confirms it: posted whole, the prompt quoted, and the root says so.
+    Terminal,
 }
 
 #[derive(Debug)]
@@ -288,6 +292,15 @@ struct Worker {
     /// What the router was last told of `waiting.any()`; None: nothing yet, so a new worker says
     /// it once (an earlier worker may have left the router's view stale).
     reported_waiting: Option<bool>,
+    /// Run by another process (a terminal), as confirmed by a turn read from the store (or by the
+    /// root's note, for a worker that took the thread over): see `SessionMsg::Terminal`.
+    terminal: bool,
+    /// While a `SessionMsg::Terminal` catch-up reads the store as a terminal's.
+    candidate: bool,
+    /// The quoted terminal prompt to go above the reply the catch-up is posting.
+    quote: Option<String>,
+    /// The thread was told (or found to say) that replies do not show in the terminal.
+    note_told: bool,
 }
 
 /// OpenCode could not be reached (`down`): queued prompts wait for it.
@@ -341,6 +354,10 @@ impl Worker {
                 &setup.command_prefix,
                 setup.opencode.shown_name(),
             ),
+            terminal: false,
+            candidate: false,
+            quote: None,
+            note_told: false,
             key: setup.key,
             info: setup.info,
             channel_id: setup.channel_id,
@@ -593,6 +610,7 @@ impl Worker {
                 {
                     return self.steer(post_id, text);
                 }
+                self.terminal_note();
                 return self.prompt(post_id, text, file_ids, recovered_since_ms.is_some());
             }
             SessionMsg::Command {
@@ -630,6 +648,12 @@ impl Worker {
             }
             SessionMsg::CatchUp => {
                 self.catch_up();
+                Change::Nothing
+            }
+            SessionMsg::Terminal => {
+                self.candidate = true;
+                self.catch_up();
+                self.candidate = false;
                 Change::Nothing
             }
             SessionMsg::Event(Event::SessionUpdated(info)) => {
@@ -852,7 +876,37 @@ impl Worker {
             info.project_name = self.info.project_name.clone();
         }
         self.info = info;
-        let root = reply::root_post(&self.info, &self.prefix, self.opencode.shown_name());
+        self.update_root();
+    }
+
+    /// A reply runs a terminal's session on the bridge's server: the thread says once, ever (the
+    /// note carries a prop a later worker finds), that the terminal will not show it.
+    fn terminal_note(&mut self) {
+        if !self.is_terminal() || std::mem::replace(&mut self.note_told, true) {
+            return;
+        }
+        if !self.earlier().terminal_note {
+            let props = json!({ terminal::NOTE_PROP: true });
+            self.post_tagged(terminal::REPLY_NOTE, Some(props));
+        }
+    }
+
+    /// Whether the session runs in a terminal: confirmed in this worker, or said by the root of a
+    /// thread it took over (read once, with what an earlier run left there).
+    pub(super) fn is_terminal(&mut self) -> bool {
+        if !self.terminal && self.recovery.took_over && self.earlier().terminal_root {
+            self.terminal = true;
+        }
+        self.terminal
+    }
+
+    /// Edits the root post when what it shows changed (title, terminal note).
+    fn update_root(&mut self) {
+        let terminal = self.is_terminal();
+        let root = terminal::root_text(
+            reply::root_post(&self.info, &self.prefix, self.opencode.shown_name()),
+            terminal,
+        );
         if root != self.root_text {
             self.root_text = root;
             if let Err(e) = self
@@ -989,6 +1043,7 @@ impl Worker {
         let Some((turn, summary)) = finished else {
             return;
         };
+        let in_terminal = self.quote.is_some();
         if summary.outcome == reply::Outcome::Interrupted {
             self.reply.key = turn.prompt_key().map(str::to_string);
             let shown = turn.body(false);
@@ -997,9 +1052,13 @@ impl Worker {
                 false => format!("{shown}\n\n{}", reply::INCOMPLETE_NOTE),
             };
             self.send_reply(&body, true);
+        } else if let Some(quote) = self.quote.take() {
+            self.reply.key = turn.prompt_key().map(str::to_string);
+            self.send_reply(&format!("{quote}\n\n{}", turn.body(false)), true);
         } else {
             self.show_final(&turn);
         }
+        self.quote = None;
         self.reply = ReplyPosts::default();
         self.todo_post = None;
         self.last_typing = None;
@@ -1009,7 +1068,9 @@ impl Worker {
             summary.tokens,
             summary.cost,
         );
-        if elapsed_ms.is_some() {
+        if elapsed_ms.is_some() && in_terminal {
+            line.push_str(" · _run in a terminal_");
+        } else if elapsed_ms.is_some() {
             line.push_str(" · _finished while opencode-mattermost was away_");
         }
         let elapsed = Duration::from_millis(elapsed_ms.unwrap_or(summary.elapsed_ms));

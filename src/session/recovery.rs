@@ -49,6 +49,10 @@ pub(super) struct Earlier {
     done: HashSet<String>,
     /// `REQUEST_PROP` value → the post showing it.
     requests: HashMap<String, String>,
+    /// The thread already says that replies do not show in the terminal (`terminal::NOTE_PROP`).
+    pub(super) terminal_note: bool,
+    /// The root says the session runs in a terminal (`terminal::ROOT_NOTE`).
+    pub(super) terminal_root: bool,
 }
 
 /// Reply posts carry the id of the user message they answer, and the completion line carries it
@@ -134,6 +138,10 @@ impl Worker {
                             if let Some(key) = prop(REQUEST_PROP) {
                                 earlier.requests.insert(key, post.id.clone());
                             }
+                            earlier.terminal_note |=
+                                post.props.get(super::terminal::NOTE_PROP).is_some();
+                            earlier.terminal_root |= post.id == self.root_post_id
+                                && post.message.contains(super::terminal::ROOT_NOTE);
                         }
                     }
                     Err(e) => crate::warn!(
@@ -407,13 +415,19 @@ impl Worker {
                 .position(|(info, _)| info.created_ms >= self.recovery.delivery.since_ms)
                 .unwrap_or(stored.len())
         });
-        // Up to the last finished answer: one still running is streamed live instead.
-        let end = stored
-            .iter()
-            .rposition(|(info, _)| {
-                info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
-            })
-            .map_or(0, |i| i + 1);
+        // Up to the last finished answer: one still running is streamed live instead. A terminal's
+        // turn is never streamed here: it waits, whole, until `turn_finished` says it ended.
+        // The root's note is read (with the thread) only when there is something to post.
+        let from_store = self.candidate || (start < stored.len() && self.is_terminal());
+        let end = match from_store {
+            true => stored.len(),
+            false => stored
+                .iter()
+                .rposition(|(info, _)| {
+                    info.role == crate::opencode::Role::Assistant && info.completed_ms.is_some()
+                })
+                .map_or(0, |i| i + 1),
+        };
         crate::debug!(
             "[{}] catch-up: {} stored message(s), missed {start}..{end}",
             self.short(),
@@ -434,6 +448,13 @@ impl Worker {
             }
         }
         turns.push(&missed[from..]);
+        if from_store
+            && turns
+                .last()
+                .is_some_and(|t| !super::terminal::turn_finished(t, crate::log::now_ms()))
+        {
+            turns.pop();
+        }
         for turn in turns {
             let finished = turn
                 .iter()
@@ -447,9 +468,22 @@ impl Worker {
                 .first()
                 .map_or(finished_ms, |(info, _)| info.created_ms);
             crate::info!(
-                "[{}] posting an answer finished while the bridge was away",
-                self.short()
+                "[{}] posting an answer finished {}",
+                self.short(),
+                if from_store {
+                    "in a terminal"
+                } else {
+                    "while the bridge was away"
+                }
             );
+            if from_store {
+                self.quote = super::terminal::quoted_prompt(turn);
+                // A turn we did not stream, prompted from elsewhere: a terminal runs it.
+                if self.quote.is_some() && !self.terminal {
+                    self.terminal = true;
+                    self.update_root();
+                }
+            }
             self.tracker.begin(Instant::now(), None);
             self.complete_turn(
                 Some(turn),

@@ -355,3 +355,51 @@ fn auto_finds_a_server_started_after_the_bridge() {
     assert!(root.message.contains("Found by auto"), "{}", root.message);
     drop(bridge);
 }
+
+/// What `status` says of each server: name → whether it was ever heard from.
+fn heard_per_server(world: &Servers) -> Vec<(String, bool)> {
+    let now = opencode_mattermost::log::now_ms();
+    opencode_mattermost::status::report(world.state.path(), now)
+        .opencode_servers
+        .into_iter()
+        .map(|s| (s.server, s.heard.is_some()))
+        .collect()
+}
+
+#[test]
+fn a_server_down_at_start_holds_neither_the_start_nor_the_other_server() {
+    let llm = FakeLlm::start();
+    let home = OpenCode::start(&llm, json!({}));
+    let mut build = OpenCode::start(&llm, json!({}));
+    build.kill();
+    let mut world = Servers::new(home, build, llm);
+    let started = std::time::Instant::now();
+    world.start_bridge();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "ready only after {:?}",
+        started.elapsed()
+    );
+    let home_id = world.session_on(&world.home, "At home");
+    let home_root = world.wait_root(&home_id);
+    world.round_trip(&home_root, "home while build is down", "home still answers");
+    // `status` shows each server: one heard from, one never.
+    wait_for("status to show both servers", || {
+        heard_per_server(&world) == [("build".to_string(), false), ("home".to_string(), true)]
+    });
+    let (text, _) = opencode_mattermost::status::show(world.state.path(), false);
+    assert!(
+        text.contains("  opencode    build last heard never\n"),
+        "{text}"
+    );
+    assert!(text.contains("  opencode    home last heard 20"), "{text}");
+
+    // Back, the other server is followed like any other.
+    world.build.restart();
+    let build_id = world.session_on(&world.build, "On the build box");
+    let build_root = world.wait_root(&build_id);
+    world.round_trip(&build_root, "build question", "build answer");
+    wait_for("status to show build heard", || {
+        heard_per_server(&world) == [("build".to_string(), true), ("home".to_string(), true)]
+    });
+}

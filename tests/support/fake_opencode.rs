@@ -744,11 +744,19 @@ fn route(shared: &Shared, request: &HttpRequest, received: Instant) -> (u16, Opt
         ("GET", ["global", "health"]) => (200, Some(json!({"healthy": true, "version": VERSION}))),
         ("GET", ["experimental", "session"]) => {
             let state = shared.lock();
-            // Newest first, each with its project, as the real list answers.
+            // Newest first, each with its project, as the real list answers; `start` keeps those
+            // updated since then and `limit` the first ones, as OpenCode's light-poll answer does.
+            let start = query(request, "start").and_then(|v| v.parse::<u64>().ok());
+            let limit = query(request, "limit").and_then(|v| v.parse::<usize>().ok());
             let list: Vec<Value> = state
                 .sessions
                 .iter()
                 .rev()
+                .filter(|s| {
+                    let updated = s.info.pointer("/time/updated").and_then(Value::as_u64);
+                    start.is_none_or(|start| updated.unwrap_or(0) >= start)
+                })
+                .take(limit.unwrap_or(usize::MAX))
                 .map(|s| {
                     let mut item = s.info.clone();
                     item["project"] =
