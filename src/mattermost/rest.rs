@@ -176,8 +176,6 @@ struct Shared {
     stopping: AtomicBool,
     /// When calls started failing, while an outage is being waited out; logged once per outage.
     outage_since: Mutex<Option<Instant>>,
-    /// Last millisecond stamp handed out in a `pending_post_id`; strictly increasing.
-    last_pending_ms: AtomicI64,
     /// The bot's user id once `me()` has answered; the `pending_post_id` prefix.
     user_id: OnceLock<String>,
     /// Prefix before `me()` answered: random per process.
@@ -191,7 +189,6 @@ impl Shared {
             stats: Mutex::new(CallStats::default()),
             stopping: AtomicBool::new(false),
             outage_since: Mutex::new(None),
-            last_pending_ms: AtomicI64::new(0),
             user_id: OnceLock::new(),
             instance_id: random_id(),
         }
@@ -322,10 +319,11 @@ impl MattermostClient {
     /// create that repeats one (within 30 s) with the post already made, so a retried create never
     /// duplicates.
     pub fn new_pending_post_id(&self) -> String {
+        // One sequence for the whole process: links on one bot are separate clients, and the same
+        // `<bot id>:<millis>` from two of them would make the server hand one link the other's post.
+        static LAST_PENDING_MS: AtomicI64 = AtomicI64::new(0);
         let now = crate::log::now_ms() as i64;
-        let previous = self
-            .shared
-            .last_pending_ms
+        let previous = LAST_PENDING_MS
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
                 Some(now.max(last + 1))
             })
@@ -1366,6 +1364,20 @@ mod tests {
         let (prefix, millis) = ids[0].split_once(':').unwrap();
         assert_eq!(prefix.len(), 26);
         assert!(millis.parse::<i64>().unwrap() > 1_600_000_000_000);
+    }
+
+    /// Two links on one bot: separate clients, one user id, never the same id.
+    #[test]
+    fn clients_of_one_bot_never_hand_out_the_same_pending_post_id() {
+        let (a, b) = (client("http://127.0.0.1:9"), client("http://127.0.0.1:9"));
+        for c in [&a, &b] {
+            c.shared.user_id.set("u".repeat(26)).unwrap();
+        }
+        let ids: Vec<String> = (0..500)
+            .flat_map(|_| [a.new_pending_post_id(), b.new_pending_post_id()])
+            .collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
     }
 
     #[test]
