@@ -72,15 +72,9 @@ impl Router {
             match listed {
                 Ok(sessions) => {
                     for info in sessions {
-                        // Servers sharing a store list the same session: one of them owns it.
-                        if self.owner_of(&server, &info.id) != server {
-                            continue;
+                        if let Some(key) = self.owned_key(&server, &info.id) {
+                            self.learn(&key, info);
                         }
-                        let key = SessionKey {
-                            server: server.clone(),
-                            session_id: info.id.clone(),
-                        };
-                        self.learn(&key, info);
                     }
                 }
                 Err(e) => crate::warn!("cannot list sessions of {}: {e}", server.0),

@@ -102,6 +102,15 @@ impl Router {
         self.deliver(&key, SessionMsg::Event(event));
     }
 
+    /// The key of a session `server` listed, when `server` owns it (servers sharing a store list the
+    /// same sessions; only the owner's listing counts).
+    pub(super) fn owned_key(&self, server: &ServerKey, session_id: &str) -> Option<SessionKey> {
+        (self.owner_of(server, session_id) == *server).then(|| SessionKey {
+            server: server.clone(),
+            session_id: session_id.to_string(),
+        })
+    }
+
     /// Which server a session belongs to when servers share a store and all list it: the one its
     /// thread is recorded under, else the first that reported it. Prompts go there.
     pub(super) fn owner_of(&self, server: &ServerKey, session_id: &str) -> ServerKey {
@@ -185,12 +194,8 @@ impl Router {
         let mut updated_ms = HashMap::new();
         let mut present = HashSet::new();
         for info in sessions {
-            if self.owner_of(&server, &info.id) != server {
+            let Some(key) = self.owned_key(&server, &info.id) else {
                 continue;
-            }
-            let key = SessionKey {
-                server: server.clone(),
-                session_id: info.id.clone(),
             };
             present.insert(info.id.clone());
             updated_ms.insert(info.id.clone(), info.updated_ms);
@@ -230,12 +235,8 @@ impl Router {
     /// one run in a terminal has its finished turns posted, without waiting for the full poll.
     pub(super) fn recent(&mut self, server: ServerKey, sessions: Vec<SessionInfo>) {
         for info in sessions {
-            if self.owner_of(&server, &info.id) != server {
+            let Some(key) = self.owned_key(&server, &info.id) else {
                 continue;
-            }
-            let key = SessionKey {
-                server: server.clone(),
-                session_id: info.id.clone(),
             };
             let updated = info.updated_ms;
             // A terminal names its session with no event here: the root shows the new title.
